@@ -1,0 +1,67 @@
+// Internal helpers for argument checking and error messages.
+#pragma once
+
+#include <Eigen/Core>
+#include <cassert>
+#include <cmath>
+#include <sstream>
+#include <stdexcept>
+#include <string>
+#include <type_traits>
+
+/// Hot-path internal invariants (not user errors). Define HRA_ASSERT before including
+/// any hra header to route them elsewhere (e.g. to an exception in a debugging build).
+#ifndef HRA_ASSERT
+#define HRA_ASSERT(cond) assert(cond)
+#endif
+
+namespace hra {
+namespace detail {
+
+template <typename Scalar>
+struct ScalarCheck {
+  static_assert(std::is_same<Scalar, float>::value || std::is_same<Scalar, double>::value ||
+                    std::is_same<Scalar, long double>::value,
+                "hra supports the real floating-point scalars float, double and long double");
+};
+
+/// Builds a message from any streamable pieces: concat("rank ", r, " > dim ", d).
+template <typename... Parts>
+std::string concat(const Parts&... parts) {
+  std::ostringstream os;
+  (os << ... << parts);
+  return os.str();
+}
+
+template <typename... Parts>
+[[noreturn]] void throw_invalid(const Parts&... parts) {
+  throw std::invalid_argument(concat(parts...));
+}
+
+inline std::string shape(Eigen::Index rows, Eigen::Index cols) {
+  return concat(rows, "x", cols);
+}
+
+/// Throws std::invalid_argument naming `what` and both shapes unless m is rows x cols.
+template <typename Derived>
+void check_shape(const Eigen::MatrixBase<Derived>& m, Eigen::Index rows, Eigen::Index cols,
+                 const char* what) {
+  if (m.rows() != rows || m.cols() != cols)
+    throw_invalid(what, ": expected a ", shape(rows, cols), " matrix, got ",
+                  shape(m.rows(), m.cols()));
+}
+
+/// Throws std::invalid_argument naming `what` and the first offending entry unless all finite.
+template <typename Derived>
+void check_finite(const Eigen::MatrixBase<Derived>& m, const char* what) {
+  // allFinite() is one vectorised pass; only locate the culprit on failure.
+  if (m.allFinite()) return;
+  for (Eigen::Index j = 0; j < m.cols(); ++j)
+    for (Eigen::Index i = 0; i < m.rows(); ++i)
+      if (!std::isfinite(static_cast<double>(m(i, j))))
+        throw_invalid(what, ": non-finite value ", static_cast<double>(m(i, j)), " at (", i, ", ",
+                      j, ") of a ", shape(m.rows(), m.cols()), " matrix");
+}
+
+}  // namespace detail
+}  // namespace hra
