@@ -82,7 +82,8 @@ class ReflectorChain : detail::ScalarCheck<Scalar_> {
                           Index block_size = default_block_size)
       : u_(std::move(reflectors)), variant_(variant), block_size_(block_size) {
     check_rank(u_.rows(), u_.cols());
-    if (block_size_ < 1) detail::throw_invalid("ReflectorChain: block_size must be >= 1, got ", block_size_);
+    if (block_size_ < 1)
+      detail::throw_invalid("ReflectorChain: block_size must be >= 1, got ", block_size_);
     check_columns(u_);
   }
 
@@ -179,7 +180,8 @@ class ReflectorChain : detail::ScalarCheck<Scalar_> {
 
   /// Y = H^T X (= H^{-1} X).
   void apply_transpose(const ConstRef& x, Matrix& y) const {
-    detail::check_shape(x, dim(), x.cols(), "ReflectorChain::apply_transpose (input rows must equal d)");
+    detail::check_shape(x, dim(), x.cols(),
+                        "ReflectorChain::apply_transpose (input rows must equal d)");
     y = x;
     apply_transpose_in_place(y);
   }
@@ -218,17 +220,30 @@ class ReflectorChain : detail::ScalarCheck<Scalar_> {
   void backward(const ConstRef& x, const ConstRef& g, const ForwardCache& cache, Matrix& dx,
                 Matrix& du) const {
     detail::check_shape(x, dim(), x.cols(), "ReflectorChain::backward input X");
-    detail::check_shape(g, dim(), x.cols(), "ReflectorChain::backward gradient G");
-    if (cache.coeffs.rows() != rank() || cache.coeffs.cols() != x.cols())
-      detail::throw_invalid("ReflectorChain::backward: the cache holds ",
-                            detail::shape(cache.coeffs.rows(), cache.coeffs.cols()),
-                            " coefficients but r x n is ", detail::shape(rank(), x.cols()),
-                            " (was forward() called with this input?)");
+    check_cache(cache, x.cols());
+    // The output is X - (sum over blocks of U_j K_j) = X - U K for the chain, X - 2 Q P for GS.
+    Matrix y = x;
+    if (variant_ == Variant::chain)
+      y.noalias() -= u_ * cache.coeffs;
+    else
+      y.noalias() -= Scalar(2) * cache.factors.q * cache.coeffs;
+    dx = g;
+    backward_in_place(y, dx, cache, du);
+  }
+
+  /// Backward from the forward *output*, without any d x n copy: on entry `y` holds Y = H X and
+  /// `g` holds dL/dY; on return `y` holds the input X (rebuilt from Y and the cache, exact up to
+  /// rounding), `g` holds dL/dX = H^T G, and dU = dL/dU is assigned. This is what layers use: they
+  /// keep the chain's output (needed anyway for W H X) plus the r x n cache, nothing else.
+  void backward_in_place(Matrix& y, Matrix& g, const ForwardCache& cache, Matrix& du) const {
+    detail::check_shape(y, dim(), y.cols(), "ReflectorChain::backward output Y");
+    detail::check_shape(g, dim(), y.cols(), "ReflectorChain::backward gradient G");
+    check_cache(cache, y.cols());
     du.resize(dim(), rank());
     if (variant_ == Variant::chain)
-      backward_chain(x, g, cache, dx, du);
+      backward_chain(y, g, cache, du);
     else
-      backward_gram_schmidt(x, g, cache, dx, du);
+      backward_gram_schmidt(y, g, cache, du);
   }
 
   /// Relative threshold under which a Gram-Schmidt pivot R_ii / |u_i| counts as dependent.
@@ -247,7 +262,8 @@ class ReflectorChain : detail::ScalarCheck<Scalar_> {
 
   void check_rows(Index rows, const char* what) const {
     if (rows != dim())
-      detail::throw_invalid(what, ": the input has ", rows, " rows but the chain acts on d=", dim());
+      detail::throw_invalid(what, ": the input has ", rows,
+                            " rows but the chain acts on d=", dim());
   }
 
   void check_norm2(Scalar norm2, Index col) const {
@@ -357,73 +373,78 @@ class ReflectorChain : detail::ScalarCheck<Scalar_> {
       const auto ub = u_.middleCols(j * block_size_, s.rows());
       t.noalias() = w * ub;
       if (transpose)
-        s.transpose().template triangularView<Eigen::Lower>().template solveInPlace<Eigen::OnTheRight>(t);
+        s.transpose()
+            .template triangularView<Eigen::Lower>()
+            .template solveInPlace<Eigen::OnTheRight>(t);
       else
         s.template triangularView<Eigen::Upper>().template solveInPlace<Eigen::OnTheRight>(t);
       w.noalias() -= t * ub.transpose();
     }
   }
 
-  // Per block j (processed from the output side, j = 1..m) with block input X_j, K_j, G_j:
+  void check_cache(const ForwardCache& cache, Index n) const {
+    if (cache.coeffs.rows() != rank() || cache.coeffs.cols() != n)
+      detail::throw_invalid("ReflectorChain::backward: the cache holds ",
+                            detail::shape(cache.coeffs.rows(), cache.coeffs.cols()),
+                            " coefficients but r x n is ", detail::shape(rank(), n),
+                            " (was forward() called with this batch?)");
+    const bool chain_ok =
+        variant_ == Variant::chain &&
+        static_cast<Index>(cache.factors.blocks.size()) == (rank() + block_size_ - 1) / block_size_;
+    const bool gs_ok = variant_ == Variant::gram_schmidt && cache.factors.q.rows() == dim() &&
+                       cache.factors.q.cols() == rank();
+    if (!chain_ok && !gs_ok)
+      detail::throw_invalid(
+          "ReflectorChain::backward: the cache was made by a chain of another variant or block "
+          "size");
+  }
+
+  // Per block j (from the output side, j = 1..m) with block input X_j, K_j and G_j:
   //   Z = S^{-T} U^T G,  M = Z K^T,  G_{j+1} = G - U Z,
   //   dU_j = -G K^T - X_j Z^T + U (striu(M) + striu(M)^T + diag(M)).
-  // Block inputs are rebuilt from the forward input: X_1 = X - sum_{k>1} U_k K_k, then
-  // X_{j+1} = X_j + U_{j+1} K_{j+1}, so nothing d x n is kept from the forward.
-  void backward_chain(const ConstRef& x, const ConstRef& g_out, const ForwardCache& cache,
-                      Matrix& dx, Matrix& du) const {
+  // Block inputs come from the output: X_1 = Y + U_1 K_1, X_{j+1} = X_j + U_{j+1} K_{j+1}.
+  void backward_chain(Matrix& x, Matrix& g, const ForwardCache& cache, Matrix& du) const {
     const auto& blocks = cache.factors.blocks;
-    const Index m = static_cast<Index>(blocks.size());
-    if (m * block_size_ < rank() || (m - 1) * block_size_ >= rank())
-      detail::throw_invalid("ReflectorChain::backward: the cache was made with another block size");
-    Matrix xin = x;
-    if (m > 1) {
-      const Index b0 = blocks[0].rows();
-      xin.noalias() -= u_.rightCols(rank() - b0) * cache.coeffs.bottomRows(rank() - b0);
-    }
-    Matrix g = g_out;
-    Matrix z, mm;
-    for (Index j = 0; j < m; ++j) {
-      const Index c0 = j * block_size_;
-      const auto& s = blocks[static_cast<std::size_t>(j)];
+    Matrix z, mm, sym;
+    for (std::size_t j = 0; j < blocks.size(); ++j) {
+      const Index c0 = static_cast<Index>(j) * block_size_;
+      const auto& s = blocks[j];
       const Index b = s.rows();
       const auto ub = u_.middleCols(c0, b);
       const auto kb = cache.coeffs.middleRows(c0, b);
-      if (j > 0) xin.noalias() += ub * kb;
+      x.noalias() += ub * kb;
       z.noalias() = ub.transpose() * g;
       s.transpose().template triangularView<Eigen::Lower>().solveInPlace(z);
       mm.noalias() = z * kb.transpose();
-      Matrix sym = mm.template triangularView<Eigen::StrictlyUpper>();
+      sym = mm.template triangularView<Eigen::StrictlyUpper>();
       sym += mm.template triangularView<Eigen::StrictlyUpper>().transpose();
       sym.diagonal() = mm.diagonal();
       auto dub = du.middleCols(c0, b);
       dub.noalias() = ub * sym;
       dub.noalias() -= g * kb.transpose();
-      dub.noalias() -= xin * z.transpose();
+      dub.noalias() -= x * z.transpose();
       g.noalias() -= ub * z;
     }
-    dx = std::move(g);
   }
 
-  // dQ = -2 (G P^T + X (Q^T G)^T) with P = Q^T X; through the QR:
+  // X = Y + 2 Q P with P = Q^T X; dQ = -2 (G P^T + X (Q^T G)^T); through the QR:
   // dU = (dQ - Q sym(Q^T dQ)) R^{-T}, sym(M) = triu(M) + striu(M)^T.
-  void backward_gram_schmidt(const ConstRef& x, const ConstRef& g, const ForwardCache& cache,
-                             Matrix& dx, Matrix& du) const {
+  void backward_gram_schmidt(Matrix& x, Matrix& g, const ForwardCache& cache, Matrix& du) const {
     const Matrix& q = cache.factors.q;
     const Matrix& r = cache.factors.r;
+    x.noalias() += Scalar(2) * q * cache.coeffs;
     Matrix qg;
     qg.noalias() = q.transpose() * g;
-    Matrix dq;
-    dq.noalias() = Scalar(-2) * g * cache.coeffs.transpose();
-    dq.noalias() -= Scalar(2) * x * qg.transpose();
-    dx = g;
-    dx.noalias() -= Scalar(2) * q * qg;
+    du.noalias() = Scalar(-2) * g * cache.coeffs.transpose();
+    du.noalias() -= Scalar(2) * x * qg.transpose();
+    g.noalias() -= Scalar(2) * q * qg;
     Matrix mm;
-    mm.noalias() = q.transpose() * dq;
+    mm.noalias() = q.transpose() * du;
     Matrix sym = mm.template triangularView<Eigen::Upper>();
     sym += mm.template triangularView<Eigen::StrictlyUpper>().transpose();
-    du = dq;
     du.noalias() -= q * sym;
-    r.transpose().template triangularView<Eigen::Lower>().template solveInPlace<Eigen::OnTheRight>(du);
+    r.transpose().template triangularView<Eigen::Lower>().template solveInPlace<Eigen::OnTheRight>(
+        du);
   }
 
   Matrix u_;
