@@ -193,10 +193,10 @@ class ReflectorChain : detail::ScalarCheck<Scalar_> {
   }
 
   /// W <- W H for W with d columns: W - (W U) S^{-1} U^T block by block, O(rows d r).
-  void apply_right(Matrix& w) const { apply_right_impl(factorize(), w, false); }
+  void apply_right(Eigen::Ref<Matrix> w) const { apply_right_impl(factorize(), w, false); }
 
   /// W <- W H^T (undoes apply_right up to rounding).
-  void apply_transpose_right(Matrix& w) const { apply_right_impl(factorize(), w, true); }
+  void apply_transpose_right(Eigen::Ref<Matrix> w) const { apply_right_impl(factorize(), w, true); }
 
   /// The dense d x d H, for tests and debugging only (O(d^2 r)).
   Matrix dense() const {
@@ -211,6 +211,14 @@ class ReflectorChain : detail::ScalarCheck<Scalar_> {
     Factors f = factorize();
     y = x;
     apply_impl(f, y, cache.coeffs, true);
+    cache.factors = std::move(f);
+  }
+
+  /// Training forward in place: X <- H X, keeping the cache (as forward()).
+  void forward_in_place(Matrix& x, ForwardCache& cache) const {
+    check_rows(x.rows(), "ReflectorChain::forward_in_place");
+    Factors f = factorize();
+    apply_impl(f, x, cache.coeffs, true);
     cache.factors = std::move(f);
   }
 
@@ -356,7 +364,7 @@ class ReflectorChain : detail::ScalarCheck<Scalar_> {
   }
 
   // W H = W B_1 ... B_m (first block first); W H^T = W B_m^T ... B_1^T (last block first).
-  void apply_right_impl(const Factors& f, Matrix& w, bool transpose) const {
+  void apply_right_impl(const Factors& f, Eigen::Ref<Matrix> w, bool transpose) const {
     if (w.cols() != dim())
       detail::throw_invalid("ReflectorChain::apply_right: the matrix has ", w.cols(),
                             " columns but the chain acts on d=", dim());

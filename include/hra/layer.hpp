@@ -1,0 +1,106 @@
+// The one training interface shared by every trainable layer (HRA, LoRA, dense).
+#pragma once
+
+#include <Eigen/Core>
+#include <cstddef>
+#include <limits>
+#include <string>
+#include <vector>
+
+#include "detail/checks.hpp"
+
+namespace hra {
+
+/// Which biases are trainable, with PEFT's meaning ("none", "all", "hra_only"/"lora_only").
+/// For a single adapted layer "all" and "hra_only" both train that layer's bias; they differ for
+/// the layers of a model that carry no adapter, which only "all" makes trainable.
+enum class BiasMode { none, all, adapter_only };
+
+/// One trainable tensor: its value and its gradient, both column-major rows x cols views into
+/// memory owned by the layer. Optimisers walk these; the layer stays the owner.
+template <typename Scalar>
+struct ParameterView {
+  using Matrix = Eigen::Matrix<Scalar, Eigen::Dynamic, Eigen::Dynamic>;
+  std::string name;
+  Eigen::Map<Matrix> value;
+  Eigen::Map<Matrix> grad;
+};
+
+/// \brief Interface of every trainable layer: y = f(x) on batches of column vectors.
+///
+/// Contract, the same for every implementation:
+/// - forward(X): X is input_dim() x n; returns Y (output_dim() x n), a reference to a buffer
+///   owned by the layer that stays valid until the next forward(). It keeps what backward()
+///   needs (documented per layer; never a d x d matrix).
+/// - backward(dY): dY = dL/dY, output_dim() x n for the n of the last forward(). *Assigns* the
+///   gradient of every trainable parameter (it does not accumulate) and returns dL/dX
+///   (input_dim() x n; an empty matrix when compute_input_gradient is false). It consumes the
+///   state of the forward: call forward() again before the next backward(), else it throws.
+/// - add_regularizer(): adds the layer's regulariser value's gradient *into* the parameter
+///   gradients (so call it after backward()) and returns the value (0 for none).
+/// - predict(X, Y): inference without keeping anything.
+/// - merge()/unmerge(): fold the adapter into the frozen weight and back (see each layer).
+/// Bad shapes or non-finite inputs throw std::invalid_argument and leave the layer unchanged.
+template <typename Scalar_>
+class Layer : detail::ScalarCheck<Scalar_> {
+ public:
+  using Scalar = Scalar_;
+  using Index = Eigen::Index;
+  using Matrix = Eigen::Matrix<Scalar, Eigen::Dynamic, Eigen::Dynamic>;
+  using Vector = Eigen::Matrix<Scalar, Eigen::Dynamic, 1>;
+  using ConstRef = Eigen::Ref<const Matrix>;
+
+  virtual ~Layer() = default;
+
+  virtual Index input_dim() const = 0;
+  virtual Index output_dim() const = 0;
+
+  virtual const Matrix& forward(const ConstRef& x) = 0;
+  virtual const Matrix& backward(const ConstRef& dy, bool compute_input_gradient = true) = 0;
+  virtual void predict(const ConstRef& x, Matrix& y) const = 0;
+
+  /// Views of the trainable parameters, in a stable order.
+  virtual std::vector<ParameterView<Scalar>> parameters() = 0;
+
+  /// Number of trainable scalars (what an optimiser updates).
+  Index num_trainable_parameters() {
+    Index n = 0;
+    for (const auto& p : parameters()) n += p.value.size();
+    return n;
+  }
+
+  /// Value of the layer's regulariser (0 when it has none); does not touch gradients.
+  virtual Scalar regularizer() const { return Scalar(0); }
+  /// Adds the regulariser's gradient into the parameter gradients; returns its value.
+  virtual Scalar add_regularizer() { return Scalar(0); }
+
+  virtual void merge() = 0;
+  virtual void unmerge() = 0;
+  /// True when every adapter is folded into the weight (forward is then the plain product).
+  virtual bool merged() const = 0;
+
+  /// Bytes the layer keeps between forward() and backward() (activations, caches).
+  virtual std::size_t saved_bytes() const = 0;
+
+  /// Sets every gradient to `value` (NaN by default: a gradient backward() forgot to write
+  /// then shows up in any check, as dlib's test_layer does with its pre-filled buffers).
+  void fill_gradients(Scalar value = std::numeric_limits<Scalar>::quiet_NaN()) {
+    for (auto& p : parameters()) p.grad.setConstant(value);
+  }
+  void zero_gradients() { fill_gradients(Scalar(0)); }
+};
+
+namespace detail {
+
+/// Shared checks for layer entry points: x must be `rows` x anything and finite.
+template <typename Derived>
+void check_batch(const Eigen::MatrixBase<Derived>& x, Eigen::Index rows, const char* what) {
+  if (x.rows() != rows)
+    throw_invalid(what, ": expected ", rows, " rows (one sample per column), got a ",
+                  shape(x.rows(), x.cols()), " matrix");
+  if (x.cols() < 1) throw_invalid(what, ": empty batch (0 columns)");
+  check_finite(x, what);
+}
+
+}  // namespace detail
+}  // namespace hra
