@@ -1,0 +1,815 @@
+// Reading and writing safetensors files: named tensors to and from Eigen matrices.
+#pragma once
+
+#include <Eigen/Core>
+#include <algorithm>
+#include <cerrno>
+#include <cmath>
+#include <cstddef>
+#include <cstdint>
+#include <cstring>
+#include <filesystem>
+#include <fstream>
+#include <limits>
+#include <map>
+#include <optional>
+#include <set>
+#include <stdexcept>
+#include <string>
+#include <string_view>
+#include <system_error>
+#include <type_traits>
+#include <utility>
+#include <vector>
+
+#include <nlohmann/json.hpp>
+
+#include "detail/checks.hpp"
+#include "detail/half.hpp"
+#include "detail/safetensors_io.hpp"
+
+/// \brief The safetensors format (https://github.com/huggingface/safetensors), tensor level.
+///
+/// A file is
+///   - 8 bytes: N, the header length, an unsigned 64-bit little-endian integer;
+///   - N bytes: a UTF-8 JSON object `{"name": {"dtype": "F32", "shape": [rows, cols],
+///     "data_offsets": [begin, end]}, ..., "__metadata__": {"key": "value", ...}}`, possibly
+///     padded with trailing spaces (`__metadata__` is optional and maps strings to strings);
+///   - the data buffer; `[begin, end)` are byte offsets into it, relative to its start.
+///
+/// Tensors are stored little-endian in C (row-major) order, as PyTorch keeps them. Layout
+/// convention of this header: a PyTorch tensor of shape (rows, cols) is the Eigen rows x cols
+/// matrix with the same (i, j) entries, so `W[i][j]` in PyTorch is `W(i, j)` here (the bytes are
+/// transposed in memory, which the getters and setters take care of); a 1-D tensor of shape (n,)
+/// is an Eigen vector of size n. A PEFT `nn.Linear` weight (out_features, in_features) is thus
+/// the d_out x d_in matrix W of SPEC.md, and `hra_u` (in_features, r) is U (d_in x r).
+///
+/// Element types: F32, F64, F16 (IEEE binary16) and BF16 (bfloat16) are read and written; any
+/// of them converts to a float or double Eigen matrix on reading, and values are rounded to
+/// nearest, ties to even, on writing.
+///
+/// Errors: a malformed file throws format_error, a well-formed file that lacks what the caller
+/// asked for (a name, a shape, finite values) throws tensor_error, an operating-system failure
+/// throws io_error; all derive from hra::safetensors::error (a std::runtime_error), and every
+/// message starts with "safetensors: <file>: " (the path, or "<memory>" for a parsed buffer)
+/// and names the tensor involved. Nothing is read from the data buffer until the whole header
+/// has been validated.
+namespace hra {
+namespace safetensors {
+
+/// Base of every error thrown while reading or writing safetensors data.
+class error : public std::runtime_error {
+ public:
+  using std::runtime_error::runtime_error;
+};
+
+/// The bytes are not a valid safetensors file (header length, JSON, dtype, shape, offsets).
+class format_error : public error {
+ public:
+  using error::error;
+};
+
+/// A valid file does not hold what was asked for: a missing tensor, a tensor of another rank or
+/// shape than expected, or non-finite values where finite ones were required.
+class tensor_error : public error {
+ public:
+  using error::error;
+};
+
+/// The operating system refused: a file that cannot be opened, read, created, written or renamed.
+class io_error : public error {
+ public:
+  using error::error;
+};
+
+/// Element types hra reads and writes.
+enum class Dtype {
+  F16,   ///< IEEE 754 binary16: 1 sign, 5 exponent, 10 mantissa bits
+  BF16,  ///< bfloat16: 1 sign, 8 exponent, 7 mantissa bits (the top half of a float)
+  F32,   ///< IEEE 754 binary32
+  F64    ///< IEEE 754 binary64
+};
+
+/// The dtype's name in a safetensors header: "F16", "BF16", "F32" or "F64".
+inline const char* to_string(Dtype dtype) {
+  switch (dtype) {
+    case Dtype::F16:
+      return "F16";
+    case Dtype::BF16:
+      return "BF16";
+    case Dtype::F32:
+      return "F32";
+    case Dtype::F64:
+      return "F64";
+  }
+  return "?";
+}
+
+/// Bytes per element: 2, 2, 4 or 8.
+inline std::size_t size_of(Dtype dtype) {
+  switch (dtype) {
+    case Dtype::F16:
+    case Dtype::BF16:
+      return 2;
+    case Dtype::F32:
+      return 4;
+    case Dtype::F64:
+      return 8;
+  }
+  return 0;
+}
+
+/// The Dtype named `name` in a header, or nothing for names hra does not read (I32, BOOL, ...).
+inline std::optional<Dtype> parse_dtype(std::string_view name) {
+  for (Dtype d : {Dtype::F16, Dtype::BF16, Dtype::F32, Dtype::F64})
+    if (name == to_string(d)) return d;
+  return std::nullopt;
+}
+
+/// The dtype that stores `Scalar` without rounding: F32 for float, F64 for double (and long
+/// double, which is then rounded to double).
+template <typename Scalar>
+constexpr Dtype natural_dtype() {
+  return std::is_same<Scalar, float>::value ? Dtype::F32 : Dtype::F64;
+}
+
+/// What the getters do with NaN and infinities in the data.
+enum class NonFinite {
+  reject,  ///< throw tensor_error naming the tensor and the first offending element (default)
+  allow    ///< return them as they are
+};
+
+/// Limits applied while parsing.
+struct ReadOptions {
+  /// Longest header accepted, in bytes (the reference implementation's limit is 100 MB).
+  std::uint64_t max_header_bytes = 100'000'000;
+  /// The format requires every byte of the data buffer to belong to exactly one tensor (no
+  /// holes, no trailing bytes). Set to true to accept files that leave bytes unused.
+  bool allow_unindexed_bytes = false;
+};
+
+/// \brief One tensor: element type, shape and raw bytes.
+///
+/// `data` holds product(shape) elements of `dtype`, little-endian, in C (row-major) order, so
+/// `data.size() == numel() * size_of(dtype)`. A rank-0 tensor (shape []) holds one element.
+struct Tensor {
+  Dtype dtype = Dtype::F32;         ///< element type
+  std::vector<std::int64_t> shape;  ///< PyTorch order: (rows, cols) for a matrix
+  std::vector<unsigned char> data;  ///< numel() * size_of(dtype) bytes, little-endian, row-major
+
+  /// product(shape); 1 for shape []. Assumes a validated shape (no overflow).
+  std::uint64_t numel() const {
+    std::uint64_t n = 1;
+    for (std::int64_t e : shape) n *= static_cast<std::uint64_t>(e);
+    return n;
+  }
+
+  /// Same dtype, shape and bytes (so NaNs with equal bits compare equal).
+  friend bool operator==(const Tensor& a, const Tensor& b) {
+    return a.dtype == b.dtype && a.shape == b.shape && a.data == b.data;
+  }
+  friend bool operator!=(const Tensor& a, const Tensor& b) { return !(a == b); }
+};
+
+/// "[2, 3]": a shape as printed in error messages.
+inline std::string shape_string(const std::vector<std::int64_t>& shape) {
+  return detail::safetensors::shape_string(shape);
+}
+
+namespace internal {
+// Element conversion, kept beside the public types that name it.
+
+inline double decode_one(Dtype dtype, const unsigned char* p) {
+  namespace io = hra::detail::safetensors;
+  switch (dtype) {
+    case Dtype::F16:
+      return hra::detail::half_to_float(io::load_le<std::uint16_t>(p));
+    case Dtype::BF16:
+      return hra::detail::bfloat16_to_float(io::load_le<std::uint16_t>(p));
+    case Dtype::F32:
+      return io::load_f32(p);
+    case Dtype::F64:
+      return io::load_f64(p);
+  }
+  return 0.0;
+}
+
+/// Converts n stored elements to Scalar (the dtype switch is outside the loops).
+template <typename Scalar>
+void decode(Dtype dtype, const unsigned char* src, std::size_t n, Scalar* dst) {
+  namespace io = hra::detail::safetensors;
+  switch (dtype) {
+    case Dtype::F16:
+      for (std::size_t i = 0; i < n; ++i)
+        dst[i] = static_cast<Scalar>(
+            hra::detail::half_to_float(io::load_le<std::uint16_t>(src + 2 * i)));
+      return;
+    case Dtype::BF16:
+      for (std::size_t i = 0; i < n; ++i)
+        dst[i] = static_cast<Scalar>(
+            hra::detail::bfloat16_to_float(io::load_le<std::uint16_t>(src + 2 * i)));
+      return;
+    case Dtype::F32:
+      for (std::size_t i = 0; i < n; ++i) dst[i] = static_cast<Scalar>(io::load_f32(src + 4 * i));
+      return;
+    case Dtype::F64:
+      for (std::size_t i = 0; i < n; ++i) dst[i] = static_cast<Scalar>(io::load_f64(src + 8 * i));
+      return;
+  }
+}
+
+/// Converts n values to `dtype`, rounding to nearest even; dst holds n * size_of(dtype) bytes.
+template <typename Scalar>
+void encode(const Scalar* src, std::size_t n, Dtype dtype, unsigned char* dst) {
+  namespace io = hra::detail::safetensors;
+  switch (dtype) {
+    case Dtype::F16:
+      for (std::size_t i = 0; i < n; ++i)
+        io::store_le(hra::detail::double_to_half(static_cast<double>(src[i])), dst + 2 * i);
+      return;
+    case Dtype::BF16:
+      for (std::size_t i = 0; i < n; ++i)
+        io::store_le(hra::detail::double_to_bfloat16(static_cast<double>(src[i])), dst + 2 * i);
+      return;
+    case Dtype::F32:
+      for (std::size_t i = 0; i < n; ++i) io::store_f32(static_cast<float>(src[i]), dst + 4 * i);
+      return;
+    case Dtype::F64:
+      for (std::size_t i = 0; i < n; ++i) io::store_f64(static_cast<double>(src[i]), dst + 8 * i);
+      return;
+  }
+}
+
+}  // namespace internal
+
+/// \brief The tensors and `__metadata__` of one safetensors file, held in memory.
+///
+/// Tensors are kept by name (sorted). `source()` is the path the file was read from (or
+/// "<memory>"); every error message starts with it. Setters encode Eigen data into a dtype
+/// (see the namespace comment for the layout convention), getters decode any dtype to float or
+/// double and check rank, shape and finiteness. Every supported dtype is a floating-point type,
+/// so any tensor converts to either scalar; there is no dtype-class mismatch to report.
+class TensorFile {
+ public:
+  using Index = Eigen::Index;
+  template <typename Scalar>
+  using Matrix = Eigen::Matrix<Scalar, Eigen::Dynamic, Eigen::Dynamic>;
+  template <typename Scalar>
+  using Vector = Eigen::Matrix<Scalar, Eigen::Dynamic, 1>;
+
+  /// An empty file; `source` names it in error messages.
+  explicit TensorFile(std::string source = "<memory>") : source_(std::move(source)) {}
+
+  /// The path this file was read from, or "<memory>".
+  const std::string& source() const { return source_; }
+  /// Renames the file in error messages (e.g. before save() to its final path).
+  void set_source(std::string source) { source_ = std::move(source); }
+
+  /// The `__metadata__` string map (written only when not empty).
+  std::map<std::string, std::string>& metadata() { return metadata_; }
+  const std::map<std::string, std::string>& metadata() const { return metadata_; }
+
+  /// All tensors by name.
+  const std::map<std::string, Tensor>& tensors() const { return tensors_; }
+  /// Tensor names, sorted.
+  std::vector<std::string> names() const {
+    std::vector<std::string> out;
+    out.reserve(tensors_.size());
+    for (const auto& kv : tensors_) out.push_back(kv.first);
+    return out;
+  }
+  /// Number of tensors (metadata not counted).
+  std::size_t size() const { return tensors_.size(); }
+  /// True when there is no tensor.
+  bool empty() const { return tensors_.empty(); }
+  /// True when a tensor is called `name`.
+  bool contains(const std::string& name) const { return tensors_.count(name) != 0; }
+
+  /// The tensor called `name`; tensor_error naming the file and the tensor when there is none.
+  const Tensor& at(const std::string& name) const {
+    const auto it = tensors_.find(name);
+    if (it == tensors_.end()) fail<tensor_error>(name, "no such tensor");
+    return it->second;
+  }
+
+  /// Removes `name`; returns whether it was there.
+  bool erase(const std::string& name) { return tensors_.erase(name) != 0; }
+
+  /// \brief Adds or replaces the tensor `name`. Throws std::invalid_argument naming the tensor
+  /// when the name is "__metadata__", a dimension is negative, product(shape) * size_of(dtype)
+  /// overflows, or `data.size()` is not that many bytes.
+  void put(const std::string& name, Tensor tensor) {
+    if (name == "__metadata__")
+      hra::detail::throw_invalid(where(name), "the name __metadata__ is reserved for metadata");
+    std::uint64_t bytes = size_of(tensor.dtype);
+    for (std::int64_t e : tensor.shape) {
+      if (e < 0)
+        hra::detail::throw_invalid(where(name), "negative dimension in shape ",
+                                   shape_string(tensor.shape));
+      if (!hra::detail::safetensors::checked_mul(bytes, static_cast<std::uint64_t>(e), bytes))
+        hra::detail::throw_invalid(where(name), "shape ", shape_string(tensor.shape),
+                                   " is too large");
+    }
+    if (bytes != tensor.data.size())
+      hra::detail::throw_invalid(where(name), "shape ", shape_string(tensor.shape), " of ",
+                                 to_string(tensor.dtype), " needs ", bytes, " bytes, data has ",
+                                 tensor.data.size());
+    tensors_[name] = std::move(tensor);
+  }
+
+  /// \brief Stores `values` (product(shape) numbers in row-major order) as tensor `name` of
+  /// the given shape and dtype. std::invalid_argument if the count does not match the shape.
+  template <typename Scalar>
+  void put_array(const std::string& name, std::vector<std::int64_t> shape,
+                 const std::vector<Scalar>& values, Dtype dtype = natural_dtype<Scalar>()) {
+    hra::detail::ScalarCheck<Scalar> check;
+    (void)check;
+    Tensor t;
+    t.dtype = dtype;
+    t.shape = std::move(shape);
+    std::uint64_t n = 1;
+    for (std::int64_t e : t.shape)
+      if (e < 0 || !hra::detail::safetensors::checked_mul(n, static_cast<std::uint64_t>(e), n))
+        hra::detail::throw_invalid(where(name), "invalid shape ", shape_string(t.shape));
+    if (n != values.size())
+      hra::detail::throw_invalid(where(name), "shape ", shape_string(t.shape), " needs ", n,
+                                 " values, got ", values.size());
+    t.data.resize(values.size() * size_of(dtype));
+    internal::encode(values.data(), values.size(), dtype, t.data.data());
+    put(name, std::move(t));
+  }
+
+  /// \brief Stores the rows x cols matrix `m` as the 2-D tensor `name` of shape (rows, cols),
+  /// entry (i, j) at row-major position i * cols + j, converted to `dtype`.
+  template <typename Derived>
+  void put_matrix(const std::string& name, const Eigen::MatrixBase<Derived>& m,
+                  Dtype dtype = natural_dtype<typename Derived::Scalar>()) {
+    using Scalar = typename Derived::Scalar;
+    hra::detail::ScalarCheck<Scalar> check;
+    (void)check;
+    const Eigen::Matrix<Scalar, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajor> row_major = m;
+    put_contiguous(name, {row_major.rows(), row_major.cols()}, row_major.data(), dtype);
+  }
+
+  /// \brief Stores the vector `v` (n x 1 or 1 x n) as the 1-D tensor `name` of shape (n,).
+  /// std::invalid_argument naming the tensor if `v` is not a vector.
+  template <typename Derived>
+  void put_vector(const std::string& name, const Eigen::MatrixBase<Derived>& v,
+                  Dtype dtype = natural_dtype<typename Derived::Scalar>()) {
+    using Scalar = typename Derived::Scalar;
+    hra::detail::ScalarCheck<Scalar> check;
+    (void)check;
+    if (v.rows() != 1 && v.cols() != 1)
+      hra::detail::throw_invalid(where(name), "expected a vector, got a ",
+                                 hra::detail::shape(v.rows(), v.cols()), " matrix");
+    const Vector<Scalar> plain = v.reshaped();
+    put_contiguous(name, {plain.size()}, plain.data(), dtype);
+  }
+
+  /// \brief All elements of tensor `name`, any rank, in row-major order, converted to Scalar.
+  /// tensor_error if there is no such tensor, or (with NonFinite::reject) if a value is NaN or
+  /// infinite after conversion (e.g. an F64 value beyond float's range read as float).
+  template <typename Scalar>
+  std::vector<Scalar> get_array(const std::string& name,
+                                NonFinite non_finite = NonFinite::reject) const {
+    hra::detail::ScalarCheck<Scalar> check;
+    (void)check;
+    const Tensor& t = at(name);
+    std::vector<Scalar> out(static_cast<std::size_t>(t.numel()));
+    decode_checked(name, t, out.data(), non_finite);
+    return out;
+  }
+
+  /// \brief The 2-D tensor `name` of shape (rows, cols) as an Eigen rows x cols matrix.
+  /// tensor_error naming the file, the tensor and its shape if it is not 2-D; see get_array().
+  template <typename Scalar>
+  Matrix<Scalar> get_matrix(const std::string& name,
+                            NonFinite non_finite = NonFinite::reject) const {
+    hra::detail::ScalarCheck<Scalar> check;
+    (void)check;
+    const Tensor& t = at(name);
+    if (t.shape.size() != 2)
+      fail<tensor_error>(name, "expected a 2-D tensor (a matrix), got shape ",
+                         shape_string(t.shape));
+    Eigen::Matrix<Scalar, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajor> row_major(
+        static_cast<Index>(t.shape[0]), static_cast<Index>(t.shape[1]));
+    decode_checked(name, t, row_major.data(), non_finite);
+    return row_major;
+  }
+
+  /// \brief As get_matrix(name), and tensor_error naming the expected and actual shapes unless
+  /// the tensor has shape (rows, cols).
+  template <typename Scalar>
+  Matrix<Scalar> get_matrix(const std::string& name, Index rows, Index cols,
+                            NonFinite non_finite = NonFinite::reject) const {
+    expect_shape(name, {rows, cols});
+    return get_matrix<Scalar>(name, non_finite);
+  }
+
+  /// \brief The 1-D tensor `name` of shape (n,) as an Eigen vector of size n. tensor_error
+  /// naming the file, the tensor and its shape if it is not 1-D; see get_array().
+  template <typename Scalar>
+  Vector<Scalar> get_vector(const std::string& name,
+                            NonFinite non_finite = NonFinite::reject) const {
+    hra::detail::ScalarCheck<Scalar> check;
+    (void)check;
+    const Tensor& t = at(name);
+    if (t.shape.size() != 1)
+      fail<tensor_error>(name, "expected a 1-D tensor (a vector), got shape ",
+                         shape_string(t.shape));
+    Vector<Scalar> v(static_cast<Index>(t.shape[0]));
+    decode_checked(name, t, v.data(), non_finite);
+    return v;
+  }
+
+  /// \brief As get_vector(name), and tensor_error naming the expected and actual shapes unless
+  /// the tensor has shape (size,).
+  template <typename Scalar>
+  Vector<Scalar> get_vector(const std::string& name, Index size,
+                            NonFinite non_finite = NonFinite::reject) const {
+    expect_shape(name, {size});
+    return get_vector<Scalar>(name, non_finite);
+  }
+
+  /// tensor_error naming the file, the tensor, `expected` and the actual shape unless they agree.
+  void expect_shape(const std::string& name, const std::vector<std::int64_t>& expected) const {
+    const Tensor& t = at(name);
+    if (t.shape != expected)
+      fail<tensor_error>(name, "expected shape ", shape_string(expected), ", got ",
+                         shape_string(t.shape));
+  }
+
+ private:
+  std::string where(const std::string& name) const {
+    return hra::detail::concat("safetensors: ", source_, ": tensor '", name, "': ");
+  }
+
+  template <typename Error, typename... Parts>
+  [[noreturn]] void fail(const std::string& name, const Parts&... parts) const {
+    throw Error(where(name) + hra::detail::concat(parts...));
+  }
+
+  template <typename Scalar>
+  void put_contiguous(const std::string& name, std::vector<std::int64_t> shape,
+                      const Scalar* values, Dtype dtype) {
+    Tensor t;
+    t.dtype = dtype;
+    t.shape = std::move(shape);
+    const std::size_t n = static_cast<std::size_t>(t.numel());
+    t.data.resize(n * size_of(dtype));
+    internal::encode(values, n, dtype, t.data.data());
+    put(name, std::move(t));
+  }
+
+  template <typename Scalar>
+  void decode_checked(const std::string& name, const Tensor& t, Scalar* out,
+                      NonFinite non_finite) const {
+    const std::size_t n = static_cast<std::size_t>(t.numel());
+    // A Tensor built by hand may be inconsistent; never read past its bytes.
+    if (t.data.size() != n * size_of(t.dtype))
+      fail<tensor_error>(name, "shape ", shape_string(t.shape), " of ", to_string(t.dtype),
+                         " needs ", n * size_of(t.dtype), " bytes, data has ", t.data.size());
+    internal::decode(t.dtype, t.data.data(), n, out);
+    if (non_finite == NonFinite::allow) return;
+    for (std::size_t i = 0; i < n; ++i) {
+      if (std::isfinite(out[i])) continue;
+      const double stored = internal::decode_one(t.dtype, t.data.data() + i * size_of(t.dtype));
+      fail<tensor_error>(name, "non-finite value ", stored, " (", to_string(t.dtype),
+                         std::isfinite(stored) ? ", out of range of the requested type" : "",
+                         ") at index ", hra::detail::safetensors::unravel(i, t.shape), " of shape ",
+                         shape_string(t.shape));
+    }
+  }
+
+  std::string source_;
+  std::map<std::string, std::string> metadata_;
+  std::map<std::string, Tensor> tensors_;
+};
+
+namespace internal {
+
+/// Header JSON nested deeper than this is rejected before it is built (a valid header needs 3:
+/// the root object, a tensor object, its shape array).
+constexpr int max_header_nesting = 16;
+
+/// Parses the header text, rejecting duplicate keys at any level (nlohmann keeps the last one
+/// silently) and absurd nesting, with format_error messages that start with `where`.
+inline nlohmann::json parse_header(std::string_view text, const std::string& where) {
+  using json = nlohmann::json;
+  // One set of seen keys per open container (arrays get an unused set to keep depths aligned).
+  std::vector<std::set<std::string>> seen;
+  std::vector<std::string> path;  // names of the objects being parsed, for messages
+  std::string last_key;
+  const auto callback = [&](int depth, json::parse_event_t event, json& parsed) {
+    switch (event) {
+      case json::parse_event_t::object_start:
+      case json::parse_event_t::array_start:
+        if (depth >= max_header_nesting)
+          throw format_error(hra::detail::concat(where, "header JSON nests deeper than ",
+                                                 max_header_nesting, " levels"));
+        seen.emplace_back();
+        path.push_back(depth == 0 ? std::string() : last_key);
+        break;
+      case json::parse_event_t::object_end:
+      case json::parse_event_t::array_end:
+        if (!seen.empty()) seen.pop_back();
+        if (!path.empty()) path.pop_back();
+        break;
+      case json::parse_event_t::key: {
+        const std::string& key = parsed.get_ref<const std::string&>();
+        if (!seen.empty() && !seen.back().insert(key).second) {
+          // path[1] is the top-level entry (tensor or __metadata__) the duplicate sits in.
+          const std::string& entry = seen.size() == 1 ? key : path[1];
+          const std::string what =
+              entry == "__metadata__" ? std::string("__metadata__") : "tensor '" + entry + "'";
+          if (seen.size() == 1)
+            throw format_error(
+                hra::detail::concat(where, what, ": name appears more than once in the header"));
+          throw format_error(
+              hra::detail::concat(where, what, ": key '", key, "' appears more than once"));
+        }
+        last_key = key;
+        break;
+      }
+      case json::parse_event_t::value:
+        break;
+    }
+    return true;
+  };
+  try {
+    return json::parse(text.begin(), text.end(), callback, /*allow_exceptions=*/true,
+                       /*ignore_comments=*/false);
+  } catch (const json::exception& e) {
+    throw format_error(hra::detail::concat(where, "header is not valid JSON: ", e.what()));
+  }
+}
+
+/// A JSON number that is a non-negative integer, or nothing.
+inline std::optional<std::uint64_t> as_count(const nlohmann::json& j) {
+  if (j.is_number_unsigned()) return j.get<std::uint64_t>();
+  if (j.is_number_integer() && j.get<std::int64_t>() >= 0)
+    return static_cast<std::uint64_t>(j.get<std::int64_t>());
+  return std::nullopt;
+}
+
+inline const char* json_kind(const nlohmann::json& j) {
+  if (j.is_number_integer() && !j.is_number_unsigned() && j.get<std::int64_t>() < 0)
+    return "a negative integer";
+  if (j.is_number_float()) return "a non-integer number";
+  return j.type_name();
+}
+
+}  // namespace internal
+
+/// \brief Parses a safetensors file held in memory (`size` bytes at `data`); `source` names it
+/// in error messages. Validates everything before copying any tensor data:
+///   - at least 8 bytes; header length N <= options.max_header_bytes and 8 + N <= size;
+///   - the header is valid UTF-8 JSON, an object, without duplicate keys at any level;
+///   - `__metadata__`, if present, maps strings to strings;
+///   - every other entry is an object with "dtype" (F16, BF16, F32 or F64), "shape" (an array
+///     of non-negative integers whose product times the element size fits in 64 bits) and
+///     "data_offsets" ([begin, end], integers, begin <= end <= buffer size,
+///     end - begin == product(shape) * element size); other keys are ignored;
+///   - no two tensors share a byte; unless options.allow_unindexed_bytes, every byte of the
+///     buffer belongs to a tensor.
+/// Throws format_error naming `source` and the offending tensor.
+inline TensorFile parse(const void* data, std::size_t size, std::string source = "<memory>",
+                        const ReadOptions& options = {}) {
+  namespace io = hra::detail::safetensors;
+  using hra::detail::concat;
+  const auto* bytes = static_cast<const unsigned char*>(data);
+  const std::string where = concat("safetensors: ", source, ": ");
+  const auto bad = [&](const auto&... parts) { return format_error(concat(where, parts...)); };
+  const auto bad_tensor = [&](const std::string& name, const auto&... parts) {
+    return format_error(concat(where, "tensor '", name, "': ", parts...));
+  };
+
+  if (size < 8) throw bad("file is ", size, " bytes, too short for the 8-byte header length");
+  const auto header_len = io::load_le<std::uint64_t>(bytes);
+  if (header_len > options.max_header_bytes)
+    throw bad("header length ", header_len, " exceeds the limit of ", options.max_header_bytes,
+              " bytes");
+  if (header_len > size - 8)
+    throw bad("header length ", header_len, " runs past the end of the file (", size,
+              " bytes, so at most ", size - 8, " are available)");
+  const std::uint64_t buffer_size = size - 8 - header_len;
+  const unsigned char* buffer = bytes + 8 + header_len;
+
+  const nlohmann::json header =
+      internal::parse_header(std::string_view(reinterpret_cast<const char*>(bytes + 8),
+                                              static_cast<std::size_t>(header_len)),
+                             where);
+  if (!header.is_object()) throw bad("header is JSON ", header.type_name(), ", not an object");
+
+  struct Entry {
+    std::string name;
+    Dtype dtype;
+    std::vector<std::int64_t> shape;
+    std::uint64_t begin, end;
+  };
+  std::vector<Entry> entries;
+  entries.reserve(header.size());
+  TensorFile file(source);
+
+  for (const auto& kv : header.items()) {
+    const std::string& name = kv.key();
+    const nlohmann::json& value = kv.value();
+    if (name == "__metadata__") {
+      if (!value.is_object())
+        throw bad("__metadata__ is ", value.type_name(), ", not an object of strings");
+      for (const auto& m : value.items()) {
+        if (!m.value().is_string())
+          throw bad("__metadata__ entry '", m.key(), "' is ", m.value().type_name(),
+                    ", not a string");
+        file.metadata()[m.key()] = m.value().get<std::string>();
+      }
+      continue;
+    }
+    if (!value.is_object())
+      throw bad_tensor(name, "entry is ", value.type_name(), ", not an object");
+
+    const auto dtype_it = value.find("dtype");
+    if (dtype_it == value.end()) throw bad_tensor(name, "missing \"dtype\"");
+    if (!dtype_it->is_string())
+      throw bad_tensor(name, "\"dtype\" is ", dtype_it->type_name(), ", not a string");
+    const auto& dtype_name = dtype_it->get_ref<const std::string&>();
+    const std::optional<Dtype> dtype = parse_dtype(dtype_name);
+    if (!dtype)
+      throw bad_tensor(name, "unsupported dtype '", dtype_name,
+                       "' (hra reads F16, BF16, F32, F64)");
+
+    const auto shape_it = value.find("shape");
+    if (shape_it == value.end()) throw bad_tensor(name, "missing \"shape\"");
+    if (!shape_it->is_array())
+      throw bad_tensor(name, "\"shape\" is ", shape_it->type_name(), ", not an array");
+    Entry e{name, *dtype, {}, 0, 0};
+    std::uint64_t bytes_needed = size_of(*dtype);
+    for (const auto& dim : *shape_it) {
+      const std::optional<std::uint64_t> extent = internal::as_count(dim);
+      if (!extent)
+        throw bad_tensor(name, "\"shape\" entry ", dim.dump(), " is ", internal::json_kind(dim),
+                         ", not a non-negative integer");
+      if (*extent > static_cast<std::uint64_t>(std::numeric_limits<std::int64_t>::max()) ||
+          !io::checked_mul(bytes_needed, *extent, bytes_needed))
+        throw bad_tensor(name, "\"shape\" ", shape_it->dump(), " of ", dtype_name,
+                         " overflows 64-bit byte counts");
+      e.shape.push_back(static_cast<std::int64_t>(*extent));
+    }
+
+    const auto offsets_it = value.find("data_offsets");
+    if (offsets_it == value.end()) throw bad_tensor(name, "missing \"data_offsets\"");
+    if (!offsets_it->is_array() || offsets_it->size() != 2)
+      throw bad_tensor(name, "\"data_offsets\" is ", offsets_it->dump(),
+                       ", not an array [begin, end]");
+    const std::optional<std::uint64_t> begin = internal::as_count((*offsets_it)[0]);
+    const std::optional<std::uint64_t> end = internal::as_count((*offsets_it)[1]);
+    if (!begin || !end)
+      throw bad_tensor(name, "\"data_offsets\" ", offsets_it->dump(),
+                       " are not non-negative integers");
+    if (*begin > *end)
+      throw bad_tensor(name, "\"data_offsets\" ", offsets_it->dump(), " begin after they end");
+    if (*end > buffer_size)
+      throw bad_tensor(name, "\"data_offsets\" ", offsets_it->dump(),
+                       " run past the end of the data buffer (", buffer_size, " bytes)");
+    if (*end - *begin != bytes_needed)
+      throw bad_tensor(name, "\"data_offsets\" ", offsets_it->dump(), " span ", *end - *begin,
+                       " bytes, but shape ", shape_string(e.shape), " of ", dtype_name, " needs ",
+                       bytes_needed);
+    e.begin = *begin;
+    e.end = *end;
+    entries.push_back(std::move(e));
+  }
+
+  // Byte ranges must be disjoint and, unless allowed otherwise, cover the buffer exactly.
+  std::vector<const Entry*> by_offset;
+  for (const Entry& e : entries)
+    if (e.end > e.begin) by_offset.push_back(&e);
+  std::sort(by_offset.begin(), by_offset.end(), [](const Entry* a, const Entry* b) {
+    return a->begin != b->begin ? a->begin < b->begin : a->name < b->name;
+  });
+  std::uint64_t covered = 0;  // end of the bytes claimed so far
+  const Entry* last = nullptr;
+  for (const Entry* e : by_offset) {
+    if (last && e->begin < covered)
+      throw bad_tensor(e->name, "bytes [", e->begin, ", ", e->end, ") overlap tensor '", last->name,
+                       "' at [", last->begin, ", ", last->end, ")");
+    if (!options.allow_unindexed_bytes && e->begin > covered)
+      throw bad("bytes [", covered, ", ", e->begin,
+                ") of the data buffer belong to no tensor (the format allows no holes); next is "
+                "tensor '",
+                e->name, "'");
+    covered = e->end;
+    last = e;
+  }
+  if (!options.allow_unindexed_bytes && covered != buffer_size)
+    throw bad("bytes [", covered, ", ", buffer_size,
+              ") at the end of the data buffer belong to no tensor (the format allows no "
+              "trailing bytes)");
+
+  for (Entry& e : entries) {
+    Tensor t;
+    t.dtype = e.dtype;
+    t.shape = std::move(e.shape);
+    t.data.assign(buffer + e.begin, buffer + e.end);
+    file.put(e.name, std::move(t));
+  }
+  return file;
+}
+
+/// Parses a safetensors file held in `bytes`; see parse(const void*, std::size_t, ...).
+inline TensorFile parse(std::string_view bytes, std::string source = "<memory>",
+                        const ReadOptions& options = {}) {
+  return parse(bytes.data(), bytes.size(), std::move(source), options);
+}
+
+/// \brief Reads the whole file at `path` and parses it; error messages name the path. io_error
+/// if it is missing, not a regular file or cannot be read; format_error as for parse().
+inline TensorFile load(const std::filesystem::path& path, const ReadOptions& options = {}) {
+  const std::string name = path.string();
+  const std::string where = hra::detail::concat("safetensors: ", name, ": ");
+  std::error_code ec;
+  const auto status = std::filesystem::status(path, ec);
+  if (!std::filesystem::exists(status)) throw io_error(where + "cannot open: no such file");
+  if (ec) throw io_error(where + "cannot open: " + ec.message());
+  if (!std::filesystem::is_regular_file(status)) throw io_error(where + "not a regular file");
+  const std::uintmax_t size = std::filesystem::file_size(path, ec);
+  if (ec) throw io_error(where + "cannot read its size: " + ec.message());
+  std::ifstream in(path, std::ios::binary);
+  if (!in) throw io_error(where + "cannot open for reading: " + std::strerror(errno));
+  std::string bytes(static_cast<std::size_t>(size), '\0');
+  in.read(bytes.data(), static_cast<std::streamsize>(size));
+  if (static_cast<std::uintmax_t>(in.gcount()) != size)
+    throw io_error(hra::detail::concat(where, "read ", in.gcount(), " of ", size, " bytes"));
+  return parse(std::string_view(bytes), name, options);
+}
+
+/// \brief The bytes of a safetensors file holding `file`'s tensors and metadata.
+///
+/// Header keys are sorted (nlohmann's object order), `__metadata__` is written only when not
+/// empty, and the header is padded with spaces so that the data buffer starts at a multiple of
+/// 8 bytes. Tensors are laid out by decreasing element size, then by name, with no gaps, so each
+/// starts at a multiple of its element size. std::invalid_argument naming the tensor if a
+/// Tensor is inconsistent or a name or metadata string is not valid UTF-8.
+inline std::string serialize(const TensorFile& file) {
+  using json = nlohmann::json;
+  std::vector<std::pair<const std::string*, const Tensor*>> order;
+  for (const auto& kv : file.tensors()) {
+    const Tensor& t = kv.second;
+    std::uint64_t bytes = size_of(t.dtype);
+    for (std::int64_t e : t.shape)
+      if (e < 0 ||
+          !hra::detail::safetensors::checked_mul(bytes, static_cast<std::uint64_t>(e), bytes))
+        hra::detail::throw_invalid("safetensors: ", file.source(), ": tensor '", kv.first,
+                                   "': invalid shape ", shape_string(t.shape));
+    if (bytes != t.data.size())
+      hra::detail::throw_invalid("safetensors: ", file.source(), ": tensor '", kv.first,
+                                 "': shape ", shape_string(t.shape), " of ", to_string(t.dtype),
+                                 " needs ", bytes, " bytes, data has ", t.data.size());
+    order.emplace_back(&kv.first, &t);
+  }
+  std::stable_sort(order.begin(), order.end(), [](const auto& a, const auto& b) {
+    return size_of(a.second->dtype) > size_of(b.second->dtype);
+  });
+
+  json header = json::object();
+  std::uint64_t offset = 0;
+  for (const auto& [name, t] : order) {
+    const std::uint64_t end = offset + t->data.size();
+    header[*name] = {
+        {"dtype", to_string(t->dtype)}, {"shape", t->shape}, {"data_offsets", {offset, end}}};
+    offset = end;
+  }
+  if (!file.metadata().empty()) header["__metadata__"] = file.metadata();
+
+  std::string text;
+  try {
+    text = header.dump();
+  } catch (const json::exception& e) {
+    hra::detail::throw_invalid("safetensors: ", file.source(),
+                               ": a tensor name or metadata string is not valid UTF-8: ", e.what());
+  }
+  text.append((8 - text.size() % 8) % 8, ' ');
+
+  std::string out(8 + text.size() + offset, '\0');
+  hra::detail::safetensors::store_le(static_cast<std::uint64_t>(text.size()),
+                                     reinterpret_cast<unsigned char*>(out.data()));
+  std::copy(text.begin(), text.end(), out.begin() + 8);
+  auto pos = out.begin() + 8 + static_cast<std::ptrdiff_t>(text.size());
+  for (const auto& entry : order) {
+    const Tensor& t = *entry.second;
+    pos = std::copy(t.data.begin(), t.data.end(), pos);
+  }
+  return out;
+}
+
+/// \brief Writes `file` to `path` atomically: serialize() first (so conversion errors touch no
+/// file), then a temporary file in the same directory, fsync, and a rename over `path`. On any
+/// failure the temporary file is removed, an existing file at `path` is left as it was, and
+/// io_error names the path and the OS error.
+inline void save(const std::filesystem::path& path, const TensorFile& file) {
+  const std::string bytes = serialize(file);
+  hra::detail::safetensors::replace_file_atomically<io_error>(path, bytes);
+}
+
+}  // namespace safetensors
+}  // namespace hra
