@@ -13,7 +13,9 @@ cmake -S . -B build/release -DCMAKE_BUILD_TYPE=Release -DHRA_WARNINGS_AS_ERRORS=
 cmake --build build/release -j "$jobs"
 ctest --test-dir build/release -j "$jobs" --output-on-failure
 
-cmake -S . -B build/sanitize -DCMAKE_BUILD_TYPE=RelWithDebInfo -DHRA_WARNINGS_AS_ERRORS=ON \
+# -Werror is enforced by the build above; under the sanitizers GCC 12 reports false
+# -Wmaybe-uninitialized inside std::regex (used by Catch2), so warnings stay warnings here.
+cmake -S . -B build/sanitize -DCMAKE_BUILD_TYPE=RelWithDebInfo -DHRA_WARNINGS_AS_ERRORS=OFF \
   -DHRA_SANITIZE=ON -DHRA_BUILD_BENCHMARKS=OFF -DHRA_BUILD_EXAMPLES=OFF
 cmake --build build/sanitize -j "$jobs"
 ctest --test-dir build/sanitize -j "$jobs" --output-on-failure -E '^consumer:'
