@@ -25,17 +25,24 @@ class SlotState {
     std::int64_t steps = 0;  ///< updates applied so far (0 right after creation)
   };
 
+  /// Throws std::invalid_argument if `p` already has state of another shape; changes nothing.
+  /// Optimisers call it for every parameter before updating any, so a refused step is a no-op.
+  void check(const ParameterView<Scalar>& p) const {
+    const auto it = entries_.find(p.value.data());
+    if (it != entries_.end() && (it->second.slot[0].rows() != p.value.rows() ||
+                                 it->second.slot[0].cols() != p.value.cols()))
+      throw_invalid("optimiser: parameter '", p.name, "' changed shape from ",
+                    shape(it->second.slot[0].rows(), it->second.slot[0].cols()), " to ",
+                    shape(p.value.rows(), p.value.cols()), "; call reset()");
+  }
+
   Entry& get(const ParameterView<Scalar>& p) {
+    check(p);
     auto it = entries_.find(p.value.data());
     if (it == entries_.end()) {
       Entry e;
       for (auto& s : e.slot) s.setZero(p.value.rows(), p.value.cols());
       it = entries_.emplace(p.value.data(), std::move(e)).first;
-    } else if (it->second.slot[0].rows() != p.value.rows() ||
-               it->second.slot[0].cols() != p.value.cols()) {
-      throw_invalid("optimiser: parameter '", p.name, "' changed shape from ",
-                    shape(it->second.slot[0].rows(), it->second.slot[0].cols()), " to ",
-                    shape(p.value.rows(), p.value.cols()), "; call reset()");
     }
     return it->second;
   }
@@ -76,11 +83,15 @@ class Sgd {
                             " momentum=", o.momentum, " weight_decay=", o.weight_decay);
   }
 
-  /// One update of every parameter. All gradients are checked before anything changes.
+  /// One update of every parameter. All gradients (and momentum shapes) are checked before
+  /// anything changes.
   void step(std::vector<ParameterView<Scalar>> params) {
-    for (const auto& p : params) detail::check_gradient(p, "Sgd::step");
     const Scalar lr = static_cast<Scalar>(o_.lr), mu = static_cast<Scalar>(o_.momentum),
                  wd = static_cast<Scalar>(o_.weight_decay);
+    for (const auto& p : params) {
+      detail::check_gradient(p, "Sgd::step");
+      if (mu != Scalar(0)) state_.check(p);
+    }
     Matrix g;
     for (auto& p : params) {
       g = p.grad;
@@ -142,9 +153,13 @@ class Adam {
     return Adam(o);
   }
 
-  /// One update of every parameter. All gradients are checked before anything changes.
+  /// One update of every parameter. All gradients (and moment shapes) are checked before
+  /// anything changes.
   void step(std::vector<ParameterView<Scalar>> params) {
-    for (const auto& p : params) detail::check_gradient(p, "Adam::step");
+    for (const auto& p : params) {
+      detail::check_gradient(p, "Adam::step");
+      state_.check(p);
+    }
     const double b1 = o_.beta1, b2 = o_.beta2;
     Matrix g;
     for (auto& p : params) {
