@@ -276,7 +276,9 @@ class ReflectorChain : detail::ScalarCheck<Scalar_> {
 
   void check_norm2(Scalar norm2, Index col) const {
     if (!std::isfinite(static_cast<double>(norm2))) {
-      detail::check_finite(u_.col(col), "ReflectorChain: reflector column");
+      // Searches all of U so the message names the entry's (row, column) and U's shape; the
+      // columns before `col` passed this check, so the first non-finite entry is in `col`.
+      detail::check_finite(u_, "ReflectorChain: reflectors U");
       // Finite entries whose squares overflow.
       detail::throw_invalid("ReflectorChain: reflector column ", col,
                             " is too large: its squared norm overflows");
@@ -396,9 +398,12 @@ class ReflectorChain : detail::ScalarCheck<Scalar_> {
                             detail::shape(cache.coeffs.rows(), cache.coeffs.cols()),
                             " coefficients but r x n is ", detail::shape(rank(), n),
                             " (was forward() called with this batch?)");
-    const bool chain_ok =
-        variant_ == Variant::chain &&
-        static_cast<Index>(cache.factors.blocks.size()) == (rank() + block_size_ - 1) / block_size_;
+    bool chain_ok = variant_ == Variant::chain && static_cast<Index>(cache.factors.blocks.size()) ==
+                                                      (rank() + block_size_ - 1) / block_size_;
+    // The count alone is not enough (r = 4: blocks of 3 + 1 and of 2 + 2): check every size.
+    for (std::size_t j = 0; chain_ok && j < cache.factors.blocks.size(); ++j)
+      chain_ok = cache.factors.blocks[j].rows() ==
+                 std::min(block_size_, rank() - static_cast<Index>(j) * block_size_);
     const bool gs_ok = variant_ == Variant::gram_schmidt && cache.factors.q.rows() == dim() &&
                        cache.factors.q.cols() == rank();
     if (!chain_ok && !gs_ok)
