@@ -844,6 +844,25 @@ TEMPLATE_TEST_CASE("ReflectorChain: zero columns are an error, not a NaN", "[cha
   }
 }
 
+TEMPLATE_TEST_CASE("ReflectorChain: a column whose squared norm underflows is named as such",
+                   "[chain][errors]", float, double) {
+  using T = TestType;
+  // sqrt of the smallest positive subnormal: its square underflows to exactly 0.
+  const T tiny = std::sqrt(std::numeric_limits<T>::denorm_min()) / T(4);
+  REQUIRE(tiny > T(0));
+  REQUIRE(tiny * tiny == T(0));
+  for (const Variant v : kVariants) {
+    INFO(hra::to_string(v));
+    Mat<T> u = random_as<T>(6, 3, 4);
+    u.col(1).setConstant(tiny);
+    CHECK_INVALID([&] { Chain<T> c(u, v); },
+                  Contains("column 1") && Contains("underflows") && Contains("rescale"));
+    Chain<T> chain(random_as<T>(6, 3, 5), v);
+    chain.reflectors().col(2).setConstant(tiny);
+    CHECK_INVALID([&] { chain.factorize(); }, Contains("column 2") && Contains("underflows"));
+  }
+}
+
 TEMPLATE_TEST_CASE("ReflectorChain: non-finite reflectors are refused with their position",
                    "[chain][errors]", float, double) {
   using T = TestType;

@@ -283,18 +283,26 @@ class ReflectorChain : detail::ScalarCheck<Scalar_> {
       detail::throw_invalid("ReflectorChain: reflector column ", col,
                             " is too large: its squared norm overflows");
     }
-    if (!(norm2 > Scalar(0)))
+    if (!(norm2 > Scalar(0))) throw_degenerate_column(u_.col(col), col);
+  }
+
+  // A column whose squared norm is 0: truly zero, or so small that its square underflows.
+  template <typename Derived>
+  [[noreturn]] static void throw_degenerate_column(const Eigen::MatrixBase<Derived>& column,
+                                                   Index col) {
+    if (column.isZero(0))
       detail::throw_invalid("ReflectorChain: reflector column ", col,
                             " is zero (a reflection needs a non-zero direction)");
+    detail::throw_invalid("ReflectorChain: reflector column ", col,
+                          " is too small: its squared norm underflows to 0 (largest entry ",
+                          static_cast<double>(column.cwiseAbs().maxCoeff()), "); rescale it");
   }
 
   template <typename Derived>
   static void check_columns(const Eigen::MatrixBase<Derived>& u) {
     detail::check_finite(u, "ReflectorChain: reflectors U");
     for (Index j = 0; j < u.cols(); ++j)
-      if (u.col(j).squaredNorm() == Scalar(0))
-        detail::throw_invalid("ReflectorChain: reflector column ", j,
-                              " is zero (a reflection needs a non-zero direction)");
+      if (u.col(j).squaredNorm() == Scalar(0)) throw_degenerate_column(u.col(j), j);
   }
 
   // Modified Gram-Schmidt with one re-orthogonalisation pass ("twice is enough"), so Q stays
