@@ -7,6 +7,7 @@
 #include <Eigen/Core>
 #include <functional>
 #include <string>
+#include <thread>
 #include <type_traits>
 #include <vector>
 
@@ -42,7 +43,7 @@ void time_layer(benchmark::State& state, hra::Layer<Scalar>& layer, const Shape&
   const auto& x = Operands<Scalar>::batch(s.d_in, s.n, 11);
   const auto& dy = Operands<Scalar>::batch(s.d_out, s.n, 12);
   std::size_t saved = 0;
-  for (auto _ : state) {
+  run_timed(state, [&] {
     const auto& y = layer.forward(x);
     benchmark::DoNotOptimize(y.data());
     if (backward) {
@@ -50,8 +51,7 @@ void time_layer(benchmark::State& state, hra::Layer<Scalar>& layer, const Shape&
       const auto& dx = layer.backward(dy, true);
       benchmark::DoNotOptimize(dx.data());
     }
-    benchmark::ClobberMemory();
-  }
+  });
   set_flops(state, flops);
   if (backward) set_saved_bytes(state, saved);
 }
@@ -104,7 +104,7 @@ void bm_one_at_a_time(benchmark::State& state, Shape s, bool backward) {
   const auto& x = Operands<Scalar>::batch(s.d_in, s.n, 11);
   const auto& dy = Operands<Scalar>::batch(s.d_out, s.n, 12);
   Matrix<Scalar> hx, y, g, du;
-  for (auto _ : state) {
+  run_timed(state, [&] {
     hx = x;
     hra::reference::apply_one_at_a_time<Scalar>(u, hx);
     y.noalias() = w * hx;
@@ -115,8 +115,7 @@ void bm_one_at_a_time(benchmark::State& state, Shape s, bool backward) {
       benchmark::DoNotOptimize(g.data());
       benchmark::DoNotOptimize(du.data());
     }
-    benchmark::ClobberMemory();
-  }
+  });
   set_flops(state, one_at_a_time_flops(s, backward));
   // Kept between the passes: H X and Y, as the HRA layer (no coefficients: they are recomputed).
   if (backward)
@@ -133,7 +132,7 @@ void bm_peft(benchmark::State& state, Shape s, bool backward) {
   Matrix<Scalar> h, w_eff, y, dx, du;
   PeftState<Scalar> st;
   std::size_t saved = 0;
-  for (auto _ : state) {
+  run_timed(state, [&] {
     if (backward) {
       peft_forward_train(w, u, x, st, y);
       saved = st.bytes() + static_cast<std::size_t>(y.size()) * sizeof(Scalar);
@@ -144,8 +143,7 @@ void bm_peft(benchmark::State& state, Shape s, bool backward) {
       peft_forward(w, u, x, h, w_eff, y);
     }
     benchmark::DoNotOptimize(y.data());
-    benchmark::ClobberMemory();
-  }
+  });
   set_flops(state, peft_flops(s, backward));
   if (backward) set_saved_bytes(state, saved);
 }
@@ -157,6 +155,8 @@ void bm_merge(benchmark::State& state, Shape s, bool unmerge) {
   hra::HraLinear<Scalar> layer(Matrix<Scalar>(Operands<Scalar>::weight(s.d_out, s.d_in)),
                                hra_options<Scalar>(s, hra::Variant::chain));
   layer.adapter().chain.set_reflectors(Operands<Scalar>::reflectors(s.d_in, s.r));
+  layer.merge();  // untimed round trip: first touch of every buffer (see run_timed)
+  layer.unmerge();
   if (unmerge) layer.merge();
   for (auto _ : state) {
     if (unmerge) {
@@ -175,6 +175,28 @@ void bm_merge(benchmark::State& state, Shape s, bool unmerge) {
     benchmark::ClobberMemory();
   }
   set_flops(state, merge_flops(s));
+}
+
+// Memory-bandwidth reference: B <- A for a d_out x d_in matrix (one read and one write of the
+// matrix), split by columns over `threads` std::threads. The floor of any merge, which has to
+// read and write W at least once.
+template <typename Scalar>
+void bm_copy(benchmark::State& state, Shape s, int threads) {
+  const auto& a = Operands<Scalar>::weight(s.d_out, s.d_in);
+  Matrix<Scalar> b = Matrix<Scalar>::Zero(a.rows(), a.cols());
+  const Index chunk = (a.cols() + threads - 1) / threads;
+  run_timed(state, [&] {
+    std::vector<std::thread> pool;
+    for (int t = 0; t < threads; ++t)
+      pool.emplace_back([&a, &b, chunk, t] {
+        const Index c0 = t * chunk, w = std::min(chunk, a.cols() - c0);
+        if (w > 0) b.middleCols(c0, w) = a.middleCols(c0, w);
+      });
+    for (auto& th : pool) th.join();
+    benchmark::DoNotOptimize(b.data());
+  });
+  state.counters["bytes"] = benchmark::Counter(2.0 * static_cast<double>(a.size()) * sizeof(Scalar),
+                                               benchmark::Counter::kIsIterationInvariantRate);
 }
 
 // ------------------------------------------------------------------------------------------

@@ -2,7 +2,8 @@
 // library, in the same binary: the HRA layer's forward+backward, the chain alone, and
 // merge+unmerge. Names: <what>/<impl>/d_in:../d_out:../r:../n:../w:.. (w = panel width in
 // columns, or rows for merge; 0 = the library).
-//   --threads=N  Eigen/OpenMP threads (and OpenBLAS threads in OpenBLAS builds); default 2
+//   --threads=N       Eigen/OpenMP threads; default 2
+//   --blas-threads=N  OpenBLAS threads in OpenBLAS builds; default: as --threads
 #include <benchmark/benchmark.h>
 
 #include <Eigen/Core>
@@ -42,14 +43,14 @@ void bm_layer(benchmark::State& state) {
     opt.init = hra::Init::random;
     hra::HraLinear<float> layer(hra::FrozenWeight<float>::view(w), std::nullopt, opt);
     layer.adapter().chain.set_reflectors(Operands<float>::reflectors(s.d_in, s.r));
-    for (auto _ : state) {
+    run_timed(state, [&] {
       benchmark::DoNotOptimize(layer.forward(x).data());
       benchmark::DoNotOptimize(layer.backward(dy, true).data());
-    }
+    });
   } else {
     const auto chain = make_chain(s.d_in, s.r);
     Mf hx, y, dx, coeffs, du;
-    for (auto _ : state) {
+    run_timed(state, [&] {
       if (!x.allFinite()) state.SkipWithError("x");
       const auto f = chain.factorize();
       proto::forward(chain, f, x, hx, coeffs, width);
@@ -60,7 +61,7 @@ void bm_layer(benchmark::State& state) {
       proto::backward_in_place(chain, f, coeffs, hx, dx, du, width);
       benchmark::DoNotOptimize(dx.data());
       benchmark::DoNotOptimize(du.data());
-    }
+    });
   }
 }
 
@@ -70,10 +71,10 @@ void bm_frozen(benchmark::State& state) {
                            std::nullopt, false, false);
   const auto& x = Operands<float>::batch(s.d_in, s.n, 11);
   const auto& dy = Operands<float>::batch(s.d_out, s.n, 12);
-  for (auto _ : state) {
+  run_timed(state, [&] {
     benchmark::DoNotOptimize(layer.forward(x).data());
     benchmark::DoNotOptimize(layer.backward(dy, true).data());
-  }
+  });
 }
 
 // The chain alone: Y = H X, then the backward from Y with G (a copy of the upstream gradient,
@@ -86,7 +87,7 @@ void bm_chain(benchmark::State& state) {
   const auto& g0 = Operands<float>::batch(s.d_in, s.n, 13);
   Mf y, g, du, coeffs;
   hra::ReflectorChain<float>::ForwardCache cache;
-  for (auto _ : state) {
+  run_timed(state, [&] {
     if (width == 0) {
       y = x;
       chain.forward_in_place(y, cache);
@@ -100,7 +101,7 @@ void bm_chain(benchmark::State& state) {
     }
     benchmark::DoNotOptimize(g.data());
     benchmark::DoNotOptimize(du.data());
-  }
+  });
 }
 
 // merge then unmerge (W <- W H, W <- W H^T) on a private copy of W.
@@ -109,7 +110,7 @@ void bm_merge(benchmark::State& state) {
   const Index rows = state.range(4);
   const auto chain = make_chain(s.d_in, s.r);
   Mf w = Operands<float>::weight(s.d_out, s.d_in);
-  for (auto _ : state) {
+  run_timed(state, [&] {
     if (rows == 0) {
       chain.apply_right(w);
       chain.apply_transpose_right(w);
@@ -119,8 +120,7 @@ void bm_merge(benchmark::State& state) {
       proto::apply_right(chain, f, w, true, rows);
     }
     benchmark::DoNotOptimize(w.data());
-    benchmark::ClobberMemory();
-  }
+  });
 }
 
 void check() {
@@ -160,17 +160,24 @@ void check() {
 
 int main(int argc, char** argv) {
   using namespace hra_bench;
-  int threads = 2;
-  for (int i = 1; i < argc; ++i)
+  int threads = 2, blas_threads = 0;
+  for (int i = 1; i < argc;) {
     if (std::strncmp(argv[i], "--threads=", 10) == 0) {
       threads = std::atoi(argv[i] + 10);
-      for (int j = i; j + 1 < argc; ++j) argv[j] = argv[j + 1];
-      --argc;
-      break;
+    } else if (std::strncmp(argv[i], "--blas-threads=", 15) == 0) {
+      blas_threads = std::atoi(argv[i] + 15);
+    } else {
+      ++i;
+      continue;
     }
+    for (int j = i; j + 1 < argc; ++j) argv[j] = argv[j + 1];
+    --argc;
+  }
   Eigen::setNbThreads(threads);
 #ifdef HRA_BENCH_OPENBLAS
-  openblas_set_num_threads(threads);
+  openblas_set_num_threads(blas_threads > 0 ? blas_threads : threads);
+#else
+  (void)blas_threads;
 #endif
   check();
   const std::vector<std::vector<int64_t>> shapes{
