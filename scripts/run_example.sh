@@ -1,0 +1,31 @@
+#!/usr/bin/env bash
+# The whole Fashion-MNIST fine-tuning comparison from a fresh clone:
+#   1. install what is missing (compiler, Eigen, zlib, the data set, matplotlib),
+#   2. build the examples (Release, build/release),
+#   3. pretrain, fine-tune with every method and write results/ (tables, CSVs),
+#   4. draw results/finetune_accuracy_vs_params.png.
+# Extra arguments go to the example, e.g. `bash scripts/run_example.sh --epochs 5`.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bash scripts/install_deps.sh python3-matplotlib
+jobs=${HRA_JOBS:-2}
+
+cmake -S . -B build/release -DCMAKE_BUILD_TYPE=Release -DHRA_BUILD_EXAMPLES=ON
+cmake --build build/release -j "$jobs" --target finetune_fashion_mnist quickstart
+
+# Idle OpenMP threads sleep instead of spinning: on a busy machine spinning threads steal the
+# cores the other thread needs (several times slower); on an idle one it costs nothing visible.
+export OMP_WAIT_POLICY=${OMP_WAIT_POLICY:-passive}
+out=results
+./build/release/examples/finetune_fashion_mnist --out "$out" "$@"
+
+# The chart is a convenience: a missing or broken matplotlib must not fail the run. The
+# system interpreter is tried too, since a virtualenv/pyenv python3 may not see Debian's
+# python3-matplotlib.
+for py in python3 /usr/bin/python3; do
+  if command -v "$py" >/dev/null 2>&1 && "$py" -c 'import matplotlib' 2>/dev/null; then
+    "$py" scripts/plot_finetune.py "$out" && exit 0
+    break
+  fi
+done
+echo "note: the chart was not drawn (needs python3 with matplotlib); the CSVs in $out/ are complete"
