@@ -1,0 +1,130 @@
+#!/usr/bin/env bash
+# Builds and runs the hra benchmarks and the PyTorch reference, then writes BENCHMARKS.md.
+#
+#   scripts/run_benchmarks.sh            full report (about 10-15 minutes on 2 cores)
+#   scripts/run_benchmarks.sh --quick    CI smoke run: headline shape + one small case (~2 min
+#                                        after the build), primary build only
+# Options:
+#   --threads N      threads for Eigen/OpenBLAS/PyTorch (default 2, the headline)
+#   --out DIR        where the JSON results go (default bench/results)
+#   --no-build       reuse the existing build directories
+#   --no-torch       skip the PyTorch reference (its columns are then empty)
+#   --report-only    only rerun scripts/bench_report.py on existing results
+#
+# Builds (Release: -O3 -DNDEBUG; nothing machine-specific unless stated), one directory each:
+#   build/bench-blas_serial   Eigen products on OpenBLAS (EIGEN_USE_BLAS), OpenBLAS threads,
+#                             no OpenMP in Eigen                     <- primary, full sweep
+#   build/bench-blas_omp      OpenBLAS + Eigen's OpenMP splitting the products
+#                             (2 Eigen threads x 1 OpenBLAS thread)   <- headline subset
+#   build/bench-eigen_omp     Eigen's own kernels on 2 OpenMP threads (SSE2 only)
+#   build/bench-eigen_native  the same with -march=native (AVX-512 on this machine)
+#   build/bench-eigen_serial  Eigen's own kernels, 1 thread
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+quick=0 threads=2 out=bench/results build=1 torch=1 report_only=0
+while [ $# -gt 0 ]; do
+  case "$1" in
+    --quick) quick=1 ;;
+    --threads) threads="$2"; shift ;;
+    --out) out="$2"; shift ;;
+    --no-build) build=0 ;;
+    --no-torch) torch=0 ;;
+    --report-only) report_only=1 ;;
+    -h | --help) sed -n '2,25p' "$0"; exit 0 ;;
+    *) echo "run_benchmarks.sh: unknown option $1" >&2; exit 2 ;;
+  esac
+  shift
+done
+
+PY=/usr/bin/python3  # Debian's python3-torch and python3-matplotlib live here
+[ -x "$PY" ] || PY=python3
+jobs=${HRA_JOBS:-2}
+mkdir -p "$out"
+
+# name | cmake options | hra_bench arguments
+configs=(
+  "blas_serial|-DHRA_USE_BLAS=ON -DHRA_USE_OPENMP=OFF|--threads=1 --blas-threads=$threads"
+  "blas_omp|-DHRA_USE_BLAS=ON -DHRA_USE_OPENMP=ON|--threads=$threads --blas-threads=1"
+  "eigen_omp|-DHRA_USE_BLAS=OFF -DHRA_USE_OPENMP=ON|--threads=$threads"
+  "eigen_native|-DHRA_USE_BLAS=OFF -DHRA_USE_OPENMP=ON -DHRA_BENCH_NATIVE=ON|--threads=$threads"
+  "eigen_serial|-DHRA_USE_BLAS=OFF -DHRA_USE_OPENMP=OFF|--threads=1"
+)
+primary=blas_serial
+proto_builds="blas_omp eigen_native"  # the prototypes split panels over OpenMP threads
+[ "$quick" = 1 ] && configs=("${configs[0]}")
+
+# Case filters (see bench/bench_hra.cpp for the naming scheme).
+headline='^[a-z_]+/[a-z]+/float/d_in:4096/d_out:4096/r:(0|8|32)/n:(0|512)/'
+small='^[a-z_]+/[a-z]+/float/d_in:256/d_out:256/r:(0|8)/n:(0|64)/'
+if [ "$quick" = 1 ]; then
+  primary_filter="^[a-z_]+/[a-z]+/float/d_in:4096/d_out:4096/r:(0|8)/n:(0|512)/|$small"
+  primary_args=(--reps=3 --no-double)
+else
+  primary_filter='.'
+  primary_args=()
+fi
+
+loadavg() { cut -d' ' -f1-3 /proc/loadavg; }
+
+if [ "$report_only" = 0 ]; then
+  : >"$out/loadavg.txt"
+  for entry in "${configs[@]}"; do
+    IFS='|' read -r name cmake_opts bench_args <<<"$entry"
+    dir=build/bench-$name
+    if [ "$build" = 1 ]; then
+      # shellcheck disable=SC2086
+      cmake -S . -B "$dir" -DCMAKE_BUILD_TYPE=Release -DHRA_WARNINGS_AS_ERRORS=ON \
+        -DHRA_BUILD_TESTS=OFF -DHRA_BUILD_EXAMPLES=OFF -DHRA_BUILD_FUZZERS=OFF \
+        -DHRA_INSTALL=OFF -DHRA_BUILD_BENCHMARKS=ON $cmake_opts >/dev/null
+      cmake --build "$dir" --target hra_bench hra_bench_proto -j "$jobs"
+    fi
+    if [ "$name" = "$primary" ]; then
+      filter=$primary_filter
+      extra=("${primary_args[@]+"${primary_args[@]}"}")
+    else
+      filter=$headline
+      extra=(--no-double)
+    fi
+    echo "== $name: $(loadavg) (load before)"
+    echo "$name before $(loadavg)" >>"$out/loadavg.txt"
+    # Random interleaving spreads the repetitions of the headline cases over the whole run, so a
+    # burst of load from elsewhere hits every method alike.
+    # shellcheck disable=SC2086
+    OMP_NUM_THREADS=$threads OPENBLAS_NUM_THREADS=$threads \
+      "$dir/bench/hra_bench" $bench_args "${extra[@]+"${extra[@]}"}" \
+      --benchmark_filter="$filter" --benchmark_min_time=0.2 \
+      --benchmark_enable_random_interleaving=true \
+      --benchmark_out="$out/cpp_$name.json" --benchmark_out_format=json
+    if [ "$quick" = 0 ] && [[ " $proto_builds " == *" $name "* ]]; then
+      # The fused-panel prototypes of proposed ReflectorChain changes, at the headline layer.
+      # shellcheck disable=SC2086
+      OMP_NUM_THREADS=$threads OPENBLAS_NUM_THREADS=$threads \
+        "$dir/bench/hra_bench_proto" $bench_args \
+        --benchmark_filter='d_in:4096/d_out:4096/r:(8|32)/n:(0|512)/' --benchmark_min_time=0.2 \
+        --benchmark_repetitions=3 --benchmark_enable_random_interleaving=true \
+        --benchmark_report_aggregates_only=true \
+        --benchmark_out="$out/proto_$name.json" --benchmark_out_format=json
+    fi
+    echo "$name after $(loadavg)" >>"$out/loadavg.txt"
+  done
+
+  if [ "$torch" = 1 ]; then
+    echo "== PyTorch reference: $(loadavg) (load before)"
+    echo "torch before $(loadavg)" >>"$out/loadavg.txt"
+    if [ "$quick" = 1 ]; then
+      torch_args=(--quick --ranks 8 --methods frozen,lora,peft_hra --min-time 0.2 --min-iters 1)
+    else
+      # n = 512 for every layer and rank; PEFT's cost does not depend on n. A case whose
+      # warm-up plus 3 iterations would exceed 100 s is skipped (r = 128 at d = 4096).
+      torch_args=(--batches 512 --ranks 2,8,32,128 --min-time 0.5 --min-iters 3
+        --max-seconds-per-case 100)
+    fi
+    "$PY" bench/torch_reference.py --threads "$threads" "${torch_args[@]}" \
+      --json "$out/torch.json"
+    echo "torch after $(loadavg)" >>"$out/loadavg.txt"
+  fi
+fi
+
+"$PY" scripts/bench_report.py --results "$out" --primary "$primary" --threads "$threads" \
+  --output BENCHMARKS.md --chart bench/overhead_vs_d.png $([ "$quick" = 1 ] && echo --quick)
