@@ -177,12 +177,7 @@ class HraLinear final : public Layer<Scalar_> {
 
   /// Assigns dU of every unmerged adapter and db (when trainable); returns dX = H^T W^T dY.
   const Matrix& backward(const ConstRef& dy, bool compute_input_gradient = true) override {
-    if (state_ != State::forwarded)
-      throw std::logic_error(
-          "HraLinear::backward: no forward() to differentiate (call forward() before each "
-          "backward())");
-    detail::check_shape(dy, output_dim(), hx_.cols(), "HraLinear::backward gradient dY");
-    detail::check_finite(dy, "HraLinear::backward gradient dY");
+    detail::check_backward(state_ == State::forwarded, dy, output_dim(), hx_.cols(), "HraLinear");
     state_ = State::idle;  // hx_ is consumed below
     if (bias_trainable()) bias_grad_ = dy.rowwise().sum();
     dx_.noalias() = weight_.map().transpose() * dy;

@@ -4,6 +4,7 @@
 #include <Eigen/Core>
 #include <cstddef>
 #include <limits>
+#include <stdexcept>
 #include <string>
 #include <vector>
 
@@ -100,6 +101,20 @@ void check_batch(const Eigen::MatrixBase<Derived>& x, Eigen::Index rows, const c
                   shape(x.rows(), x.cols()), " matrix");
   if (x.cols() < 1) throw_invalid(what, ": empty batch (0 columns)");
   check_finite(x, what);
+}
+
+/// Shared entry checks of every backward(): a forward() must be pending, and dY must be the
+/// finite rows x n gradient of its output. `layer` names the class in the messages.
+template <typename Derived>
+void check_backward(bool forward_pending, const Eigen::MatrixBase<Derived>& dy, Eigen::Index rows,
+                    Eigen::Index n, const char* layer) {
+  if (!forward_pending)
+    throw std::logic_error(concat(layer,
+                                  "::backward: no forward() to differentiate (call forward() "
+                                  "before each backward())"));
+  const std::string what = concat(layer, "::backward gradient dY");
+  check_shape(dy, rows, n, what.c_str());
+  check_finite(dy, what.c_str());
 }
 
 }  // namespace detail

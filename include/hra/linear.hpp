@@ -68,12 +68,7 @@ class Linear final : public Layer<Scalar_> {
   }
 
   const Matrix& backward(const ConstRef& dy, bool compute_input_gradient = true) override {
-    if (state_ != State::forwarded)
-      throw std::logic_error(
-          "Linear::backward: no forward() to differentiate (call forward() before each "
-          "backward())");
-    detail::check_shape(dy, output_dim(), batch_, "Linear::backward gradient dY");
-    detail::check_finite(dy, "Linear::backward gradient dY");
+    detail::check_backward(state_ == State::forwarded, dy, output_dim(), batch_, "Linear");
     state_ = State::idle;
     if (train_weight_) weight_grad_.noalias() = dy * x_.transpose();
     if (train_bias_) bias_grad_ = dy.rowwise().sum();

@@ -122,12 +122,7 @@ class LoraLinear final : public Layer<Scalar_> {
 
   /// Assigns dA, dB (when unmerged) and db (when trainable); returns dX.
   const Matrix& backward(const ConstRef& dy, bool compute_input_gradient = true) override {
-    if (state_ != State::forwarded)
-      throw std::logic_error(
-          "LoraLinear::backward: no forward() to differentiate (call forward() before each "
-          "backward())");
-    detail::check_shape(dy, output_dim(), xd_.cols(), "LoraLinear::backward gradient dY");
-    detail::check_finite(dy, "LoraLinear::backward gradient dY");
+    detail::check_backward(state_ == State::forwarded, dy, output_dim(), xd_.cols(), "LoraLinear");
     state_ = State::idle;
     if (bias_ && bias_mode_ != BiasMode::none) bias_grad_ = dy.rowwise().sum();
     if (compute_input_gradient) dx_.noalias() = weight_.map().transpose() * dy;
