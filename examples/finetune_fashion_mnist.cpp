@@ -80,6 +80,7 @@ struct Config {
   Index validation = 0;              // held out of the target half and used instead of the test set
   double warmup = 0.05;              // fraction of the steps spent warming up
   std::map<std::string, double> lr;  // per-method overrides
+  double head_lr = 0;                // 0: each method's own learning rate
 };
 
 const char* const all_methods[] = {"none", "head",    "full",   "lora",
@@ -103,6 +104,8 @@ void print_usage(std::FILE* to) {
       "  --methods LIST       comma-separated subset of: none,head,full,lora,hra,hra-reg,\n"
       "                       hra-gs,hra-small (default: all)\n"
       "  --lr METHOD=LR,...   override a method's learning rate (e.g. --lr hra=0.02)\n"
+      "  --head-lr LR         learning rate of the classifier head for every method\n"
+      "                       (default: the method's own)\n"
       "  --shift NAME         target shift: %s (default %s)\n"
       "  --batch N            batch size (default %ld)\n"
       "  --hidden N           hidden units per layer (default %ld)\n"
@@ -195,6 +198,8 @@ std::optional<Config> parse_args(int argc, char** argv) {
           throw std::invalid_argument("--lr: unknown method '" + method + "' (see --help)");
         c.lr[method] = parse_double(flag, item.substr(eq + 1));
       }
+    } else if (flag == "--head-lr") {
+      c.head_lr = parse_double(flag, v);
     } else if (flag == "--shift") {
       hra::examples::shift_source_pixels(v);  // validates the name
       c.shift = v;
@@ -285,7 +290,8 @@ struct Method {
   Index rank = 0;
   double lambda = 0;
   hra::Variant variant = hra::Variant::chain;
-  double lr = 0;
+  double lr = 0;       // hidden layers (adapters or weights)
+  double head_lr = 0;  // classifier head
 };
 
 // Learning rates picked per method on a validation split (5000 held-out target training
@@ -333,6 +339,8 @@ Method make_method(const std::string& name, const Config& c) {
   if (m.kind != Kind::none) m.lr = default_lr(name);
   const auto it = c.lr.find(name);
   if (it != c.lr.end()) m.lr = it->second;
+  m.head_lr = c.head_lr > 0 ? c.head_lr : m.lr;
+  if (m.kind == Kind::head) m.lr = m.head_lr;
   return m;
 }
 
@@ -421,15 +429,18 @@ struct TrainStats {
 // Adam with a cosine schedule and linear warm-up over epochs x ceil(n / batch) steps. The batch
 // order depends only on the seed and the epoch, so every method sees the same batches.
 TrainStats train(Mlp<Scalar>& net, const std::string& name, std::uint64_t seed, double lr,
-                 int epochs, const Data& train, const Data& eval, const Config& c,
+                 double head_lr, int epochs, const Data& train, const Data& eval, const Config& c,
                  CurveWriter& curves) {
   const Index n = train.size();
   const Index steps_per_epoch = (n + c.batch - 1) / c.batch;
   const std::int64_t total = static_cast<std::int64_t>(steps_per_epoch) * epochs;
   const auto warmup =
       std::min<std::int64_t>(total, static_cast<std::int64_t>(std::ceil(c.warmup * total)));
-  hra::CosineSchedule schedule(lr, warmup, total);
-  hra::Adam<Scalar> adam({lr});
+  // The head and the hidden layers may have their own learning rates: two optimisers, one
+  // schedule shape.
+  hra::CosineSchedule schedule(lr, warmup, total), head_schedule(head_lr, warmup, total);
+  hra::Adam<Scalar> adam({lr}), head_adam({head_lr});
+  const std::size_t head = net.size() - 1;
 
   const std::int64_t log_every = std::max<std::int64_t>(1, steps_per_epoch / 4);
   TrainStats stats;
@@ -463,8 +474,13 @@ TrainStats train(Mlp<Scalar>& net, const std::string& name, std::uint64_t seed, 
       double loss = hra::examples::softmax_cross_entropy<Scalar>(logits, labels, &grad);
       net.backward(grad);
       loss += net.add_regularizer();
+      std::vector<hra::ParameterView<Scalar>> body;
+      for (std::size_t k = 0; k < head; ++k)
+        for (auto& p : net.layer(k).parameters()) body.push_back(p);
       adam.set_lr(schedule(step));
-      adam.step(net.parameters());
+      adam.step(body);
+      head_adam.set_lr(head_schedule(step));
+      head_adam.step(net.layer(head).parameters());
       loss_sum += loss * static_cast<double>(bn);
       window_sum += loss * static_cast<double>(bn);
       window_count += bn;
@@ -556,7 +572,7 @@ Weights pretrained_network(const Config& c, const Tasks& t, CurveWriter& curves)
   Weights w = Weights::initialized(sizes, c.seed + 7);
   Method full{"pretrain", "pretrain", Kind::full};
   Mlp<Scalar> net = build_network(w, full, c.seed);
-  const TrainStats s = train(net, "pretrain", c.seed, 1e-3, c.pretrain_epochs, t.source_train,
+  const TrainStats s = train(net, "pretrain", c.seed, 1e-3, 1e-3, c.pretrain_epochs, t.source_train,
                              t.source_test, c, curves);
   for (std::size_t k = 0; k < w.weights.size(); ++k) {
     auto& layer = dynamic_cast<hra::Linear<Scalar>&>(net.layer(k));
@@ -595,8 +611,8 @@ Result run_method(const Method& m, std::uint64_t seed, const Weights& pretrained
   r.params = net.num_trainable_parameters();
   r.has_adapter = m.kind == Kind::lora || m.kind == Kind::hra;
   if (m.kind != Kind::none) {
-    const TrainStats s =
-        train(net, m.name, seed, m.lr, c.epochs, t.target_train, t.target_eval, c, curves);
+    const TrainStats s = train(net, m.name, seed, m.lr, m.head_lr, c.epochs, t.target_train,
+                               t.target_eval, c, curves);
     r.seconds = s.seconds;
     r.cpu_seconds = s.cpu_seconds;
   } else {
@@ -669,11 +685,12 @@ std::ofstream open_csv(const std::string& path) {
 void write_results(const std::string& path, const std::vector<Result>& results, const Config& c,
                    const std::string& eval_name) {
   std::ofstream out = open_csv(path);
-  out << "method,label,seed,rank,lambda,lr,epochs,trainable_params,eval_set,eval_acc,merged_acc,"
+  out << "method,label,seed,rank,lambda,lr,head_lr,epochs,trainable_params,eval_set,eval_acc,"
+         "merged_acc,"
          "merge_max_abs_diff,unmerge_max_abs_diff,merge_ok,train_seconds,train_cpu_seconds\n";
   for (const auto& r : results) {
     out << r.method.name << ",\"" << r.method.label << "\"," << r.seed << ',' << r.method.rank
-        << ',' << r.method.lambda << ',' << r.method.lr << ','
+        << ',' << r.method.lambda << ',' << r.method.lr << ',' << r.method.head_lr << ','
         << (r.method.kind == Kind::none ? 0 : c.epochs) << ',' << r.params << ',' << eval_name
         << ',' << r.accuracy << ',' << r.merged_accuracy << ',' << r.merge_max_diff << ','
         << r.unmerge_max_diff << ',' << (r.has_adapter ? (r.merge_ok ? "yes" : "no") : "n/a") << ','
@@ -685,12 +702,12 @@ void write_results(const std::string& path, const std::vector<Result>& results, 
 void write_summary(const std::string& path, const std::vector<Summary>& summaries, const Config& c,
                    const std::string& eval_name, Index full_params) {
   std::ofstream out = open_csv(path);
-  out << "method,label,rank,lambda,lr,epochs,runs,trainable_params,params_fraction_of_full,"
+  out << "method,label,rank,lambda,lr,head_lr,epochs,runs,trainable_params,params_fraction_of_full,"
          "eval_set,acc_mean,acc_std,acc_min,acc_max,merge_ok,merge_max_abs_diff,train_seconds,"
          "train_cpu_seconds\n";
   for (const auto& s : summaries) {
     out << s.method.name << ",\"" << s.method.label << "\"," << s.method.rank << ','
-        << s.method.lambda << ',' << s.method.lr << ','
+        << s.method.lambda << ',' << s.method.lr << ',' << s.method.head_lr << ','
         << (s.method.kind == Kind::none ? 0 : c.epochs) << ',' << s.runs << ',' << s.params << ','
         << static_cast<double>(s.params) / static_cast<double>(full_params) << ',' << eval_name
         << ',' << s.mean << ',' << s.stddev << ',' << s.min << ',' << s.max << ','
@@ -758,7 +775,7 @@ int run(const Config& c) {
   for (const auto& name : c.methods) {
     const Method m = make_method(name, c);
     std::printf("\n%s", m.label.c_str());
-    if (m.kind != Kind::none) std::printf(" (lr %g)", m.lr);
+    if (m.kind != Kind::none) std::printf(" (lr %g, head lr %g)", m.lr, m.head_lr);
     std::printf("\n");
     std::vector<Result> runs;
     const int seeds = m.kind == Kind::none ? 1 : c.seeds;  // nothing random to vary

@@ -294,7 +294,10 @@ def write_report(args):
     for fn in sorted(os.listdir(results)):
         m = re.match(r"cpp_(\w+)\.json$", fn)
         if m:
-            runs[m.group(1)] = CppRun(os.path.join(results, fn))
+            try:
+                runs[m.group(1)] = CppRun(os.path.join(results, fn))
+            except (OSError, ValueError) as e:
+                print(f"bench_report.py: skipping {fn}: {e}", file=sys.stderr)
     if args.primary not in runs:
         sys.exit(f"bench_report.py: no {results}/cpp_{args.primary}.json")
     run = runs[args.primary]
@@ -536,14 +539,25 @@ def write_report(args):
         )
     w("")
     if best:
+        how = {
+            "blas_serial": "`-DHRA_USE_BLAS=ON -DHRA_USE_OPENMP=OFF` (Debian's `libopenblas-dev`; "
+            "threads from `OPENBLAS_NUM_THREADS`)",
+            "blas_omp": "`-DHRA_USE_BLAS=ON -DHRA_USE_OPENMP=ON` with `OPENBLAS_NUM_THREADS=1` and "
+            "`OMP_NUM_THREADS` = cores (Eigen splits each product, OpenBLAS computes the pieces)",
+            "eigen_native": "`-DHRA_USE_OPENMP=ON` and `-march=native` (no BLAS; the binary then "
+            "only runs on CPUs like the build machine)",
+            "eigen_omp": "`-DHRA_USE_OPENMP=ON` (no BLAS)",
+            "eigen_serial": "no BLAS, no OpenMP",
+        }
         w(
-            f"**Recommendation:** build with `-DHRA_USE_BLAS=ON` (Debian's `libopenblas-dev`) and let "
-            f"OpenBLAS own the threads (`-DHRA_USE_OPENMP=OFF`, `OPENBLAS_NUM_THREADS`), i.e. "
-            f"`blas_serial`. Fastest HRA fwd+bwd in this run: `{best[0]}` ({fms(best[1])} ms). "
-            "Without a BLAS, Eigen's own kernels need `-march=native` (or at least `-mavx2 -mfma`) "
-            "to be competitive: plain `-O3` on x86-64 only has SSE2. Eigen's OpenMP and OpenBLAS's "
-            "threads should not be nested (each Eigen thread calling a multi-threaded BLAS "
-            "oversubscribes the cores)."
+            f"**Recommendation (from this run):** `{best[0]}`, i.e. {how.get(best[0], best[0])}: "
+            f"the fastest HRA fwd+bwd at the headline layer ({fms(best[1])} ms). "
+            "PyTorch on this machine uses the same OpenBLAS, so the OpenBLAS builds also make the "
+            "C++/PyTorch comparison one of algorithms, not of GEMM kernels. Without a BLAS, "
+            "Eigen's own kernels need `-march=native` (or at least `-mavx2 -mfma`): plain `-O3` on "
+            "x86-64 compiles them for SSE2 only. Never nest the two thread pools (Eigen's OpenMP "
+            "threads each calling a multi-threaded OpenBLAS oversubscribes the cores): use "
+            "either OpenBLAS threads or Eigen threads, not both."
         )
     w("")
 
