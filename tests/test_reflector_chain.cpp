@@ -590,6 +590,113 @@ TEST_CASE("ReflectorChain: float gradients match the double analytic ones", "[ch
   }
 }
 
+// backward_through(W, E) must give dL/dU for L = <E, W H X> without forming W^T E. That loss is
+// <W^T E, H X>, so the central differences of fd_error() with G = W^T E apply unchanged.
+TEST_CASE("ReflectorChain: backward_through matches central differences (double)",
+          "[chain][gradient]") {
+  const double kRelTol = 1e-7;
+  for (const Variant v : kVariants) {
+    double worst = 0, worst_vs_full = 0;
+    for (const Shape& s : kShapes) {
+      for (const Index d_out : {Index(3), 2 * s.d + 1}) {
+        INFO(describe(v, s) << " d_out=" << d_out);
+        const MatD u = random_matrix(s.d, s.r, seed_of(s, 51));
+        const MatD x = random_matrix(s.d, s.n, seed_of(s, 52));
+        const MatD w = random_matrix(d_out, s.d, seed_of(s, 53));
+        const MatD e = random_matrix(d_out, s.n, seed_of(s, 54));
+        const Chain<double> chain(u, v, s.block);
+        typename Chain<double>::ForwardCache cache;
+        MatD y;
+        chain.forward(x, y, cache);
+        MatD du = MatD::Constant(2, 3, std::numeric_limits<double>::quiet_NaN());
+        chain.backward_through(w, e, y, cache, du);
+        REQUIRE(du.rows() == s.d);
+        REQUIRE(du.cols() == s.r);
+        REQUIRE(du.allFinite());
+        CHECK(rel_err(y, x) <= tol<double>(s.d, s.r));  // the input is rebuilt in place
+        // The same numbers as the ordinary backward with G = W^T E, up to rounding.
+        const MatD g = w.transpose() * e;
+        MatD dx_full, du_full;
+        chain.backward(x, g, cache, dx_full, du_full);
+        const double scale = std::max(max_abs(du_full), max_abs(dx_full));
+        const double vs_full = max_abs(du - du_full) / scale;
+        CHECK(vs_full <= tol<double>(s.d + d_out, s.r));
+        worst_vs_full = std::max(worst_vs_full, vs_full);
+        double fd_max = 0;
+        const double err = fd_error(u, x, g, v, du, true, fd_max);
+        if (du_vanishes(v, s)) {
+          CHECK(max_abs(du) <= 1e-13 * scale);
+          CHECK(fd_max <= 1e-8 * scale);
+        } else {
+          CHECK(err <= kRelTol);
+          worst = std::max(worst, err);
+        }
+      }
+    }
+    std::printf(
+        "GRADCHECK variant=%-12s scalar=double wrt=U via backward_through max_rel_err=%.3e "
+        "(central diff, tol %.0e); vs backward(W^T E) %.3e\n",
+        hra::to_string(v), worst, kRelTol, worst_vs_full);
+  }
+}
+
+TEST_CASE("ReflectorChain: float backward_through matches the double analytic dU",
+          "[chain][gradient]") {
+  const double kRelTol = 1e-4;
+  for (const Variant v : kVariants) {
+    double worst = 0;
+    for (const Shape& s : kShapes) {
+      if (du_vanishes(v, s)) continue;  // covered in double above
+      INFO(describe(v, s));
+      const Index d_out = s.d + 3;
+      const Mat<float> uf = random_as<float>(s.d, s.r, seed_of(s, 61));
+      const Mat<float> xf = random_as<float>(s.d, s.n, seed_of(s, 62));
+      const Mat<float> wf = random_as<float>(d_out, s.d, seed_of(s, 63));
+      const Mat<float> ef = random_as<float>(d_out, s.n, seed_of(s, 64));
+      const Chain<float> chain(uf, v, s.block);
+      typename Chain<float>::ForwardCache cache;
+      Mat<float> y, duf;
+      chain.forward(xf, y, cache);
+      chain.backward_through(wf, ef, y, cache, duf);
+      MatD dxd, dud;
+      analytic_gradients(Chain<double>(to_double(uf), v, s.block), to_double(xf),
+                         MatD(to_double(wf).transpose() * to_double(ef)), dxd, dud);
+      const double err = rel_err(duf, dud);
+      CHECK(err <= kRelTol);
+      worst = std::max(worst, err);
+    }
+    std::printf(
+        "GRADCHECK variant=%-12s scalar=float  wrt=U via backward_through max_rel_err=%.3e (vs "
+        "double analytic, tol %.0e)\n",
+        hra::to_string(v), worst, kRelTol);
+  }
+}
+
+TEMPLATE_TEST_CASE("ReflectorChain: backward_through names wrong shapes", "[chain][errors]", float,
+                   double) {
+  using T = TestType;
+  for (const Variant v : kVariants) {
+    INFO(hra::to_string(v));
+    const Chain<T> chain(random_as<T>(8, 4, 1), v);
+    const Mat<T> x = random_as<T>(8, 3, 2);
+    const Mat<T> w = random_as<T>(5, 8, 3), e = random_as<T>(5, 3, 4);
+    Mat<T> y, du;
+    typename Chain<T>::ForwardCache cache;
+    chain.forward(x, y, cache);
+    CHECK_INVALID([&] { chain.backward_through(Mat<T>(w.leftCols(7)), e, y, cache, du); },
+                  Contains("backward_through") && Contains("5x7") && Contains("d=8"));
+    CHECK_INVALID([&] { chain.backward_through(w, Mat<T>(e.topRows(4)), y, cache, du); },
+                  Contains("backward_through") && Contains("4x3") && Contains("5x3"));
+    Mat<T> y_short = y.leftCols(2);
+    CHECK_INVALID([&] { chain.backward_through(w, Mat<T>(e.leftCols(2)), y_short, cache, du); },
+                  Contains("r x n"));
+    Mat<T> y_bad = y.topRows(7);
+    CHECK_INVALID([&] { chain.backward_through(w, e, y_bad, cache, du); },
+                  Contains("backward_through") && Contains("7x3"));
+    CHECK_NOTHROW(chain.backward_through(w, e, y, cache, du));
+  }
+}
+
 TEMPLATE_TEST_CASE("ReflectorChain: dL/du_i is orthogonal to u_i", "[chain][gradient]", float,
                    double) {
   using T = TestType;

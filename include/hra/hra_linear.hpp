@@ -180,6 +180,16 @@ class HraLinear final : public Layer<Scalar_> {
     detail::check_backward(state_ == State::forwarded, dy, output_dim(), hx_.cols(), "HraLinear");
     state_ = State::idle;  // hx_ is consumed below
     if (bias_trainable()) bias_grad_ = dy.rowwise().sum();
+    const auto unmerged = std::count_if(adapters_.begin(), adapters_.end(),
+                                        [](const Adapter& a) { return !a.merged; });
+    if (!compute_input_gradient && unmerged <= 1) {
+      // No dX wanted and at most one chain: dU needs W^T dY only through r-dimensional
+      // projections, so the d_in x n product W^T dY (as costly as the forward) is skipped.
+      for (auto& a : adapters_)
+        if (!a.merged) a.chain.backward_through(weight_.map(), dy, hx_, a.cache, a.grad);
+      empty_.resize(0, 0);
+      return empty_;
+    }
     dx_.noalias() = weight_.map().transpose() * dy;
     for (auto& a : adapters_)
       if (!a.merged) a.chain.backward_in_place(hx_, dx_, a.cache, a.grad);

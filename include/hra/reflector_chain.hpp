@@ -254,6 +254,28 @@ class ReflectorChain : detail::ScalarCheck<Scalar_> {
       backward_gram_schmidt(y, g, cache, du);
   }
 
+  /// dU alone, for a loss that sees the chain's output Y only through a fixed matrix W
+  /// (d_out x d): with E = dL/d(W Y) (d_out x n), the chain's output gradient is G = W^T E, but
+  /// G is never formed. Only W U (d_out x r) and W^T (E K^T) (d x r) are, O(d_out d r + d_out n r)
+  /// instead of the O(d_out d n) of W^T E. This is the backward of a layer y = W H x that needs
+  /// no input gradient (a network's first layer). `y` is as in backward_in_place: Y on entry, the
+  /// rebuilt input X on return. dU equals backward_in_place's up to rounding.
+  void backward_through(const ConstRef& w, const ConstRef& e, Matrix& y, const ForwardCache& cache,
+                        Matrix& du) const {
+    detail::check_shape(y, dim(), y.cols(), "ReflectorChain::backward_through output Y");
+    if (w.cols() != dim())
+      detail::throw_invalid("ReflectorChain::backward_through: W is ",
+                            detail::shape(w.rows(), w.cols()), " but needs d=", dim(), " columns");
+    detail::check_shape(e, w.rows(), y.cols(),
+                        "ReflectorChain::backward_through gradient E (d_out x n)");
+    check_cache(cache, y.cols());
+    du.resize(dim(), rank());
+    if (variant_ == Variant::chain)
+      backward_chain_through(w, e, y, cache, du);
+    else
+      backward_gram_schmidt_through(w, e, y, cache, du);
+  }
+
   /// Relative threshold under which a Gram-Schmidt pivot R_ii / |u_i| counts as dependent.
   static Scalar dependence_tolerance(Index d) {
     return Scalar(16) * std::sqrt(static_cast<Scalar>(d)) * std::numeric_limits<Scalar>::epsilon();
@@ -424,41 +446,102 @@ class ReflectorChain : detail::ScalarCheck<Scalar_> {
   //   Z = S^{-T} U^T G,  M = Z K^T,  G_{j+1} = G - U Z,
   //   dU_j = -G K^T - X_j Z^T + U (striu(M) + striu(M)^T + diag(M)).
   // Block inputs come from the output: X_1 = Y + U_1 K_1, X_{j+1} = X_j + U_{j+1} K_{j+1}.
+  // G enters dU_j only through U_j^T G_j and G_j K_j^T; block_gradient() takes those two.
   void backward_chain(Matrix& x, Matrix& g, const ForwardCache& cache, Matrix& du) const {
     const auto& blocks = cache.factors.blocks;
-    Matrix z, mm, sym;
+    Matrix z, gk;
     for (std::size_t j = 0; j < blocks.size(); ++j) {
       const Index c0 = static_cast<Index>(j) * block_size_;
-      const auto& s = blocks[j];
-      const Index b = s.rows();
+      const Index b = blocks[j].rows();
       const auto ub = u_.middleCols(c0, b);
       const auto kb = cache.coeffs.middleRows(c0, b);
       x.noalias() += ub * kb;
       z.noalias() = ub.transpose() * g;
-      s.transpose().template triangularView<Eigen::Lower>().solveInPlace(z);
-      mm.noalias() = z * kb.transpose();
-      sym = mm.template triangularView<Eigen::StrictlyUpper>();
-      sym += mm.template triangularView<Eigen::StrictlyUpper>().transpose();
-      sym.diagonal() = mm.diagonal();
-      auto dub = du.middleCols(c0, b);
-      dub.noalias() = ub * sym;
-      dub.noalias() -= g * kb.transpose();
-      dub.noalias() -= x * z.transpose();
+      gk.noalias() = g * kb.transpose();
+      block_gradient(blocks[j], c0, kb, x, z, gk, du);
       g.noalias() -= ub * z;
     }
+  }
+
+  // The chain's dU when G_1 = W^T E: U_j^T G_j and G_j K_j^T from W U, E and the earlier Z's:
+  //   G_j = G_1 - U_{<j} Z_{<j}, so  U_j^T G_j = (W U_j)^T E - U_j^T U_{<j} Z_{<j}  and
+  //   G_j K_j^T = W^T (E K_j^T) - U_{<j} (Z_{<j} K_j^T).
+  void backward_chain_through(const ConstRef& w, const ConstRef& e, Matrix& x,
+                              const ForwardCache& cache, Matrix& du) const {
+    const auto& blocks = cache.factors.blocks;
+    Matrix wu, ek, zs(rank(), x.cols()), z, gk;
+    wu.noalias() = w * u_;                        // d_out x r
+    ek.noalias() = e * cache.coeffs.transpose();  // d_out x r
+    for (std::size_t j = 0; j < blocks.size(); ++j) {
+      const Index c0 = static_cast<Index>(j) * block_size_;
+      const Index b = blocks[j].rows();
+      const auto ub = u_.middleCols(c0, b);
+      const auto kb = cache.coeffs.middleRows(c0, b);
+      x.noalias() += ub * kb;
+      z.noalias() = wu.middleCols(c0, b).transpose() * e;
+      gk.noalias() = w.transpose() * ek.middleCols(c0, b);
+      if (c0 > 0) {
+        const auto before = u_.leftCols(c0);
+        const auto zb = zs.topRows(c0);
+        z.noalias() -= (ub.transpose() * before) * zb;
+        gk.noalias() -= before * (zb * kb.transpose());
+      }
+      block_gradient(blocks[j], c0, kb, x, z, gk, du);
+      zs.middleRows(c0, b) = z;
+    }
+  }
+
+  // One block's dU from its input X_j, Z <- S^{-T} U_j^T G_j (on entry U_j^T G_j) and
+  // GK = G_j K_j^T.
+  template <typename Coeffs>
+  void block_gradient(const Matrix& s, Index c0, const Coeffs& kb, const Matrix& x, Matrix& z,
+                      const Matrix& gk, Matrix& du) const {
+    const Index b = s.rows();
+    const auto ub = u_.middleCols(c0, b);
+    s.transpose().template triangularView<Eigen::Lower>().solveInPlace(z);
+    Matrix mm, sym;
+    mm.noalias() = z * kb.transpose();
+    sym = mm.template triangularView<Eigen::StrictlyUpper>();
+    sym += mm.template triangularView<Eigen::StrictlyUpper>().transpose();
+    sym.diagonal() = mm.diagonal();
+    auto dub = du.middleCols(c0, b);
+    dub.noalias() = ub * sym;
+    dub -= gk;
+    dub.noalias() -= x * z.transpose();
   }
 
   // X = Y + 2 Q P with P = Q^T X; dQ = -2 (G P^T + X (Q^T G)^T); through the QR:
   // dU = (dQ - Q sym(Q^T dQ)) R^{-T}, sym(M) = triu(M) + striu(M)^T.
   void backward_gram_schmidt(Matrix& x, Matrix& g, const ForwardCache& cache, Matrix& du) const {
     const Matrix& q = cache.factors.q;
-    const Matrix& r = cache.factors.r;
     x.noalias() += Scalar(2) * q * cache.coeffs;
-    Matrix qg;
+    Matrix qg, gp;
     qg.noalias() = q.transpose() * g;
-    du.noalias() = Scalar(-2) * g * cache.coeffs.transpose();
-    du.noalias() -= Scalar(2) * x * qg.transpose();
+    gp.noalias() = g * cache.coeffs.transpose();
     g.noalias() -= Scalar(2) * q * qg;
+    gram_schmidt_gradient(x, qg, gp, cache, du);
+  }
+
+  // As backward_gram_schmidt for G = W^T E: Q^T G = (W Q)^T E and G P^T = W^T (E P^T).
+  void backward_gram_schmidt_through(const ConstRef& w, const ConstRef& e, Matrix& x,
+                                     const ForwardCache& cache, Matrix& du) const {
+    const Matrix& q = cache.factors.q;
+    x.noalias() += Scalar(2) * q * cache.coeffs;
+    Matrix wq, qg, ep, gp;
+    wq.noalias() = w * q;
+    qg.noalias() = wq.transpose() * e;
+    ep.noalias() = e * cache.coeffs.transpose();
+    gp.noalias() = w.transpose() * ep;
+    gram_schmidt_gradient(x, qg, gp, cache, du);
+  }
+
+  // dU from the input X, Q^T G and G P^T.
+  void gram_schmidt_gradient(const Matrix& x, const Matrix& qg, const Matrix& gp,
+                             const ForwardCache& cache, Matrix& du) const {
+    const Matrix& q = cache.factors.q;
+    const Matrix& r = cache.factors.r;
+    du.noalias() = Scalar(-2) * gp;
+    du.noalias() -= Scalar(2) * x * qg.transpose();
     Matrix mm;
     mm.noalias() = q.transpose() * du;
     Matrix sym = mm.template triangularView<Eigen::Upper>();
