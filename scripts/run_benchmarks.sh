@@ -76,7 +76,7 @@ if [ "$report_only" = 0 ]; then
       # shellcheck disable=SC2086
       cmake -S . -B "$dir" -DCMAKE_BUILD_TYPE=Release -DHRA_WARNINGS_AS_ERRORS=ON \
         -DHRA_BUILD_TESTS=OFF -DHRA_BUILD_EXAMPLES=OFF -DHRA_BUILD_FUZZERS=OFF \
-        -DHRA_INSTALL=OFF -DHRA_BUILD_BENCHMARKS=ON $cmake_opts >/dev/null
+        -DHRA_INSTALL=OFF -DHRA_BUILD_BENCHMARKS=ON -DHRA_BENCH_PROTOTYPES=ON $cmake_opts >/dev/null
       cmake --build "$dir" --target hra_bench hra_bench_proto -j "$jobs"
     fi
     if [ "$name" = "$primary" ]; then
