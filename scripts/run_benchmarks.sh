@@ -51,7 +51,7 @@ configs=(
   "eigen_serial|-DHRA_USE_BLAS=OFF -DHRA_USE_OPENMP=OFF|--threads=1"
 )
 primary=blas_serial
-proto_builds="blas_omp eigen_native"  # the prototypes split panels over OpenMP threads
+proto_builds="blas_serial blas_omp eigen_native"  # the prototypes split panels over OpenMP threads
 [ "$quick" = 1 ] && configs=("${configs[0]}")
 
 # Case filters (see bench/bench_hra.cpp for the naming scheme).
