@@ -37,6 +37,12 @@ while [ $# -gt 0 ]; do
   shift
 done
 
+# What the builds, the PyTorch reference and the chart need (Debian packages; see install_deps.sh).
+deps=(python3-matplotlib)
+[ "$report_only" = 0 ] && deps+=(libopenblas-dev)
+[ "$report_only" = 0 ] && [ "$torch" = 1 ] && deps+=(python3-torch)
+bash scripts/install_deps.sh "${deps[@]}"
+
 PY=/usr/bin/python3  # Debian's python3-torch and python3-matplotlib live here
 [ -x "$PY" ] || PY=python3
 jobs=${HRA_JOBS:-2}
