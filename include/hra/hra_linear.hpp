@@ -176,6 +176,9 @@ class HraLinear final : public Layer<Scalar_> {
   }
 
   /// Assigns dU of every unmerged adapter and db (when trainable); returns dX = H^T W^T dY.
+  /// Without the input gradient and with at most one unmerged adapter, dU comes from
+  /// ReflectorChain::backward_through: W^T dY (d_in x n, as costly as the forward) is never
+  /// formed, and dU equals the other path's up to rounding.
   const Matrix& backward(const ConstRef& dy, bool compute_input_gradient = true) override {
     detail::check_backward(state_ == State::forwarded, dy, output_dim(), hx_.cols(), "HraLinear");
     state_ = State::idle;  // hx_ is consumed below
