@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # Builds and runs the hra benchmarks and the PyTorch reference, then writes BENCHMARKS.md.
 #
-#   scripts/run_benchmarks.sh            full report (about 10-15 minutes on 2 cores)
+#   scripts/run_benchmarks.sh            full report: about 45 minutes on 2 cores (measured
+#                                        2026-11-27): five builds, the full C++ sweep (8 min),
+#                                        the headline subset in four more builds, PyTorch (13 min)
 #   scripts/run_benchmarks.sh --quick    CI smoke run: headline shape + one small case (~2 min
 #                                        after the build), primary build only
 # Options:
@@ -31,7 +33,7 @@ while [ $# -gt 0 ]; do
     --no-build) build=0 ;;
     --no-torch) torch=0 ;;
     --report-only) report_only=1 ;;
-    -h | --help) sed -n '2,25p' "$0"; exit 0 ;;
+    -h | --help) sed -n '2,24p' "$0"; exit 0 ;;
     *) echo "run_benchmarks.sh: unknown option $1" >&2; exit 2 ;;
   esac
   shift
