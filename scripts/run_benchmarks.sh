@@ -33,7 +33,7 @@ while [ $# -gt 0 ]; do
     --no-build) build=0 ;;
     --no-torch) torch=0 ;;
     --report-only) report_only=1 ;;
-    -h | --help) sed -n '2,24p' "$0"; exit 0 ;;
+    -h | --help) sed -n '2,23p' "$0"; exit 0 ;;
     *) echo "run_benchmarks.sh: unknown option $1" >&2; exit 2 ;;
   esac
   shift
