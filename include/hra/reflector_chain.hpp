@@ -259,7 +259,8 @@ class ReflectorChain : detail::ScalarCheck<Scalar_> {
   /// G is never formed. Only W U (d_out x r) and W^T (E K^T) (d x r) are, O(d_out d r + d_out n r)
   /// instead of the O(d_out d n) of W^T E. This is the backward of a layer y = W H x that needs
   /// no input gradient (a network's first layer). `y` is as in backward_in_place: Y on entry, the
-  /// rebuilt input X on return. dU equals backward_in_place's up to rounding.
+  /// rebuilt input X on return. dU equals backward_in_place's up to rounding. As in backward(),
+  /// shapes are checked here but values are not (HraLinear checks W once and dY on every call).
   void backward_through(const ConstRef& w, const ConstRef& e, Matrix& y, const ForwardCache& cache,
                         Matrix& du) const {
     detail::check_shape(y, dim(), y.cols(), "ReflectorChain::backward_through output Y");
@@ -469,17 +470,24 @@ class ReflectorChain : detail::ScalarCheck<Scalar_> {
   void backward_chain_through(const ConstRef& w, const ConstRef& e, Matrix& x,
                               const ForwardCache& cache, Matrix& du) const {
     const auto& blocks = cache.factors.blocks;
-    Matrix wu, ek, zs(rank(), x.cols()), z, gk;
-    wu.noalias() = w * u_;                        // d_out x r
-    ek.noalias() = e * cache.coeffs.transpose();  // d_out x r
+    // U^T G_1 and G_1 K^T for all blocks at once: W is read twice, whatever the block count.
+    Matrix ug, gk_all;
+    {
+      Matrix wu, ek;
+      wu.noalias() = w * u_;                        // d_out x r
+      ek.noalias() = e * cache.coeffs.transpose();  // d_out x r
+      ug.noalias() = wu.transpose() * e;            // r x n
+      gk_all.noalias() = w.transpose() * ek;        // d x r
+    }
+    Matrix zs(rank(), x.cols()), z, gk;
     for (std::size_t j = 0; j < blocks.size(); ++j) {
       const Index c0 = static_cast<Index>(j) * block_size_;
       const Index b = blocks[j].rows();
       const auto ub = u_.middleCols(c0, b);
       const auto kb = cache.coeffs.middleRows(c0, b);
       x.noalias() += ub * kb;
-      z.noalias() = wu.middleCols(c0, b).transpose() * e;
-      gk.noalias() = w.transpose() * ek.middleCols(c0, b);
+      z = ug.middleRows(c0, b);
+      gk = gk_all.middleCols(c0, b);
       if (c0 > 0) {
         const auto before = u_.leftCols(c0);
         const auto zb = zs.topRows(c0);
