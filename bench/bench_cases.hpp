@@ -13,6 +13,7 @@
 
 #include "bench_support.hpp"
 #include "hra/hra.hpp"
+#include "hra/reference.hpp"
 
 namespace hra_bench {
 
@@ -57,13 +58,13 @@ void time_layer(benchmark::State& state, hra::Layer<Scalar>& layer, const Shape&
 }
 
 template <typename Scalar>
-hra::FrozenWeight<Scalar> frozen_view(const Shape& s) {
-  return hra::FrozenWeight<Scalar>::view(Operands<Scalar>::weight(s.d_out, s.d_in));
+hra::WeightMatrix<Scalar> frozen_view(const Shape& s) {
+  return hra::WeightMatrix<Scalar>::view(Operands<Scalar>::weight(s.d_out, s.d_in));
 }
 
 template <typename Scalar>
 void bm_frozen(benchmark::State& state, Shape s, bool backward) {
-  hra::Linear<Scalar> layer(frozen_view<Scalar>(s), std::nullopt, false, false);
+  hra::Linear<Scalar> layer(frozen_view<Scalar>(s), std::nullopt, hra::LinearOptions{false});
   time_layer<Scalar>(state, layer, s, backward, frozen_flops(s, backward));
 }
 
@@ -74,7 +75,7 @@ void bm_lora(benchmark::State& state, Shape s, bool backward) {
   opt.alpha = static_cast<double>(s.r);
   hra::LoraLinear<Scalar> layer(frozen_view<Scalar>(s), std::nullopt, opt);
   // B starts at zero; give it values so nothing is special about the timed products.
-  layer.lora_b() = random_matrix<Scalar>(s.d_out, s.r, 5, 0.01);
+  layer.set_lora_weights(layer.lora_a(), random_matrix<Scalar>(s.d_out, s.r, 5, 0.01));
   time_layer<Scalar>(state, layer, s, backward, lora_flops(s, backward));
 }
 
@@ -91,7 +92,7 @@ template <typename Scalar>
 void bm_hra(benchmark::State& state, Shape s, bool backward, hra::Variant variant) {
   hra::HraLinear<Scalar> layer(frozen_view<Scalar>(s), std::nullopt,
                                hra_options<Scalar>(s, variant));
-  layer.adapter().chain.set_reflectors(Operands<Scalar>::reflectors(s.d_in, s.r));
+  layer.set_reflectors("default", Operands<Scalar>::reflectors(s.d_in, s.r));
   time_layer<Scalar>(state, layer, s, backward, hra_flops(s, backward));
 }
 
@@ -154,7 +155,7 @@ template <typename Scalar>
 void bm_merge(benchmark::State& state, Shape s, bool unmerge) {
   hra::HraLinear<Scalar> layer(Matrix<Scalar>(Operands<Scalar>::weight(s.d_out, s.d_in)),
                                hra_options<Scalar>(s, hra::Variant::chain));
-  layer.adapter().chain.set_reflectors(Operands<Scalar>::reflectors(s.d_in, s.r));
+  layer.set_reflectors("default", Operands<Scalar>::reflectors(s.d_in, s.r));
   layer.merge();  // untimed round trip: first touch of every buffer (see run_timed)
   layer.unmerge();
   if (unmerge) layer.merge();

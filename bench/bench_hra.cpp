@@ -57,10 +57,10 @@ void check_naive_backward() {
   const Matrix<double> dy = random_matrix<double>(s.d_out, s.n, 24, 1.0);
 
   hra::HraLinear<double> layer(w, hra_options<double>(s, hra::Variant::chain));
-  layer.adapter().chain.set_reflectors(u);
+  layer.set_reflectors("default", u);
   const Matrix<double> y_ref = layer.forward(x);
   const Matrix<double> dx_ref = layer.backward(dy, true);
-  const Matrix<double> du_ref = layer.adapter().grad;
+  const Matrix<double> du_ref = layer.adapter().gradient();
 
   Matrix<double> hx = x, y, g, du;
   hra::reference::apply_one_at_a_time<double>(u, hx);

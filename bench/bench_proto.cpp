@@ -41,8 +41,8 @@ void bm_layer(benchmark::State& state) {
     hra::HraOptions opt;
     opt.rank = s.r;
     opt.init = hra::Init::random;
-    hra::HraLinear<float> layer(hra::FrozenWeight<float>::view(w), std::nullopt, opt);
-    layer.adapter().chain.set_reflectors(Operands<float>::reflectors(s.d_in, s.r));
+    hra::HraLinear<float> layer(hra::WeightMatrix<float>::view(w), std::nullopt, opt);
+    layer.set_reflectors("default", Operands<float>::reflectors(s.d_in, s.r));
     run_timed(state, [&] {
       benchmark::DoNotOptimize(layer.forward(x).data());
       benchmark::DoNotOptimize(layer.backward(dy, true).data());
@@ -67,8 +67,8 @@ void bm_layer(benchmark::State& state) {
 
 void bm_frozen(benchmark::State& state) {
   const Shape s{state.range(0), state.range(1), 0, state.range(3)};
-  hra::Linear<float> layer(hra::FrozenWeight<float>::view(Operands<float>::weight(s.d_out, s.d_in)),
-                           std::nullopt, false, false);
+  hra::Linear<float> layer(hra::WeightMatrix<float>::view(Operands<float>::weight(s.d_out, s.d_in)),
+                           std::nullopt, hra::LinearOptions{false});
   const auto& x = Operands<float>::batch(s.d_in, s.n, 11);
   const auto& dy = Operands<float>::batch(s.d_out, s.n, 12);
   run_timed(state, [&] {

@@ -16,6 +16,7 @@
 #include <vector>
 
 #include "hra/hra.hpp"
+#include "hra/reference.hpp"
 
 namespace hra_bench {
 

@@ -349,14 +349,15 @@ Mlp<Scalar> build_network(const Weights& w, const Method& m, std::uint64_t seed)
   std::vector<std::unique_ptr<hra::Layer<Scalar>>> layers;
   const std::size_t last = w.weights.size() - 1;
   for (std::size_t k = 0; k <= last; ++k) {
-    auto weight = hra::FrozenWeight<Scalar>::owned(w.weights[k]);
+    auto weight = hra::WeightMatrix<Scalar>::owned(w.weights[k]);
     std::optional<Vector> bias = w.biases[k];
     const bool head = k == last;
     if (m.kind == Kind::none || (m.kind == Kind::head && !head)) {
-      layers.push_back(
-          std::make_unique<hra::Linear<Scalar>>(std::move(weight), bias, false, false));
+      layers.push_back(std::make_unique<hra::Linear<Scalar>>(std::move(weight), bias,
+                                                             hra::LinearOptions{false}));
     } else if (m.kind == Kind::full || head) {
-      layers.push_back(std::make_unique<hra::Linear<Scalar>>(std::move(weight), bias, true, true));
+      layers.push_back(std::make_unique<hra::Linear<Scalar>>(
+          std::move(weight), bias, hra::LinearOptions{true}, hra::BiasMode::all));
     } else if (m.kind == Kind::lora) {
       hra::LoraOptions o;
       o.rank = m.rank;

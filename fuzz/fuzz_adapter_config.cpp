@@ -73,7 +73,7 @@ hra::HraLinear<Scalar> make_hra(Eigen::Index d_in, Eigen::Index d_out, const Fla
   std::optional<Vector<Scalar>> bias;
   if (f.bias) bias = pattern<Scalar>(d_out, 1, seed + 5);
   return hra::HraLinear<Scalar>(
-      hra::FrozenWeight<Scalar>::owned(pattern<Scalar>(d_out, d_in, seed)), bias, o,
+      hra::WeightMatrix<Scalar>::owned(pattern<Scalar>(d_out, d_in, seed)), bias, o,
       f.bias ? hra::BiasMode::all : hra::BiasMode::none);
 }
 
@@ -86,9 +86,9 @@ hra::LoraLinear<Scalar> make_lora(Eigen::Index d_in, Eigen::Index d_out, const F
   std::optional<Vector<Scalar>> bias;
   if (f.bias) bias = pattern<Scalar>(d_out, 1, seed + 5);
   hra::LoraLinear<Scalar> layer(
-      hra::FrozenWeight<Scalar>::owned(pattern<Scalar>(d_out, d_in, seed)), bias, o,
+      hra::WeightMatrix<Scalar>::owned(pattern<Scalar>(d_out, d_in, seed)), bias, o,
       f.bias ? hra::BiasMode::all : hra::BiasMode::none);
-  layer.lora_b() = pattern<Scalar>(d_out, f.rank, seed + 9);
+  layer.set_lora_weights(layer.lora_a(), pattern<Scalar>(d_out, f.rank, seed + 9));
   return layer;
 }
 
@@ -97,7 +97,7 @@ template <typename Scalar>
 std::vector<Matrix<Scalar>> state(const hra::HraLinear<Scalar>& l) {
   std::vector<Matrix<Scalar>> s{l.weight()};
   if (l.bias()) s.push_back(*l.bias());
-  for (const auto& a : l.adapters()) s.push_back(a.chain.reflectors());
+  for (const auto& a : l.adapters()) s.push_back(a.chain().reflectors());
   return s;
 }
 

@@ -135,7 +135,7 @@ hra::HraLinear<Scalar> make_hra(Eigen::Index d_in, Eigen::Index d_out, Eigen::In
   o.seed = seed;
   std::optional<Vector<Scalar>> bias;
   if (bias_mode) bias = random_matrix<Scalar>(d_out, 1, static_cast<unsigned>(seed) + 7);
-  return hra::HraLinear<Scalar>(hra::FrozenWeight<Scalar>::owned(random_matrix<Scalar>(
+  return hra::HraLinear<Scalar>(hra::WeightMatrix<Scalar>::owned(random_matrix<Scalar>(
                                     d_out, d_in, static_cast<unsigned>(seed))),
                                 bias, o, bias_mode.value_or(hra::BiasMode::none));
 }
@@ -152,10 +152,11 @@ hra::LoraLinear<Scalar> make_lora(Eigen::Index d_in, Eigen::Index d_out, Eigen::
   o.seed = seed;
   std::optional<Vector<Scalar>> bias;
   if (bias_mode) bias = random_matrix<Scalar>(d_out, 1, static_cast<unsigned>(seed) + 7);
-  hra::LoraLinear<Scalar> layer(hra::FrozenWeight<Scalar>::owned(random_matrix<Scalar>(
+  hra::LoraLinear<Scalar> layer(hra::WeightMatrix<Scalar>::owned(random_matrix<Scalar>(
                                     d_out, d_in, static_cast<unsigned>(seed))),
                                 bias, o, bias_mode.value_or(hra::BiasMode::none));
-  layer.lora_b() = random_matrix<Scalar>(d_out, r, static_cast<unsigned>(seed) + 3);
+  layer.set_lora_weights(layer.lora_a(),
+                         random_matrix<Scalar>(d_out, r, static_cast<unsigned>(seed) + 3));
   return layer;
 }
 
@@ -168,8 +169,8 @@ struct HraState {
   std::vector<bool> merged;
   explicit HraState(const hra::HraLinear<Scalar>& l) : w(l.weight()), bias(l.bias()) {
     for (const auto& a : l.adapters()) {
-      u.push_back(a.chain.reflectors());
-      merged.push_back(a.merged);
+      u.push_back(a.chain().reflectors());
+      merged.push_back(a.merged());
     }
   }
   bool operator==(const HraState& o) const {
@@ -297,8 +298,8 @@ TEMPLATE_TEST_CASE("adapter_io: HRA round trip C++ -> files -> C++ in every dtyp
         // Same W, another U: only the load can make them equal.
         auto back1 = make_hra<Scalar>(6, 5, 3, 11, variant);
         auto back2 = make_hra<Scalar>(5, 3, 3, 12, variant);
-        back1.adapter().chain.reflectors() *= Scalar(-2);
-        back2.adapter().chain.reflectors() *= Scalar(-2);
+        back1.set_reflectors("default", Scalar(-2) * back1.adapter().chain().reflectors());
+        back2.set_reflectors("default", Scalar(-2) * back2.adapter().chain().reflectors());
         const peft::AdapterConfig loaded =
             peft::load_hra_adapters(tmp.path, {{"net.fc1", &back1}, {"net.fc2", &back2}});
         CHECK(loaded.r == 3);
@@ -308,10 +309,10 @@ TEMPLATE_TEST_CASE("adapter_io: HRA round trip C++ -> files -> C++ in every dtyp
         const double tol =
             std::max(unit_roundoff(dtype), unit_roundoff(st::natural_dtype<Scalar>()));
         const bool exact = dtype == st::Dtype::F64 || dtype == st::natural_dtype<Scalar>();
-        const double e1 = max_relative_error(back1.adapter().chain.reflectors(),
-                                             fc1.adapter().chain.reflectors());
-        const double e2 = max_relative_error(back2.adapter().chain.reflectors(),
-                                             fc2.adapter().chain.reflectors());
+        const double e1 = max_relative_error(back1.adapter().chain().reflectors(),
+                                             fc1.adapter().chain().reflectors());
+        const double e2 = max_relative_error(back2.adapter().chain().reflectors(),
+                                             fc2.adapter().chain().reflectors());
         if (exact) {
           CHECK(e1 == 0.0);
           CHECK(e2 == 0.0);
@@ -345,12 +346,13 @@ TEST_CASE("adapter_io: stacked adapters are saved and loaded by name", "[adapter
   auto target = make_hra<double>(6, 5, 2, 5);
   second.seed = 78;
   target.add_adapter("second", second);
-  const Eigen::MatrixXd default_before = target.adapter("default").chain.reflectors();
+  const Eigen::MatrixXd default_before = target.adapter("default").chain().reflectors();
   peft::LoadOptions load;
   load.adapter_name = "second";
   peft::load_hra_adapters(tmp.path, {{"net.fc1", &target}}, load);
-  CHECK(target.adapter("second").chain.reflectors() == source.adapter("second").chain.reflectors());
-  CHECK(target.adapter("default").chain.reflectors() == default_before);
+  CHECK(target.adapter("second").chain().reflectors() ==
+        source.adapter("second").chain().reflectors());
+  CHECK(target.adapter("default").chain().reflectors() == default_before);
 
   SECTION("the default adapter has another rank") {
     const HraState<double> before(target);
@@ -518,9 +520,9 @@ TEMPLATE_TEST_CASE("adapter_io: PEFT HRA fixtures load, merge and match PEFT's m
       o.rank = r;
       o.variant = variant;
       o.init = hra::Init::random;
-      hra::HraLinear<Scalar> fc1(hra::FrozenWeight<Scalar>::owned(model.weight("net.fc1")),
+      hra::HraLinear<Scalar> fc1(hra::WeightMatrix<Scalar>::owned(model.weight("net.fc1")),
                                  model.bias("net.fc1"), o);
-      hra::HraLinear<Scalar> fc2(hra::FrozenWeight<Scalar>::owned(model.weight("net.fc2")),
+      hra::HraLinear<Scalar> fc2(hra::WeightMatrix<Scalar>::owned(model.weight("net.fc2")),
                                  model.bias("net.fc2"), o);
       const fs::path dir = fs::path(HRA_TEST_FIXTURES) / "peft_adapter" / name;
       const peft::AdapterConfig config =
@@ -566,9 +568,9 @@ TEMPLATE_TEST_CASE("adapter_io: PEFT LoRA fixture (bias \"all\") loads and match
   hra::LoraOptions o;
   o.rank = 2;
   o.alpha = 4.0;
-  hra::LoraLinear<Scalar> fc1(hra::FrozenWeight<Scalar>::owned(model.weight("net.fc1")),
+  hra::LoraLinear<Scalar> fc1(hra::WeightMatrix<Scalar>::owned(model.weight("net.fc1")),
                               model.bias("net.fc1"), o, hra::BiasMode::all);
-  hra::LoraLinear<Scalar> fc2(hra::FrozenWeight<Scalar>::owned(model.weight("net.fc2")),
+  hra::LoraLinear<Scalar> fc2(hra::WeightMatrix<Scalar>::owned(model.weight("net.fc2")),
                               model.bias("net.fc2"), o, hra::BiasMode::all);
   const fs::path dir = fs::path(HRA_TEST_FIXTURES) / "peft_adapter" / "lora";
   const peft::AdapterConfig config =
@@ -586,9 +588,9 @@ TEMPLATE_TEST_CASE("adapter_io: PEFT LoRA fixture (bias \"all\") loads and match
                                         "net.fc2.merged_weight")) <= fixture_tolerance<Scalar>());
 
   // Without a trainable bias the trained biases in the file are refused, nothing changes.
-  hra::LoraLinear<Scalar> frozen1(hra::FrozenWeight<Scalar>::owned(model.weight("net.fc1")),
+  hra::LoraLinear<Scalar> frozen1(hra::WeightMatrix<Scalar>::owned(model.weight("net.fc1")),
                                   model.bias("net.fc1"), o);
-  hra::LoraLinear<Scalar> frozen2(hra::FrozenWeight<Scalar>::owned(model.weight("net.fc2")),
+  hra::LoraLinear<Scalar> frozen2(hra::WeightMatrix<Scalar>::owned(model.weight("net.fc2")),
                                   model.bias("net.fc2"), o);
   const LoraState<Scalar> before1(frozen1), before2(frozen2);
   CHECK_THROWS_MATCHES(
@@ -613,7 +615,7 @@ TEST_CASE("adapter_io: the config file is written as PEFT writes it", "[adapter_
   const peft::AdapterConfig config = peft::parse_config(text, "mem");
   HraPair target(6, 2);
   peft::load_hra_adapters(config, st::parse(st::serialize(files.weights)), target.modules());
-  CHECK(target.fc2.adapter().chain.reflectors() == pair.fc2.adapter().chain.reflectors());
+  CHECK(target.fc2.adapter().chain().reflectors() == pair.fc2.adapter().chain().reflectors());
 }
 
 TEST_CASE("adapter_io: HRA biases are saved and loaded for trainable biases", "[adapter_io][hra]") {
@@ -636,13 +638,13 @@ TEST_CASE("adapter_io: HRA biases are saved and loaded for trainable biases", "[
   const Eigen::VectorXd bias_before = *third.fc1.bias();
   peft::load_hra_adapters(tmp.path, third.modules());
   CHECK(*third.fc1.bias() == bias_before);
-  CHECK(third.fc1.adapter().chain.reflectors() == source.fc1.adapter().chain.reflectors());
+  CHECK(third.fc1.adapter().chain().reflectors() == source.fc1.adapter().chain().reflectors());
 
   HraPair mixed(4, 2, hra::Variant::chain, hra::BiasMode::all);
   hra::HraOptions o;
   o.rank = 2;
   o.init = hra::Init::random;
-  hra::HraLinear<double> frozen_bias(hra::FrozenWeight<double>::owned(Eigen::MatrixXd::Ones(3, 5)),
+  hra::HraLinear<double> frozen_bias(hra::WeightMatrix<double>::owned(Eigen::MatrixXd::Ones(3, 5)),
                                      Eigen::VectorXd::Ones(3), o, hra::BiasMode::none);
   CHECK_THROWS_MATCHES(
       peft::save_hra_adapters(tmp.path, {{"net.fc1", &mixed.fc1}, {"net.fc2", &frozen_bias}}),
@@ -794,7 +796,7 @@ TEST_CASE(
     lax.allow_unmapped_tensors = true;
     HraPair target(9);
     peft::load_hra_adapters(dir, target.modules(), lax);
-    CHECK(target.fc2.adapter().chain.reflectors() == good.fc2.adapter().chain.reflectors());
+    CHECK(target.fc2.adapter().chain().reflectors() == good.fc2.adapter().chain().reflectors());
   }
   SECTION("an unknown tensor under a mapped module, even with unmapped tensors allowed") {
     edit([](DirEditor& e) {
@@ -809,7 +811,7 @@ TEST_CASE(
     for (const double bad :
          {std::numeric_limits<double>::quiet_NaN(), std::numeric_limits<double>::infinity()}) {
       edit([&](DirEditor& e) {
-        Eigen::MatrixXd u = good.fc2.adapter().chain.reflectors();
+        Eigen::MatrixXd u = good.fc2.adapter().chain().reflectors();
         u(4, 2) = bad;
         e.weights.put_matrix("base_model.model.net.fc2.hra_u", u);
       });
@@ -819,7 +821,7 @@ TEST_CASE(
     }
     // Finite in F64 but beyond float's range: refused when read into float layers.
     edit([&](DirEditor& e) {
-      Eigen::MatrixXd u = good.fc2.adapter().chain.reflectors();
+      Eigen::MatrixXd u = good.fc2.adapter().chain().reflectors();
       u(0, 0) = 1e300;
       e.weights.put_matrix("base_model.model.net.fc2.hra_u", u);
     });
@@ -837,7 +839,7 @@ TEST_CASE(
   }
   SECTION("a zero column, and dependent columns for Gram-Schmidt") {
     edit([&](DirEditor& e) {
-      Eigen::MatrixXd u = good.fc2.adapter().chain.reflectors();
+      Eigen::MatrixXd u = good.fc2.adapter().chain().reflectors();
       u.col(1).setZero();
       e.weights.put_matrix("base_model.model.net.fc2.hra_u", u);
     });
@@ -847,7 +849,7 @@ TEST_CASE(
         "ReflectorChain: reflector column 1 is zero");
     edit([&](DirEditor& e) {
       e.config["apply_GS"] = true;
-      Eigen::MatrixXd u = good.fc2.adapter().chain.reflectors();
+      Eigen::MatrixXd u = good.fc2.adapter().chain().reflectors();
       u.col(2) = 2.0 * u.col(0) - u.col(1);
       e.weights.put_matrix("base_model.model.net.fc2.hra_u", u);
     });
@@ -1039,7 +1041,9 @@ TEST_CASE("adapter_io: a failed save leaves an existing adapter directory intact
   }
   SECTION("values a dtype cannot hold, and protected config fields") {
     HraPair big(2, 1);
-    big.fc2.adapter().chain.reflectors()(0, 0) = 1e6;  // beyond F16's 65504
+    Eigen::MatrixXd u = big.fc2.adapter().chain().reflectors();
+    u(0, 0) = 1e6;  // beyond F16's 65504
+    big.fc2.set_reflectors("default", u);
     peft::SaveOptions f16;
     f16.dtype = st::Dtype::F16;
     CHECK_THROWS_MATCHES(peft::save_hra_adapters(tmp.path, big.modules(), f16),

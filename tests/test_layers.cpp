@@ -24,11 +24,11 @@
 #include <utility>
 #include <vector>
 
-#include "hra/frozen_weight.hpp"
 #include "hra/gradient_check.hpp"
 #include "hra/hra_linear.hpp"
 #include "hra/linear.hpp"
 #include "hra/lora_linear.hpp"
+#include "hra/weight_matrix.hpp"
 
 namespace {
 
@@ -48,7 +48,7 @@ using Vec = Eigen::Matrix<T, Eigen::Dynamic, 1>;
 using MatD = Mat<double>;
 using VecD = Vec<double>;
 template <typename T>
-using Weight = hra::FrozenWeight<T>;
+using Weight = hra::WeightMatrix<T>;
 
 // Test data: uniform in [-1, 1) from raw mt19937_64 output (a sequence the standard fixes), so
 // every platform sees the same matrices.
@@ -207,8 +207,17 @@ hra::LoraLinear<T> make_lora(const LoraOptions& o, BiasMode mode = BiasMode::non
   std::optional<Vec<T>> bias;
   if (with_bias) bias = random_vec<T>(d_out, 12);
   hra::LoraLinear<T> layer(Weight<T>::owned(random_as<T>(d_out, d_in, 11)), bias, o, mode);
-  layer.lora_b() = random_as<T>(d_out, o.rank, 13);
+  layer.set_lora_weights(layer.lora_a(), random_as<T>(d_out, o.rank, 13));
   return layer;
+}
+
+// The parameter view called `name` (the test fails if there is none).
+template <typename T>
+hra::ParameterView<T> parameter(hra::Layer<T>& layer, const std::string& name) {
+  for (auto& p : layer.parameters())
+    if (p.name == name) return p;
+  FAIL("no parameter " << name);
+  throw std::logic_error("unreachable");
 }
 
 template <typename T>
@@ -333,7 +342,7 @@ TEST_CASE("Layers: HRA gradients match central differences (double)", "[layers][
     CHECK(rel_err(g.forward(x), affine<double>(-w, x, *g.bias())) <= 1e-14);
     const MatD dx = g.backward(dy);
     CHECK(rel_err(dx, -w.transpose() * dy) <= 1e-14);
-    const double du = max_abs(g.adapter().grad);
+    const double du = max_abs(g.adapter().gradient());
     std::printf("GRADCHECK hra_gs_r_eq_din hra_u.default max|dU|=%.3e (exact value 0: H = -I)\n",
                 du);
     CHECK(du <= 1e-13);
@@ -376,12 +385,12 @@ TEST_CASE("Layers: LoRA and Linear gradients match central differences (double)"
   }
   SECTION("Linear, trainable weight and bias") {
     hra::Lineard l(Weight<double>::owned(random_matrix(kOut, kIn, 21)),
-                   random_vec<double>(kOut, 22), true, true);
+                   random_vec<double>(kOut, 22), hra::LinearOptions{true}, BiasMode::all);
     gradcheck("linear_weight_bias", l, {"weight", "bias"});
   }
   SECTION("Linear, frozen weight, trainable bias") {
     hra::Lineard l(Weight<double>::owned(random_matrix(kOut, kIn, 21)),
-                   random_vec<double>(kOut, 22), false, true);
+                   random_vec<double>(kOut, 22), hra::LinearOptions{false}, BiasMode::all);
     gradcheck("linear_bias_only", l, {"bias"});
   }
 }
@@ -397,7 +406,7 @@ TEST_CASE("Layers: the gradient checker catches a wrong gradient", "[layers][gra
     const Matrix& forward(const ConstRef& x) override { return inner_.forward(x); }
     const Matrix& backward(const ConstRef& dy, bool in) override {
       const Matrix& dx = inner_.backward(dy, in);
-      auto& grad = inner_.adapter().grad;
+      auto grad = parameter(inner_, "hra_u.default").grad;
       grad(1, 2) += 0.01 * grad.cwiseAbs().maxCoeff();
       return dx;
     }
@@ -430,15 +439,15 @@ TEST_CASE("Layers: HRA backward without the input gradient skips W^T dY, same dU
       const MatD x = random_matrix(kIn, n, 41), g = random_matrix(kOut, n, 42);
       dbl.forward(x);
       dbl.backward(g, true);
-      const MatD du_full = dbl.adapter().grad;
+      const MatD du_full = dbl.adapter().gradient();
       const MatD db_full = dbl.parameters().back().grad;  // "bias"
       dbl.forward(x);
       CHECK(dbl.backward(g, false).size() == 0);
-      CHECK(max_abs(dbl.adapter().grad - du_full) <= 1e-13 * max_abs(du_full));
+      CHECK(max_abs(dbl.adapter().gradient() - du_full) <= 1e-13 * max_abs(du_full));
       CHECK(bitwise_equal(dbl.parameters().back().grad, db_full));
       flt.forward(x.cast<float>());
       CHECK(flt.backward(g.cast<float>(), false).size() == 0);
-      CHECK(max_abs(flt.adapter().grad.cast<double>() - du_full) <= 1e-4 * max_abs(du_full));
+      CHECK(max_abs(flt.adapter().gradient().cast<double>() - du_full) <= 1e-4 * max_abs(du_full));
     }
   }
 }
@@ -468,7 +477,7 @@ TEST_CASE("Layers: backward without the input gradient assigns the same paramete
   auto l = make_lora<double>(lora_options(3), BiasMode::all);
   check(l);
   hra::Lineard d(Weight<double>::owned(random_matrix(kOut, kIn, 21)), random_vec<double>(kOut, 22),
-                 true, true);
+                 hra::LinearOptions{true}, BiasMode::all);
   check(d);
 }
 
@@ -509,16 +518,15 @@ TEST_CASE("Layers: float gradients match the double analytic ones", "[layers][gr
     hra::HraLineard ld(Weight<double>::owned(w), b, o, BiasMode::all);
     hra::HraLinearf lf(Weight<float>::owned(w.cast<float>()), Vec<float>(b.cast<float>()), o,
                        BiasMode::all);
-    lf.adapter().chain.set_reflectors(ld.adapter().chain.reflectors().cast<float>());
+    lf.set_reflectors("default", ld.adapter().chain().reflectors().cast<float>());
     compare(std::string("hra_") + hra::to_string(v), run(lf), run(ld));
   }
   {
     hra::LoraLineard ld(Weight<double>::owned(w), b, lora_options(4), BiasMode::all);
     hra::LoraLinearf lf(Weight<float>::owned(w.cast<float>()), Vec<float>(b.cast<float>()),
                         lora_options(4), BiasMode::all);
-    ld.lora_b() = random_matrix(d_out, 4, 45);
-    lf.lora_a() = ld.lora_a().cast<float>();
-    lf.lora_b() = ld.lora_b().cast<float>();
+    ld.set_lora_weights(ld.lora_a(), random_matrix(d_out, 4, 45));
+    lf.set_lora_weights(ld.lora_a().cast<float>(), ld.lora_b().cast<float>());
     compare("lora", run(lf), run(ld));
   }
 }
@@ -572,13 +580,13 @@ TEMPLATE_TEST_CASE("Layers: HRA merge equals the unmerged forward, unmerge resto
       INFO(hra::to_string(v) << " bias mode " << static_cast<int>(mode));
       auto layer = make_hra<T>(hra_options(5, v, Init::random, 17), mode);
       const Mat<T> w0 = layer.weight();
-      const MatD u = to_double(layer.adapter().chain.reflectors());
+      const MatD u = to_double(layer.adapter().chain().reflectors());
       const Mat<T> y0 = layer.forward(x);
       CHECK_FALSE(layer.merged());
 
       layer.merge();
       CHECK(layer.merged());
-      CHECK(layer.adapter().merged);
+      CHECK(layer.adapter().merged());
       // W <- W H with H the explicit product.
       CHECK(rel_err(layer.weight(), to_double(w0) * explicit_h(u, v)) <= tol<T>(kIn, 5));
       const Mat<T> y1 = layer.forward(x);
@@ -613,9 +621,9 @@ TEMPLATE_TEST_CASE("Layers: stacked HRA adapters merge as W H_a H_b and unmerge 
   layer.add_adapter("b", hra_options(3, Variant::gram_schmidt, Init::random, 2));
   const Mat<T> w0 = layer.weight();
   const MatD ha =
-      explicit_h(to_double(layer.adapter("default").chain.reflectors()), Variant::chain);
+      explicit_h(to_double(layer.adapter("default").chain().reflectors()), Variant::chain);
   const MatD hb =
-      explicit_h(to_double(layer.adapter("b").chain.reflectors()), Variant::gram_schmidt);
+      explicit_h(to_double(layer.adapter("b").chain().reflectors()), Variant::gram_schmidt);
   const VecD bias = to_double(*layer.bias());
   const MatD xd = to_double(x);
   const MatD want_y = affine<double>(to_double(w0) * ha * hb, xd, bias);
@@ -632,8 +640,8 @@ TEMPLATE_TEST_CASE("Layers: stacked HRA adapters merge as W H_a H_b and unmerge 
   // The first unmerge pops "b" (merged last): W = W0 H_a, and "b" trains again.
   layer.unmerge();
   CHECK_FALSE(layer.merged());
-  CHECK(layer.adapter("default").merged);
-  CHECK_FALSE(layer.adapter("b").merged);
+  CHECK(layer.adapter("default").merged());
+  CHECK_FALSE(layer.adapter("b").merged());
   CHECK(rel_err(layer.weight(), to_double(w0) * ha) <= tol<T>(kIn, 7));
   CHECK(names_of<T>(layer) == std::vector<std::string>{"hra_u.b", "bias"});
   CHECK(rel_err(layer.forward(x), want_y) <= tol<T>(kIn, 7));
@@ -643,7 +651,7 @@ TEMPLATE_TEST_CASE("Layers: stacked HRA adapters merge as W H_a H_b and unmerge 
   CHECK(rel_err(layer.weight(), to_double(w0) * ha * hb) <= tol<T>(kIn, 7));
   layer.unmerge();
   layer.unmerge();
-  CHECK_FALSE(layer.adapter("default").merged);
+  CHECK_FALSE(layer.adapter("default").merged());
   CHECK(max_abs(to_double(layer.weight()) - to_double(w0)) <= unmerge_tol);
   CHECK(rel_err(layer.forward(x), want_y) <= tol<T>(kIn, 7));
 
@@ -724,7 +732,7 @@ TEMPLATE_TEST_CASE("Layers: safe merge refuses a poisoned adapter and leaves W b
   u << T(-0.5), T(0.5), T(0.5), T(0.5);
   auto make = [&] {
     hra::HraLinear<T> layer(Weight<T>::owned(w), std::nullopt, hra_options(1));
-    layer.adapter().chain.set_reflectors(u);
+    layer.set_reflectors("default", u);
     return layer;
   };
 
@@ -738,23 +746,22 @@ TEMPLATE_TEST_CASE("Layers: safe merge refuses a poisoned adapter and leaves W b
   expect_error<std::runtime_error>([&] { layer.merge(true); }, {"non-finite", "unchanged"});
   CHECK(bitwise_equal(layer.weight(), w));
   CHECK_FALSE(layer.merged());
-  CHECK_FALSE(layer.adapter().merged);
+  CHECK_FALSE(layer.adapter().merged());
   CHECK(names_of<T>(layer) == std::vector<std::string>{"hra_u.default"});
   expect_error<std::logic_error>([&] { layer.unmerge(); }, {"no adapter is merged"});
 
   // Stacked: a harmless adapter first, the poisoned one second: neither is merged.
   hra::HraLinear<T> stacked(Weight<T>::owned(w), std::nullopt, hra_options(2));
   stacked.add_adapter("poison", hra_options(1));
-  stacked.adapter("poison").chain.set_reflectors(u);
+  stacked.set_reflectors("poison", u);
   expect_error<std::runtime_error>([&] { stacked.merge(true); }, {"non-finite"});
   CHECK(bitwise_equal(stacked.weight(), w));
-  CHECK_FALSE(stacked.adapter("default").merged);
-  CHECK_FALSE(stacked.adapter("poison").merged);
+  CHECK_FALSE(stacked.adapter("default").merged());
+  CHECK_FALSE(stacked.adapter("poison").merged());
 
   // LoRA: B A overflows although A and B are finite.
   hra::LoraLinear<T> lora(Weight<T>::owned(random_as<T>(3, 4, 103)), std::nullopt, lora_options(2));
-  lora.lora_b().setConstant(c);
-  lora.lora_a().setConstant(T(1));
+  lora.set_lora_weights(Mat<T>::Constant(2, 4, T(1)), Mat<T>::Constant(3, 2, c));
   const Mat<T> wl = lora.weight();
   expect_error<std::runtime_error>([&] { lora.merge(true); }, {"non-finite", "unchanged"});
   CHECK(bitwise_equal(lora.weight(), wl));
@@ -769,16 +776,16 @@ TEMPLATE_TEST_CASE("Layers: merge refuses a non-finite or zero reflector before 
     auto layer = make_hra<T>(hra_options(4));
     layer.add_adapter("b", hra_options(2));
     const Mat<T> w = layer.weight();
-    // reflectors() is the optimiser's mutable view: nothing checks it until the next use.
-    layer.adapter("b").chain.reflectors()(3, 1) = std::numeric_limits<T>::quiet_NaN();
+    // parameters() are the optimiser's mutable views: nothing checks them until the next use.
+    parameter(layer, "hra_u.b").value(3, 1) = std::numeric_limits<T>::quiet_NaN();
     expect_error<std::invalid_argument>([&] { layer.merge(safe); }, {"non-finite"});
     CHECK(bitwise_equal(layer.weight(), w));
-    CHECK_FALSE(layer.adapter("default").merged);
+    CHECK_FALSE(layer.adapter("default").merged());
 
-    layer.adapter("b").chain.reflectors().col(1).setZero();
+    parameter(layer, "hra_u.b").value.col(1).setZero();
     expect_error<std::invalid_argument>([&] { layer.merge(safe); }, {"column 1", "zero"});
     CHECK(bitwise_equal(layer.weight(), w));
-    CHECK_FALSE(layer.adapter("default").merged);
+    CHECK_FALSE(layer.adapter("default").merged());
   }
 }
 
@@ -792,7 +799,7 @@ TEMPLATE_TEST_CASE("Layers: a viewed weight is not copied and merge writes into 
     const Mat<T> w0 = w;
     hra::HraLinear<T> layer(Weight<T>::view(w), std::nullopt, hra_options(4));
     CHECK(layer.weight().data() == w.data());
-    const MatD h = explicit_chain(to_double(layer.adapter().chain.reflectors()));
+    const MatD h = explicit_chain(to_double(layer.adapter().chain().reflectors()));
     const Mat<T> y0 = layer.forward(x);
     layer.merge();
     CHECK(layer.weight().data() == w.data());
@@ -804,7 +811,7 @@ TEMPLATE_TEST_CASE("Layers: a viewed weight is not copied and merge writes into 
     // LoRA and Linear view too.
     hra::LoraLinear<T> lora(Weight<T>::view(w), std::nullopt, lora_options(2));
     CHECK(lora.weight().data() == w.data());
-    hra::Linear<T> lin(Weight<T>::view(w), std::nullopt, true, false);
+    hra::Linear<T> lin(Weight<T>::view(w), std::nullopt, hra::LinearOptions{true});
     CHECK(lin.weight().data() == w.data());
     CHECK(lin.parameters().front().value.data() == w.data());
   }
@@ -817,7 +824,7 @@ TEMPLATE_TEST_CASE("Layers: a viewed weight is not copied and merge writes into 
     CHECK(layer.weight().data() == &big(2, 3));
     CHECK(layer.weight().outerStride() == 10);
     CHECK(bitwise_equal(layer.weight(), big0.block(2, 3, kOut, kIn)));
-    const MatD h = explicit_chain(to_double(layer.adapter().chain.reflectors()));
+    const MatD h = explicit_chain(to_double(layer.adapter().chain().reflectors()));
     const Mat<T> y0 = layer.forward(x);
     const MatD want = affine<double>(to_double(big0.block(2, 3, kOut, kIn)) * h, to_double(x),
                                      to_double(*layer.bias()));
@@ -835,7 +842,7 @@ TEMPLATE_TEST_CASE("Layers: a viewed weight is not copied and merge writes into 
     CHECK(max_abs(to_double(big) - to_double(big0)) <= unmerge_tol);
 
     // A trainable Linear cannot expose a strided view as one contiguous parameter.
-    hra::Linear<T> lin(Weight<T>::view(block), std::nullopt, true, false);
+    hra::Linear<T> lin(Weight<T>::view(block), std::nullopt, hra::LinearOptions{true});
     expect_error<std::logic_error>([&] { lin.parameters(); }, {"contiguous"});
   }
 }
@@ -849,9 +856,9 @@ TEST_CASE("Layers: regulariser value matches lambda |I - U^T U|_F (both forms)",
     INFO(fname);
     // Random U with columns of different lengths (the regulariser only sees directions).
     auto layer = make_hra<double>(hra_options(5, Variant::chain, Init::random, 3, 0.3, form));
-    MatD u = layer.adapter().chain.reflectors();
+    MatD u = layer.adapter().chain().reflectors();
     for (Index j = 0; j < u.cols(); ++j) u.col(j) *= 1.0 + static_cast<double>(j);
-    layer.adapter().chain.set_reflectors(u);
+    layer.set_reflectors("default", u);
     const double want = explicit_regularizer(u, 0.3, form);
     CHECK(layer.regularizer() == Approx(want).epsilon(1e-13));
     CHECK(want > 0.01);
@@ -860,7 +867,7 @@ TEST_CASE("Layers: regulariser value matches lambda |I - U^T U|_F (both forms)",
     layer.add_adapter("b", hra_options(3, Variant::gram_schmidt, Init::random, 4, 0.7, form));
     layer.add_adapter("c", hra_options(2, Variant::chain, Init::random, 5, 0.0, form));
     const double want2 =
-        want + explicit_regularizer(layer.adapter("b").chain.reflectors(), 0.7, form);
+        want + explicit_regularizer(layer.adapter("b").chain().reflectors(), 0.7, form);
     CHECK(layer.regularizer() == Approx(want2).epsilon(1e-13));
     // Merged adapters are no longer regularised.
     layer.merge();
@@ -902,7 +909,7 @@ TEST_CASE("Layers: regulariser at symmetric init sees the duplicated columns",
 
   // r = 4: two unit off-diagonal pairs, plus the cosines between the independent columns.
   auto four = make_hra<double>(hra_options(4, Variant::chain, Init::symmetric, 9, 1.0));
-  const MatD u = four.adapter().chain.reflectors();
+  const MatD u = four.adapter().chain().reflectors();
   REQUIRE(bitwise_equal(u.col(0), u.col(1)));
   REQUIRE(bitwise_equal(u.col(2), u.col(3)));
   const double c = u.col(0).dot(u.col(2)) / (u.col(0).norm() * u.col(2).norm());
@@ -940,7 +947,8 @@ std::vector<Factory> factories() {
       {"Linear",
        [] {
          return std::make_unique<hra::Lineard>(Weight<double>::owned(random_matrix(kOut, kIn, 21)),
-                                               random_vec<double>(kOut, 22), true, true);
+                                               random_vec<double>(kOut, 22),
+                                               hra::LinearOptions{true}, BiasMode::all);
        }},
   };
 }
@@ -1043,7 +1051,9 @@ TEST_CASE("Layers: bad construction arguments are clear errors", "[layers][error
         [&] { (void)hra::LoraLineard(owned(), VecD::Zero(kOut + 1), lora_options(2)); },
         {"LoraLinear", "bias", "6x1", "7x1"});
     expect_error<std::invalid_argument>(
-        [&] { (void)hra::Lineard(owned(), VecD::Zero(kIn), false, true); },
+        [&] {
+          (void)hra::Lineard(owned(), VecD::Zero(kIn), hra::LinearOptions{false}, BiasMode::all);
+        },
         {"Linear", "6x1", "8x1"});
   }
   SECTION("a trainable bias without a bias") {
@@ -1056,7 +1066,8 @@ TEST_CASE("Layers: bad construction arguments are clear errors", "[layers][error
           {"LoraLinear", "bias mode", "has none"});
     }
     expect_error<std::invalid_argument>(
-        [&] { (void)hra::Lineard(owned(), std::nullopt, true, true); }, {"Linear", "no bias"});
+        [&] { (void)hra::Lineard(owned(), std::nullopt, hra::LinearOptions{true}, BiasMode::all); },
+        {"Linear", "bias mode", "has none"});
   }
   SECTION("rank 0, rank > d_in, odd rank with symmetric init") {
     expect_error<std::invalid_argument>([&] { (void)hra::HraLineard(w, hra_options(0)); },
@@ -1146,7 +1157,7 @@ TEST_CASE("Layers: trainable parameter counts", "[layers][count]") {
   stacked.add_adapter("b", hra_options(3));
   CHECK(stacked.num_trainable_parameters() == kIn * 7);
   hra::Lineard lin(Weight<double>::owned(random_matrix(kOut, kIn, 1)), random_vec<double>(kOut, 2),
-                   true, true);
+                   hra::LinearOptions{true}, BiasMode::all);
   CHECK(lin.num_trainable_parameters() == kOut * kIn + kOut);
 }
 

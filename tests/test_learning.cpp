@@ -112,7 +112,7 @@ TEST_CASE("Learning: an HRA student recovers a product-of-reflections teacher", 
     CHECK(run.initial > 1e-2);  // the teacher is far from the starting point H = I
     CHECK(run.ratio() >= 100.0);
     // W is invertible, so the teacher determines H: the student's H is H*.
-    const MatD h = explicit_chain(student.adapter().chain.reflectors());
+    const MatD h = explicit_chain(student.adapter().chain().reflectors());
     CHECK((h - h_star).cwiseAbs().maxCoeff() <= 1e-3);
   }
 }

@@ -18,9 +18,9 @@
 #include <typeinfo>
 #include <vector>
 
-#include "hra/frozen_weight.hpp"
 #include "hra/linear.hpp"
 #include "hra/optim.hpp"
+#include "hra/weight_matrix.hpp"
 
 namespace {
 
@@ -522,7 +522,8 @@ struct LeastSquares {
   template <typename Opt>
   MatD train(Opt& opt, double lr, int steps) const {
     MatD w0 = MatD::Zero(d_out, d_in);
-    hra::Lineard layer(hra::FrozenWeight<double>::owned(w0), VecD(VecD::Zero(d_out)), true, true);
+    hra::Lineard layer(hra::WeightMatrix<double>::owned(w0), VecD(VecD::Zero(d_out)),
+                       hra::LinearOptions{true}, hra::BiasMode::all);
     const hra::CosineSchedule schedule(lr, 0, steps, 0.0);
     for (int s = 0; s < steps; ++s) {
       const MatD& y = layer.forward(x);

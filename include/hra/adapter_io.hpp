@@ -604,12 +604,6 @@ void check_unclaimed(const safetensors::TensorFile& weights, const Modules& modu
   }
 }
 
-template <typename Layer>
-void assign_bias(Layer& layer, const typename Layer::Vector& bias) {
-  for (auto& p : layer.parameters())
-    if (p.name == "bias") p.value = bias;
-}
-
 template <typename Modules>
 void check_layers(const Modules& modules, const char* what) {
   for (const auto& [module, layer] : modules) {
@@ -640,7 +634,6 @@ void load_hra_adapters(const AdapterConfig& config, const safetensors::TensorFil
   const Variant variant = config.apply_gs ? Variant::gram_schmidt : Variant::chain;
   struct Assignment {
     Layer* layer;
-    typename Layer::Adapter* adapter;
     Matrix u;
     std::optional<typename Layer::Vector> bias;
   };
@@ -648,24 +641,24 @@ void load_hra_adapters(const AdapterConfig& config, const safetensors::TensorFil
   std::set<std::string> claimed;
   for (const auto& [module, layer] : modules) {
     const std::string at_config = internal::module_where(config.source, module);
-    typename Layer::Adapter* adapter = nullptr;
+    const typename Layer::Adapter* adapter = nullptr;
     for (const auto& a : layer->adapters())
-      if (a.name == options.adapter_name) adapter = &layer->adapter(a.name);
+      if (a.name() == options.adapter_name) adapter = &a;
     if (!adapter)
       throw mismatch_error(detail::concat(at_config, "the layer has no adapter '",
                                           options.adapter_name, "' (add_adapter() it first)"));
-    if (adapter->merged)
+    if (adapter->merged())
       throw mismatch_error(detail::concat(at_config, "adapter '", options.adapter_name,
                                           "' is merged into W; unmerge() it before loading"));
-    if (adapter->chain.rank() != config.r)
+    if (adapter->chain().rank() != config.r)
       throw mismatch_error(detail::concat(at_config, "the config has r = ", config.r,
                                           ", the layer's adapter '", options.adapter_name,
-                                          "' has rank ", adapter->chain.rank()));
-    if (adapter->chain.variant() != variant)
+                                          "' has rank ", adapter->chain().rank()));
+    if (adapter->chain().variant() != variant)
       throw mismatch_error(detail::concat(
           at_config, "the config has apply_GS = ", config.apply_gs ? "true" : "false",
           ", the layer's adapter '", options.adapter_name, "' uses the ",
-          to_string(adapter->chain.variant()),
+          to_string(adapter->chain().variant()),
           " variant (apply_GS = ", config.apply_gs ? "false" : "true", ")"));
 
     const std::string name = options.prefix + module + ".hra_u";
@@ -677,20 +670,20 @@ void load_hra_adapters(const AdapterConfig& config, const safetensors::TensorFil
     try {
       // The checks of set_reflectors and of a forward (zero, overflowing or, for Gram-Schmidt,
       // dependent columns), on a copy.
-      ReflectorChain<Scalar>(u, variant, adapter->chain.block_size()).factorize();
+      ReflectorChain<Scalar>(u, variant, adapter->chain().block_size()).factorize();
     } catch (const std::invalid_argument& e) {
       throw mismatch_error(detail::concat(internal::module_where(weights.source(), module),
                                           "tensor '", name, "' is not a usable U: ", e.what()));
     }
     claimed.insert(name);
     auto bias = internal::read_bias(config, weights, module, *layer, options.prefix, claimed);
-    plan.push_back({layer, adapter, std::move(u), std::move(bias)});
+    plan.push_back({layer, std::move(u), std::move(bias)});
   }
   internal::check_unclaimed(weights, modules, claimed, options.prefix,
                             options.allow_unmapped_tensors, "hra_u and base_layer.bias");
   for (auto& a : plan) {
-    a.adapter->chain.set_reflectors(a.u);
-    if (a.bias) internal::assign_bias(*a.layer, *a.bias);
+    a.layer->set_reflectors(options.adapter_name, a.u);
+    if (a.bias) a.layer->set_bias(*a.bias);
   }
 }
 
@@ -764,9 +757,8 @@ void load_lora_adapters(const AdapterConfig& config, const safetensors::TensorFi
                             options.allow_unmapped_tensors,
                             "lora_A.weight, lora_B.weight and base_layer.bias");
   for (auto& p : plan) {
-    p.layer->lora_a() = p.a;
-    p.layer->lora_b() = p.b;
-    if (p.bias) internal::assign_bias(*p.layer, *p.bias);
+    p.layer->set_lora_weights(p.a, p.b);
+    if (p.bias) p.layer->set_bias(*p.bias);
   }
 }
 
@@ -923,25 +915,25 @@ AdapterFiles hra_adapter_files(const HraModules<Scalar>& modules, const SaveOpti
     const std::string where = detail::concat("peft: ", what, ": module '", module, "': ");
     const typename HraLinear<Scalar>::Adapter* adapter = nullptr;
     for (const auto& a : layer->adapters())
-      if (a.name == options.adapter_name) adapter = &a;
+      if (a.name() == options.adapter_name) adapter = &a;
     if (!adapter)
       detail::throw_invalid(where, "the layer has no adapter '", options.adapter_name, "'");
     if (first.empty()) {
-      r = adapter->chain.rank();
-      variant = adapter->chain.variant();
+      r = adapter->chain().rank();
+      variant = adapter->chain().variant();
       first = module;
-    } else if (adapter->chain.rank() != r) {
-      detail::throw_invalid(where, "r = ", adapter->chain.rank(), " differs from module '", first,
+    } else if (adapter->chain().rank() != r) {
+      detail::throw_invalid(where, "r = ", adapter->chain().rank(), " differs from module '", first,
                             "' (r = ", r, "); PEFT's HRAConfig has one r for every module");
-    } else if (adapter->chain.variant() != variant) {
-      detail::throw_invalid(where, "the ", to_string(adapter->chain.variant()),
+    } else if (adapter->chain().variant() != variant) {
+      detail::throw_invalid(where, "the ", to_string(adapter->chain().variant()),
                             " variant differs from module '", first, "' (", to_string(variant),
                             "); PEFT's HRAConfig has one apply_GS for every module");
     }
-    symmetric = symmetric && adapter->options.init == Init::symmetric;
+    symmetric = symmetric && adapter->init() == Init::symmetric;
     const std::string name = options.prefix + module + ".hra_u";
     const Eigen::MatrixXd stored =
-        internal::put_checked(files.weights, name, adapter->chain.reflectors(), dtype, where);
+        internal::put_checked(files.weights, name, adapter->chain().reflectors(), dtype, where);
     try {
       ReflectorChain<double>(stored, variant).factorize();
     } catch (const std::invalid_argument& e) {

@@ -1,12 +1,16 @@
-// Umbrella header: everything in hra.
+// Umbrella header: everything in hra's core (needs only Eigen). The file formats are the
+// hra::io tier; reference.hpp (naive restatements for tests and benchmarks) is not included.
 #pragma once
 
-#include "frozen_weight.hpp"
+#include "affine_layer.hpp"
 #include "gradient_check.hpp"
+#include "hra_adapter_layer.hpp"
 #include "hra_linear.hpp"
 #include "layer.hpp"
 #include "linear.hpp"
+#include "lora_adapter_layer.hpp"
 #include "lora_linear.hpp"
 #include "optim.hpp"
-#include "reference.hpp"
+#include "orthogonality.hpp"
 #include "reflector_chain.hpp"
+#include "weight_matrix.hpp"

@@ -1,10 +1,9 @@
-// The one training interface shared by every trainable layer (HRA, LoRA, dense).
+// The one training interface shared by every trainable layer (HRA, LoRA, dense, conv).
 #pragma once
 
 #include <Eigen/Core>
 #include <cstddef>
 #include <limits>
-#include <stdexcept>
 #include <string>
 #include <vector>
 
@@ -12,13 +11,9 @@
 
 namespace hra {
 
-/// Which biases are trainable, with PEFT's meaning ("none", "all", "hra_only"/"lora_only").
-/// For a single adapted layer "all" and "hra_only" both train that layer's bias; they differ for
-/// the layers of a model that carry no adapter, which only "all" makes trainable.
-enum class BiasMode { none, all, adapter_only };
-
 /// One trainable tensor: its value and its gradient, both column-major rows x cols views into
-/// memory owned by the layer. Optimisers walk these; the layer stays the owner.
+/// memory owned by the layer. Optimisers walk these; the layer stays the owner. A view cannot
+/// resize what it shows.
 template <typename Scalar>
 struct ParameterView {
   using Matrix = Eigen::Matrix<Scalar, Eigen::Dynamic, Eigen::Dynamic>;
@@ -64,9 +59,10 @@ class Layer : detail::ScalarCheck<Scalar_> {
   virtual std::vector<ParameterView<Scalar>> parameters() = 0;
 
   /// Number of trainable scalars (what an optimiser updates).
-  Index num_trainable_parameters() {
+  Index num_trainable_parameters() const {
     Index n = 0;
-    for (const auto& p : parameters()) n += p.value.size();
+    // parameters() only builds views; counting their sizes changes nothing.
+    for (const auto& p : const_cast<Layer*>(this)->parameters()) n += p.value.size();
     return n;
   }
 
@@ -101,20 +97,6 @@ void check_batch(const Eigen::MatrixBase<Derived>& x, Eigen::Index rows, const c
                   shape(x.rows(), x.cols()), " matrix");
   if (x.cols() < 1) throw_invalid(what, ": empty batch (0 columns)");
   check_finite(x, what);
-}
-
-/// Shared entry checks of every backward(): a forward() must be pending, and dY must be the
-/// finite rows x n gradient of its output. `layer` names the class in the messages.
-template <typename Derived>
-void check_backward(bool forward_pending, const Eigen::MatrixBase<Derived>& dy, Eigen::Index rows,
-                    Eigen::Index n, const char* layer) {
-  if (!forward_pending)
-    throw std::logic_error(concat(layer,
-                                  "::backward: no forward() to differentiate (call forward() "
-                                  "before each backward())"));
-  const std::string what = concat(layer, "::backward gradient dY");
-  check_shape(dy, rows, n, what.c_str());
-  check_finite(dy, what.c_str());
 }
 
 }  // namespace detail

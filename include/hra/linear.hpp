@@ -3,24 +3,28 @@
 
 #include <Eigen/Core>
 #include <optional>
-#include <stdexcept>
 #include <utility>
 #include <vector>
 
-#include "frozen_weight.hpp"
-#include "layer.hpp"
+#include "affine_layer.hpp"
 
 namespace hra {
 
+/// Options of a dense layer.
+struct LinearOptions {
+  bool train_weight = true;  ///< W is a parameter (full fine-tuning, a new head); else frozen
+};
+
 /// \brief y = W x + b with W (d_out x d_in) and b (d_out) owned or viewed.
 ///
-/// With train_weight the layer is an ordinary trainable linear layer (full fine-tuning, a new
-/// head); without it W is frozen and only the bias may train. It has no adapter, so merge() and
+/// With LinearOptions::train_weight the layer is an ordinary trainable linear layer; without it
+/// W is frozen. The bias trains with BiasMode::all (adapter_only leaves it frozen: this layer
+/// carries no adapter, as in PEFT's bias="hra_only"). It has no adapter, so merge() and
 /// unmerge() do nothing and merged() is always true. Kept between forward and backward: the
 /// input X (d_in x n, only when W trains) and Y.
 template <typename Scalar_>
-class Linear final : public Layer<Scalar_> {
-  using Base = Layer<Scalar_>;
+class Linear final : public AffineLayer<Scalar_> {
+  using Base = AffineLayer<Scalar_>;
 
  public:
   using typename Base::ConstRef;
@@ -29,76 +33,44 @@ class Linear final : public Layer<Scalar_> {
   using typename Base::Scalar;
   using typename Base::Vector;
 
-  Linear(FrozenWeight<Scalar> weight, std::optional<Vector> bias, bool train_weight,
-         bool train_bias)
-      : weight_(std::move(weight)),
-        bias_(std::move(bias)),
-        train_weight_(train_weight),
-        train_bias_(train_bias) {
-    detail::check_finite(weight_.map(), "Linear: weight W");
-    if (weight_.rows() < 1 || weight_.cols() < 1)
-      detail::throw_invalid("Linear: the weight is empty (",
-                            detail::shape(weight_.rows(), weight_.cols()), ")");
-    if (bias_) {
-      detail::check_shape(*bias_, weight_.rows(), 1, "Linear: bias (length must be d_out)");
-      detail::check_finite(*bias_, "Linear: bias");
-      bias_grad_.setZero(weight_.rows());
-    } else if (train_bias_) {
-      detail::throw_invalid("Linear: train_bias is set but the layer has no bias");
-    }
-    if (train_weight_) weight_grad_.setZero(weight_.rows(), weight_.cols());
-  }
-
-  Index input_dim() const override { return weight_.cols(); }
-  Index output_dim() const override { return weight_.rows(); }
-  typename FrozenWeight<Scalar>::MapType weight() { return weight_.map(); }
-  typename FrozenWeight<Scalar>::ConstMapType weight() const { return weight_.map(); }
-  std::optional<Vector>& bias() { return bias_; }
-  const std::optional<Vector>& bias() const { return bias_; }
+  Linear(WeightMatrix<Scalar> weight, std::optional<Vector> bias, const LinearOptions& options = {},
+         BiasMode bias_mode = BiasMode::none)
+      : Base(std::move(weight), std::move(bias), bias_mode, "Linear", /*adapter_layer=*/false,
+             options.train_weight) {}
 
   const Matrix& forward(const ConstRef& x) override {
-    detail::check_batch(x, input_dim(), "Linear::forward input");
-    state_ = State::idle;
-    if (train_weight_) x_ = x;
-    y_.noalias() = weight_.map() * x;
-    if (bias_) y_.colwise() += *bias_;
-    batch_ = x.cols();
-    state_ = State::forwarded;
+    this->check_input(x, "forward");
+    this->forget_forward();
+    if (this->weight_trainable()) x_ = x;
+    y_.noalias() = this->weight() * x;
+    this->add_bias(y_);
+    this->remember_forward(x.cols());
     return y_;
   }
 
+  /// Assigns dW (when W trains) and db (when b trains); returns dX = W^T dY.
   const Matrix& backward(const ConstRef& dy, bool compute_input_gradient = true) override {
-    detail::check_backward(state_ == State::forwarded, dy, output_dim(), batch_, "Linear");
-    state_ = State::idle;
-    if (train_weight_) weight_grad_.noalias() = dy * x_.transpose();
-    if (train_bias_) bias_grad_ = dy.rowwise().sum();
+    this->begin_backward(dy);
+    if (this->weight_trainable()) this->weight_gradient().noalias() = dy * x_.transpose();
+    this->bias_backward(dy);
     if (compute_input_gradient)
-      dx_.noalias() = weight_.map().transpose() * dy;
+      dx_.noalias() = this->weight().transpose() * dy;
     else
       dx_.resize(0, 0);
     return dx_;
   }
 
   void predict(const ConstRef& x, Matrix& y) const override {
-    detail::check_batch(x, input_dim(), "Linear::predict input");
-    y.noalias() = weight_.map() * x;
-    if (bias_) y.colwise() += *bias_;
+    this->check_input(x, "predict");
+    y.noalias() = this->weight() * x;
+    this->add_bias(y);
   }
 
   /// "weight" (d_out x d_in) when it trains, "bias" when it trains.
   std::vector<ParameterView<Scalar>> parameters() override {
     std::vector<ParameterView<Scalar>> out;
-    if (train_weight_) {
-      auto w = weight_.map();
-      if (w.outerStride() != w.rows())
-        throw std::logic_error("Linear::parameters: a trainable weight view must be contiguous");
-      out.push_back({"weight",
-                     {w.data(), w.rows(), w.cols()},
-                     {weight_grad_.data(), weight_grad_.rows(), weight_grad_.cols()}});
-    }
-    if (train_bias_)
-      out.push_back(
-          {"bias", {bias_->data(), bias_->rows(), 1}, {bias_grad_.data(), bias_grad_.rows(), 1}});
+    this->append_weight_parameter(out);
+    this->append_bias_parameter(out);
     return out;
   }
 
@@ -111,16 +83,7 @@ class Linear final : public Layer<Scalar_> {
   }
 
  private:
-  enum class State { idle, forwarded };
-
-  FrozenWeight<Scalar> weight_;
-  std::optional<Vector> bias_;
-  Matrix weight_grad_;
-  Vector bias_grad_;
-  bool train_weight_, train_bias_;
   Matrix x_, y_, dx_;
-  Index batch_ = 0;
-  State state_ = State::idle;
 };
 
 using Linearf = Linear<float>;

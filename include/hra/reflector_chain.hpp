@@ -6,6 +6,7 @@
 #include <cmath>
 #include <cstdint>
 #include <limits>
+#include <utility>
 #include <vector>
 
 #include "detail/checks.hpp"
@@ -25,6 +26,9 @@ enum class Init {
   random      ///< every column drawn independently (PEFT's fallback for odd r): H != I
 };
 
+/// Which of H and H^T (= H^{-1}) a kernel applies.
+enum class Apply { h, transpose };
+
 inline const char* to_string(Variant v) {
   return v == Variant::chain ? "chain" : "gram_schmidt";
 }
@@ -39,9 +43,14 @@ inline const char* to_string(Variant v) {
 ///
 /// Gram-Schmidt variant: H = I - 2 Q Q^T with Q R = U the thin QR with positive diag(R).
 ///
-/// All batches are column-major d x n (one sample per column). The chain is cheap to copy for
-/// small r; derived factors are recomputed from U on every call (cost O(r b d)), so U may be
-/// changed freely between calls, but not between a forward() and the backward() that uses it.
+/// All batches are column-major d x n (one sample per column). Two tiers of entry points:
+/// - the checked ones (apply, forward, backward_in_place, ...) validate shapes and the cache and
+///   throw std::invalid_argument naming both sizes; they derive the factors of U on each call
+///   (O(r b d)), so U may change freely between calls, but not between a forward and the
+///   backward that uses its cache;
+/// - the factor-level ones take the Factors of factorize() (the only place U's values are
+///   validated) and assume consistent shapes, checked by HRA_ASSERT only: they are for layers
+///   that validate once at their own entry and reuse one factorisation.
 template <typename Scalar_>
 class ReflectorChain : detail::ScalarCheck<Scalar_> {
  public:
@@ -53,10 +62,22 @@ class ReflectorChain : detail::ScalarCheck<Scalar_> {
 
   static constexpr Index default_block_size = 32;
 
-  /// Quantities derived from U once per call: one upper-triangular S per column block (chain),
-  /// or Q (d x r) and R (r x r) (Gram-Schmidt).
+  /// What a factorisation depends on besides U's values: the variant, r and the block size.
+  struct Layout {
+    Variant variant = Variant::chain;
+    Index rank = 0;
+    Index block_size = 0;
+    friend bool operator==(const Layout& a, const Layout& b) {
+      return a.variant == b.variant && a.rank == b.rank && a.block_size == b.block_size;
+    }
+    friend bool operator!=(const Layout& a, const Layout& b) { return !(a == b); }
+  };
+
+  /// Quantities derived from U by factorize(): one upper-triangular S per column block (chain),
+  /// or Q (d x r) and R (r x r) (Gram-Schmidt), and the layout they were made for.
   struct Factors {
-    std::vector<Matrix> blocks;  ///< S_j, size b_j x b_j, block j = columns [j*b, j*b + b_j)
+    Layout layout;
+    std::vector<Matrix> blocks;  ///< S_j, b_j x b_j, block j = columns [j*b, j*b + b_j)
     Matrix q;                    ///< Gram-Schmidt only
     Matrix r;                    ///< Gram-Schmidt only, upper triangular with positive diagonal
   };
@@ -82,14 +103,13 @@ class ReflectorChain : detail::ScalarCheck<Scalar_> {
                           Index block_size = default_block_size)
       : u_(std::move(reflectors)), variant_(variant), block_size_(block_size) {
     check_rank(u_.rows(), u_.cols());
-    if (block_size_ < 1)
-      detail::throw_invalid("ReflectorChain: block_size must be >= 1, got ", block_size_);
+    check_block_size(block_size_);
     check_columns(u_);
   }
 
   /// A d x r chain drawn with `init` from a generator seeded with `seed`, as PEFT does:
   /// uniform in +-1/sqrt(fan) with fan = r/2 (symmetric) or r (random).
-  /// Symmetric init needs an even r and is refused for the Gram-Schmidt variant, whose
+  /// Symmetric init needs an even rank and is refused for the Gram-Schmidt variant, whose
   /// duplicated columns would be linearly dependent.
   static ReflectorChain initialized(Index dim, Index rank, Init init, std::uint64_t seed,
                                     Variant variant = Variant::chain,
@@ -122,11 +142,13 @@ class ReflectorChain : detail::ScalarCheck<Scalar_> {
   Index rank() const { return u_.cols(); }
   Variant variant() const { return variant_; }
   Index block_size() const { return block_size_; }
+  Layout layout() const { return {variant_, rank(), block_size_}; }
 
   /// U, d x r. Column i is u_i (its length is irrelevant: only its direction is used).
   const Matrix& reflectors() const { return u_; }
-  /// Mutable U for optimisers. Keep the shape; values are validated on the next use.
-  Matrix& reflectors() { return u_; }
+  /// U's values for optimisers: a d x r view that cannot change the shape. Values are
+  /// validated by the next factorize().
+  Eigen::Map<Matrix> reflector_values() { return {u_.data(), u_.rows(), u_.cols()}; }
 
   /// Replaces U after checking shape (must stay d x r), finiteness and non-zero columns.
   /// On error the chain is unchanged.
@@ -137,17 +159,19 @@ class ReflectorChain : detail::ScalarCheck<Scalar_> {
   }
 
   void set_block_size(Index b) {
-    if (b < 1) detail::throw_invalid("ReflectorChain: block_size must be >= 1, got ", b);
+    check_block_size(b);
     block_size_ = b;
   }
 
   /// Derives the factors of the current U. Throws std::invalid_argument for a zero or
-  /// non-finite column and, for Gram-Schmidt, for linearly dependent columns.
+  /// non-finite column, a column whose squared norm over- or underflows, and, for
+  /// Gram-Schmidt, for linearly dependent columns.
   Factors factorize() const {
     Factors f;
+    f.layout = layout();
     if (variant_ == Variant::chain) {
-      for (Index c0 = 0; c0 < rank(); c0 += block_size_) {
-        const Index b = std::min(block_size_, rank() - c0);
+      for (Index c0 = 0; c0 < rank(); c0 += block_width(c0)) {
+        const Index b = block_width(c0);
         const auto ub = u_.middleCols(c0, b);
         Matrix s(b, b);
         s.template triangularView<Eigen::Upper>() = ub.transpose() * ub;  // symmetric: upper half
@@ -164,18 +188,19 @@ class ReflectorChain : detail::ScalarCheck<Scalar_> {
     return f;
   }
 
+  // --- Checked entry points ----------------------------------------------------------------
+
   /// Y = H X for a d x n block X (Y may not alias X; use apply_in_place for that).
   void apply(const ConstRef& x, Matrix& y) const {
     detail::check_shape(x, dim(), x.cols(), "ReflectorChain::apply (input rows must equal d)");
     y = x;
-    apply_in_place(y);
+    apply(factorize(), y, Apply::h);
   }
 
   /// X <- H X in place.
   void apply_in_place(Matrix& x) const {
     check_rows(x.rows(), "ReflectorChain::apply_in_place");
-    Matrix coeffs;
-    apply_impl(factorize(), x, coeffs, false);
+    apply(factorize(), x, Apply::h);
   }
 
   /// Y = H^T X (= H^{-1} X).
@@ -183,20 +208,26 @@ class ReflectorChain : detail::ScalarCheck<Scalar_> {
     detail::check_shape(x, dim(), x.cols(),
                         "ReflectorChain::apply_transpose (input rows must equal d)");
     y = x;
-    apply_transpose_in_place(y);
+    apply(factorize(), y, Apply::transpose);
   }
 
   /// X <- H^T X in place.
   void apply_transpose_in_place(Matrix& x) const {
     check_rows(x.rows(), "ReflectorChain::apply_transpose_in_place");
-    apply_transpose_impl(factorize(), x);
+    apply(factorize(), x, Apply::transpose);
   }
 
   /// W <- W H for W with d columns: W - (W U) S^{-1} U^T block by block, O(rows d r).
-  void apply_right(Eigen::Ref<Matrix> w) const { apply_right_impl(factorize(), w, false); }
+  void apply_right(Eigen::Ref<Matrix> w) const {
+    check_columns_of(w.cols(), "ReflectorChain::apply_right");
+    apply_right(factorize(), w, Apply::h);
+  }
 
   /// W <- W H^T (undoes apply_right up to rounding).
-  void apply_transpose_right(Eigen::Ref<Matrix> w) const { apply_right_impl(factorize(), w, true); }
+  void apply_transpose_right(Eigen::Ref<Matrix> w) const {
+    check_columns_of(w.cols(), "ReflectorChain::apply_transpose_right");
+    apply_right(factorize(), w, Apply::transpose);
+  }
 
   /// The dense d x d H, for tests and debugging only (O(d^2 r)).
   Matrix dense() const {
@@ -210,7 +241,7 @@ class ReflectorChain : detail::ScalarCheck<Scalar_> {
     detail::check_shape(x, dim(), x.cols(), "ReflectorChain::forward (input rows must equal d)");
     Factors f = factorize();
     y = x;
-    apply_impl(f, y, cache.coeffs, true);
+    apply(f, y, Apply::h, &cache.coeffs);
     cache.factors = std::move(f);
   }
 
@@ -218,40 +249,33 @@ class ReflectorChain : detail::ScalarCheck<Scalar_> {
   void forward_in_place(Matrix& x, ForwardCache& cache) const {
     check_rows(x.rows(), "ReflectorChain::forward_in_place");
     Factors f = factorize();
-    apply_impl(f, x, cache.coeffs, true);
+    apply(f, x, Apply::h, &cache.coeffs);
     cache.factors = std::move(f);
   }
 
   /// Training backward for Y = H X. Given the forward input X and G = dL/dY (both d x n) and the
   /// cache of that forward, *assigns* dX = dL/dX = H^T G (d x n) and dU = dL/dU (d x r).
   /// dU already accounts for the normalisation of every column, so u_i^T dU_i = 0.
+  /// Built on the in-place backward: it starts from X itself (with several column blocks, from
+  /// the input of the first block, one product with the other blocks' coefficients).
   void backward(const ConstRef& x, const ConstRef& g, const ForwardCache& cache, Matrix& dx,
                 Matrix& du) const {
     detail::check_shape(x, dim(), x.cols(), "ReflectorChain::backward input X");
+    detail::check_shape(g, dim(), x.cols(), "ReflectorChain::backward gradient G");
     check_cache(cache, x.cols());
-    // The output is X - (sum over blocks of U_j K_j) = X - U K for the chain, X - 2 Q P for GS.
-    Matrix y = x;
-    if (variant_ == Variant::chain)
-      y.noalias() -= u_ * cache.coeffs;
-    else
-      y.noalias() -= Scalar(2) * cache.factors.q * cache.coeffs;
+    Matrix state = x;
     dx = g;
-    backward_in_place(y, dx, cache, du);
+    backward(cache.factors, cache.coeffs, state, dx, du, State::input);
   }
 
   /// Backward from the forward *output*, without any d x n copy: on entry `y` holds Y = H X and
   /// `g` holds dL/dY; on return `y` holds the input X (rebuilt from Y and the cache, exact up to
-  /// rounding), `g` holds dL/dX = H^T G, and dU = dL/dU is assigned. This is what layers use: they
-  /// keep the chain's output (needed anyway for W H X) plus the r x n cache, nothing else.
+  /// rounding), `g` holds dL/dX = H^T G, and dU = dL/dU is assigned.
   void backward_in_place(Matrix& y, Matrix& g, const ForwardCache& cache, Matrix& du) const {
     detail::check_shape(y, dim(), y.cols(), "ReflectorChain::backward output Y");
     detail::check_shape(g, dim(), y.cols(), "ReflectorChain::backward gradient G");
     check_cache(cache, y.cols());
-    du.resize(dim(), rank());
-    if (variant_ == Variant::chain)
-      backward_chain(y, g, cache, du);
-    else
-      backward_gram_schmidt(y, g, cache, du);
+    backward(cache.factors, cache.coeffs, y, g, du, State::output);
   }
 
   /// dU alone, for a loss that sees the chain's output Y only through a fixed matrix W
@@ -259,8 +283,8 @@ class ReflectorChain : detail::ScalarCheck<Scalar_> {
   /// G is never formed. Only W U (d_out x r) and W^T (E K^T) (d x r) are, O(d_out d r + d_out n r)
   /// instead of the O(d_out d n) of W^T E. This is the backward of a layer y = W H x that needs
   /// no input gradient (a network's first layer). `y` is as in backward_in_place: Y on entry, the
-  /// rebuilt input X on return. dU equals backward_in_place's up to rounding. As in backward(),
-  /// shapes are checked here but values are not (HraLinear checks W once and dY on every call).
+  /// rebuilt input X on return. dU equals backward_in_place's up to rounding. Shapes are checked
+  /// here but values are not (layers check W once and dY on every call).
   void backward_through(const ConstRef& w, const ConstRef& e, Matrix& y, const ForwardCache& cache,
                         Matrix& du) const {
     detail::check_shape(y, dim(), y.cols(), "ReflectorChain::backward_through output Y");
@@ -270,11 +294,99 @@ class ReflectorChain : detail::ScalarCheck<Scalar_> {
     detail::check_shape(e, w.rows(), y.cols(),
                         "ReflectorChain::backward_through gradient E (d_out x n)");
     check_cache(cache, y.cols());
+    backward_through(cache.factors, cache.coeffs, w, e, y, du);
+  }
+
+  // --- Factor-level entry points (preconditions asserted, not checked) ---------------------
+
+  /// X <- H X (op h) or H^T X (op transpose) with the factors `f` of this chain's U; X has d
+  /// rows. With `coeffs` (op h only), also stores the r x n coefficients a backward needs:
+  /// S_j^{-1} U_j^T (input of block j) stacked by block (chain) or Q^T X (Gram-Schmidt).
+  void apply(const Factors& f, Matrix& x, Apply op, Matrix* coeffs = nullptr) const {
+    HRA_ASSERT(f.layout == layout() && x.rows() == dim());
+    HRA_ASSERT(coeffs == nullptr || op == Apply::h);
+    if (variant_ == Variant::gram_schmidt) {  // symmetric: H^T = H
+      Matrix p;
+      p.noalias() = f.q.transpose() * x;
+      x.noalias() -= Scalar(2) * f.q * p;
+      if (coeffs) *coeffs = std::move(p);
+      return;
+    }
+    // H = B_1 ... B_m: H X applies the last block first, H^T X = B_m^T ... B_1^T X the first.
+    if (coeffs) coeffs->resize(rank(), x.cols());
+    const Index m = static_cast<Index>(f.blocks.size());
+    Matrix k;
+    for (Index step = 0; step < m; ++step) {
+      const Index j = op == Apply::h ? m - 1 - step : step;
+      const auto& s = f.blocks[static_cast<std::size_t>(j)];
+      const auto ub = u_.middleCols(j * block_size_, s.rows());
+      k.noalias() = ub.transpose() * x;
+      if (op == Apply::h)
+        s.template triangularView<Eigen::Upper>().solveInPlace(k);
+      else
+        s.transpose().template triangularView<Eigen::Lower>().solveInPlace(k);
+      x.noalias() -= ub * k;
+      if (coeffs) coeffs->middleRows(j * block_size_, s.rows()) = k;
+    }
+  }
+
+  /// W <- W H (op h: first block first) or W H^T (op transpose: last block first) with the
+  /// factors `f`; W has d columns. O(rows(W) d r).
+  void apply_right(const Factors& f, Eigen::Ref<Matrix> w, Apply op) const {
+    HRA_ASSERT(f.layout == layout() && w.cols() == dim());
+    Matrix t;
+    if (variant_ == Variant::gram_schmidt) {
+      t.noalias() = w * f.q;
+      w.noalias() -= Scalar(2) * t * f.q.transpose();
+      return;
+    }
+    const Index m = static_cast<Index>(f.blocks.size());
+    for (Index step = 0; step < m; ++step) {
+      const Index j = op == Apply::transpose ? m - 1 - step : step;
+      const auto& s = f.blocks[static_cast<std::size_t>(j)];
+      const auto ub = u_.middleCols(j * block_size_, s.rows());
+      t.noalias() = w * ub;
+      if (op == Apply::transpose)
+        s.transpose()
+            .template triangularView<Eigen::Lower>()
+            .template solveInPlace<Eigen::OnTheRight>(t);
+      else
+        s.template triangularView<Eigen::Upper>().template solveInPlace<Eigen::OnTheRight>(t);
+      w.noalias() -= t * ub.transpose();
+    }
+  }
+
+  /// What the `x` of a factor-level backward holds on entry.
+  enum class State {
+    output,  ///< the forward's output Y = H X (rebuilt into X on the way)
+    input    ///< the forward's input X (overwritten with intermediate block inputs)
+  };
+
+  /// Backward with the factors and coefficients of a forward of this chain: on entry `g` is
+  /// dL/dY and `x` is what `state` says (both d x n); on return `g` holds dL/dX = H^T G, `x` the
+  /// input X (up to rounding), and dU (d x r) is assigned.
+  void backward(const Factors& f, const Matrix& coeffs, Matrix& x, Matrix& g, Matrix& du,
+                State state) const {
+    HRA_ASSERT(f.layout == layout() && x.rows() == dim() && g.rows() == dim());
+    HRA_ASSERT(g.cols() == x.cols() && coeffs.rows() == rank() && coeffs.cols() == x.cols());
     du.resize(dim(), rank());
     if (variant_ == Variant::chain)
-      backward_chain_through(w, e, y, cache, du);
+      backward_chain(f, coeffs, x, g, du, state);
     else
-      backward_gram_schmidt_through(w, e, y, cache, du);
+      backward_gram_schmidt(f, coeffs, x, g, du, state);
+  }
+
+  /// backward_through() with the factors and coefficients of a forward of this chain.
+  void backward_through(const Factors& f, const Matrix& coeffs, const ConstRef& w,
+                        const ConstRef& e, Matrix& y, Matrix& du) const {
+    HRA_ASSERT(f.layout == layout() && y.rows() == dim() && w.cols() == dim());
+    HRA_ASSERT(e.rows() == w.rows() && e.cols() == y.cols());
+    HRA_ASSERT(coeffs.rows() == rank() && coeffs.cols() == y.cols());
+    du.resize(dim(), rank());
+    if (variant_ == Variant::chain)
+      backward_chain_through(f, coeffs, w, e, y, du);
+    else
+      backward_gram_schmidt_through(f, coeffs, w, e, y, du);
   }
 
   /// Relative threshold under which a Gram-Schmidt pivot R_ii / |u_i| counts as dependent.
@@ -291,14 +403,27 @@ class ReflectorChain : detail::ScalarCheck<Scalar_> {
                             " (at most d reflections are meaningful)");
   }
 
+  static void check_block_size(Index b) {
+    if (b < 1) detail::throw_invalid("ReflectorChain: block_size must be >= 1, got ", b);
+  }
+
+  // Width of the block that starts at column c0 (never overflows, whatever block_size_ is).
+  Index block_width(Index c0) const { return std::min(block_size_, rank() - c0); }
+
   void check_rows(Index rows, const char* what) const {
     if (rows != dim())
       detail::throw_invalid(what, ": the input has ", rows,
                             " rows but the chain acts on d=", dim());
   }
 
+  void check_columns_of(Index cols, const char* what) const {
+    if (cols != dim())
+      detail::throw_invalid(what, ": the matrix has ", cols,
+                            " columns but the chain acts on d=", dim());
+  }
+
   void check_norm2(Scalar norm2, Index col) const {
-    if (!std::isfinite(static_cast<double>(norm2))) {
+    if (!std::isfinite(norm2)) {
       // Searches all of U so the message names the entry's (row, column) and U's shape; the
       // columns before `col` passed this check, so the first non-finite entry is in `col`.
       detail::check_finite(u_, "ReflectorChain: reflectors U");
@@ -326,6 +451,19 @@ class ReflectorChain : detail::ScalarCheck<Scalar_> {
     detail::check_finite(u, "ReflectorChain: reflectors U");
     for (Index j = 0; j < u.cols(); ++j)
       if (u.col(j).squaredNorm() == Scalar(0)) throw_degenerate_column(u.col(j), j);
+  }
+
+  // The user-facing cache check: the coefficients are r x n and the factors fit this chain.
+  void check_cache(const ForwardCache& cache, Index n) const {
+    if (cache.coeffs.rows() != rank() || cache.coeffs.cols() != n)
+      detail::throw_invalid("ReflectorChain::backward: the cache holds ",
+                            detail::shape(cache.coeffs.rows(), cache.coeffs.cols()),
+                            " coefficients but r x n is ", detail::shape(rank(), n),
+                            " (was forward() called with this batch?)");
+    if (cache.factors.layout != layout())
+      detail::throw_invalid(
+          "ReflectorChain::backward: the cache was made by a chain of another variant or block "
+          "size");
   }
 
   // Modified Gram-Schmidt with one re-orthogonalisation pass ("twice is enough"), so Q stays
@@ -356,107 +494,26 @@ class ReflectorChain : detail::ScalarCheck<Scalar_> {
     }
   }
 
-  // H X: blocks from last to first (H_r touches x first). Stores S_j^{-1} U_j^T (input of
-  // block j) into the rows of `coeffs` when keep is true.
-  void apply_impl(const Factors& f, Matrix& x, Matrix& coeffs, bool keep) const {
-    if (variant_ == Variant::gram_schmidt) {
-      Matrix p;
-      p.noalias() = f.q.transpose() * x;
-      x.noalias() -= Scalar(2) * f.q * p;
-      if (keep) coeffs = std::move(p);
-      return;
-    }
-    if (keep) coeffs.resize(rank(), x.cols());
-    Matrix k;
-    for (Index j = static_cast<Index>(f.blocks.size()) - 1; j >= 0; --j) {
-      const Index c0 = j * block_size_;
-      const auto& s = f.blocks[static_cast<std::size_t>(j)];
-      const auto ub = u_.middleCols(c0, s.rows());
-      k.noalias() = ub.transpose() * x;
-      s.template triangularView<Eigen::Upper>().solveInPlace(k);
-      x.noalias() -= ub * k;
-      if (keep) coeffs.middleRows(c0, s.rows()) = k;
-    }
-  }
-
-  // H^T X: blocks from first to last, each with S_j^{-T}.
-  void apply_transpose_impl(const Factors& f, Matrix& x) const {
-    if (variant_ == Variant::gram_schmidt) {
-      Matrix c;
-      apply_impl(f, x, c, false);  // symmetric
-      return;
-    }
-    Matrix k;
-    for (std::size_t j = 0; j < f.blocks.size(); ++j) {
-      const auto& s = f.blocks[j];
-      const auto ub = u_.middleCols(static_cast<Index>(j) * block_size_, s.rows());
-      k.noalias() = ub.transpose() * x;
-      s.transpose().template triangularView<Eigen::Lower>().solveInPlace(k);
-      x.noalias() -= ub * k;
-    }
-  }
-
-  // W H = W B_1 ... B_m (first block first); W H^T = W B_m^T ... B_1^T (last block first).
-  void apply_right_impl(const Factors& f, Eigen::Ref<Matrix> w, bool transpose) const {
-    if (w.cols() != dim())
-      detail::throw_invalid("ReflectorChain::apply_right: the matrix has ", w.cols(),
-                            " columns but the chain acts on d=", dim());
-    Matrix t;
-    if (variant_ == Variant::gram_schmidt) {
-      t.noalias() = w * f.q;
-      w.noalias() -= Scalar(2) * t * f.q.transpose();
-      return;
-    }
-    const Index m = static_cast<Index>(f.blocks.size());
-    for (Index step = 0; step < m; ++step) {
-      const Index j = transpose ? m - 1 - step : step;
-      const auto& s = f.blocks[static_cast<std::size_t>(j)];
-      const auto ub = u_.middleCols(j * block_size_, s.rows());
-      t.noalias() = w * ub;
-      if (transpose)
-        s.transpose()
-            .template triangularView<Eigen::Lower>()
-            .template solveInPlace<Eigen::OnTheRight>(t);
-      else
-        s.template triangularView<Eigen::Upper>().template solveInPlace<Eigen::OnTheRight>(t);
-      w.noalias() -= t * ub.transpose();
-    }
-  }
-
-  void check_cache(const ForwardCache& cache, Index n) const {
-    if (cache.coeffs.rows() != rank() || cache.coeffs.cols() != n)
-      detail::throw_invalid("ReflectorChain::backward: the cache holds ",
-                            detail::shape(cache.coeffs.rows(), cache.coeffs.cols()),
-                            " coefficients but r x n is ", detail::shape(rank(), n),
-                            " (was forward() called with this batch?)");
-    bool chain_ok = variant_ == Variant::chain && static_cast<Index>(cache.factors.blocks.size()) ==
-                                                      (rank() + block_size_ - 1) / block_size_;
-    // The count alone is not enough (r = 4: blocks of 3 + 1 and of 2 + 2): check every size.
-    for (std::size_t j = 0; chain_ok && j < cache.factors.blocks.size(); ++j)
-      chain_ok = cache.factors.blocks[j].rows() ==
-                 std::min(block_size_, rank() - static_cast<Index>(j) * block_size_);
-    const bool gs_ok = variant_ == Variant::gram_schmidt && cache.factors.q.rows() == dim() &&
-                       cache.factors.q.cols() == rank();
-    if (!chain_ok && !gs_ok)
-      detail::throw_invalid(
-          "ReflectorChain::backward: the cache was made by a chain of another variant or block "
-          "size");
-  }
-
   // Per block j (from the output side, j = 1..m) with block input X_j, K_j and G_j:
   //   Z = S^{-T} U^T G,  M = Z K^T,  G_{j+1} = G - U Z,
   //   dU_j = -G K^T - X_j Z^T + U (striu(M) + striu(M)^T + diag(M)).
-  // Block inputs come from the output: X_1 = Y + U_1 K_1, X_{j+1} = X_j + U_{j+1} K_{j+1}.
+  // Block inputs come from the output: X_1 = Y + U_1 K_1, X_{j+1} = X_j + U_{j+1} K_{j+1}; from
+  // the input X, X_1 = X - (U K without block 1) and the loop then proceeds the same way.
   // G enters dU_j only through U_j^T G_j and G_j K_j^T; block_gradient() takes those two.
-  void backward_chain(Matrix& x, Matrix& g, const ForwardCache& cache, Matrix& du) const {
-    const auto& blocks = cache.factors.blocks;
+  void backward_chain(const Factors& f, const Matrix& coeffs, Matrix& x, Matrix& g, Matrix& du,
+                      State state) const {
+    const auto& blocks = f.blocks;
+    if (state == State::input && blocks.size() > 1) {
+      const Index b0 = blocks.front().rows();
+      x.noalias() -= u_.rightCols(rank() - b0) * coeffs.bottomRows(rank() - b0);
+    }
     Matrix z, gk;
     for (std::size_t j = 0; j < blocks.size(); ++j) {
       const Index c0 = static_cast<Index>(j) * block_size_;
       const Index b = blocks[j].rows();
       const auto ub = u_.middleCols(c0, b);
-      const auto kb = cache.coeffs.middleRows(c0, b);
-      x.noalias() += ub * kb;
+      const auto kb = coeffs.middleRows(c0, b);
+      if (state == State::output || j > 0) x.noalias() += ub * kb;
       z.noalias() = ub.transpose() * g;
       gk.noalias() = g * kb.transpose();
       block_gradient(blocks[j], c0, kb, x, z, gk, du);
@@ -467,24 +524,24 @@ class ReflectorChain : detail::ScalarCheck<Scalar_> {
   // The chain's dU when G_1 = W^T E: U_j^T G_j and G_j K_j^T from W U, E and the earlier Z's:
   //   G_j = G_1 - U_{<j} Z_{<j}, so  U_j^T G_j = (W U_j)^T E - U_j^T U_{<j} Z_{<j}  and
   //   G_j K_j^T = W^T (E K_j^T) - U_{<j} (Z_{<j} K_j^T).
-  void backward_chain_through(const ConstRef& w, const ConstRef& e, Matrix& x,
-                              const ForwardCache& cache, Matrix& du) const {
-    const auto& blocks = cache.factors.blocks;
+  void backward_chain_through(const Factors& f, const Matrix& coeffs, const ConstRef& w,
+                              const ConstRef& e, Matrix& x, Matrix& du) const {
+    const auto& blocks = f.blocks;
     // U^T G_1 and G_1 K^T for all blocks at once: W is read twice, whatever the block count.
     Matrix ug, gk_all;
     {
       Matrix wu, ek;
-      wu.noalias() = w * u_;                        // d_out x r
-      ek.noalias() = e * cache.coeffs.transpose();  // d_out x r
-      ug.noalias() = wu.transpose() * e;            // r x n
-      gk_all.noalias() = w.transpose() * ek;        // d x r
+      wu.noalias() = w * u_;                  // d_out x r
+      ek.noalias() = e * coeffs.transpose();  // d_out x r
+      ug.noalias() = wu.transpose() * e;      // r x n
+      gk_all.noalias() = w.transpose() * ek;  // d x r
     }
     Matrix zs(rank(), x.cols()), z, gk;
     for (std::size_t j = 0; j < blocks.size(); ++j) {
       const Index c0 = static_cast<Index>(j) * block_size_;
       const Index b = blocks[j].rows();
       const auto ub = u_.middleCols(c0, b);
-      const auto kb = cache.coeffs.middleRows(c0, b);
+      const auto kb = coeffs.middleRows(c0, b);
       x.noalias() += ub * kb;
       z = ug.middleRows(c0, b);
       gk = gk_all.middleCols(c0, b);
@@ -520,43 +577,41 @@ class ReflectorChain : detail::ScalarCheck<Scalar_> {
 
   // X = Y + 2 Q P with P = Q^T X; dQ = -2 (G P^T + X (Q^T G)^T); through the QR:
   // dU = (dQ - Q sym(Q^T dQ)) R^{-T}, sym(M) = triu(M) + striu(M)^T.
-  void backward_gram_schmidt(Matrix& x, Matrix& g, const ForwardCache& cache, Matrix& du) const {
-    const Matrix& q = cache.factors.q;
-    x.noalias() += Scalar(2) * q * cache.coeffs;
+  void backward_gram_schmidt(const Factors& f, const Matrix& coeffs, Matrix& x, Matrix& g,
+                             Matrix& du, State state) const {
+    if (state == State::output) x.noalias() += Scalar(2) * f.q * coeffs;
     Matrix qg, gp;
-    qg.noalias() = q.transpose() * g;
-    gp.noalias() = g * cache.coeffs.transpose();
-    g.noalias() -= Scalar(2) * q * qg;
-    gram_schmidt_gradient(x, qg, gp, cache, du);
+    qg.noalias() = f.q.transpose() * g;
+    gp.noalias() = g * coeffs.transpose();
+    g.noalias() -= Scalar(2) * f.q * qg;
+    gram_schmidt_gradient(f, x, qg, gp, du);
   }
 
   // As backward_gram_schmidt for G = W^T E: Q^T G = (W Q)^T E and G P^T = W^T (E P^T).
-  void backward_gram_schmidt_through(const ConstRef& w, const ConstRef& e, Matrix& x,
-                                     const ForwardCache& cache, Matrix& du) const {
-    const Matrix& q = cache.factors.q;
-    x.noalias() += Scalar(2) * q * cache.coeffs;
+  void backward_gram_schmidt_through(const Factors& f, const Matrix& coeffs, const ConstRef& w,
+                                     const ConstRef& e, Matrix& x, Matrix& du) const {
+    x.noalias() += Scalar(2) * f.q * coeffs;
     Matrix wq, qg, ep, gp;
-    wq.noalias() = w * q;
+    wq.noalias() = w * f.q;
     qg.noalias() = wq.transpose() * e;
-    ep.noalias() = e * cache.coeffs.transpose();
+    ep.noalias() = e * coeffs.transpose();
     gp.noalias() = w.transpose() * ep;
-    gram_schmidt_gradient(x, qg, gp, cache, du);
+    gram_schmidt_gradient(f, x, qg, gp, du);
   }
 
   // dU from the input X, Q^T G and G P^T.
-  void gram_schmidt_gradient(const Matrix& x, const Matrix& qg, const Matrix& gp,
-                             const ForwardCache& cache, Matrix& du) const {
-    const Matrix& q = cache.factors.q;
-    const Matrix& r = cache.factors.r;
+  void gram_schmidt_gradient(const Factors& f, const Matrix& x, const Matrix& qg, const Matrix& gp,
+                             Matrix& du) const {
     du.noalias() = Scalar(-2) * gp;
     du.noalias() -= Scalar(2) * x * qg.transpose();
     Matrix mm;
-    mm.noalias() = q.transpose() * du;
+    mm.noalias() = f.q.transpose() * du;
     Matrix sym = mm.template triangularView<Eigen::Upper>();
     sym += mm.template triangularView<Eigen::StrictlyUpper>().transpose();
-    du.noalias() -= q * sym;
-    r.transpose().template triangularView<Eigen::Lower>().template solveInPlace<Eigen::OnTheRight>(
-        du);
+    du.noalias() -= f.q * sym;
+    f.r.transpose()
+        .template triangularView<Eigen::Lower>()
+        .template solveInPlace<Eigen::OnTheRight>(du);
   }
 
   Matrix u_;

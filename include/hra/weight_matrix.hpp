@@ -1,4 +1,4 @@
-// A weight matrix that a layer either owns or views in the caller's memory.
+// The weight matrix of a layer, owned by the layer or viewed in the caller's memory.
 #pragma once
 
 #include <Eigen/Core>
@@ -8,21 +8,23 @@
 
 namespace hra {
 
-/// \brief The d_out x d_in weight of a layer, owned or viewed.
+/// \brief The d_out x d_in weight W of a layer, owned or viewed.
 ///
-/// `FrozenWeight<S>::owned(std::move(w))` takes the matrix; `FrozenWeight<S>::view(w)` keeps a
+/// `WeightMatrix<S>::owned(std::move(w))` takes the matrix; `WeightMatrix<S>::view(w)` keeps a
 /// view of caller-owned memory (any column-major block with unit inner stride), so a large
-/// pretrained weight is never copied. A viewed matrix must outlive the layer, and merge()
-/// writes into it: that is how a merged adapter reaches the caller's model.
+/// pretrained weight is never copied. A viewed matrix must outlive the layer. Whether the layer
+/// trains W (Linear with LinearOptions::train_weight) or keeps it frozen and adapts it (HRA,
+/// LoRA) is the layer's business; merge() of an adapter writes into W, which is how a merged
+/// adapter reaches the caller's model when W is a view.
 template <typename Scalar>
-class FrozenWeight : detail::ScalarCheck<Scalar> {
+class WeightMatrix : detail::ScalarCheck<Scalar> {
  public:
   using Matrix = Eigen::Matrix<Scalar, Eigen::Dynamic, Eigen::Dynamic>;
   using MapType = Eigen::Map<Matrix, 0, Eigen::OuterStride<>>;
   using ConstMapType = Eigen::Map<const Matrix, 0, Eigen::OuterStride<>>;
 
-  static FrozenWeight owned(Matrix w) {
-    FrozenWeight f;
+  static WeightMatrix owned(Matrix w) {
+    WeightMatrix f;
     f.owned_ = std::move(w);
     f.is_view_ = false;
     f.rows_ = f.owned_.rows();
@@ -31,8 +33,8 @@ class FrozenWeight : detail::ScalarCheck<Scalar> {
     return f;
   }
 
-  static FrozenWeight view(Eigen::Ref<Matrix> w) {
-    FrozenWeight f;
+  static WeightMatrix view(Eigen::Ref<Matrix> w) {
+    WeightMatrix f;
     f.is_view_ = true;
     f.data_ = w.data();
     f.rows_ = w.rows();
@@ -44,6 +46,8 @@ class FrozenWeight : detail::ScalarCheck<Scalar> {
   bool is_view() const { return is_view_; }
   Eigen::Index rows() const { return rows_; }
   Eigen::Index cols() const { return cols_; }
+  /// Distance between the starts of two columns (rows() unless a view of a larger matrix).
+  Eigen::Index outer_stride() const { return stride_; }
 
   MapType map() { return MapType(data(), rows_, cols_, Eigen::OuterStride<>(stride_)); }
   ConstMapType map() const {
@@ -51,7 +55,7 @@ class FrozenWeight : detail::ScalarCheck<Scalar> {
   }
 
  private:
-  FrozenWeight() = default;
+  WeightMatrix() = default;
   // The owned buffer's address moves with the object, so it is looked up on every access.
   Scalar* data() { return is_view_ ? data_ : owned_.data(); }
   const Scalar* data() const { return is_view_ ? data_ : owned_.data(); }
