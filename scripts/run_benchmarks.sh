@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Builds and runs the hra benchmarks and the PyTorch reference, then writes BENCHMARKS.md.
+# Builds and runs the hra benchmarks and the PyTorch reference, then rewrites the generated
+# tables of BENCHMARKS.md and its chart (scripts/bench_report.py; the prose is written by hand).
 #
 #   scripts/run_benchmarks.sh            full report: about 45 minutes on 2 cores (measured
 #                                        2026-11-27): five builds, the full C++ sweep (8 min),
@@ -33,7 +34,7 @@ while [ $# -gt 0 ]; do
     --no-build) build=0 ;;
     --no-torch) torch=0 ;;
     --report-only) report_only=1 ;;
-    -h | --help) sed -n '2,23p' "$0"; exit 0 ;;
+    -h | --help) sed -n '2,24p' "$0"; exit 0 ;;
     *) echo "run_benchmarks.sh: unknown option $1" >&2; exit 2 ;;
   esac
   shift
@@ -134,5 +135,5 @@ if [ "$report_only" = 0 ]; then
   fi
 fi
 
-"$PY" scripts/bench_report.py --results "$out" --primary "$primary" --threads "$threads" \
-  --output BENCHMARKS.md --chart bench/overhead_vs_d.png $([ "$quick" = 1 ] && echo --quick)
+"$PY" scripts/bench_report.py --results "$out" --primary "$primary" --output BENCHMARKS.md \
+  --chart bench/overhead_vs_d.png
