@@ -186,9 +186,11 @@ class Report:
         out += table(["scalar", "layers", "r", "n", "methods"], rows)
         h = self.head
         out += ["", f"Headline: layer {shape(h['layer'])}, n = {h['n']}, r ∈ {{"
-                + ", ".join(map(str, h["ranks"])) + f"}}, {h['scalar']}; repeated cases: median "
-                f"of {h['reps']} repetitions. Machine: {self.run.context.get('num_cpus', '?')} "
-                f"CPUs at {self.run.context.get('mhz_per_cpu', '?')} MHz."]
+                + ", ".join(map(str, h["ranks"])) + f"}}, {h['scalar']}; "
+                + (f"each repeated case is the median of {h['reps']} runs" if self.run.repeated else
+                   "no case was repeated, so the largest layer and n")
+                + f". Machine: {self.run.context.get('num_cpus', '?')} CPUs at "
+                f"{self.run.context.get('mhz_per_cpu', '?')} MHz."]
         return out
 
     def section_headline(self):
@@ -412,8 +414,8 @@ def main():
     if not runs:
         sys.exit(f"bench_report.py: no cpp_<build>.json in {results}")
     primary = args.primary or max(runs, key=lambda b: len(runs[b].cases))
-    if primary not in runs:
-        sys.exit(f"bench_report.py: no {results}/cpp_{primary}.json")
+    if not runs.get(primary, Cases()).cases:
+        sys.exit(f"bench_report.py: no hra_bench case in {results}/cpp_{primary}.json")
     loads = collections.defaultdict(list)
     for line in (results / "loadavg.txt").read_text().splitlines() \
             if (results / "loadavg.txt").exists() else []:
