@@ -1,881 +1,436 @@
 #!/usr/bin/python3
-"""Writes BENCHMARKS.md and the overhead chart from the JSON of scripts/run_benchmarks.sh.
+"""Writes the tables of BENCHMARKS.md and its chart from the JSON of scripts/run_benchmarks.sh.
 
-Inputs (in --results):
-  cpp_<build>.json   Google Benchmark output of build/bench-<build>/bench/hra_bench
-  torch.json         bench/torch_reference.py --json output (optional)
-  loadavg.txt        load averages around every run (optional)
+Reads, in --results:
+  cpp_<build>.json  Google Benchmark output of build/bench-<build>/bench/hra_bench, one per build
+  torch.json        bench/torch_reference.py --json output (optional)
+  loadavg.txt       load averages around every run (optional)
 
-Every ratio in the report is taken between cases of the same JSON file, i.e. measured in the
-same run of the same binary. The PyTorch ratios divide a PyTorch time by a C++ time measured
-minutes apart on the same machine.
+The sweep is read from the data, not declared here: builds from the file names; scalars, layers,
+ranks, batch sizes and methods from the case names <method>/<pass>/<scalar>/d_in:../d_out:../r:../
+n:.. (bench/bench_hra.cpp; a case at r = 0 does not depend on r, one at n = 0 not on n). The
+headline layer, batch size and ranks are those of the repeated cases (bench/bench_cases.hpp,
+is_headline). The primary build, which fills the per-case tables, is the one with the most cases.
+
+Each table goes between <!-- generated:NAME:begin --> and <!-- generated:NAME:end --> in --output;
+the text outside the markers is written by hand and left alone. Every C++ ratio is between cases
+of one JSON file (one run of one binary); a PyTorch ratio divides a PyTorch time by a C++ time
+measured minutes apart.
 """
 
 import argparse
-import datetime
+import collections
 import json
 import os
-import platform
+import pathlib
 import re
-import subprocess
 import sys
 
-NAME_RE = re.compile(
-    r"^(?P<method>[a-z_]+)/(?P<pass>[a-z]+)/(?P<scalar>float|double)/d_in:(?P<d_in>\d+)/"
-    r"d_out:(?P<d_out>\d+)/r:(?P<r>\d+)/n:(?P<n>\d+)"
-)
+# Goals at the headline layer: column, target, numerator, denominator, r, comparison, goal.
+# A case is "method pass" ("torch:" for torch.json; several passes pair up with the
+# denominator's); r is a rank or "≥R" (every rank from R up: the least ratio is compared).
+GOALS = [
+    ("HRA÷frozen", "HRA fwd+bwd ÷ frozen fwd+bwd", "hra fwdbwd", "frozen fwdbwd", 8, "≤", 1.05),
+    ("HRA÷LoRA", "HRA fwd+bwd ÷ LoRA fwd+bwd", "hra fwdbwd", "lora fwdbwd", 8, "≤", 1.0),
+    ("PEFT÷HRA r=8", "PEFT's HRA in PyTorch ÷ HRA, fwd+bwd", "torch:peft_hra fwdbwd",
+     "hra fwdbwd", 8, "≥", 25),
+    ("PEFT÷HRA r=32", "PEFT's HRA in PyTorch ÷ HRA, fwd+bwd", "torch:peft_hra fwdbwd",
+     "hra fwdbwd", 32, "≥", 60),
+    ("merge÷frozen fwd", "merge ÷ one frozen forward", "merge op", "frozen fwd", 8, "≤", 0.05),
+    ("one-at-a-time÷WY", "one reflection at a time ÷ compact WY, fwd and fwd+bwd",
+     "one_at_a_time fwd fwdbwd", "hra fwd fwdbwd", "≥8", ">", 1.0),
+]
 
-HEAD = dict(d_in=4096, d_out=4096, r=8, n=512)
-SHAPES = [(256, 256), (1024, 1024), (4096, 4096), (4096, 1024)]
-RANKS = [2, 8, 32, 128]
-BATCHES = [1, 64, 512]
+# The ratio table (headline batch size, every layer and rank): header, numerator, denominator,
+# and "×" for a factor (printed as 12.3×).
+RATIOS = [
+    ("HRA÷frozen fwd", "hra fwd", "frozen fwd", ""),
+    ("HRA÷frozen", "hra fwdbwd", "frozen fwdbwd", ""),
+    ("HRA÷LoRA", "hra fwdbwd", "lora fwdbwd", ""),
+    ("PEFT-PyTorch÷HRA", "torch:peft_hra fwdbwd", "hra fwdbwd", "×"),
+    ("PEFT-C++÷HRA", "peft_cpp fwdbwd", "hra fwdbwd", "×"),
+    ("one-at-a-time÷WY", "one_at_a_time fwdbwd", "hra fwdbwd", "×"),
+    ("merge÷frozen fwd", "merge op", "frozen fwd", ""),
+    ("GS÷chain", "hra_gs fwdbwd", "hra fwdbwd", ""),
+]
+BASELINE = "frozen"  # the layer every overhead is divided by
+BY_BATCH = ["hra", "lora"]  # the methods of the batch-size table
+BUILD_MS = ["frozen fwd", "frozen fwdbwd", "hra fwdbwd", "lora fwdbwd", "copy op"]  # builds table
 
-BUILD_INFO = {
-    "blas_serial": "Eigen + OpenBLAS (EIGEN_USE_BLAS), OpenBLAS threads, no OpenMP",
-    "blas_omp": "Eigen + OpenBLAS, Eigen's OpenMP splits each product (2 x 1 OpenBLAS thread)",
-    "eigen_omp": "Eigen's own kernels, OpenMP, -O3 (SSE2 only)",
-    "eigen_native": "Eigen's own kernels, OpenMP, -O3 -march=native",
-    "eigen_serial": "Eigen's own kernels, 1 thread, -O3 (SSE2 only)",
-}
-
-METHOD_LABEL = {
+# Names in the chart and the memory table; a method missing here is shown by its own name.
+LABELS = {
     "frozen": "frozen linear",
     "lora": "LoRA",
-    "hra": "HRA (compact WY)",
-    "hra_gs": "HRA Gram-Schmidt",
-    "one_at_a_time": "HRA one reflection at a time",
-    "peft_cpp": "PEFT's algorithm in C++",
-    "peft_torch": "PEFT's HRA in PyTorch",
+    "hra": "HRA, compact WY",
+    "hra_gs": "HRA, Gram-Schmidt",
+    "one_at_a_time": "HRA, one reflection at a time",
+    "peft_cpp": "PEFT's algorithm, C++",
+    "torch:peft_hra": "PEFT's HRA, PyTorch",
 }
 
-
-# --------------------------------------------------------------------------------------------
-# Loading.
-# --------------------------------------------------------------------------------------------
-
-
-class CppRun:
-    """One Google Benchmark JSON file: times in ms keyed by case."""
-
-    def __init__(self, path):
-        with open(path) as f:
-            data = json.load(f)
-        self.context = data.get("context", {})
-        self.cases = {}
-        for b in data.get("benchmarks", []):
-            if b.get("error_occurred"):
-                continue
-            agg = b.get("aggregate_name")
-            if b.get("run_type") == "aggregate" and agg != "median":
-                continue
-            m = NAME_RE.match(b.get("run_name", b["name"]))
-            if not m:
-                continue
-            key = (
-                m["method"],
-                m["pass"],
-                m["scalar"],
-                int(m["d_in"]),
-                int(m["d_out"]),
-                int(m["r"]),
-                int(m["n"]),
-            )
-            if key in self.cases and agg != "median":
-                continue  # keep the median of repeated cases
-            self.cases[key] = {
-                "ms": to_ms(b["real_time"], b.get("time_unit", "ns")),
-                "saved_bytes": b.get("saved_bytes"),
-                "flops": b.get("flops"),
-                "reps": b.get("repetitions", 1) if agg == "median" else 1,
-                "iterations": b.get("iterations"),
-            }
-
-    def ms(self, method, pas, d_in, d_out, r, n, scalar="float"):
-        if method == "frozen":
-            r = 0
-        if method in ("merge", "unmerge"):
-            pas, n = "op", 0
-        c = self.cases.get((method, pas, scalar, d_in, d_out, r, n))
-        return c["ms"] if c else None
-
-    def get(self, method, pas, d_in, d_out, r, n, scalar="float"):
-        if method == "frozen":
-            r = 0
-        return self.cases.get((method, pas, scalar, d_in, d_out, r, n))
+CASE_RE = re.compile(r"^([a-z_]+)/([a-z]+)/(\w+?)/d_in:(\d+)/d_out:(\d+)/r:(\d+)/n:(\d+)")
+MARK_RE = re.compile(r"^<!-- generated:([\w-]+):begin -->\n(.*?)^<!-- generated:\1:end -->$",
+                     re.S | re.M)
+BEGIN_RE = re.compile(r"^<!-- generated:[\w-]+:begin -->$", re.M)
+UNIT_MS = {"ns": 1e-6, "us": 1e-3, "ms": 1.0, "s": 1e3}
 
 
-PROTO_RE = re.compile(
-    r"^(?P<what>[a-z_]+)/d_in:(?P<d_in>\d+)/d_out:(?P<d_out>\d+)/r:(?P<r>\d+)/n:(?P<n>\d+)/w:(?P<w>\d+)"
-)
+class Cases:
+    """Timed cases keyed by (method, pass, scalar, d_in, d_out, r, n); values hold "ms"."""
+
+    def __init__(self):
+        self.cases, self.repeated, self.context = {}, collections.Counter(), {}
+
+    def get(self, method, pas, scalar, d_in, d_out, r, n):
+        """The case, or the one at r = 0 / n = 0 when it does not depend on r / n; else {}."""
+        for rr, nn in ((r, n), (0, n), (r, 0), (0, 0)):
+            c = self.cases.get((method, pas, scalar, d_in, d_out, rr, nn))
+            if c:
+                return c
+        return {}
 
 
-def load_proto(path):
-    """hra_bench_proto JSON: {(what, d_in, d_out, r, n, w): ms} (medians when repeated)."""
-    with open(path) as f:
-        data = json.load(f)
-    out, ctx = {}, data.get("context", {})
+def load_cpp(path):
+    run = Cases()
+    data = json.loads(path.read_text(encoding="utf-8"))
+    run.context = data.get("context", {})
     for b in data.get("benchmarks", []):
-        agg = b.get("aggregate_name")
-        if b.get("error_occurred") or (b.get("run_type") == "aggregate" and agg != "median"):
+        aggregate = b.get("run_type") == "aggregate"
+        if b.get("error_occurred") or (aggregate and b.get("aggregate_name") != "median"):
             continue
-        m = PROTO_RE.match(b.get("run_name", b["name"]))
+        m = CASE_RE.match(b.get("run_name", b["name"]))
         if not m:
             continue
-        key = (m["what"], int(m["d_in"]), int(m["d_out"]), int(m["r"]), int(m["n"]), int(m["w"]))
-        if key in out and agg != "median":
-            continue
-        out[key] = to_ms(b["real_time"], b.get("time_unit", "ns"))
-    return out, ctx
+        key = m.groups()[:3] + tuple(int(v) for v in m.groups()[3:])
+        if aggregate:
+            run.repeated[key] = b.get("repetitions", 1)
+        elif key in run.cases:
+            continue  # the median aggregate, when there is one, replaces the repetitions
+        run.cases[key] = dict(b, ms=b["real_time"] * UNIT_MS[b.get("time_unit", "ns")])
+    return run
 
 
-def to_ms(value, unit):
-    return value * {"ns": 1e-6, "us": 1e-3, "ms": 1.0, "s": 1e3}[unit]
+def load_torch(path):
+    run = Cases()
+    for rec in json.loads(path.read_text(encoding="utf-8")) if path.exists() else []:
+        key = (rec["method"], rec["pass"], "float", rec["d_in"], rec["d_out"], rec["r"], rec["n"])
+        run.cases[key] = dict(rec, ms=rec.get("ms_median"))
+    return run
 
 
-class TorchRun:
-    def __init__(self, path):
-        self.records = {}
-        self.version = None
-        if not path or not os.path.exists(path):
-            return
-        with open(path) as f:
-            data = json.load(f)
-        for rec in data:
-            self.version = rec.get("torch_version", self.version)
-            key = (rec["method"], rec["pass"], rec["d_in"], rec["d_out"], rec["r"], rec["n"])
-            self.records[key] = rec
+class Report:
+    def __init__(self, runs, primary, torch, loads):
+        self.runs, self.primary, self.torch, self.loads = runs, primary, torch, loads
+        self.run = runs[primary]
+        keys = self.run.cases
+        self.head = headline(self.run)
+        self.scalars = sorted({k[2] for k in keys}, key=lambda s: (s != self.head["scalar"], s))
+        self.layers = sorted({k[3:5] for k in keys if k[6]}, key=lambda l: (l[0] != l[1], l))
+        self.ranks = sorted({k[5] for k in keys if k[5]})
+        self.batches = sorted({k[6] for k in keys if k[6]})
+        order = {m: i for i, m in enumerate(LABELS)}
+        self.methods = sorted({k[0] for k in keys}, key=lambda m: (order.get(m, len(order)), m))
 
-    def ms(self, method, pas, d_in, d_out, r, n):
-        if method == "frozen":
-            r = 0
-        rec = self.records.get((method, pas, d_in, d_out, r, n))
-        return rec.get("ms_median") if rec else None
+    def case(self, spec, pas, layer, r, n, run=None):
+        """The case of "method" or "torch:method" in `run` (default: the primary one)."""
+        if spec.startswith("torch:"):
+            return self.torch.get(spec[6:], pas, "float", *layer, r, n)  # PyTorch runs float32
+        return (run or self.run).get(spec, pas, self.head["scalar"], *layer, r, n)
 
-    def skipped(self, method, pas, d_in, d_out, r, n):
-        rec = self.records.get((method, pas, d_in, d_out, r, n))
-        return rec.get("skipped") if rec else None
+    def value(self, *args):
+        return self.case(*args).get("ms")
+
+    def ratio(self, num, den, layer, r, n, run=None):
+        """(ratio, numerator ms, denominator ms) of two "method pass" specs."""
+        (nm, np_), (dm, dp) = num.split(), den.split()
+        a, b = self.value(nm, np_, layer, r, n, run), self.value(dm, dp, layer, r, n, run)
+        return (a / b if a is not None and b else None), a, b
+
+    def goal(self, goal, run=None):
+        """Measured ratios of a GOALS entry: [(ratio, r, pass, numerator ms, denominator ms)]."""
+        _, _, num, den, r, _, _ = goal
+        ranks = [r] if isinstance(r, int) else [x for x in self.ranks if x >= int(r[1:])]
+        (nm, *nps), (dm, *dps) = num.split(), den.split()
+        found = [(self.ratio(f"{nm} {p}", f"{dm} {q}", self.head["layer"], rr, self.head["n"], run),
+                  rr, p) for rr in ranks for p, q in zip(nps, dps)]
+        return [(v, rr, p, a, b) for (v, a, b), rr, p in found if v is not None]
+
+    # ---------------------------------------------------------------------- the tables
+
+    def section_run(self):
+        rows = []
+        for name, run in self.runs.items():
+            c = run.context.get
+            rows.append([f"`{name}`" + " (primary)" * (name == self.primary), c("date", "?")[:19],
+                         str(len(run.cases)), c("compiler", "?"), f"`{c('cxx_flags', '?')}`",
+                         c("eigen_version", "?"), c("eigen_simd", "?"), c("blas", "?"),
+                         c("openmp", "?"), f"{c('eigen_threads', '?')} / "
+                         f"{c('blas_threads', '–')}", " → ".join(self.loads[name])])
+        out = table(["build", "date", "cases", "compiler", "flags", "Eigen", "Eigen SIMD", "BLAS",
+                     "OpenMP", "threads (Eigen / BLAS)", "load average before → after"], rows)
+        if self.torch.cases:
+            t = next(iter(self.torch.cases.values()))
+            out += ["", f"PyTorch (`torch.json`): torch {t.get('torch_version')}, "
+                    f"{t.get('threads')} threads, "
+                    f"{len(self.torch.cases)} cases; load average before → after: "
+                    + (" → ".join(self.loads["torch"]) or "–") + "."]
+        out += ["", f"Cases of the primary build `{self.primary}`:", ""]
+        rows = []
+        for s in self.scalars:
+            keys = [k for k in self.run.cases if k[2] == s]
+            rows.append([s, ", ".join(shape(l) for l in self.layers
+                                      if any(k[3:5] == l for k in keys)),
+                         ", ".join(str(r) for r in sorted({k[5] for k in keys if k[5]})),
+                         ", ".join(str(n) for n in sorted({k[6] for k in keys if k[6]})),
+                         ", ".join(m for m in self.methods if any(k[0] == m for k in keys))])
+        out += table(["scalar", "layers", "r", "n", "methods"], rows)
+        h = self.head
+        out += ["", f"Headline: layer {shape(h['layer'])}, n = {h['n']}, r ∈ {{"
+                + ", ".join(map(str, h["ranks"])) + f"}}, {h['scalar']}; "
+                + (f"each repeated case is the median of {h['reps']} runs" if self.run.repeated else
+                   "no case was repeated, so the largest layer and n")
+                + f". Machine: {self.run.context.get('num_cpus', '?')} CPUs at "
+                f"{self.run.context.get('mhz_per_cpu', '?')} MHz."]
+        return out
+
+    def section_headline(self):
+        rows = []
+        for g in GOALS:
+            _, target, _, _, r, op, goal = g
+            found = sorted(self.goal(g), key=lambda z: z[1:3])
+            v, bound = (min(found)[0] if found else None), fmt_goal(op, goal, True)
+            if len(found) == 1:
+                detail = f"{fmt_goal(op, v)} ({fms(found[0][3])} ms ÷ {fms(found[0][4])} ms)"
+            else:
+                detail = ", ".join(f"r={rr} {p.replace('fwdbwd', 'fwd+bwd')}: {fmt_goal(op, x)}"
+                                   for x, rr, p, _, _ in found)
+            vs = "–" if v is None else \
+                f"{fmt_goal(op, v)} {'<' if v < goal else '>' if v > goal else '='} {bound}"
+            rows.append([target, f"r = {r}" if isinstance(r, int) else f"r {r[0]} {r[1:]}",
+                         f"{op} {bound}", detail or "–", vs])
+        return table(["target", "rank", "goal", "measured", "measured vs goal"], rows)
+
+    def section_ratios(self):
+        rows = []
+        n = self.head["n"]
+        for layer in self.layers:
+            for r in self.ranks:
+                if self.value("hra", "fwdbwd", layer, r, n) is None:
+                    continue
+                cells = []
+                for _, num, den, kind in RATIOS:
+                    v = self.ratio(num, den, layer, r, n)[0]
+                    skipped = self.case(*num.split(), layer, r, n).get("skipped")  # torch.json
+                    cells.append("skipped" if v is None and skipped else fx(v) if kind else fr(v))
+                rows.append([shape(layer), str(r)] + cells)
+        return table(["layer", "r"] + [c[0] for c in RATIOS], rows)
+
+    def section_batch(self):
+        rows = []
+        for layer in self.layers:
+            for r in self.head["ranks"]:
+                cells = [fr(self.ratio(f"{m} fwdbwd", f"{BASELINE} fwdbwd", layer, r, b)[0])
+                         for m in BY_BATCH for b in self.batches]
+                if any(c != "–" for c in cells):
+                    fz = "/".join(fms(self.value(BASELINE, "fwdbwd", layer, 0, b))
+                                  for b in self.batches)
+                    rows.append([shape(layer), str(r)] + cells + [fz])
+        batches = "/".join(map(str, self.batches))
+        return table(["layer", "r"] + [f"{m} n={b}" for m in BY_BATCH for b in self.batches]
+                     + [f"{BASELINE} fwd+bwd ms (n={batches})"], rows)
+
+    def section_memory(self):
+        h = self.head
+        base = self.case(BASELINE, "fwdbwd", h["layer"], 0, h["n"]).get("saved_bytes")
+        rows = []
+        for m in self.methods:
+            cells = []
+            for r in h["ranks"]:
+                b = self.case(m, "fwdbwd", h["layer"], r, h["n"]).get("saved_bytes")
+                rel = f" ({b / base:.2f}× {BASELINE})" if b and base and m != BASELINE else ""
+                cells.append("–" if b is None else f"{b / 2**20:.1f} MiB{rel}")
+            if any(c != "–" for c in cells):
+                rows.append([LABELS.get(m, m)] + cells)
+        return table(["method"] + [f"r = {r}" for r in h["ranks"]], rows)
+
+    def section_builds(self):
+        h, rows = self.head, []
+        for name, run in self.runs.items():
+            cells = [fms(self.value(*c.split(), h["layer"], h["ranks"][0], h["n"], run))
+                     for c in BUILD_MS]
+            for g in GOALS:
+                found = self.goal(g, run)
+                cells.append(fmt_goal(g[5], min(found)[0]) if found else "–")
+            rows.append([f"`{name}`"] + cells)
+        names = [c.replace("fwdbwd", "fwd+bwd").replace(" op", "") for c in BUILD_MS]
+        return table(["build"] + [f"{c} ms" for c in names] + [g[0] for g in GOALS], rows)
+
+    def section_cpp(self):
+        out = []
+        for s in self.scalars:
+            keys = {k for k in self.run.cases if k[2] == s}
+            passes = {m: sorted({k[1] for k in keys if k[0] == m}, key=len) for m in self.methods}
+            cols = [(m, p) for m, ps in passes.items() for p in ps if p != "op"]
+            cols += [(m, "op") for m, ps in passes.items() if "op" in ps
+                     and any(k[0] == m and k[5] for k in keys)]
+            rows = [[shape(layer), str(r), str(n)]
+                    + [fms(self.run.get(m, p, s, *layer, r, n).get("ms")) for m, p in cols]
+                    for layer in self.layers for r in self.ranks for n in self.batches
+                    if any((m, p, s, *layer, r, n) in keys for m, p in cols if p != "op")]
+            out += [f"<details><summary>Every C++ timing of the primary build, {s} (ms)</summary>",
+                    ""]
+            out += table(["layer", "r", "n"] + [f"{m} {p.replace('fwdbwd', 'fwd+bwd')}"
+                                                for m, p in cols], rows)
+            out += ["", "</details>", ""]
+        return out[:-1]
+
+    def section_torch(self):
+        recs = sorted(self.torch.cases.values(), key=lambda c: (
+            c["d_in"] * c["d_out"], c["d_in"], c["n"], c["r"], c["method"], c["pass"]))
+        out = ["<details><summary>PyTorch timings (ms)</summary>", ""]
+        out += table(["method", "pass", "layer", "r", "n", "ms", "note"], [
+            [c["method"], c["pass"], shape((c["d_in"], c["d_out"])), str(c["r"]), str(c["n"]),
+             fms(c["ms"]), c.get("skipped", "")] for c in recs])
+        return out + ["", "</details>"]
 
 
-# --------------------------------------------------------------------------------------------
-# Formatting helpers.
-# --------------------------------------------------------------------------------------------
+def headline(run):
+    """Layer, batch size, ranks and scalar of the repeated cases (else: the largest layer)."""
+    rep = [k for k in run.repeated if k[6]] or [k for k in run.cases if k[6]]
+    scalar = collections.Counter(k[2] for k in rep).most_common(1)[0][0]
+    layer = max({k[3:5] for k in rep if k[2] == scalar}, key=lambda l: (l[0] * l[1], l[0] == l[1]))
+    keys = [k for k in rep if k[2] == scalar and k[3:5] == layer]
+    return dict(scalar=scalar, layer=layer, n=max(k[6] for k in keys),
+                ranks=sorted({k[5] for k in keys if k[5]}), reps=max(run.repeated.values() or [1]))
 
 
-def ratio(a, b):
-    if a is None or b is None or b == 0:
-        return None
-    return a / b
+def table(header, rows):
+    return ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)] + [
+        "| " + " | ".join(row) + " |" for row in rows]
 
 
-def fr(x, digits=3):
-    return "–" if x is None else f"{x:.{digits}f}"
+def shape(layer):
+    return str(layer[0]) if layer[0] == layer[1] else f"{layer[0]}→{layer[1]}"
+
+
+def fr(x):
+    return "–" if x is None else f"{x:.3f}"
 
 
 def fx(x):
-    """A speed-up factor."""
+    """A factor: 2.35×, 12.3×, 188×."""
     if x is None:
         return "–"
-    return f"{x:.0f}×" if x >= 100 else f"{x:.1f}×"
+    return f"{x:.{0 if x >= 100 else 1 if x >= 10 else 2}f}×"
+
+
+def fmt_goal(op, x, goal=False):
+    """A value compared by `op`: ≤ bounds a ratio (1.063), ≥ and > a factor (47.5×)."""
+    if goal:
+        return f"{x:g}" + ("" if op == "≤" else "×")
+    return fr(x) if op == "≤" else fx(x)
 
 
 def fms(x):
     if x is None:
         return "–"
-    if x >= 100:
-        return f"{x:.0f}"
-    if x >= 10:
-        return f"{x:.1f}"
-    if x >= 1:
-        return f"{x:.2f}"
-    return f"{x:.3f}"
+    return f"{x:.{0 if x >= 100 else 1 if x >= 10 else 2 if x >= 1 else 3}f}"
 
 
-def fbytes(b):
-    if b is None:
-        return "–"
-    return f"{b / 2**20:.1f} MiB"
+def make_chart(rep, path):
+    import matplotlib
 
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
 
-def verdict(ok):
-    if ok is None:
-        return "n/a"
-    return "**PASS**" if ok else "**MISS**"
-
-
-def shape_label(d_in, d_out):
-    return f"{d_in}" if d_in == d_out else f"{d_in}→{d_out}"
-
-
-def cmd(args):
-    try:
-        return subprocess.run(args, capture_output=True, text=True, check=True).stdout
-    except (OSError, subprocess.CalledProcessError):
-        return ""
-
-
-def machine_info():
-    info = {}
-    lscpu = cmd(["lscpu"])
-    for line in lscpu.splitlines():
-        k, _, v = line.partition(":")
-        info[k.strip()] = v.strip()
-    mem = ""
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemTotal:"):
-                    mem = f"{int(line.split()[1]) / 2**20:.1f} GiB"
-    except OSError:
-        pass
-    return {
-        "cpu": info.get("Model name", platform.processor()),
-        "cores": info.get("CPU(s)", str(os.cpu_count())),
-        "flags_simd": " ".join(
-            f for f in ("avx2", "fma", "avx512f") if f in info.get("Flags", "").split()
-        ),
-        "mem": mem,
-        "kernel": platform.release(),
-        "os": (cmd(["sh", "-c", ". /etc/os-release && echo $PRETTY_NAME"]).strip() or platform.platform()),
-    }
-
-
-def torch_blas():
-    try:
-        import torch  # noqa: F401  (Debian's python3-torch)
-
-        cfg = torch.__config__.show()
-        m = re.search(r"BLAS_INFO=([^,]+)", cfg)
-        blas = m.group(1) if m else "?"
-        lib = cmd(["sh", "-c", "readlink -f /usr/lib/x86_64-linux-gnu/libblas.so.3"]).strip()
-        return f"BLAS_INFO={blas} ({lib or 'system libblas'})"
-    except Exception:  # pragma: no cover - torch missing
-        return "?"
-
-
-# --------------------------------------------------------------------------------------------
-# The report.
-# --------------------------------------------------------------------------------------------
-
-
-def headline_targets(run, torch, shape=HEAD):
-    d_in, d_out, r, n = shape["d_in"], shape["d_out"], shape["r"], shape["n"]
-    t = {}
-    fz_fb = run.ms("frozen", "fwdbwd", d_in, d_out, 0, n)
-    fz_f = run.ms("frozen", "fwd", d_in, d_out, 0, n)
-    hra_fb = run.ms("hra", "fwdbwd", d_in, d_out, r, n)
-    hra_f = run.ms("hra", "fwd", d_in, d_out, r, n)
-    lora_fb = run.ms("lora", "fwdbwd", d_in, d_out, r, n)
-    lora_f = run.ms("lora", "fwd", d_in, d_out, r, n)
-    t["hra_frozen"] = ratio(hra_fb, fz_fb)
-    t["hra_frozen_fwd"] = ratio(hra_f, fz_f)
-    t["hra_lora"] = ratio(hra_fb, lora_fb)
-    t["hra_lora_fwd"] = ratio(hra_f, lora_f)
-    t["peft8"] = ratio(torch.ms("peft_hra", "fwdbwd", d_in, d_out, 8, n), run.ms("hra", "fwdbwd", d_in, d_out, 8, n))
-    t["peft32"] = ratio(torch.ms("peft_hra", "fwdbwd", d_in, d_out, 32, n), run.ms("hra", "fwdbwd", d_in, d_out, 32, n))
-    t["peft8_fwd"] = ratio(torch.ms("peft_hra", "fwd", d_in, d_out, 8, n), run.ms("hra", "fwd", d_in, d_out, 8, n))
-    t["peft32_fwd"] = ratio(torch.ms("peft_hra", "fwd", d_in, d_out, 32, n), run.ms("hra", "fwd", d_in, d_out, 32, n))
-    t["merge"] = ratio(run.ms("merge", "op", d_in, d_out, r, 0), fz_f)
-    t["unmerge"] = ratio(run.ms("unmerge", "op", d_in, d_out, r, 0), fz_f)
-    wy = []
-    for rr in (8, 32, 128):
-        for pas in ("fwd", "fwdbwd"):
-            s = ratio(run.ms("one_at_a_time", pas, d_in, d_out, rr, n), run.ms("hra", pas, d_in, d_out, rr, n))
-            if s is not None:
-                wy.append((s, rr, pas))
-    t["wy"] = min(wy) if wy else None
-    t["wy_all"] = wy
-    t["ms"] = dict(fz_fb=fz_fb, fz_f=fz_f, hra_fb=hra_fb, hra_f=hra_f, lora_fb=lora_fb, lora_f=lora_f)
-    return t
-
-
-def write_report(args):
-    results = args.results
-    runs = {}
-    for fn in sorted(os.listdir(results)):
-        m = re.match(r"cpp_(\w+)\.json$", fn)
-        if m:
-            try:
-                runs[m.group(1)] = CppRun(os.path.join(results, fn))
-            except (OSError, ValueError) as e:
-                print(f"bench_report.py: skipping {fn}: {e}", file=sys.stderr)
-    if args.primary not in runs:
-        sys.exit(f"bench_report.py: no {results}/cpp_{args.primary}.json")
-    run = runs[args.primary]
-    torch = TorchRun(os.path.join(results, "torch.json"))
-    ctx = run.context
-    mach = machine_info()
-    loads = []
-    if os.path.exists(os.path.join(results, "loadavg.txt")):
-        with open(os.path.join(results, "loadavg.txt")) as f:
-            loads = [line.strip() for line in f if line.strip()]
-    commit = cmd(["git", "rev-parse", "--short", "HEAD"]).strip() or "?"
-    date = ctx.get("date") or datetime.datetime.now().isoformat(timespec="seconds")
-    T = headline_targets(run, torch)
-    L = []
-    w = L.append
-
-    w("# Benchmarks")
-    w("")
-    w(
-        "Generated by `scripts/run_benchmarks.sh` (which calls `scripts/bench_report.py`); do not "
-        "edit by hand, rerun the script. "
-        + ("This is a **--quick** smoke run: only the headline shape and one small case. " if args.quick else "")
-        + f"Run of {date[:19]} at commit `{commit}`; raw JSON in `{results}/`."
-    )
-    w("")
-    w(
-        "All C++ ratios are between cases of **the same run of the same binary** (build "
-        f"`{args.primary}`: {BUILD_INFO.get(args.primary, args.primary)}). Times are wall-clock "
-        "medians (Google Benchmark `real_time`; the headline cases are the median of "
-        f"{max((c['reps'] for c in run.cases.values()), default=1)} repetitions). "
-        "*fwd* is the training forward (`Layer::forward`, which keeps what backward needs); "
-        "*fwd+bwd* adds `backward()` with the input gradient (W is frozen: the frozen layer's "
-        "backward is Wᵀ·dY, every adapter adds its parameter gradients)."
-    )
-    w("")
-
-    # ---------------------------------------------------------------- machine
-    w("## Machine")
-    w("")
-    w("| | |")
-    w("|---|---|")
-    w(f"| CPU | {mach['cpu']} ({mach['cores']} cores; SIMD: {mach['flags_simd']}) |")
-    w(f"| Memory / OS | {mach['mem']}, {mach['os']}, Linux {mach['kernel']} |")
-    w(f"| Threads | {args.threads} (the headline) |")
-    w(f"| Compiler | {ctx.get('compiler', '?')} |")
-    w(f"| Flags ({args.primary}) | `{ctx.get('cxx_flags', '?')}` |")
-    w(f"| Eigen | {ctx.get('eigen_version', '?')} (SIMD in use: {ctx.get('eigen_simd', '?')}) |")
-    w(f"| BLAS ({args.primary}) | {ctx.get('blas', '?')} |")
-    w(f"| Google Benchmark | {ctx.get('library_version', '1.7.1 (Debian libbenchmark-dev)')} |")
-    w(
-        f"| PyTorch | {torch.version or 'not run'} (Debian python3-torch, float32; {torch_blas()}) |"
-    )
-    if loads:
-        w(f"| Load average (1/5/15 min) around each run | {'; '.join(loads)} |")
-    w("")
-
-    # ---------------------------------------------------------------- targets
-    h = HEAD
-    w("## Headline targets")
-    w("")
-    w(
-        f"d_in = d_out = {h['d_in']}, r = {h['r']}, n = {h['n']}, float, {args.threads} threads, "
-        f"build `{args.primary}`."
-    )
-    w("")
-    w("| Target | Goal | Measured | Result |")
-    w("|---|---|---|---|")
-    ms = T["ms"]
-    w(
-        f"| HRA fwd+bwd ÷ frozen fwd+bwd | ≤ 1.05 | {fr(T['hra_frozen'])} "
-        f"({fms(ms['hra_fb'])} ms vs {fms(ms['fz_fb'])} ms) | "
-        f"{verdict(None if T['hra_frozen'] is None else T['hra_frozen'] <= 1.05)} |"
-    )
-    w(
-        f"| HRA ÷ LoRA at equal r (fwd+bwd) | ≤ 1.00 | {fr(T['hra_lora'])} "
-        f"({fms(ms['hra_fb'])} ms vs {fms(ms['lora_fb'])} ms; fwd: {fr(T['hra_lora_fwd'])}) | "
-        f"{verdict(None if T['hra_lora'] is None else T['hra_lora'] <= 1.0)} |"
-    )
-    w(
-        f"| PEFT's HRA in PyTorch ÷ HRA, r = 8 (fwd+bwd) | ≥ 25× | {fx(T['peft8'])} "
-        f"(fwd: {fx(T['peft8_fwd'])}) | {verdict(None if T['peft8'] is None else T['peft8'] >= 25)} |"
-    )
-    w(
-        f"| PEFT's HRA in PyTorch ÷ HRA, r = 32 (fwd+bwd) | ≥ 60× | {fx(T['peft32'])} "
-        f"(fwd: {fx(T['peft32_fwd'])}) | {verdict(None if T['peft32'] is None else T['peft32'] >= 60)} |"
-    )
-    w(
-        f"| merge ÷ one frozen forward (n = 512) | ≤ 0.05 | {fr(T['merge'])} "
-        f"({fms(run.ms('merge', 'op', h['d_in'], h['d_out'], h['r'], 0))} ms vs {fms(ms['fz_f'])} ms; "
-        f"unmerge {fr(T['unmerge'])}) | {verdict(None if T['merge'] is None else T['merge'] <= 0.05)} |"
-    )
-    if T["wy"]:
-        s, rr, pas = T["wy"]
-        detail = ", ".join(f"r={r_} {p}: {fx(v)}" for v, r_, p in sorted(T["wy_all"], key=lambda z: (z[1], z[2])))
-        w(
-            f"| compact WY faster than one reflection at a time, every r ≥ 8 | > 1× | "
-            f"smallest {fx(s)} (r={rr}, {pas}); {detail} | {verdict(s > 1.0)} |"
-        )
-    else:
-        w("| compact WY faster than one reflection at a time, every r ≥ 8 | > 1× | – | n/a |")
-    w("")
-    w(
-        "The WY check is made at the headline layer; the ratio table below shows it at every "
-        "layer and rank (column *one-at-a-time ÷ WY*)."
-    )
-    w("")
-
-    # ---------------------------------------------------------------- ratio table
-    w("## Ratios, n = 512, float (same run)")
-    w("")
-    w(
-        "Ratios < 1 mean HRA is faster, except the speed-up columns (×), which divide the other "
-        "method's time by HRA's. All fwd+bwd unless marked fwd. PEFT-in-C++ is PEFT's algorithm "
-        "restated in C++ (dense H by r rank-1 updates, W·H, product; autograd's backward); "
-        "PEFT-in-PyTorch is `bench/torch_reference.py`."
-    )
-    w("")
-    w(
-        "| layer | r | HRA÷frozen fwd | HRA÷frozen | HRA÷LoRA | PEFT-PyTorch÷HRA | PEFT-C++÷HRA "
-        "| one-at-a-time÷WY | merge÷frozen fwd | GS÷chain |"
-    )
-    w("|---|---|---|---|---|---|---|---|---|---|")
-    n = 512
-    for d_in, d_out in SHAPES:
-        for r in RANKS:
-            hra_fb = run.ms("hra", "fwdbwd", d_in, d_out, r, n)
-            if hra_fb is None:
-                continue
-            fz_fb = run.ms("frozen", "fwdbwd", d_in, d_out, 0, n)
-            fz_f = run.ms("frozen", "fwd", d_in, d_out, 0, n)
-            pt = torch.ms("peft_hra", "fwdbwd", d_in, d_out, r, n)
-            pt_txt = fx(ratio(pt, hra_fb))
-            if pt is None and torch.skipped("peft_hra", "fwdbwd", d_in, d_out, r, n):
-                pt_txt = "skipped¹"
-            w(
-                f"| {shape_label(d_in, d_out)} | {r} "
-                f"| {fr(ratio(run.ms('hra', 'fwd', d_in, d_out, r, n), fz_f))} "
-                f"| {fr(ratio(hra_fb, fz_fb))} "
-                f"| {fr(ratio(hra_fb, run.ms('lora', 'fwdbwd', d_in, d_out, r, n)))} "
-                f"| {pt_txt} "
-                f"| {fx(ratio(run.ms('peft_cpp', 'fwdbwd', d_in, d_out, r, n), hra_fb))} "
-                f"| {fx(ratio(run.ms('one_at_a_time', 'fwdbwd', d_in, d_out, r, n), hra_fb))} "
-                f"| {fr(ratio(run.ms('merge', 'op', d_in, d_out, r, 0), fz_f))} "
-                f"| {fr(ratio(run.ms('hra_gs', 'fwdbwd', d_in, d_out, r, n), hra_fb))} |"
-            )
-    w("")
-    w(
-        "¹ skipped by `torch_reference.py`'s time cap (`--max-seconds-per-case`), predicted from "
-        "the smaller rank. – : not measured (PEFT-in-C++ runs at d_in = 4096 only for r ∈ {8, 32}; "
-        "see *Method*)."
-    )
-    w("")
-
-    # ---------------------------------------------------------------- batch dependence
-    w("## Overhead against the batch size (fwd+bwd ÷ frozen fwd+bwd, float)")
-    w("")
-    w("| layer | r | " + " | ".join(f"HRA n={b}" for b in BATCHES) + " | " + " | ".join(f"LoRA n={b}" for b in BATCHES) + " | frozen fwd+bwd ms (n=1/64/512) |")
-    w("|---|---|" + "---|" * (2 * len(BATCHES) + 1))
-    for d_in, d_out in SHAPES:
-        for r in (8, 32):
-            cells = []
-            for meth in ("hra", "lora"):
-                for b in BATCHES:
-                    cells.append(fr(ratio(run.ms(meth, "fwdbwd", d_in, d_out, r, b), run.ms("frozen", "fwdbwd", d_in, d_out, 0, b))))
-            if all(c == "–" for c in cells):
-                continue
-            fz = "/".join(fms(run.ms("frozen", "fwdbwd", d_in, d_out, 0, b)) for b in BATCHES)
-            w(f"| {shape_label(d_in, d_out)} | {r} | " + " | ".join(cells) + f" | {fz} |")
-    w("")
-    w(
-        "At n = 1 the frozen product is a matrix-vector product (memory-bound, ~1 flop per byte "
-        "of W), so every adapter's fixed costs (factorising U, the r×r solve, copies) weigh more."
-    )
-    w("")
-
-    # ---------------------------------------------------------------- memory
-    w("## Memory kept between forward and backward (headline layer, float)")
-    w("")
-    w(
-        "`Layer::saved_bytes()` after `forward()`, reported by the benchmark as the counter "
-        "`saved_bytes` (d_in = d_out = 4096, n = 512). The layers' output Y (d_out×n, 8 MiB) is "
-        "counted for every layer, since each keeps it in its own buffer."
-    )
-    w("")
-    w("| layer | r = 8 | r = 32 | what |")
-    w("|---|---|---|---|")
-    what = {
-        "frozen": "Y (W is frozen, so X is not needed)",
-        "lora": "X (dropout input), A·X (r×n), Y",
-        "hra": "H·X (d_in×n), Y, r×n coefficients + S factors (O(r·b))",
-        "hra_gs": "H·X, Y, Qᵀ·X (r×n), Q (d×r), R",
-        "one_at_a_time": "H·X, Y (inputs of each reflection are rebuilt)",
-        "peft_cpp": "r+1 dense d_in×d_in H's (autograd keeps every intermediate), W·H, X, Y",
-    }
-    base = run.get("frozen", "fwdbwd", h["d_in"], h["d_out"], 0, h["n"])
-    for meth in ("frozen", "lora", "hra", "hra_gs", "one_at_a_time", "peft_cpp"):
-        cells = []
-        for r in (8, 32):
-            c = run.get(meth, "fwdbwd", h["d_in"], h["d_out"], r, h["n"])
-            if c and c.get("saved_bytes") is not None:
-                extra = ""
-                if base and base.get("saved_bytes") and meth != "frozen":
-                    extra = f" ({c['saved_bytes'] / base['saved_bytes']:.2f}× frozen)"
-                cells.append(fbytes(c["saved_bytes"]) + extra)
-            else:
-                cells.append("–")
-        w(f"| {METHOD_LABEL[meth]} | " + " | ".join(cells) + f" | {what[meth]} |")
-    w("")
-
-    # ---------------------------------------------------------------- backends
-    w("## Builds: OpenBLAS, OpenMP, Eigen's own kernels")
-    w("")
-    w(
-        f"The same benchmark binary built five ways, headline layer (4096², n = 512, float), "
-        f"{args.threads} threads. Each row's ratios come from its own run."
-    )
-    w("")
-    w(
-        "| build | frozen fwd ms | frozen fwd+bwd ms | HRA fwd+bwd ms | LoRA fwd+bwd ms "
-        "| HRA÷frozen | HRA÷LoRA | merge÷frozen fwd | PEFT-PyTorch÷HRA r=8 | WY vs one-at-a-time (min) |"
-    )
-    w("|---|---|---|---|---|---|---|---|---|---|")
-    order = ["blas_serial", "blas_omp", "eigen_native", "eigen_omp", "eigen_serial"]
-    best = None
-    for name in order + sorted(set(runs) - set(order)):
-        if name not in runs:
-            continue
-        rt = headline_targets(runs[name], torch)
-        m = rt["ms"]
-        if m["hra_fb"] is None:
-            continue
-        if best is None or m["hra_fb"] < best[1]:
-            best = (name, m["hra_fb"])
-        wy = fx(rt["wy"][0]) if rt["wy"] else "–"
-        w(
-            f"| `{name}`: {BUILD_INFO.get(name, '')} | {fms(m['fz_f'])} | {fms(m['fz_fb'])} "
-            f"| {fms(m['hra_fb'])} | {fms(m['lora_fb'])} | {fr(rt['hra_frozen'])} | {fr(rt['hra_lora'])} "
-            f"| {fr(rt['merge'])} | {fx(rt['peft8'])} | {wy} |"
-        )
-    w("")
-    if best:
-        how = {
-            "blas_serial": "`-DHRA_USE_BLAS=ON -DHRA_USE_OPENMP=OFF` (Debian's `libopenblas-dev`; "
-            "threads from `OPENBLAS_NUM_THREADS`)",
-            "blas_omp": "`-DHRA_USE_BLAS=ON -DHRA_USE_OPENMP=ON` with `OPENBLAS_NUM_THREADS=1` and "
-            "`OMP_NUM_THREADS` = cores (Eigen splits each product, OpenBLAS computes the pieces)",
-            "eigen_native": "`-DHRA_USE_OPENMP=ON` and `-march=native` (no BLAS; the binary then "
-            "only runs on CPUs like the build machine)",
-            "eigen_omp": "`-DHRA_USE_OPENMP=ON` (no BLAS)",
-            "eigen_serial": "no BLAS, no OpenMP",
-        }
-        w(
-            f"**Recommendation (from this run):** `{best[0]}`, i.e. {how.get(best[0], best[0])}: "
-            f"the fastest HRA fwd+bwd at the headline layer ({fms(best[1])} ms). "
-            "PyTorch on this machine uses the same OpenBLAS, so the OpenBLAS builds also make the "
-            "C++/PyTorch comparison one of algorithms, not of GEMM kernels. Without a BLAS, "
-            "Eigen's own kernels need `-march=native` (or at least `-mavx2 -mfma`): plain `-O3` on "
-            "x86-64 compiles them for SSE2 only. Never nest the two thread pools (Eigen's OpenMP "
-            "threads each calling a multi-threaded OpenBLAS oversubscribes the cores): use "
-            "either OpenBLAS threads or Eigen threads, not both."
-        )
-    w("")
-
-    # ---------------------------------------------------------------- chart
-    if args.chart:
-        made = make_chart(run, torch, args.chart)
-        if made:
-            rel = os.path.relpath(args.chart, os.path.dirname(os.path.abspath(args.output)) or ".")
-            w("## Overhead against d")
-            w("")
-            w(f"![time ÷ frozen time against d, fwd+bwd, n = 512]({rel})")
-            w("")
-            w(
-                "Square layers, n = 512, float, fwd+bwd, time divided by the frozen layer's "
-                "fwd+bwd time of the same run (PEFT in PyTorch: divided by PyTorch's own frozen "
-                "linear). Log scale."
-            )
-            w("")
-
-    # ---------------------------------------------------------------- prototypes
-    for name in sorted(os.listdir(results)):
-        m = re.match(r"proto_(\w+)\.json$", name)
-        if m:
-            for line in proto_section(os.path.join(results, name), m.group(1), run):
-                w(line)
-
-    # ---------------------------------------------------------------- limits
-    w("## What limits the numbers")
-    w("")
-    for line in limits_text(run, torch, T, runs):
-        w(line)
-    w("")
-
-    # ---------------------------------------------------------------- method
-    w("## Method")
-    w("")
-    w(
-        "- `bench/bench_hra.cpp` (Google Benchmark, templated over the scalar; float is the "
-        "headline, double is registered for d ∈ {256, 1024} and the headline layer at r = 8). "
-        "Sweep: d ∈ {256, 1024, 4096} square plus 4096→1024, r ∈ {2, 8, 32, 128}, "
-        "n ∈ {1, 64, 512}; merge and unmerge at every layer and rank."
-    )
-    w(
-        "- Same operands for every method: one frozen W, one batch X and one upstream gradient "
-        "dY per shape (deterministic random), reflectors U drawn at random (H ≠ I)."
-    )
-    w(
-        "- *one reflection at a time*: `hra::reference::apply_one_at_a_time`, then W·(H X); its "
-        "backward (written in the benchmark, checked against `HraLinear` at start-up) walks the "
-        "reflections one by one with GEMVs and rank-1 updates, rebuilding each reflection's input."
-    )
-    w(
-        "- *PEFT in C++*: H = I, then r rank-1 updates H ← H − 2 (H v) vᵀ, W·H, (W·H)·X; the "
-        "backward is autograd's on that graph: dW_eff = dY·Xᵀ, dX = (WH)ᵀ·dY, dH = Wᵀ·dW_eff, "
-        "then back through the rank-1 updates with the saved intermediate H's (also checked "
-        "against `HraLinear` at start-up). PyTorch's PEFT additionally multiplies I·H (one more "
-        "d³ product) in its forward. At d_in = 4096 it is run only at n = 512 and r ∈ {8, 32} (its "
-        "cost does not depend on n; r = 32 keeps 33 dense 64 MiB matrices for the backward); "
-        "in double not at all at d = 4096."
-    )
-    w(
-        "- PyTorch: `bench/torch_reference.py` at n = 512, every layer and rank, same threads; a "
-        "case predicted to exceed its time cap is skipped and marked."
-    )
-    w(
-        "- `--benchmark_min_time=0.2`, wall-clock time (`UseRealTime`); the headline cases "
-        "(4096², n = 512, r ∈ {8, 32}) are repeated and their median reported. The machine is "
-        "shared: compare ratios, not absolute times, and check the load averages above."
-    )
-    w(
-        "- CI smoke run: `scripts/run_benchmarks.sh --quick` (primary build only, headline + one "
-        "small case, PyTorch at r = 8)."
-    )
-    w("")
-
-    # ---------------------------------------------------------------- full table
-    w("<details><summary>All C++ timings of this run (float, ms)</summary>")
-    w("")
-    meths = ["frozen", "lora", "hra", "hra_gs", "one_at_a_time", "peft_cpp"]
-    w("| layer | r | n | " + " | ".join(f"{m} fwd | {m} fwd+bwd" for m in meths) + " | merge | unmerge |")
-    w("|---|---|---|" + "---|" * (2 * len(meths) + 2))
-    for d_in, d_out in SHAPES:
-        for r in RANKS:
-            for b in BATCHES:
-                cells = []
-                for m in meths:
-                    for pas in ("fwd", "fwdbwd"):
-                        cells.append(fms(run.ms(m, pas, d_in, d_out, r, b)))
-                if all(c == "–" for c in cells[2:]):
-                    continue
-                cells.append(fms(run.ms("merge", "op", d_in, d_out, r, 0)))
-                cells.append(fms(run.ms("unmerge", "op", d_in, d_out, r, 0)))
-                w(f"| {shape_label(d_in, d_out)} | {r} | {b} | " + " | ".join(cells) + " |")
-    w("")
-    w("</details>")
-    w("")
-    if torch.records:
-        w("<details><summary>PyTorch timings (ms)</summary>")
-        w("")
-        w("| method | pass | layer | r | n | ms | note |")
-        w("|---|---|---|---|---|---|---|")
-        for key in sorted(torch.records, key=lambda k: (k[2] * k[3], k[2], k[5], k[4], k[0], k[1])):
-            rec = torch.records[key]
-            w(
-                f"| {rec['method']} | {rec['pass']} | {shape_label(rec['d_in'], rec['d_out'])} | {rec['r']} "
-                f"| {rec['n']} | {fms(rec.get('ms_median'))} | {rec.get('skipped', '')} |"
-            )
-        w("")
-        w("</details>")
-        w("")
-
-    with open(args.output, "w") as f:
-        f.write("\n".join(L).rstrip() + "\n")
-    print(f"wrote {args.output}")
-
-
-def proto_section(path, build, run):
-    """Library vs the fused prototypes of bench/chain_prototype.hpp, from hra_bench_proto."""
-    times, _ = load_proto(path)
-    if not times:
-        return []
-    out = [
-        f"## Proposed library changes, measured (`hra_bench_proto`, build `{build}`)",
-        "",
-        "`bench/chain_prototype.hpp` restates `ReflectorChain`'s forward, backward and "
-        "`apply_right` with the memory traffic fused (column panels of w batch columns for the "
-        "chain, row panels of w rows of W for merge; w = 0 is the library as it is). *layer* is "
-        "the HRA layer's fwd+bwd (the library's `HraLinear`, or the same steps with the "
-        "prototype chain), *chain* the chain alone, *merge_unmerge* one merge plus one unmerge. "
-        "All from one run of one binary.",
-        "",
-        "| case | layer | r | n | frozen fwd+bwd ms | library ms | " + "prototype ms (w) | best change |",
-        "|---|---|---|---|---|---|---|---|",
-    ]
-    keys = sorted({k[:5] for k in times if k[0] != "frozen"}, key=lambda k: (k[0], k[1] * k[2], k[3], -k[4]))
-    for what, d_in, d_out, r, n in keys:
-        lib = times.get((what, d_in, d_out, r, n, 0))
-        protos = sorted((k[5], v) for k, v in times.items() if k[:5] == (what, d_in, d_out, r, n) and k[5] > 0)
-        if lib is None or not protos:
-            continue
-        fz = times.get(("frozen", d_in, d_out, r, n if what != "merge_unmerge" else 512, 0))
-        best_w, best = min(protos, key=lambda z: z[1])
-        extra = ""
-        if what == "layer" and fz:
-            extra = f" (÷ frozen: {lib / fz:.3f} → {best / fz:.3f})"
-        if what == "merge_unmerge":
-            fzf = run.ms("frozen", "fwd", d_in, d_out, 0, 512)
-            if fzf:
-                extra = f" (merge ÷ frozen fwd ≈ {lib / 2 / fzf:.3f} → {best / 2 / fzf:.3f})"
-        out.append(
-            f"| {what} | {shape_label(d_in, d_out)} | {r} | {n if what != 'merge_unmerge' else '–'} "
-            f"| {fms(fz) if what == 'layer' else '–'} | {fms(lib)} | "
-            + ", ".join(f"{fms(v)} ({w_})" for w_, v in protos)
-            + f" | {(best / lib - 1) * 100:+.1f} % at w = {best_w}{extra} |"
-        )
-    out.append("")
-    return out
-
-
-def limits_text(run, torch, T, runs):
-    """Explains, with the run's numbers, what bounds each headline ratio."""
-    h = HEAD
-    d, n, r = h["d_in"], h["n"], h["r"]
-    out = []
-    ms = T["ms"]
-    fz_f, fz_fb, hra_fb = ms["fz_f"], ms["fz_fb"], ms["hra_fb"]
-    c = run.get("frozen", "fwdbwd", d, d, 0, n)
-    if c and c.get("flops"):
-        out.append(
-            f"- **Frozen product.** 4·d²·n = {4 * d * d * n / 1e9:.1f} GFLOP per fwd+bwd at the "
-            f"headline layer, run at {c['flops'] / 1e9:.0f} GFLOP/s: everything else is measured "
-            "against this GEMM."
-        )
-    if hra_fb and fz_fb:
-        extra = hra_fb - fz_fb
-        flops = 14 * r * d * n
-        bytes_ = 8 * d * n * 4  # ~8 passes over a d x n float matrix
-        out.append(
-            f"- **HRA's overhead** at the headline: {extra:+.1f} ms over the frozen layer "
-            f"({(hra_fb / fz_fb - 1) * 100:+.1f} %). The chain adds 14·r·d·n = {flops / 1e6:.0f} "
-            f"MFLOP ({flops / (4 * d * d * n) * 100:.1f} % of the frozen flops) but these are skinny "
-            f"products (r = {r} columns) that stream the d×n activations ~8 times "
-            f"(≈ {bytes_ / 2**20:.0f} MiB), so they run at memory bandwidth, not at GEMM speed; "
-            "plus the copy of X into the layer's buffer. That is the floor of the ratio."
-        )
-    lora_fb = ms["lora_fb"]
-    if hra_fb and lora_fb:
-        out.append(
-            f"- **HRA vs LoRA**: {hra_fb:.1f} ms vs {lora_fb:.1f} ms. Both add a few memory-bound "
-            f"passes over d×n matrices to the same frozen GEMM; LoRA's are 12·r·n·d flops "
-            f"(A·X, B·(AX), dB, dA, Aᵀ·dAX), HRA's 14·r·d·n. The difference between the two is "
-            f"{abs(hra_fb - lora_fb) / fz_fb * 100:.1f} % of the frozen time, "
-            "i.e. of the order of the run-to-run noise of the GEMM on a shared machine "
-            "(compare the repeated medians across builds below)."
-        )
-    mg = run.ms("merge", "op", d, d, r, 0)
-    if mg and fz_f:
-        wbytes = d * d * 4
-        mflop = 4 * d * d * r / 1e6
-        gemm_rate = 4 * d * d * n / (fz_fb / 1e3) / 1e9 if fz_fb else 0  # frozen fwd+bwd GFLOP/s
-        text = (
-            f"- **merge** W ← W − (W·U)·S⁻¹·Uᵀ: {mflop:.0f} MFLOP, {mg:.1f} ms = "
-            f"{mg / fz_f * 100:.1f} % of a frozen forward ({fz_f:.1f} ms). By flops alone it is "
-            f"2r/n = {2 * r / n * 100:.1f} % of the forward; the rest is the efficiency of its two "
-            f"skinny products (W·U with r = {r} columns, then a rank-{r} update of W): "
-            f"{mflop / mg:.0f} GFLOP/s against the frozen GEMM's {gemm_rate:.0f}, and "
-            f"{3 * wbytes / (mg / 1e3) / 1e9:.1f} GB/s for its 3 × {wbytes / 2**20:.0f} MiB of "
-            "traffic (W read for W·U, then read and written by the update)."
-        )
-        cp = run.ms("copy", "op", d, d, 0, 0)
-        if cp:
-            text += (
-                f" A plain 2-thread copy of W (one read, one write) takes {cp:.1f} ms here "
-                f"({2 * wbytes / (cp / 1e3) / 1e9:.1f} GB/s), {cp / fz_f * 100:.1f} % of a frozen "
-                "forward, so memory does not forbid the 5 % target: it needs the skinny products "
-                "to run at about the GEMM's rate. The row-panel prototype below (W·U and the "
-                "update on panels of W that stay in cache) helped only where Eigen's OpenMP splits "
-                "the panels (`blas_omp`); with OpenBLAS threads or Eigen's own AVX-512 kernels the "
-                "per-panel GEMM calls cost more than the traffic they save, so the library keeps "
-                "the two plain products."
-            )
-        out.append(text)
-    pt8 = torch.ms("peft_hra", "fwdbwd", d, d, 8, n)
-    if pt8 and hra_fb:
-        pc = run.ms("peft_cpp", "fwdbwd", d, d, 8, n)
-        out.append(
-            f"- **PEFT's algorithm** costs O(r·d² + d³) per step whatever n is: "
-            f"{pt8:.0f} ms in PyTorch"
-            + (f" and {pc:.0f} ms restated in C++" if pc else "")
-            + f" at r = 8, against {hra_fb:.0f} ms for HRA. Its W·H product alone is "
-            f"2·d³ = {2 * d**3 / 1e9:.0f} GFLOP forward and again backward (dH = Wᵀ·dW_eff), "
-            f"{(2 * 2 * d**3) / (4 * d * d * n):.0f}× the frozen layer's flops at n = {n}; the "
-            "speed-up therefore shrinks with n/d and grows with r."
-        )
-    wy = T.get("wy_all") or []
-    if wy:
-        out.append(
-            "- **Compact WY vs one reflection at a time**: both do the same O(r·d·n) flops, but the "
-            "one-at-a-time chain streams the whole d×n batch 2 (fwd) / 6 (bwd) times per "
-            "reflection with GEMVs, while the WY form does it a constant number of times per "
-            "block of 32 reflections with GEMMs; the gap therefore grows with r (measured "
-            + ", ".join(f"r={r_} {p}: {fx(v)}" for v, r_, p in sorted(wy, key=lambda z: (z[1], z[2])))
-            + ")."
-        )
-    return out
-
-
-# --------------------------------------------------------------------------------------------
-# Chart.
-# --------------------------------------------------------------------------------------------
-
-
-def make_chart(run, torch, path):
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("bench_report.py: matplotlib missing (apt-get install python3-matplotlib); no chart")
-        return False
-    ds = [256, 1024, 4096]
-    n = 512
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4.4), sharey=True)
-    styles = {
-        "lora": ("LoRA", "tab:blue", "o"),
-        "hra": ("HRA, compact WY", "tab:red", "s"),
-        "hra_gs": ("HRA, Gram-Schmidt", "tab:orange", "^"),
-        "one_at_a_time": ("HRA, one reflection at a time", "tab:gray", "v"),
-        "peft_cpp": ("PEFT's algorithm, C++", "tab:purple", "D"),
-        "peft_torch": ("PEFT's HRA, PyTorch", "tab:green", "P"),
-    }
-    any_point = False
-    for ax, r in zip(axes, (8, 32)):
-        for meth, (label, color, marker) in styles.items():
-            xs, ys = [], []
-            for d in ds:
-                if meth == "peft_torch":
-                    v = ratio(torch.ms("peft_hra", "fwdbwd", d, d, r, n), torch.ms("frozen", "fwdbwd", d, d, 0, n))
-                else:
-                    v = ratio(run.ms(meth, "fwdbwd", d, d, r, n), run.ms("frozen", "fwdbwd", d, d, 0, n))
-                if v is not None:
-                    xs.append(d)
-                    ys.append(v)
-            if xs:
-                any_point = True
-                ax.plot(xs, ys, marker=marker, color=color, label=label)
+    h = rep.head
+    square = [l for l in rep.layers if l[0] == l[1]]
+    timed = {k[:2] for k in rep.run.cases}
+    methods = [m for m in rep.methods if m != BASELINE and (m, "fwdbwd") in timed]
+    # PyTorch's methods are drawn when LABELS names them (its LoRA would hide under the C++ one).
+    methods += [m for m in sorted({"torch:" + k[0] for k in rep.torch.cases}) if m in LABELS]
+    goal = next((g[6] for g in GOALS if g[2:4] == ("hra fwdbwd", f"{BASELINE} fwdbwd")), None)
+    fig, axes = plt.subplots(1, len(h["ranks"]), figsize=(5.5 * len(h["ranks"]), 4.4),
+                             sharey=True, squeeze=False)
+    for ax, r in zip(axes[0], h["ranks"]):
+        for i, m in enumerate(methods):
+            base = "torch:" + BASELINE if m.startswith("torch:") else BASELINE
+            pts = [(l[0], v) for l in square if (v := rep.ratio(
+                f"{m} fwdbwd", f"{base} fwdbwd", l, r, h["n"])[0]) is not None]
+            if pts:
+                ax.plot(*zip(*pts), marker="osv^DPX*"[i % 8], label=LABELS.get(m, m))
         ax.axhline(1.0, color="black", lw=0.8)
-        ax.axhline(1.05, color="black", lw=0.8, ls=":")
+        if goal:
+            ax.axhline(goal, color="black", lw=0.8, ls=":")
         ax.set_xscale("log", base=2)
         ax.set_yscale("log")
-        ax.set_xticks(ds)
-        ax.set_xticklabels([str(d) for d in ds])
+        ax.set_xticks([l[0] for l in square], [str(l[0]) for l in square])
         ax.set_xlabel("d (square layer d×d)")
-        ax.set_title(f"r = {r}, n = {n}, float, fwd+bwd")
+        ax.set_title(f"r = {r}, n = {h['n']}, {h['scalar']}, fwd+bwd")
         ax.grid(True, which="both", alpha=0.3)
-    axes[0].set_ylabel("time ÷ frozen layer time")
-    axes[1].legend(fontsize=8, loc="upper left")
+    axes[0][0].set_ylabel(f"time ÷ {LABELS[BASELINE]} time")
+    axes[0][-1].legend(fontsize=8, loc="upper left")
     fig.tight_layout()
-    if not any_point:
-        plt.close(fig)
-        return False
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=110, metadata={"Software": None})
     plt.close(fig)
     print(f"wrote {path}")
-    return True
+
+
+def fill(text, sections, path):
+    """Replaces every marked block of `text` by its section; a new file gets all of them."""
+    text = text or "".join(f"<!-- generated:{s}:begin -->\n<!-- generated:{s}:end -->\n\n"
+                           for s in sections)
+    names = [m[0] for m in MARK_RE.findall(text)]
+    if len(BEGIN_RE.findall(text)) != len(names) or set(names) - set(sections):
+        sys.exit(f"bench_report.py: {path}: every line <!-- generated:NAME:begin --> needs a line "
+                 f"<!-- generated:NAME:end --> after it, NAME one of {', '.join(sections)}")
+    for s in [s for s in sections if s not in names]:
+        print(f"bench_report.py: {path} has no markers for {s}; not written", file=sys.stderr)
+    return MARK_RE.sub(lambda m: f"<!-- generated:{m[1]}:begin -->\n"
+                       + "\n".join(sections[m[1]]) + f"\n<!-- generated:{m[1]}:end -->", text)
 
 
 def main():
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--results", default="bench/results")
-    p.add_argument("--primary", default="blas_serial", help="the build whose run is the report")
-    p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--output", default="BENCHMARKS.md")
-    p.add_argument("--chart", default="bench/overhead_vs_d.png")
-    p.add_argument("--quick", action="store_true")
-    write_report(p.parse_args())
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--results", default=os.path.join(root, "bench", "results"))
+    p.add_argument("--primary", help="the build of the per-case tables (default: most cases)")
+    p.add_argument("--output", default=os.path.join(root, "BENCHMARKS.md"))
+    p.add_argument("--chart", default=os.path.join(root, "bench", "overhead_vs_d.png"),
+                   help="where the chart goes; empty: no chart")
+    args = p.parse_args()
+    if args.chart:
+        try:
+            import matplotlib  # noqa: F401
+        except ImportError:
+            here, debian = os.path.realpath(sys.executable), os.path.realpath("/usr/bin/python3")
+            if here != debian and os.path.exists(debian):  # Debian's python3-matplotlib
+                os.execv(debian, [debian, os.path.abspath(__file__)] + sys.argv[1:])
+            sys.exit("bench_report.py: no matplotlib (apt-get install python3-matplotlib); "
+                     "--chart '' skips the chart")
+
+    results = pathlib.Path(args.results)
+    runs = {f.stem[4:]: load_cpp(f) for f in sorted(results.glob("cpp_*.json"))}
+    if not runs:
+        sys.exit(f"bench_report.py: no cpp_<build>.json in {results}")
+    primary = args.primary or max(runs, key=lambda b: len(runs[b].cases))
+    if not runs.get(primary, Cases()).cases:
+        sys.exit(f"bench_report.py: no hra_bench case in {results}/cpp_{primary}.json")
+    loads = collections.defaultdict(list)
+    for line in (results / "loadavg.txt").read_text().splitlines() \
+            if (results / "loadavg.txt").exists() else []:
+        if line.split():  # <build or torch> before|after <1, 5, 15 min load averages>
+            loads[line.split()[0]].append(" ".join(line.split()[2:]))
+    rep = Report(runs, primary, load_torch(results / "torch.json"), loads)
+
+    names = ["run", "headline", "ratios", "batch", "memory", "builds", "cpp", "torch"]
+    sections = {s: getattr(rep, "section_" + s)() for s in names}
+    out = pathlib.Path(args.output)
+    text = out.read_text(encoding="utf-8") if out.exists() else ""
+    out.write_text(fill(text, sections, out), encoding="utf-8")
+    print(f"wrote {out}")
+    if args.chart:
+        make_chart(rep, args.chart)
 
 
 if __name__ == "__main__":

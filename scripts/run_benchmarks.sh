@@ -1,9 +1,11 @@
 #!/usr/bin/env bash
-# Builds and runs the hra benchmarks and the PyTorch reference, then writes BENCHMARKS.md.
+# Builds and runs the hra benchmarks and the PyTorch reference, then rewrites the generated
+# tables of BENCHMARKS.md and its chart (scripts/bench_report.py; the prose is written by hand).
 #
 #   scripts/run_benchmarks.sh            full report: about 45 minutes on 2 cores (measured
-#                                        2026-11-27): five builds, the full C++ sweep (8 min),
-#                                        the headline subset in four more builds, PyTorch (13 min)
+#                                        2026-11-27, before the prototypes were retired): five
+#                                        builds, the full C++ sweep (8 min), the headline subset
+#                                        in four more builds, PyTorch (13 min)
 #   scripts/run_benchmarks.sh --quick    CI smoke run: headline shape + one small case (~2 min
 #                                        after the build), primary build only
 # Options:
@@ -33,7 +35,7 @@ while [ $# -gt 0 ]; do
     --no-build) build=0 ;;
     --no-torch) torch=0 ;;
     --report-only) report_only=1 ;;
-    -h | --help) sed -n '2,23p' "$0"; exit 0 ;;
+    -h | --help) sed -n '2,25p' "$0"; exit 0 ;;
     *) echo "run_benchmarks.sh: unknown option $1" >&2; exit 2 ;;
   esac
   shift
@@ -59,7 +61,6 @@ configs=(
   "eigen_serial|-DHRA_USE_BLAS=OFF -DHRA_USE_OPENMP=OFF|--threads=1"
 )
 primary=blas_serial
-proto_builds="blas_serial blas_omp eigen_native"  # the prototypes split panels over OpenMP threads
 [ "$quick" = 1 ] && configs=("${configs[0]}")
 
 # Case filters (see bench/bench_hra.cpp for the naming scheme).
@@ -84,8 +85,8 @@ if [ "$report_only" = 0 ]; then
       # shellcheck disable=SC2086
       cmake -S . -B "$dir" -DCMAKE_BUILD_TYPE=Release -DHRA_WARNINGS_AS_ERRORS=ON \
         -DHRA_BUILD_TESTS=OFF -DHRA_BUILD_EXAMPLES=OFF -DHRA_BUILD_FUZZERS=OFF \
-        -DHRA_INSTALL=OFF -DHRA_BUILD_BENCHMARKS=ON -DHRA_BENCH_PROTOTYPES=ON $cmake_opts >/dev/null
-      cmake --build "$dir" --target hra_bench hra_bench_proto -j "$jobs"
+        -DHRA_INSTALL=OFF -DHRA_BUILD_BENCHMARKS=ON $cmake_opts >/dev/null
+      cmake --build "$dir" --target hra_bench -j "$jobs"
     fi
     if [ "$name" = "$primary" ]; then
       filter=$primary_filter
@@ -104,16 +105,6 @@ if [ "$report_only" = 0 ]; then
       --benchmark_filter="$filter" --benchmark_min_time=0.2 \
       --benchmark_enable_random_interleaving=true \
       --benchmark_out="$out/cpp_$name.json" --benchmark_out_format=json
-    if [ "$quick" = 0 ] && [[ " $proto_builds " == *" $name "* ]]; then
-      # The fused-panel prototypes of proposed ReflectorChain changes, at the headline layer.
-      # shellcheck disable=SC2086
-      OMP_NUM_THREADS=$threads OPENBLAS_NUM_THREADS=$threads \
-        "$dir/bench/hra_bench_proto" $bench_args \
-        --benchmark_filter='d_in:4096/d_out:4096/r:(8|32)/n:(0|512)/' --benchmark_min_time=0.2 \
-        --benchmark_repetitions=3 --benchmark_enable_random_interleaving=true \
-        --benchmark_report_aggregates_only=true \
-        --benchmark_out="$out/proto_$name.json" --benchmark_out_format=json
-    fi
     echo "$name after $(loadavg)" >>"$out/loadavg.txt"
   done
 
@@ -134,5 +125,5 @@ if [ "$report_only" = 0 ]; then
   fi
 fi
 
-"$PY" scripts/bench_report.py --results "$out" --primary "$primary" --threads "$threads" \
-  --output BENCHMARKS.md --chart bench/overhead_vs_d.png $([ "$quick" = 1 ] && echo --quick)
+"$PY" scripts/bench_report.py --results "$out" --primary "$primary" --output BENCHMARKS.md \
+  --chart bench/overhead_vs_d.png
