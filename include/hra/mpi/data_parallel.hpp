@@ -619,8 +619,16 @@ class DataParallel {
 
   void reduce(double weight, bool weighted) {
     const char* who = "hra::mpi::DataParallel::average_gradients";
-    if (options_.check_every > 0 && steps_ > 0 && steps_ % options_.check_every == 0)
-      check_consistency();
+    if (options_.check_every > 0 && steps_ > 0 && steps_ % options_.check_every == 0) {
+      try {
+        check_consistency();
+      } catch (...) {
+        std::string ignored;
+        std::vector<View> views = current(ignored);
+        poison(views);
+        throw;
+      }
+    }
     std::string problem;
     std::vector<View> views = current(problem);
     const bool layout_ok = problem.empty();
