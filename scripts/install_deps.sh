@@ -3,7 +3,7 @@
 # and is not there yet. Needs root (or sudo) only when something is missing.
 set -euo pipefail
 pkgs=(build-essential cmake libeigen3-dev catch2 libbenchmark-dev nlohmann-json3-dev zlib1g-dev
-      dataset-fashion-mnist clang libclang-rt-14-dev)
+      dataset-fashion-mnist clang libclang-rt-14-dev libopenmpi-dev openmpi-bin)
 pkgs+=("$@")
 missing=()
 for p in "${pkgs[@]}"; do
