@@ -130,7 +130,7 @@ std::unique_ptr<hra::Layer<S>> make_layer(Kind kind, Index d_out, Index d_in, bo
     o.rank = rank;
     o.alpha = static_cast<double>(rank);
     o.seed = init_seed;
-    return std::make_unique<hra::LoraLinear<S>>(hra::FrozenWeight<S>::owned(w), b, o, mode);
+    return std::make_unique<hra::LoraLinear<S>>(hra::WeightMatrix<S>::owned(w), b, o, mode);
   }
   hra::HraOptions o;
   o.rank = rank;
@@ -138,7 +138,7 @@ std::unique_ptr<hra::Layer<S>> make_layer(Kind kind, Index d_out, Index d_in, bo
   // Gram-Schmidt needs independent columns, so not the symmetric (duplicated) start.
   o.variant = kind == Kind::hra_chain ? hra::Variant::chain : hra::Variant::gram_schmidt;
   o.init = kind == Kind::hra_chain ? hra::Init::symmetric : hra::Init::random;
-  return std::make_unique<hra::HraLinear<S>>(hra::FrozenWeight<S>::owned(w), b, o, mode);
+  return std::make_unique<hra::HraLinear<S>>(hra::WeightMatrix<S>::owned(w), b, o, mode);
 }
 
 // y = L2(tanh(L1 x)): kIn -> kHidden (with a trainable bias) -> kOut.
