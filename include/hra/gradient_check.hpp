@@ -1,4 +1,5 @@
-// A reusable gradient checker: any Layer against central differences.
+// A reusable gradient checker: any Layer, or any scalar function of a matrix, against central
+// differences.
 #pragma once
 
 #include <Eigen/Core>
@@ -43,13 +44,46 @@ struct GradientCheckOptions {
   std::uint64_t seed = 1;
 };
 
+/// \brief Compares `analytic` (the claimed dL/d(arg), same shape as `arg`) with central
+/// differences (L(arg + h e_k) - L(arg - h e_k)) / 2h at the column-major positions `entries`.
+///
+/// `loss()` evaluates L at the current value of `arg`, which is perturbed in place; every entry
+/// is restored exactly afterwards, also when `loss` throws. A NaN in `analytic` makes the row's
+/// max_abs_error NaN.
+template <typename Loss, typename Arg>
+GradientCheckReport::Row check_entries(const std::string& name, Loss&& loss, Arg& arg,
+                                       const Eigen::MatrixXd& analytic,
+                                       const std::vector<Eigen::Index>& entries, double step) {
+  GradientCheckReport::Row row{name};
+  for (Eigen::Index i : entries) {
+    double& v = arg(i);
+    const double saved = v;
+    struct Restore {
+      double& v;
+      double saved;
+      ~Restore() { v = saved; }
+    } restore{v, saved};
+    v = saved + step;
+    const double lp = loss();
+    v = saved - step;
+    const double lm = loss();
+    v = saved;
+    const double numeric = (lp - lm) / (2 * step);
+    const double err = std::abs(analytic(i) - numeric);
+    row.max_abs_error = std::isnan(err) ? err : std::max(row.max_abs_error, err);
+    row.scale = std::max(row.scale, std::abs(numeric));
+    ++row.checked;
+  }
+  return row;
+}
+
 /// \brief Checks a layer's backward() against central differences in double.
 ///
 /// Loss L = <G, forward(X)> (+ regularizer()), with X (d_in x n) and G (d_out x n) drawn from a
 /// standard normal. The analytic gradients come from backward(G) (+ add_regularizer()) after
 /// every gradient buffer was filled with NaN, so an entry backward() forgets to assign shows up
 /// as NaN. Each checked entry is compared with (L(theta + h) - L(theta - h)) / 2h; parameter
-/// values are restored exactly afterwards.
+/// values are restored exactly afterwards, also when the layer throws.
 inline GradientCheckReport check_gradients(Layer<double>& layer,
                                            const GradientCheckOptions& o = {}) {
   using Matrix = Eigen::MatrixXd;
@@ -58,7 +92,7 @@ inline GradientCheckReport check_gradients(Layer<double>& layer,
   for (Eigen::Index i = 0; i < x.size(); ++i) x(i) = rng.normal();
   for (Eigen::Index i = 0; i < g.size(); ++i) g(i) = rng.normal();
 
-  auto loss = [&](const Matrix& input) {
+  auto loss_at = [&](const Matrix& input) {
     double l = (g.array() * layer.forward(input).array()).sum();
     if (o.include_regularizer) l += layer.regularizer();
     return l;
@@ -79,44 +113,17 @@ inline GradientCheckReport check_gradients(Layer<double>& layer,
   const Matrix dx = layer.backward(g, o.check_input);
   if (o.include_regularizer) layer.add_regularizer();
   auto params = layer.parameters();
-  std::vector<Matrix> analytic;
-  for (const auto& p : params) analytic.emplace_back(p.grad);
 
   GradientCheckReport report;
-  for (std::size_t k = 0; k < params.size(); ++k) {
-    GradientCheckReport::Row row{params[k].name};
-    for (Eigen::Index i : pick(params[k].value.size())) {
-      double& v = params[k].value(i);
-      const double saved = v;
-      v = saved + o.step;
-      const double lp = loss(x);
-      v = saved - o.step;
-      const double lm = loss(x);
-      v = saved;
-      const double numeric = (lp - lm) / (2 * o.step);
-      const double err = std::abs(analytic[k](i) - numeric);
-      row.max_abs_error = std::isnan(err) ? err : std::max(row.max_abs_error, err);
-      row.scale = std::max(row.scale, std::abs(numeric));
-      ++row.checked;
-    }
-    report.rows.push_back(row);
+  for (auto& p : params) {
+    const Matrix analytic = p.grad;
+    report.rows.push_back(check_entries(
+        p.name, [&] { return loss_at(x); }, p.value, analytic, pick(p.value.size()), o.step));
   }
   if (o.check_input) {
-    GradientCheckReport::Row row{"input"};
     Matrix xp = x;
-    for (Eigen::Index i : pick(x.size())) {
-      xp(i) = x(i) + o.step;
-      const double lp = loss(xp);
-      xp(i) = x(i) - o.step;
-      const double lm = loss(xp);
-      xp(i) = x(i);
-      const double numeric = (lp - lm) / (2 * o.step);
-      const double err = std::abs(dx(i) - numeric);
-      row.max_abs_error = std::isnan(err) ? err : std::max(row.max_abs_error, err);
-      row.scale = std::max(row.scale, std::abs(numeric));
-      ++row.checked;
-    }
-    report.rows.push_back(row);
+    report.rows.push_back(check_entries(
+        "input", [&] { return loss_at(xp); }, xp, dx, pick(x.size()), o.step));
   }
   return report;
 }
