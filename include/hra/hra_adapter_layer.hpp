@@ -238,10 +238,22 @@ class HraAdapterLayer : public AffineLayer<Scalar_> {
   Index adapter_dim() const { return this->weight().cols(); }
 
   std::vector<Adapter>& adapter_list() { return adapters_; }
-  /// Number of adapters not folded into W (those forward() applies and backward() trains).
-  Index unmerged_count() const {
-    return static_cast<Index>(std::count_if(adapters_.begin(), adapters_.end(),
-                                            [](const Adapter& a) { return !a.merged_; }));
+  /// Indices (into adapters()) of the adapters forward() applies and backward() trains, in
+  /// stacking order: the product is W H_{a_0} H_{a_1} ..., so the last one touches x first.
+  std::vector<std::size_t> applied() const {
+    std::vector<std::size_t> out;
+    for (std::size_t i = 0; i < adapters_.size(); ++i)
+      if (!adapters_[i].merged_) out.push_back(i);
+    return out;
+  }
+  /// Number of adapters forward() applies.
+  Index unmerged_count() const { return static_cast<Index>(applied().size()); }
+  /// The factors of every applied adapter (indexed like adapters(); empty for the others),
+  /// computed before anything is written so that an unusable U throws with the layer intact.
+  std::vector<typename Chain::Factors> factorize_applied() const {
+    std::vector<typename Chain::Factors> f(adapters_.size());
+    for (std::size_t i : applied()) f[i] = adapters_[i].chain_.factorize();
+    return f;
   }
   static typename Chain::ForwardCache& cache(Adapter& a) { return a.cache_; }
   static const typename Chain::ForwardCache& cache(const Adapter& a) { return a.cache_; }

@@ -48,16 +48,14 @@ class HraLinear final : public HraAdapterLayer<Scalar_> {
     this->forget_forward();
     // Every U is validated before anything is written: a column an optimiser made unusable
     // throws here and leaves the caches as they were.
+    std::vector<typename Chain::Factors> factors = this->factorize_applied();
+    const std::vector<std::size_t> applied = this->applied();
     auto& adapters = this->adapter_list();
-    std::vector<typename Chain::Factors> factors(adapters.size());
-    for (std::size_t i = 0; i < adapters.size(); ++i)
-      if (!adapters[i].merged()) factors[i] = adapters[i].chain().factorize();
     hx_ = x;
-    for (std::size_t i = adapters.size(); i-- > 0;) {
-      if (adapters[i].merged()) continue;
-      auto& cache = this->cache(adapters[i]);
-      adapters[i].chain().apply(factors[i], hx_, Apply::h, &cache.coeffs);
-      cache.factors = std::move(factors[i]);
+    for (auto it = applied.rbegin(); it != applied.rend(); ++it) {
+      auto& cache = this->cache(adapters[*it]);
+      adapters[*it].chain().apply(factors[*it], hx_, Apply::h, &cache.coeffs);
+      cache.factors = std::move(factors[*it]);
     }
     y_.noalias() = this->weight() * hx_;
     this->add_bias(y_);
@@ -73,21 +71,24 @@ class HraLinear final : public HraAdapterLayer<Scalar_> {
     this->begin_backward(dy);
     this->bias_backward(dy);
     auto& adapters = this->adapter_list();
-    if (!compute_input_gradient && this->unmerged_count() <= 1) {
+    const std::vector<std::size_t> applied = this->applied();
+    if (!compute_input_gradient && applied.size() <= 1) {
       // No dX wanted and at most one chain: dU needs W^T dY only through r-dimensional
       // projections, so the d_in x n product W^T dY (as costly as the forward) is skipped.
-      for (auto& a : adapters)
-        if (!a.merged())
-          a.chain().backward_through(this->cache(a).factors, this->cache(a).coeffs, this->weight(),
-                                     dy, hx_, this->gradient(a));
+      for (std::size_t i : applied) {
+        auto& a = adapters[i];
+        a.chain().backward_through(this->cache(a).factors, this->cache(a).coeffs, this->weight(),
+                                   dy, hx_, this->gradient(a));
+      }
       empty_.resize(0, 0);
       return empty_;
     }
     dx_.noalias() = this->weight().transpose() * dy;
-    for (auto& a : adapters)
-      if (!a.merged())
-        a.chain().backward(this->cache(a).factors, this->cache(a).coeffs, hx_, dx_,
-                           this->gradient(a), Chain::State::output);
+    for (std::size_t i : applied) {
+      auto& a = adapters[i];
+      a.chain().backward(this->cache(a).factors, this->cache(a).coeffs, hx_, dx_, this->gradient(a),
+                         Chain::State::output);
+    }
     if (!compute_input_gradient) {
       empty_.resize(0, 0);
       return empty_;
@@ -97,18 +98,18 @@ class HraLinear final : public HraAdapterLayer<Scalar_> {
 
   void predict(const ConstRef& x, Matrix& y) const override {
     this->check_input(x, "predict");
+    const std::vector<typename Chain::Factors> factors = this->factorize_applied();
+    const std::vector<std::size_t> applied = this->applied();
     Matrix hx = x;
-    const auto& adapters = this->adapters();
-    for (auto it = adapters.rbegin(); it != adapters.rend(); ++it)
-      if (!it->merged()) it->chain().apply(it->chain().factorize(), hx, Apply::h);
+    for (auto it = applied.rbegin(); it != applied.rend(); ++it)
+      this->adapters()[*it].chain().apply(factors[*it], hx, Apply::h);
     y.noalias() = this->weight() * hx;
     this->add_bias(y);
   }
 
   std::size_t saved_bytes() const override {
     std::size_t bytes = static_cast<std::size_t>(hx_.size() + y_.size()) * sizeof(Scalar);
-    for (const auto& a : this->adapters())
-      if (!a.merged()) bytes += this->cache(a).bytes();
+    for (std::size_t i : this->applied()) bytes += this->cache(this->adapters()[i]).bytes();
     return bytes;
   }
 
