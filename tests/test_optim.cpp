@@ -21,41 +21,21 @@
 #include "hra/linear.hpp"
 #include "hra/optim.hpp"
 #include "hra/weight_matrix.hpp"
+#include "support/errors.hpp"
+#include "support/figures.hpp"
+#include "support/matrices.hpp"
 
 namespace {
 
-using Catch::Matchers::Contains;
 using Eigen::Index;
-
-template <typename T>
-using Mat = Eigen::Matrix<T, Eigen::Dynamic, Eigen::Dynamic>;
-using MatD = Mat<double>;
-using VecD = Eigen::VectorXd;
-
-MatD random_matrix(Index rows, Index cols, std::uint64_t seed) {
-  std::mt19937_64 gen(seed);
-  MatD m(rows, cols);
-  for (Index j = 0; j < cols; ++j)
-    for (Index i = 0; i < rows; ++i)
-      m(i, j) = 2.0 * (static_cast<double>(gen() >> 11) * 0x1.0p-53) - 1.0;
-  return m;
-}
-
-double max_abs(const MatD& m) {
-  return m.size() == 0 ? 0.0 : m.cwiseAbs().maxCoeff();
-}
-
-template <typename DA, typename DB>
-bool bitwise_equal(const Eigen::MatrixBase<DA>& a, const Eigen::MatrixBase<DB>& b) {
-  if (a.rows() != b.rows() || a.cols() != b.cols()) return false;
-  for (Index j = 0; j < a.cols(); ++j)
-    for (Index i = 0; i < a.rows(); ++i) {
-      const auto x = a(i, j);
-      const auto y = b(i, j);
-      if (std::memcmp(&x, &y, sizeof(x)) != 0) return false;
-    }
-  return true;
-}
+using hra_test::bitwise_equal;
+using hra_test::expect_error;
+using hra_test::Mat;
+using hra_test::MatD;
+using hra_test::max_abs;
+using hra_test::random_matrix;
+using hra_test::rel_err;
+using hra_test::VecD;
 
 // A parameter owned by the test, exposed to the optimiser as a ParameterView.
 template <typename T>
@@ -122,25 +102,6 @@ struct AdamReference {
     p = p - lr * mh / (std::sqrt(vh) + eps);
   }
 };
-
-// max |a - b| / max |b| over two matrices.
-double rel_err(const MatD& a, const MatD& b) {
-  return max_abs(a - b) / std::max(max_abs(b), std::numeric_limits<double>::min());
-}
-
-template <typename E, typename F>
-void expect_error(F&& f, const std::vector<std::string>& parts) {
-  bool thrown = false;
-  try {
-    f();
-  } catch (const std::exception& e) {
-    thrown = true;
-    INFO("message: " << e.what());
-    CHECK(typeid(e) == typeid(E));
-    for (const auto& p : parts) CHECK_THAT(std::string(e.what()), Contains(p));
-  }
-  CHECK(thrown);
-}
 
 template <typename T>
 double tolerance() {
@@ -562,8 +523,8 @@ TEST_CASE("Optimisers: AdamW reaches the least-squares optimum, Adam with L2 dec
   hra::Adam<double> adamw({0.05, 0.9, 0.99, 1e-8, 0.01, true});
   const MatD got_w = problem.train(adamw, 0.05, 3000);
   const double err_w = max_abs(got_w - ols);
-  std::printf("CONVERGENCE adamw max|theta - theta_ols| = %.3e (|theta_ols|max = %.3f)\n", err_w,
-              max_abs(ols));
+  WARN("CONVERGENCE adamw max|theta - theta_ols| = "
+       << hra_test::sci(err_w) << " (|theta_ols|max = " << max_abs(ols) << ")");
   CHECK(err_w <= 1e-5);
 
   // Adam with L2 (coupled) decay: the stationary point satisfies grad + wd p = 0, the ridge
@@ -571,14 +532,14 @@ TEST_CASE("Optimisers: AdamW reaches the least-squares optimum, Adam with L2 dec
   hra::Adam<double> adam({0.05, 0.9, 0.999, 1e-8, ridge, false});
   const MatD got_l2 = problem.train(adam, 0.05, 3000);
   const double err_l2 = max_abs(got_l2 - ridge_opt);
-  std::printf("CONVERGENCE adam_l2 max|theta - theta_ridge| = %.3e\n", err_l2);
+  WARN("CONVERGENCE adam_l2 max|theta - theta_ridge| = " << hra_test::sci(err_l2));
   CHECK(err_l2 <= 1e-4);
 
   // SGD with momentum (and L2 decay) reaches the ridge optimum too.
   hra::Sgd<double> sgd({0.1, 0.9, ridge, false});
   const MatD got_sgd = problem.train(sgd, 0.1, 3000);
   const double err_sgd = max_abs(got_sgd - ridge_opt);
-  std::printf("CONVERGENCE sgd_momentum_l2 max|theta - theta_ridge| = %.3e\n", err_sgd);
+  WARN("CONVERGENCE sgd_momentum_l2 max|theta - theta_ridge| = " << hra_test::sci(err_sgd));
   CHECK(err_sgd <= 1e-6);
 }
 
