@@ -594,3 +594,156 @@ TEST_CASE("CosineSchedule: bad arguments are clear errors", "[optim][schedule][e
       [] { (void)hra::CosineSchedule(std::numeric_limits<double>::quiet_NaN(), 0, 10); },
       {"base=nan"});
 }
+
+TEST_CASE("CosineSchedule: a negative step and infinite rates are refused",
+          "[optim][schedule][errors]") {
+  const hra::CosineSchedule s(0.1, 2, 10);
+  expect_error<std::invalid_argument>([&] { (void)s(-1); }, {"step", ">= 0", "-1"});
+  expect_error<std::invalid_argument>(
+      [] { (void)hra::CosineSchedule(std::numeric_limits<double>::infinity(), 0, 10); },
+      {"base=inf"});
+}
+
+TEMPLATE_TEST_CASE("Optimisers: non-finite hyperparameters are refused, also by set_lr",
+                   "[optim][errors]", float, double) {
+  using T = TestType;
+  const double inf = std::numeric_limits<double>::infinity();
+  const double nan = std::numeric_limits<double>::quiet_NaN();
+  expect_error<std::invalid_argument>(
+      [&] {
+        (void)hra::Sgd<T>({inf, 0.0, 0.0, false});
+      },
+      {"Sgd", "lr", "finite", "inf"});
+  expect_error<std::invalid_argument>(
+      [&] {
+        (void)hra::Sgd<T>({0.1, inf, 0.0, false});
+      },
+      {"Sgd", "momentum", "inf"});
+  expect_error<std::invalid_argument>(
+      [&] {
+        (void)hra::Sgd<T>({0.1, 0.0, inf, false});
+      },
+      {"Sgd", "weight_decay", "inf"});
+  expect_error<std::invalid_argument>(
+      [&] {
+        (void)hra::Sgd<T>({0.1, nan, 0.0, false});
+      },
+      {"Sgd", "momentum=nan"});
+  expect_error<std::invalid_argument>(
+      [&] {
+        (void)hra::Adam<T>({inf, 0.9, 0.999, 1e-8, 0.0, false});
+      },
+      {"Adam", "lr", "inf"});
+  expect_error<std::invalid_argument>(
+      [&] {
+        (void)hra::Adam<T>({1e-3, 0.9, 0.999, inf, 0.0, false});
+      },
+      {"Adam", "eps", "inf"});
+  expect_error<std::invalid_argument>(
+      [&] {
+        (void)hra::Adam<T>({1e-3, 0.9, 0.999, 1e-8, inf, false});
+      },
+      {"Adam", "weight_decay", "inf"});
+  expect_error<std::invalid_argument>(
+      [&] {
+        (void)hra::Adam<T>({1e-3, nan, 0.999, 1e-8, 0.0, false});
+      },
+      {"Adam", "beta1=nan"});
+  hra::Sgd<T> sgd({0.1});
+  hra::Adam<T> adam({1e-3});
+  for (const double bad : {-1.0, inf, nan}) {
+    INFO("lr " << bad);
+    expect_error<std::invalid_argument>([&] { sgd.set_lr(bad); }, {"Sgd::set_lr", "lr"});
+    expect_error<std::invalid_argument>([&] { adam.set_lr(bad); }, {"Adam::set_lr", "lr"});
+  }
+  CHECK(sgd.lr() == 0.1);
+  CHECK(adam.lr() == 1e-3);
+}
+
+TEMPLATE_TEST_CASE("Optimisers: the same parameter passed twice is refused before any update",
+                   "[optim][errors]", float, double) {
+  using T = TestType;
+  auto a = make_param<T>("a", 3, 2, 1);
+  auto b = make_param<T>("b", 2, 2, 2);
+  a.grad.setOnes();
+  b.grad.setOnes();
+  const Mat<T> a0 = a.value, b0 = b.value;
+  hra::Sgd<T> sgd({0.1, 0.9, 0.0, false});
+  hra::Adam<T> adam({1e-3});
+  expect_error<std::invalid_argument>(
+      [&] {
+        sgd.step({a.view(), b.view(), a.view()});
+      },
+      {"Sgd::step", "'a'", "passed twice", "nothing was updated"});
+  expect_error<std::invalid_argument>(
+      [&] {
+        adam.step({b.view(), b.view()});
+      },
+      {"Adam::step", "'b'", "passed twice"});
+  CHECK(bitwise_equal(a.value, a0));
+  CHECK(bitwise_equal(b.value, b0));
+}
+
+TEMPLATE_TEST_CASE("Optimisers: state() and set_state() resume a run bit for bit", "[optim][state]",
+                   float, double) {
+  using T = TestType;
+  // Three steps, save, three more, against six uninterrupted steps.
+  auto run = [](auto make_opt, bool interrupt) {
+    auto a = make_param<T>("a", 3, 2, 1);
+    auto b = make_param<T>("b", 4, 1, 2);
+    auto opt = make_opt();
+    for (int t = 1; t <= 6; ++t) {
+      if (interrupt && t == 4) {
+        const auto saved = opt.state({a.view(), b.view()});
+        auto fresh = make_opt();
+        fresh.set_state({a.view(), b.view()}, saved);
+        opt = fresh;
+      }
+      a.grad = gradient_at(3, 2, t, 1).cast<T>();
+      // "b" only joins at step 2: its state has its own count.
+      b.grad = gradient_at(4, 1, t, 2).cast<T>();
+      if (t == 1)
+        opt.step({a.view()});
+      else
+        opt.step({a.view(), b.view()});
+    }
+    return std::make_pair(Mat<T>(a.value), Mat<T>(b.value));
+  };
+  auto sgd = [] { return hra::Sgd<T>({0.05, 0.9, 0.01, true}); };
+  auto adam = [] { return hra::Adam<T>::adamw(1e-2); };
+  CHECK(run(sgd, true) == run(sgd, false));
+  CHECK(run(adam, true) == run(adam, false));
+
+  // What state() reports, and what set_state() refuses (nothing changes on error).
+  auto a = make_param<T>("a", 3, 2, 1);
+  a.grad.setOnes();
+  hra::Adam<T> opt({1e-3});
+  opt.step({a.view()});
+  opt.step({a.view()});
+  const auto s = opt.state({a.view()});
+  REQUIRE(s.size() == 1);
+  CHECK(s[0].steps == 2);
+  REQUIRE(s[0].slots.size() == 2);
+  CHECK(s[0].slots[0].rows() == 3);
+  auto b = make_param<T>("b", 2, 2, 2);
+  CHECK(opt.state({b.view()})[0].steps == 0);  // no state yet
+  CHECK(opt.state({b.view()})[0].slots.empty());
+  auto wrong = s;
+  wrong[0].slots[1].resize(2, 2);
+  expect_error<std::invalid_argument>([&] { opt.set_state({a.view()}, wrong); },
+                                      {"Adam::set_state", "'a'", "3x2", "2x2"});
+  expect_error<std::invalid_argument>(
+      [&] {
+        opt.set_state({a.view(), b.view()}, s);
+      },
+      {"1 states for 2 parameters"});
+  wrong = s;
+  wrong[0].steps = -1;
+  expect_error<std::invalid_argument>([&] { opt.set_state({a.view()}, wrong); },
+                                      {"negative step count"});
+  wrong = s;
+  wrong[0].slots.pop_back();
+  expect_error<std::invalid_argument>([&] { opt.set_state({a.view()}, wrong); },
+                                      {"1 state tensors, expected 2"});
+  CHECK(opt.state({a.view()})[0].steps == 2);
+}
