@@ -1,7 +1,7 @@
 // safetensors reading and writing: conversions, round trips, the byte layout, every rejection
 // of a malformed file (by its message) and the atomic replacement of files.
-#include <hra/detail/half.hpp>
 #include <hra/detail/random.hpp>
+#include <hra/io/detail/half.hpp>
 #include <hra/safetensors.hpp>
 
 #include <catch2/catch.hpp>

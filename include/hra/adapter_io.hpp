@@ -10,7 +10,6 @@
 #include <cstdint>
 #include <cstring>
 #include <filesystem>
-#include <fstream>
 #include <limits>
 #include <map>
 #include <optional>
@@ -25,8 +24,10 @@
 #include <nlohmann/json.hpp>
 
 #include "detail/checks.hpp"
-#include "detail/safetensors_io.hpp"
 #include "hra_linear.hpp"
+#include "io/detail/atomic_file.hpp"
+#include "io/detail/json.hpp"
+#include "io/detail/read_file.hpp"
 #include "layer.hpp"
 #include "lora_linear.hpp"
 #include "reflector_chain.hpp"
@@ -250,36 +251,11 @@ constexpr std::uintmax_t max_config_bytes = 16u << 20;
 /// Parses JSON text, refusing duplicate keys (Python keeps the last silently; an ambiguous config
 /// is refused here) and absurd nesting, with config_error messages that start with `where`.
 inline ojson parse_json(std::string_view text, const std::string& where) {
-  std::vector<std::set<std::string>> seen;  // keys of each open container (arrays: unused)
-  const auto callback = [&](int depth, ojson::parse_event_t event, ojson& parsed) {
-    switch (event) {
-      case ojson::parse_event_t::object_start:
-      case ojson::parse_event_t::array_start:
-        if (depth >= max_config_nesting)
-          throw config_error(
-              detail::concat(where, "JSON nests deeper than ", max_config_nesting, " levels"));
-        seen.emplace_back();
-        break;
-      case ojson::parse_event_t::object_end:
-      case ojson::parse_event_t::array_end:
-        if (!seen.empty()) seen.pop_back();
-        break;
-      case ojson::parse_event_t::key:
-        if (!seen.empty() && !seen.back().insert(parsed.get<std::string>()).second)
-          throw config_error(detail::concat(where, "key \"", parsed.get<std::string>(),
-                                            "\" appears more than once in an object"));
-        break;
-      case ojson::parse_event_t::value:
-        break;
-    }
-    return true;
-  };
-  try {
-    return ojson::parse(text.begin(), text.end(), callback, /*allow_exceptions=*/true,
-                        /*ignore_comments=*/false);
-  } catch (const nlohmann::json::exception& e) {
-    throw config_error(detail::concat(where, "not valid JSON: ", e.what()));
-  }
+  return detail::parse_strict_json<ojson, config_error>(
+      text, where, {max_config_nesting, "JSON nests deeper than", "not valid JSON"},
+      [](const std::vector<std::string>&, const std::string& key) {
+        return detail::concat("key \"", key, "\" appears more than once in an object");
+      });
 }
 
 /// A JSON value for an error message, shortened.
@@ -353,26 +329,6 @@ class Fields {
   std::string where_;
   const char* type_;
 };
-
-inline std::string read_text_file(const std::filesystem::path& path, std::uintmax_t max_bytes) {
-  const std::string where = detail::concat("peft: ", path.string(), ": ");
-  std::error_code ec;
-  const auto status = std::filesystem::status(path, ec);
-  if (!std::filesystem::exists(status)) throw io_error(where + "cannot open: no such file");
-  if (!std::filesystem::is_regular_file(status)) throw io_error(where + "not a regular file");
-  const std::uintmax_t size = std::filesystem::file_size(path, ec);
-  if (ec) throw io_error(where + "cannot read its size: " + ec.message());
-  if (size > max_bytes)
-    throw io_error(
-        detail::concat(where, "is ", size, " bytes, more than the ", max_bytes, " accepted"));
-  std::ifstream in(path, std::ios::binary);
-  if (!in) throw io_error(where + "cannot open for reading");
-  std::string bytes(static_cast<std::size_t>(size), '\0');
-  in.read(bytes.data(), static_cast<std::streamsize>(size));
-  if (static_cast<std::uintmax_t>(in.gcount()) != size)
-    throw io_error(detail::concat(where, "read ", in.gcount(), " of ", size, " bytes"));
-  return bytes;
-}
 
 }  // namespace internal
 
@@ -471,7 +427,8 @@ inline AdapterConfig parse_config(std::string_view text, std::string source = "<
 /// for parse_config(), both naming the file).
 inline AdapterConfig read_config(const std::filesystem::path& dir) {
   const std::filesystem::path path = dir / config_file_name;
-  return parse_config(internal::read_text_file(path, internal::max_config_bytes), path.string());
+  return parse_config(detail::read_file<io_error>(path, "peft: ", internal::max_config_bytes),
+                      path.string());
 }
 
 /// Modules to save or load: module name (as in the PyTorch model, e.g. "net.fc1") -> layer.
@@ -1071,28 +1028,20 @@ inline void save_adapter_files(const std::filesystem::path& dir, const AdapterFi
   const fs::path weights_path = dir / weights_file_name;
   const fs::path config_path = dir / config_file_name;
   std::optional<std::string> previous;  // the weights file being replaced
-  if (fs::exists(weights_path, ec))
-    previous = internal::read_text_file(weights_path, std::numeric_limits<std::uintmax_t>::max());
+  if (fs::exists(weights_path, ec)) previous = detail::read_file<io_error>(weights_path, "peft: ");
 
-  // replace_file_atomically's messages start with "safetensors: <path>: ".
-  const auto reword = [](const io_error& e) {
-    std::string text = e.what();
-    const std::string from = "safetensors: ";
-    if (text.compare(0, from.size(), from) == 0) text.erase(0, from.size());
-    return "peft: " + text;
-  };
   try {
-    detail::safetensors::replace_file_atomically<io_error>(weights_path, weights_bytes);
+    detail::replace_file_atomically<io_error>(weights_path, weights_bytes, "peft: ");
   } catch (const io_error& e) {
-    throw io_error(reword(e) + "; nothing was changed");
+    throw io_error(std::string(e.what()) + "; nothing was changed");
   }
   try {
-    detail::safetensors::replace_file_atomically<io_error>(config_path, config_text);
+    detail::replace_file_atomically<io_error>(config_path, config_text, "peft: ");
   } catch (const io_error& e) {
     std::string outcome = "; the previous adapter files are left as they were";
     try {
       if (previous) {
-        detail::safetensors::replace_file_atomically<io_error>(weights_path, *previous);
+        detail::replace_file_atomically<io_error>(weights_path, *previous, "peft: ");
       } else if (!fs::remove(weights_path, ec) || ec) {
         throw io_error("remove failed");
       }
@@ -1100,7 +1049,7 @@ inline void save_adapter_files(const std::filesystem::path& dir, const AdapterFi
       outcome = "; putting the previous " + std::string(weights_file_name) +
                 " back failed too, so the directory holds the new weights with the old config";
     }
-    throw io_error(reword(e) + outcome);
+    throw io_error(e.what() + outcome);
   }
 }
 

@@ -3,21 +3,16 @@
 
 #include <Eigen/Core>
 #include <algorithm>
-#include <cerrno>
 #include <cmath>
 #include <cstddef>
 #include <cstdint>
-#include <cstring>
 #include <filesystem>
-#include <fstream>
 #include <limits>
 #include <map>
 #include <optional>
-#include <set>
 #include <stdexcept>
 #include <string>
 #include <string_view>
-#include <system_error>
 #include <type_traits>
 #include <utility>
 #include <vector>
@@ -25,8 +20,11 @@
 #include <nlohmann/json.hpp>
 
 #include "detail/checks.hpp"
-#include "detail/half.hpp"
-#include "detail/safetensors_io.hpp"
+#include "io/detail/atomic_file.hpp"
+#include "io/detail/half.hpp"
+#include "io/detail/json.hpp"
+#include "io/detail/little_endian.hpp"
+#include "io/detail/read_file.hpp"
 
 /// \brief The safetensors format (https://github.com/huggingface/safetensors), tensor level.
 ///
@@ -173,14 +171,39 @@ struct Tensor {
 
 /// "[2, 3]": a shape as printed in error messages.
 inline std::string shape_string(const std::vector<std::int64_t>& shape) {
-  return detail::safetensors::shape_string(shape);
+  std::string s = "[";
+  for (std::size_t i = 0; i < shape.size(); ++i) {
+    if (i) s += ", ";
+    s += std::to_string(shape[i]);
+  }
+  return s + "]";
 }
 
 namespace internal {
+
+/// a * b, or false when the product does not fit in 64 bits.
+inline bool checked_mul(std::uint64_t a, std::uint64_t b, std::uint64_t& out) {
+  if (a != 0 && b > std::numeric_limits<std::uint64_t>::max() / a) return false;
+  out = a * b;
+  return true;
+}
+
+/// "[1, 2]": the multi-index of row-major flat position `flat` in `shape`.
+inline std::string unravel(std::uint64_t flat, const std::vector<std::int64_t>& shape) {
+  std::vector<std::int64_t> index(shape.size(), 0);
+  for (std::size_t k = shape.size(); k-- > 0;) {
+    const auto extent = static_cast<std::uint64_t>(shape[k]);
+    if (extent == 0) break;
+    index[k] = static_cast<std::int64_t>(flat % extent);
+    flat /= extent;
+  }
+  return shape_string(index);
+}
+
 // Element conversion, kept beside the public types that name it.
 
 inline double decode_one(Dtype dtype, const unsigned char* p) {
-  namespace io = hra::detail::safetensors;
+  namespace io = hra::detail;
   switch (dtype) {
     case Dtype::F16:
       return hra::detail::half_to_float(io::load_le<std::uint16_t>(p));
@@ -197,7 +220,7 @@ inline double decode_one(Dtype dtype, const unsigned char* p) {
 /// Converts n stored elements to Scalar (the dtype switch is outside the loops).
 template <typename Scalar>
 void decode(Dtype dtype, const unsigned char* src, std::size_t n, Scalar* dst) {
-  namespace io = hra::detail::safetensors;
+  namespace io = hra::detail;
   switch (dtype) {
     case Dtype::F16:
       for (std::size_t i = 0; i < n; ++i)
@@ -221,7 +244,7 @@ void decode(Dtype dtype, const unsigned char* src, std::size_t n, Scalar* dst) {
 /// Converts n values to `dtype`, rounding to nearest even; dst holds n * size_of(dtype) bytes.
 template <typename Scalar>
 void encode(const Scalar* src, std::size_t n, Dtype dtype, unsigned char* dst) {
-  namespace io = hra::detail::safetensors;
+  namespace io = hra::detail;
   switch (dtype) {
     case Dtype::F16:
       for (std::size_t i = 0; i < n; ++i)
@@ -306,7 +329,7 @@ class TensorFile {
       if (e < 0)
         hra::detail::throw_invalid(where(name), "negative dimension in shape ",
                                    shape_string(tensor.shape));
-      if (!hra::detail::safetensors::checked_mul(bytes, static_cast<std::uint64_t>(e), bytes))
+      if (!internal::checked_mul(bytes, static_cast<std::uint64_t>(e), bytes))
         hra::detail::throw_invalid(where(name), "shape ", shape_string(tensor.shape),
                                    " is too large");
     }
@@ -329,7 +352,7 @@ class TensorFile {
     t.shape = std::move(shape);
     std::uint64_t n = 1;
     for (std::int64_t e : t.shape)
-      if (e < 0 || !hra::detail::safetensors::checked_mul(n, static_cast<std::uint64_t>(e), n))
+      if (e < 0 || !internal::checked_mul(n, static_cast<std::uint64_t>(e), n))
         hra::detail::throw_invalid(where(name), "invalid shape ", shape_string(t.shape));
     if (n != values.size())
       hra::detail::throw_invalid(where(name), "shape ", shape_string(t.shape), " needs ", n,
@@ -476,7 +499,7 @@ class TensorFile {
       const double stored = internal::decode_one(t.dtype, t.data.data() + i * size_of(t.dtype));
       fail<tensor_error>(name, "non-finite value ", stored, " (", to_string(t.dtype),
                          std::isfinite(stored) ? ", out of range of the requested type" : "",
-                         ") at index ", hra::detail::safetensors::unravel(i, t.shape), " of shape ",
+                         ") at index ", internal::unravel(i, t.shape), " of shape ",
                          shape_string(t.shape));
     }
   }
@@ -495,53 +518,17 @@ constexpr int max_header_nesting = 16;
 /// Parses the header text, rejecting duplicate keys at any level (nlohmann keeps the last one
 /// silently) and absurd nesting, with format_error messages that start with `where`.
 inline nlohmann::json parse_header(std::string_view text, const std::string& where) {
-  using json = nlohmann::json;
-  // One set of seen keys per open container (arrays get an unused set to keep depths aligned).
-  std::vector<std::set<std::string>> seen;
-  std::vector<std::string> path;  // names of the objects being parsed, for messages
-  std::string last_key;
-  const auto callback = [&](int depth, json::parse_event_t event, json& parsed) {
-    switch (event) {
-      case json::parse_event_t::object_start:
-      case json::parse_event_t::array_start:
-        if (depth >= max_header_nesting)
-          throw format_error(hra::detail::concat(where, "header JSON nests deeper than ",
-                                                 max_header_nesting, " levels"));
-        seen.emplace_back();
-        path.push_back(depth == 0 ? std::string() : last_key);
-        break;
-      case json::parse_event_t::object_end:
-      case json::parse_event_t::array_end:
-        if (!seen.empty()) seen.pop_back();
-        if (!path.empty()) path.pop_back();
-        break;
-      case json::parse_event_t::key: {
-        const std::string& key = parsed.get_ref<const std::string&>();
-        if (!seen.empty() && !seen.back().insert(key).second) {
-          // path[1] is the top-level entry (tensor or __metadata__) the duplicate sits in.
-          const std::string& entry = seen.size() == 1 ? key : path[1];
-          const std::string what =
-              entry == "__metadata__" ? std::string("__metadata__") : "tensor '" + entry + "'";
-          if (seen.size() == 1)
-            throw format_error(
-                hra::detail::concat(where, what, ": name appears more than once in the header"));
-          throw format_error(
-              hra::detail::concat(where, what, ": key '", key, "' appears more than once"));
-        }
-        last_key = key;
-        break;
-      }
-      case json::parse_event_t::value:
-        break;
-    }
-    return true;
+  const auto duplicate = [](const std::vector<std::string>& path, const std::string& key) {
+    // path[1] is the top-level entry (tensor or __metadata__) the duplicate sits in.
+    const std::string& entry = path.size() == 1 ? key : path[1];
+    const std::string what =
+        entry == "__metadata__" ? std::string("__metadata__") : "tensor '" + entry + "'";
+    if (path.size() == 1) return what + ": name appears more than once in the header";
+    return hra::detail::concat(what, ": key '", key, "' appears more than once");
   };
-  try {
-    return json::parse(text.begin(), text.end(), callback, /*allow_exceptions=*/true,
-                       /*ignore_comments=*/false);
-  } catch (const json::exception& e) {
-    throw format_error(hra::detail::concat(where, "header is not valid JSON: ", e.what()));
-  }
+  return hra::detail::parse_strict_json<nlohmann::json, format_error>(
+      text, where,
+      {max_header_nesting, "header JSON nests deeper than", "header is not valid JSON"}, duplicate);
 }
 
 /// A JSON number that is a non-negative integer, or nothing.
@@ -575,7 +562,7 @@ inline const char* json_kind(const nlohmann::json& j) {
 /// Throws format_error naming `source` and the offending tensor.
 inline TensorFile parse(const void* data, std::size_t size, std::string source = "<memory>",
                         const ReadOptions& options = {}) {
-  namespace io = hra::detail::safetensors;
+  namespace io = hra::detail;
   using hra::detail::concat;
   const auto* bytes = static_cast<const unsigned char*>(data);
   const std::string where = concat("safetensors: ", source, ": ");
@@ -650,7 +637,7 @@ inline TensorFile parse(const void* data, std::size_t size, std::string source =
         throw bad_tensor(name, "\"shape\" entry ", dim.dump(), " is ", internal::json_kind(dim),
                          ", not a non-negative integer");
       if (*extent > static_cast<std::uint64_t>(std::numeric_limits<std::int64_t>::max()) ||
-          !io::checked_mul(bytes_needed, *extent, bytes_needed))
+          !internal::checked_mul(bytes_needed, *extent, bytes_needed))
         throw bad_tensor(name, "\"shape\" ", shape_it->dump(), " of ", dtype_name,
                          " overflows 64-bit byte counts");
       e.shape.push_back(static_cast<std::int64_t>(*extent));
@@ -725,22 +712,8 @@ inline TensorFile parse(std::string_view bytes, std::string source = "<memory>",
 /// \brief Reads the whole file at `path` and parses it; error messages name the path. io_error
 /// if it is missing, not a regular file or cannot be read; format_error as for parse().
 inline TensorFile load(const std::filesystem::path& path, const ReadOptions& options = {}) {
-  const std::string name = path.string();
-  const std::string where = hra::detail::concat("safetensors: ", name, ": ");
-  std::error_code ec;
-  const auto status = std::filesystem::status(path, ec);
-  if (!std::filesystem::exists(status)) throw io_error(where + "cannot open: no such file");
-  if (ec) throw io_error(where + "cannot open: " + ec.message());
-  if (!std::filesystem::is_regular_file(status)) throw io_error(where + "not a regular file");
-  const std::uintmax_t size = std::filesystem::file_size(path, ec);
-  if (ec) throw io_error(where + "cannot read its size: " + ec.message());
-  std::ifstream in(path, std::ios::binary);
-  if (!in) throw io_error(where + "cannot open for reading: " + std::strerror(errno));
-  std::string bytes(static_cast<std::size_t>(size), '\0');
-  in.read(bytes.data(), static_cast<std::streamsize>(size));
-  if (static_cast<std::uintmax_t>(in.gcount()) != size)
-    throw io_error(hra::detail::concat(where, "read ", in.gcount(), " of ", size, " bytes"));
-  return parse(std::string_view(bytes), name, options);
+  const std::string bytes = hra::detail::read_file<io_error>(path, "safetensors: ");
+  return parse(std::string_view(bytes), path.string(), options);
 }
 
 /// \brief The bytes of a safetensors file holding `file`'s tensors and metadata.
@@ -757,8 +730,7 @@ inline std::string serialize(const TensorFile& file) {
     const Tensor& t = kv.second;
     std::uint64_t bytes = size_of(t.dtype);
     for (std::int64_t e : t.shape)
-      if (e < 0 ||
-          !hra::detail::safetensors::checked_mul(bytes, static_cast<std::uint64_t>(e), bytes))
+      if (e < 0 || !internal::checked_mul(bytes, static_cast<std::uint64_t>(e), bytes))
         hra::detail::throw_invalid("safetensors: ", file.source(), ": tensor '", kv.first,
                                    "': invalid shape ", shape_string(t.shape));
     if (bytes != t.data.size())
@@ -791,8 +763,8 @@ inline std::string serialize(const TensorFile& file) {
   text.append((8 - text.size() % 8) % 8, ' ');
 
   std::string out(8 + text.size() + offset, '\0');
-  hra::detail::safetensors::store_le(static_cast<std::uint64_t>(text.size()),
-                                     reinterpret_cast<unsigned char*>(out.data()));
+  hra::detail::store_le(static_cast<std::uint64_t>(text.size()),
+                        reinterpret_cast<unsigned char*>(out.data()));
   std::copy(text.begin(), text.end(), out.begin() + 8);
   auto pos = out.begin() + 8 + static_cast<std::ptrdiff_t>(text.size());
   for (const auto& entry : order) {
@@ -807,8 +779,7 @@ inline std::string serialize(const TensorFile& file) {
 /// failure the temporary file is removed, an existing file at `path` is left as it was, and
 /// io_error names the path and the OS error.
 inline void save(const std::filesystem::path& path, const TensorFile& file) {
-  const std::string bytes = serialize(file);
-  hra::detail::safetensors::replace_file_atomically<io_error>(path, bytes);
+  hra::detail::replace_file_atomically<io_error>(path, serialize(file), "safetensors: ");
 }
 
 }  // namespace safetensors
