@@ -10,6 +10,7 @@
 #include <cstdint>
 #include <cstring>
 #include <filesystem>
+#include <initializer_list>
 #include <limits>
 #include <map>
 #include <optional>
@@ -19,6 +20,7 @@
 #include <string_view>
 #include <system_error>
 #include <utility>
+#include <variant>
 #include <vector>
 
 #include <nlohmann/json.hpp>
@@ -99,8 +101,8 @@
 /// describe (e.g. HRA adapters of different ranks) before any file is touched.
 ///
 /// The module map: `{{"net.fc1", &layer1}, {"net.fc2", &layer2}}`, module names as in the
-/// PyTorch model (no prefix). Functions come as templates over the scalar and as overloads for
-/// float and double, so a braced list works without naming the scalar.
+/// PyTorch model (no prefix). Functions come as templates over the scalar and as overloads taking
+/// a ModuleList of float or double layers, so a braced list works without naming the scalar.
 namespace hra {
 namespace peft {
 
@@ -437,6 +439,38 @@ using HraModules = std::map<std::string, HraLinear<Scalar>*>;
 /// Modules to save or load: module name -> LoRA layer.
 template <typename Scalar>
 using LoraModules = std::map<std::string, LoraLinear<Scalar>*>;
+
+/// \brief A braced list of {module name, layer} pairs, all float or all double layers:
+/// `{{"net.fc1", &fc1}, {"net.fc2", &fc2}}`.
+///
+/// The saving and loading functions are templates over the scalar, which a braced list cannot
+/// deduce; each has an overload taking a ModuleList, which holds the list as the map of the
+/// layers' scalar (HraModules<float>, ...) and hands that map to the template.
+template <template <typename> class Layer>
+class ModuleList {
+ public:
+  using FloatModules = std::map<std::string, Layer<float>*>;
+  using DoubleModules = std::map<std::string, Layer<double>*>;
+
+  ModuleList(std::initializer_list<typename FloatModules::value_type> modules)
+      : modules_(FloatModules(modules)) {}
+  ModuleList(std::initializer_list<typename DoubleModules::value_type> modules)
+      : modules_(DoubleModules(modules)) {}
+
+  /// f(modules) with the map of the layers' scalar; returns what f returns.
+  template <typename F>
+  decltype(auto) visit(F&& f) const {
+    return std::visit(std::forward<F>(f), modules_);
+  }
+
+ private:
+  std::variant<FloatModules, DoubleModules> modules_;
+};
+
+/// A braced list of HRA layers (see ModuleList).
+using HraModuleList = ModuleList<HraLinear>;
+/// A braced list of LoRA layers (see ModuleList).
+using LoraModuleList = ModuleList<LoraLinear>;
 
 /// How to save.
 struct SaveOptions {
@@ -1105,51 +1139,57 @@ AdapterConfig load_lora_adapters(const std::filesystem::path& dir,
   return config;
 }
 
-// Overloads for float and double: they take a braced list of {name, &layer} pairs directly,
-// where the templates above cannot deduce the scalar.
-#define HRA_PEFT_OVERLOADS(Scalar)                                            \
-  inline AdapterFiles hra_adapter_files(const HraModules<Scalar>& modules,    \
-                                        const SaveOptions& options = {}) {    \
-    return hra_adapter_files<Scalar>(modules, options);                       \
-  }                                                                           \
-  inline AdapterFiles lora_adapter_files(const LoraModules<Scalar>& modules,  \
-                                         const SaveOptions& options = {}) {   \
-    return lora_adapter_files<Scalar>(modules, options);                      \
-  }                                                                           \
-  inline void save_hra_adapters(const std::filesystem::path& dir,             \
-                                const HraModules<Scalar>& modules,            \
-                                const SaveOptions& options = {}) {            \
-    save_hra_adapters<Scalar>(dir, modules, options);                         \
-  }                                                                           \
-  inline void save_lora_adapters(const std::filesystem::path& dir,            \
-                                 const LoraModules<Scalar>& modules,          \
-                                 const SaveOptions& options = {}) {           \
-    save_lora_adapters<Scalar>(dir, modules, options);                        \
-  }                                                                           \
-  inline AdapterConfig load_hra_adapters(const std::filesystem::path& dir,    \
-                                         const HraModules<Scalar>& modules,   \
-                                         const LoadOptions& options = {}) {   \
-    return load_hra_adapters<Scalar>(dir, modules, options);                  \
-  }                                                                           \
-  inline AdapterConfig load_lora_adapters(const std::filesystem::path& dir,   \
-                                          const LoraModules<Scalar>& modules, \
-                                          const LoadOptions& options = {}) {  \
-    return load_lora_adapters<Scalar>(dir, modules, options);                 \
-  }                                                                           \
-  inline void load_hra_adapters(                                              \
-      const AdapterConfig& config, const safetensors::TensorFile& weights,    \
-      const HraModules<Scalar>& modules, const LoadOptions& options = {}) {   \
-    load_hra_adapters<Scalar>(config, weights, modules, options);             \
-  }                                                                           \
-  inline void load_lora_adapters(                                             \
-      const AdapterConfig& config, const safetensors::TensorFile& weights,    \
-      const LoraModules<Scalar>& modules, const LoadOptions& options = {}) {  \
-    load_lora_adapters<Scalar>(config, weights, modules, options);            \
-  }
+// The saving and loading functions for a braced list of float or double layers (see ModuleList).
 
-HRA_PEFT_OVERLOADS(float)
-HRA_PEFT_OVERLOADS(double)
-#undef HRA_PEFT_OVERLOADS
+/// hra_adapter_files(modules, options) for a braced list.
+inline AdapterFiles hra_adapter_files(const HraModuleList& modules,
+                                      const SaveOptions& options = {}) {
+  return modules.visit([&](const auto& map) { return hra_adapter_files(map, options); });
+}
+
+/// lora_adapter_files(modules, options) for a braced list.
+inline AdapterFiles lora_adapter_files(const LoraModuleList& modules,
+                                       const SaveOptions& options = {}) {
+  return modules.visit([&](const auto& map) { return lora_adapter_files(map, options); });
+}
+
+/// save_hra_adapters(dir, modules, options) for a braced list.
+inline void save_hra_adapters(const std::filesystem::path& dir, const HraModuleList& modules,
+                              const SaveOptions& options = {}) {
+  save_adapter_files(dir, hra_adapter_files(modules, options));
+}
+
+/// save_lora_adapters(dir, modules, options) for a braced list.
+inline void save_lora_adapters(const std::filesystem::path& dir, const LoraModuleList& modules,
+                               const SaveOptions& options = {}) {
+  save_adapter_files(dir, lora_adapter_files(modules, options));
+}
+
+/// load_hra_adapters(config, weights, modules, options) for a braced list.
+inline void load_hra_adapters(const AdapterConfig& config, const safetensors::TensorFile& weights,
+                              const HraModuleList& modules, const LoadOptions& options = {}) {
+  modules.visit([&](const auto& map) { load_hra_adapters(config, weights, map, options); });
+}
+
+/// load_lora_adapters(config, weights, modules, options) for a braced list.
+inline void load_lora_adapters(const AdapterConfig& config, const safetensors::TensorFile& weights,
+                               const LoraModuleList& modules, const LoadOptions& options = {}) {
+  modules.visit([&](const auto& map) { load_lora_adapters(config, weights, map, options); });
+}
+
+/// load_hra_adapters(dir, modules, options) for a braced list.
+inline AdapterConfig load_hra_adapters(const std::filesystem::path& dir,
+                                       const HraModuleList& modules,
+                                       const LoadOptions& options = {}) {
+  return modules.visit([&](const auto& map) { return load_hra_adapters(dir, map, options); });
+}
+
+/// load_lora_adapters(dir, modules, options) for a braced list.
+inline AdapterConfig load_lora_adapters(const std::filesystem::path& dir,
+                                        const LoraModuleList& modules,
+                                        const LoadOptions& options = {}) {
+  return modules.visit([&](const auto& map) { return load_lora_adapters(dir, map, options); });
+}
 
 }  // namespace peft
 }  // namespace hra
