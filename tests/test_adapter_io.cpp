@@ -2,7 +2,7 @@
 // stacked adapters) and LoRA in every dtype, agreement with the adapters written by
 // scripts/make_peft_adapter_fixture.py as PEFT saves them, every rejection of a crafted file
 // (by its message, with the layers checked unchanged) and saves that fail without damage.
-#include <hra/adapter_io.hpp>
+#include <hra/io.hpp>
 
 #include <catch2/catch.hpp>
 
@@ -237,8 +237,8 @@ void expect_hra_load_fails(const fs::path& dir, const std::string& part,
 
 TEST_CASE("adapter_io: rank/alpha pattern keys are matched as PEFT's re.match((.*\\.)?(key)$)",
           "[adapter_io]") {
-  using peft::internal::pattern_matches;
-  using peft::internal::pattern_supported;
+  using hra::detail::pattern_matches;
+  using hra::detail::pattern_supported;
   CHECK(pattern_matches("fc1", "fc1"));
   CHECK(pattern_matches("fc1", "net.fc1"));
   CHECK(pattern_matches("net.fc1", "model.net.fc1"));
@@ -246,8 +246,8 @@ TEST_CASE("adapter_io: rank/alpha pattern keys are matched as PEFT's re.match((.
   CHECK_FALSE(pattern_matches("fc1", "net.fc10"));  // anchored at the end
   CHECK(pattern_matches("net.fc1", "netXfc1"));     // '.' is any character, as in Python
   CHECK_FALSE(pattern_matches("net\\.fc1", "netXfc1"));
-  CHECK(pattern_matches(peft::internal::escape_pattern("a.b[0]"), "a.b[0]"));
-  CHECK_FALSE(pattern_matches(peft::internal::escape_pattern("a.b"), "aXb"));
+  CHECK(pattern_matches(hra::detail::escape_pattern("a.b[0]"), "a.b[0]"));
+  CHECK_FALSE(pattern_matches(hra::detail::escape_pattern("a.b"), "aXb"));
   CHECK(pattern_supported("layers.0.q_proj"));
   CHECK(pattern_supported("a\\.b\\[0\\]"));
   CHECK_FALSE(pattern_supported(".*q_proj"));

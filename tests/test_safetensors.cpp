@@ -2,7 +2,7 @@
 // of a malformed file (by its message) and the atomic replacement of files.
 #include <hra/detail/random.hpp>
 #include <hra/io/detail/half.hpp>
-#include <hra/safetensors.hpp>
+#include <hra/io/safetensors.hpp>
 
 #include <catch2/catch.hpp>
 

@@ -19,12 +19,12 @@
 
 #include <nlohmann/json.hpp>
 
-#include "detail/checks.hpp"
-#include "io/detail/atomic_file.hpp"
-#include "io/detail/half.hpp"
-#include "io/detail/json.hpp"
-#include "io/detail/little_endian.hpp"
-#include "io/detail/read_file.hpp"
+#include "../detail/checks.hpp"
+#include "detail/atomic_file.hpp"
+#include "detail/half.hpp"
+#include "detail/json.hpp"
+#include "detail/little_endian.hpp"
+#include "detail/read_file.hpp"
 
 /// \brief The safetensors format (https://github.com/huggingface/safetensors), tensor level.
 ///
@@ -179,7 +179,9 @@ inline std::string shape_string(const std::vector<std::int64_t>& shape) {
   return s + "]";
 }
 
-namespace internal {
+}  // namespace safetensors
+
+namespace detail {
 
 /// a * b, or false when the product does not fit in 64 bits.
 inline bool checked_mul(std::uint64_t a, std::uint64_t b, std::uint64_t& out) {
@@ -197,73 +199,74 @@ inline std::string unravel(std::uint64_t flat, const std::vector<std::int64_t>& 
     index[k] = static_cast<std::int64_t>(flat % extent);
     flat /= extent;
   }
-  return shape_string(index);
+  return safetensors::shape_string(index);
 }
 
-// Element conversion, kept beside the public types that name it.
+// Element conversion between the stored dtypes and the Eigen scalars.
 
-inline double decode_one(Dtype dtype, const unsigned char* p) {
-  namespace io = hra::detail;
+/// One stored element as a double.
+inline double decode_one(safetensors::Dtype dtype, const unsigned char* p) {
+  using safetensors::Dtype;
   switch (dtype) {
     case Dtype::F16:
-      return hra::detail::half_to_float(io::load_le<std::uint16_t>(p));
+      return half_to_float(load_le<std::uint16_t>(p));
     case Dtype::BF16:
-      return hra::detail::bfloat16_to_float(io::load_le<std::uint16_t>(p));
+      return bfloat16_to_float(load_le<std::uint16_t>(p));
     case Dtype::F32:
-      return io::load_f32(p);
+      return load_f32(p);
     case Dtype::F64:
-      return io::load_f64(p);
+      return load_f64(p);
   }
   return 0.0;
 }
 
 /// Converts n stored elements to Scalar (the dtype switch is outside the loops).
 template <typename Scalar>
-void decode(Dtype dtype, const unsigned char* src, std::size_t n, Scalar* dst) {
-  namespace io = hra::detail;
+void decode(safetensors::Dtype dtype, const unsigned char* src, std::size_t n, Scalar* dst) {
+  using safetensors::Dtype;
   switch (dtype) {
     case Dtype::F16:
       for (std::size_t i = 0; i < n; ++i)
-        dst[i] = static_cast<Scalar>(
-            hra::detail::half_to_float(io::load_le<std::uint16_t>(src + 2 * i)));
+        dst[i] = static_cast<Scalar>(half_to_float(load_le<std::uint16_t>(src + 2 * i)));
       return;
     case Dtype::BF16:
       for (std::size_t i = 0; i < n; ++i)
-        dst[i] = static_cast<Scalar>(
-            hra::detail::bfloat16_to_float(io::load_le<std::uint16_t>(src + 2 * i)));
+        dst[i] = static_cast<Scalar>(bfloat16_to_float(load_le<std::uint16_t>(src + 2 * i)));
       return;
     case Dtype::F32:
-      for (std::size_t i = 0; i < n; ++i) dst[i] = static_cast<Scalar>(io::load_f32(src + 4 * i));
+      for (std::size_t i = 0; i < n; ++i) dst[i] = static_cast<Scalar>(load_f32(src + 4 * i));
       return;
     case Dtype::F64:
-      for (std::size_t i = 0; i < n; ++i) dst[i] = static_cast<Scalar>(io::load_f64(src + 8 * i));
+      for (std::size_t i = 0; i < n; ++i) dst[i] = static_cast<Scalar>(load_f64(src + 8 * i));
       return;
   }
 }
 
 /// Converts n values to `dtype`, rounding to nearest even; dst holds n * size_of(dtype) bytes.
 template <typename Scalar>
-void encode(const Scalar* src, std::size_t n, Dtype dtype, unsigned char* dst) {
-  namespace io = hra::detail;
+void encode(const Scalar* src, std::size_t n, safetensors::Dtype dtype, unsigned char* dst) {
+  using safetensors::Dtype;
   switch (dtype) {
     case Dtype::F16:
       for (std::size_t i = 0; i < n; ++i)
-        io::store_le(hra::detail::double_to_half(static_cast<double>(src[i])), dst + 2 * i);
+        store_le(double_to_half(static_cast<double>(src[i])), dst + 2 * i);
       return;
     case Dtype::BF16:
       for (std::size_t i = 0; i < n; ++i)
-        io::store_le(hra::detail::double_to_bfloat16(static_cast<double>(src[i])), dst + 2 * i);
+        store_le(double_to_bfloat16(static_cast<double>(src[i])), dst + 2 * i);
       return;
     case Dtype::F32:
-      for (std::size_t i = 0; i < n; ++i) io::store_f32(static_cast<float>(src[i]), dst + 4 * i);
+      for (std::size_t i = 0; i < n; ++i) store_f32(static_cast<float>(src[i]), dst + 4 * i);
       return;
     case Dtype::F64:
-      for (std::size_t i = 0; i < n; ++i) io::store_f64(static_cast<double>(src[i]), dst + 8 * i);
+      for (std::size_t i = 0; i < n; ++i) store_f64(static_cast<double>(src[i]), dst + 8 * i);
       return;
   }
 }
 
-}  // namespace internal
+}  // namespace detail
+
+namespace safetensors {
 
 /// \brief The tensors and `__metadata__` of one safetensors file, held in memory.
 ///
@@ -323,20 +326,19 @@ class TensorFile {
   /// overflows, or `data.size()` is not that many bytes.
   void put(const std::string& name, Tensor tensor) {
     if (name == "__metadata__")
-      hra::detail::throw_invalid(where(name), "the name __metadata__ is reserved for metadata");
+      detail::throw_invalid(where(name), "the name __metadata__ is reserved for metadata");
     std::uint64_t bytes = size_of(tensor.dtype);
     for (std::int64_t e : tensor.shape) {
       if (e < 0)
-        hra::detail::throw_invalid(where(name), "negative dimension in shape ",
-                                   shape_string(tensor.shape));
-      if (!internal::checked_mul(bytes, static_cast<std::uint64_t>(e), bytes))
-        hra::detail::throw_invalid(where(name), "shape ", shape_string(tensor.shape),
-                                   " is too large");
+        detail::throw_invalid(where(name), "negative dimension in shape ",
+                              shape_string(tensor.shape));
+      if (!detail::checked_mul(bytes, static_cast<std::uint64_t>(e), bytes))
+        detail::throw_invalid(where(name), "shape ", shape_string(tensor.shape), " is too large");
     }
     if (bytes != tensor.data.size())
-      hra::detail::throw_invalid(where(name), "shape ", shape_string(tensor.shape), " of ",
-                                 to_string(tensor.dtype), " needs ", bytes, " bytes, data has ",
-                                 tensor.data.size());
+      detail::throw_invalid(where(name), "shape ", shape_string(tensor.shape), " of ",
+                            to_string(tensor.dtype), " needs ", bytes, " bytes, data has ",
+                            tensor.data.size());
     tensors_[name] = std::move(tensor);
   }
 
@@ -345,20 +347,20 @@ class TensorFile {
   template <typename Scalar>
   void put_array(const std::string& name, std::vector<std::int64_t> shape,
                  const std::vector<Scalar>& values, Dtype dtype = natural_dtype<Scalar>()) {
-    hra::detail::ScalarCheck<Scalar> check;
+    detail::ScalarCheck<Scalar> check;
     (void)check;
     Tensor t;
     t.dtype = dtype;
     t.shape = std::move(shape);
     std::uint64_t n = 1;
     for (std::int64_t e : t.shape)
-      if (e < 0 || !internal::checked_mul(n, static_cast<std::uint64_t>(e), n))
-        hra::detail::throw_invalid(where(name), "invalid shape ", shape_string(t.shape));
+      if (e < 0 || !detail::checked_mul(n, static_cast<std::uint64_t>(e), n))
+        detail::throw_invalid(where(name), "invalid shape ", shape_string(t.shape));
     if (n != values.size())
-      hra::detail::throw_invalid(where(name), "shape ", shape_string(t.shape), " needs ", n,
-                                 " values, got ", values.size());
+      detail::throw_invalid(where(name), "shape ", shape_string(t.shape), " needs ", n,
+                            " values, got ", values.size());
     t.data.resize(values.size() * size_of(dtype));
-    internal::encode(values.data(), values.size(), dtype, t.data.data());
+    detail::encode(values.data(), values.size(), dtype, t.data.data());
     put(name, std::move(t));
   }
 
@@ -368,7 +370,7 @@ class TensorFile {
   void put_matrix(const std::string& name, const Eigen::MatrixBase<Derived>& m,
                   Dtype dtype = natural_dtype<typename Derived::Scalar>()) {
     using Scalar = typename Derived::Scalar;
-    hra::detail::ScalarCheck<Scalar> check;
+    detail::ScalarCheck<Scalar> check;
     (void)check;
     const Eigen::Matrix<Scalar, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajor> row_major = m;
     put_contiguous(name, {row_major.rows(), row_major.cols()}, row_major.data(), dtype);
@@ -380,11 +382,11 @@ class TensorFile {
   void put_vector(const std::string& name, const Eigen::MatrixBase<Derived>& v,
                   Dtype dtype = natural_dtype<typename Derived::Scalar>()) {
     using Scalar = typename Derived::Scalar;
-    hra::detail::ScalarCheck<Scalar> check;
+    detail::ScalarCheck<Scalar> check;
     (void)check;
     if (v.rows() != 1 && v.cols() != 1)
-      hra::detail::throw_invalid(where(name), "expected a vector, got a ",
-                                 hra::detail::shape(v.rows(), v.cols()), " matrix");
+      detail::throw_invalid(where(name), "expected a vector, got a ",
+                            detail::shape(v.rows(), v.cols()), " matrix");
     const Vector<Scalar> plain = v.reshaped();
     put_contiguous(name, {plain.size()}, plain.data(), dtype);
   }
@@ -395,7 +397,7 @@ class TensorFile {
   template <typename Scalar>
   std::vector<Scalar> get_array(const std::string& name,
                                 NonFinite non_finite = NonFinite::reject) const {
-    hra::detail::ScalarCheck<Scalar> check;
+    detail::ScalarCheck<Scalar> check;
     (void)check;
     const Tensor& t = at(name);
     std::vector<Scalar> out(static_cast<std::size_t>(t.numel()));
@@ -408,7 +410,7 @@ class TensorFile {
   template <typename Scalar>
   Matrix<Scalar> get_matrix(const std::string& name,
                             NonFinite non_finite = NonFinite::reject) const {
-    hra::detail::ScalarCheck<Scalar> check;
+    detail::ScalarCheck<Scalar> check;
     (void)check;
     const Tensor& t = at(name);
     if (t.shape.size() != 2)
@@ -434,7 +436,7 @@ class TensorFile {
   template <typename Scalar>
   Vector<Scalar> get_vector(const std::string& name,
                             NonFinite non_finite = NonFinite::reject) const {
-    hra::detail::ScalarCheck<Scalar> check;
+    detail::ScalarCheck<Scalar> check;
     (void)check;
     const Tensor& t = at(name);
     if (t.shape.size() != 1)
@@ -464,12 +466,12 @@ class TensorFile {
 
  private:
   std::string where(const std::string& name) const {
-    return hra::detail::concat("safetensors: ", source_, ": tensor '", name, "': ");
+    return detail::concat("safetensors: ", source_, ": tensor '", name, "': ");
   }
 
   template <typename Error, typename... Parts>
   [[noreturn]] void fail(const std::string& name, const Parts&... parts) const {
-    throw Error(where(name) + hra::detail::concat(parts...));
+    throw Error(where(name) + detail::concat(parts...));
   }
 
   template <typename Scalar>
@@ -480,7 +482,7 @@ class TensorFile {
     t.shape = std::move(shape);
     const std::size_t n = static_cast<std::size_t>(t.numel());
     t.data.resize(n * size_of(dtype));
-    internal::encode(values, n, dtype, t.data.data());
+    detail::encode(values, n, dtype, t.data.data());
     put(name, std::move(t));
   }
 
@@ -492,14 +494,14 @@ class TensorFile {
     if (t.data.size() != n * size_of(t.dtype))
       fail<tensor_error>(name, "shape ", shape_string(t.shape), " of ", to_string(t.dtype),
                          " needs ", n * size_of(t.dtype), " bytes, data has ", t.data.size());
-    internal::decode(t.dtype, t.data.data(), n, out);
+    detail::decode(t.dtype, t.data.data(), n, out);
     if (non_finite == NonFinite::allow) return;
     for (std::size_t i = 0; i < n; ++i) {
       if (std::isfinite(out[i])) continue;
-      const double stored = internal::decode_one(t.dtype, t.data.data() + i * size_of(t.dtype));
+      const double stored = detail::decode_one(t.dtype, t.data.data() + i * size_of(t.dtype));
       fail<tensor_error>(name, "non-finite value ", stored, " (", to_string(t.dtype),
                          std::isfinite(stored) ? ", out of range of the requested type" : "",
-                         ") at index ", internal::unravel(i, t.shape), " of shape ",
+                         ") at index ", detail::unravel(i, t.shape), " of shape ",
                          shape_string(t.shape));
     }
   }
@@ -509,14 +511,17 @@ class TensorFile {
   std::map<std::string, Tensor> tensors_;
 };
 
-namespace internal {
+}  // namespace safetensors
+
+namespace detail {
 
 /// Header JSON nested deeper than this is rejected before it is built (a valid header needs 3:
 /// the root object, a tensor object, its shape array).
 constexpr int max_header_nesting = 16;
 
 /// Parses the header text, rejecting duplicate keys at any level (nlohmann keeps the last one
-/// silently) and absurd nesting, with format_error messages that start with `where`.
+/// silently) and absurd nesting, with format_error messages that start with `where` and name
+/// the tensor (or __metadata__) the duplicate sits in.
 inline nlohmann::json parse_header(std::string_view text, const std::string& where) {
   const auto duplicate = [](const std::vector<std::string>& path, const std::string& key) {
     // path[1] is the top-level entry (tensor or __metadata__) the duplicate sits in.
@@ -524,9 +529,9 @@ inline nlohmann::json parse_header(std::string_view text, const std::string& whe
     const std::string what =
         entry == "__metadata__" ? std::string("__metadata__") : "tensor '" + entry + "'";
     if (path.size() == 1) return what + ": name appears more than once in the header";
-    return hra::detail::concat(what, ": key '", key, "' appears more than once");
+    return concat(what, ": key '", key, "' appears more than once");
   };
-  return hra::detail::parse_strict_json<nlohmann::json, format_error>(
+  return parse_strict_json<nlohmann::json, safetensors::format_error>(
       text, where,
       {max_header_nesting, "header JSON nests deeper than", "header is not valid JSON"}, duplicate);
 }
@@ -546,7 +551,9 @@ inline const char* json_kind(const nlohmann::json& j) {
   return j.type_name();
 }
 
-}  // namespace internal
+}  // namespace detail
+
+namespace safetensors {
 
 /// \brief Parses a safetensors file held in memory (`size` bytes at `data`); `source` names it
 /// in error messages. Validates everything before copying any tensor data:
@@ -562,8 +569,7 @@ inline const char* json_kind(const nlohmann::json& j) {
 /// Throws format_error naming `source` and the offending tensor.
 inline TensorFile parse(const void* data, std::size_t size, std::string source = "<memory>",
                         const ReadOptions& options = {}) {
-  namespace io = hra::detail;
-  using hra::detail::concat;
+  using detail::concat;
   const auto* bytes = static_cast<const unsigned char*>(data);
   const std::string where = concat("safetensors: ", source, ": ");
   const auto bad = [&](const auto&... parts) { return format_error(concat(where, parts...)); };
@@ -572,7 +578,7 @@ inline TensorFile parse(const void* data, std::size_t size, std::string source =
   };
 
   if (size < 8) throw bad("file is ", size, " bytes, too short for the 8-byte header length");
-  const auto header_len = io::load_le<std::uint64_t>(bytes);
+  const auto header_len = detail::load_le<std::uint64_t>(bytes);
   if (header_len > options.max_header_bytes)
     throw bad("header length ", header_len, " exceeds the limit of ", options.max_header_bytes,
               " bytes");
@@ -583,9 +589,9 @@ inline TensorFile parse(const void* data, std::size_t size, std::string source =
   const unsigned char* buffer = bytes + 8 + header_len;
 
   const nlohmann::json header =
-      internal::parse_header(std::string_view(reinterpret_cast<const char*>(bytes + 8),
-                                              static_cast<std::size_t>(header_len)),
-                             where);
+      detail::parse_header(std::string_view(reinterpret_cast<const char*>(bytes + 8),
+                                            static_cast<std::size_t>(header_len)),
+                           where);
   if (!header.is_object()) throw bad("header is JSON ", header.type_name(), ", not an object");
 
   struct Entry {
@@ -632,12 +638,12 @@ inline TensorFile parse(const void* data, std::size_t size, std::string source =
     Entry e{name, *dtype, {}, 0, 0};
     std::uint64_t bytes_needed = size_of(*dtype);
     for (const auto& dim : *shape_it) {
-      const std::optional<std::uint64_t> extent = internal::as_count(dim);
+      const std::optional<std::uint64_t> extent = detail::as_count(dim);
       if (!extent)
-        throw bad_tensor(name, "\"shape\" entry ", dim.dump(), " is ", internal::json_kind(dim),
+        throw bad_tensor(name, "\"shape\" entry ", dim.dump(), " is ", detail::json_kind(dim),
                          ", not a non-negative integer");
       if (*extent > static_cast<std::uint64_t>(std::numeric_limits<std::int64_t>::max()) ||
-          !internal::checked_mul(bytes_needed, *extent, bytes_needed))
+          !detail::checked_mul(bytes_needed, *extent, bytes_needed))
         throw bad_tensor(name, "\"shape\" ", shape_it->dump(), " of ", dtype_name,
                          " overflows 64-bit byte counts");
       e.shape.push_back(static_cast<std::int64_t>(*extent));
@@ -648,8 +654,8 @@ inline TensorFile parse(const void* data, std::size_t size, std::string source =
     if (!offsets_it->is_array() || offsets_it->size() != 2)
       throw bad_tensor(name, "\"data_offsets\" is ", offsets_it->dump(),
                        ", not an array [begin, end]");
-    const std::optional<std::uint64_t> begin = internal::as_count((*offsets_it)[0]);
-    const std::optional<std::uint64_t> end = internal::as_count((*offsets_it)[1]);
+    const std::optional<std::uint64_t> begin = detail::as_count((*offsets_it)[0]);
+    const std::optional<std::uint64_t> end = detail::as_count((*offsets_it)[1]);
     if (!begin || !end)
       throw bad_tensor(name, "\"data_offsets\" ", offsets_it->dump(),
                        " are not non-negative integers");
@@ -712,7 +718,7 @@ inline TensorFile parse(std::string_view bytes, std::string source = "<memory>",
 /// \brief Reads the whole file at `path` and parses it; error messages name the path. io_error
 /// if it is missing, not a regular file or cannot be read; format_error as for parse().
 inline TensorFile load(const std::filesystem::path& path, const ReadOptions& options = {}) {
-  const std::string bytes = hra::detail::read_file<io_error>(path, "safetensors: ");
+  const std::string bytes = detail::read_file<io_error>(path, "safetensors: ");
   return parse(std::string_view(bytes), path.string(), options);
 }
 
@@ -730,13 +736,13 @@ inline std::string serialize(const TensorFile& file) {
     const Tensor& t = kv.second;
     std::uint64_t bytes = size_of(t.dtype);
     for (std::int64_t e : t.shape)
-      if (e < 0 || !internal::checked_mul(bytes, static_cast<std::uint64_t>(e), bytes))
-        hra::detail::throw_invalid("safetensors: ", file.source(), ": tensor '", kv.first,
-                                   "': invalid shape ", shape_string(t.shape));
+      if (e < 0 || !detail::checked_mul(bytes, static_cast<std::uint64_t>(e), bytes))
+        detail::throw_invalid("safetensors: ", file.source(), ": tensor '", kv.first,
+                              "': invalid shape ", shape_string(t.shape));
     if (bytes != t.data.size())
-      hra::detail::throw_invalid("safetensors: ", file.source(), ": tensor '", kv.first,
-                                 "': shape ", shape_string(t.shape), " of ", to_string(t.dtype),
-                                 " needs ", bytes, " bytes, data has ", t.data.size());
+      detail::throw_invalid("safetensors: ", file.source(), ": tensor '", kv.first, "': shape ",
+                            shape_string(t.shape), " of ", to_string(t.dtype), " needs ", bytes,
+                            " bytes, data has ", t.data.size());
     order.emplace_back(&kv.first, &t);
   }
   std::stable_sort(order.begin(), order.end(), [](const auto& a, const auto& b) {
@@ -757,14 +763,14 @@ inline std::string serialize(const TensorFile& file) {
   try {
     text = header.dump();
   } catch (const json::exception& e) {
-    hra::detail::throw_invalid("safetensors: ", file.source(),
-                               ": a tensor name or metadata string is not valid UTF-8: ", e.what());
+    detail::throw_invalid("safetensors: ", file.source(),
+                          ": a tensor name or metadata string is not valid UTF-8: ", e.what());
   }
   text.append((8 - text.size() % 8) % 8, ' ');
 
   std::string out(8 + text.size() + offset, '\0');
-  hra::detail::store_le(static_cast<std::uint64_t>(text.size()),
-                        reinterpret_cast<unsigned char*>(out.data()));
+  detail::store_le(static_cast<std::uint64_t>(text.size()),
+                   reinterpret_cast<unsigned char*>(out.data()));
   std::copy(text.begin(), text.end(), out.begin() + 8);
   auto pos = out.begin() + 8 + static_cast<std::ptrdiff_t>(text.size());
   for (const auto& entry : order) {
@@ -779,7 +785,7 @@ inline std::string serialize(const TensorFile& file) {
 /// failure the temporary file is removed, an existing file at `path` is left as it was, and
 /// io_error names the path and the OS error.
 inline void save(const std::filesystem::path& path, const TensorFile& file) {
-  hra::detail::replace_file_atomically<io_error>(path, serialize(file), "safetensors: ");
+  detail::replace_file_atomically<io_error>(path, serialize(file), "safetensors: ");
 }
 
 }  // namespace safetensors
