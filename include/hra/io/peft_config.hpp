@@ -329,6 +329,15 @@ class ConfigFields {
   const char* type_;
 };
 
+/// config_error unless `config` is of `type`; `hint` ends the message (" (use load_...)").
+inline void expect_peft_type(const peft::AdapterConfig& config, peft::PeftType type,
+                             const char* hint = "") {
+  if (config.peft_type != type)
+    throw peft::config_error(concat("peft: ", config.source, ": peft_type is \"",
+                                    peft::to_string(config.peft_type), "\", expected \"",
+                                    peft::to_string(type), "\"", hint));
+}
+
 }  // namespace detail
 
 namespace peft {

@@ -125,14 +125,47 @@ void check_unclaimed(const safetensors::TensorFile& weights, const Modules& modu
   }
 }
 
-inline peft::AdapterConfig read_config_of_type(const std::filesystem::path& dir,
-                                               peft::PeftType type) {
+/// What tells the HRA and the LoRA loader apart in load_all_or_nothing().
+struct Loader {
+  peft::PeftType type;  ///< the config's peft_type it reads
+  const char* name;     ///< "load_hra_adapters", for errors in the module map
+  const char* hint;     ///< ends the message for a config of the other type
+  const char* known;    ///< the tensors it reads per module, for an unexpected one
+};
+
+/// \brief The frame of both loaders: checks the module map and the config's peft_type, calls
+/// `plan(module, layer, claimed)` for every module, which validates that module's tensors, adds
+/// their names to `claimed` and returns what would assign them, reads each trained bias,
+/// refuses tensors no module claimed, and only then assigns: after an exception no layer has
+/// changed.
+template <typename Modules, typename Plan>
+void load_all_or_nothing(const peft::AdapterConfig& config, const safetensors::TensorFile& weights,
+                         const Modules& modules, const peft::LoadOptions& options,
+                         const Loader& loader, Plan plan) {
+  check_layers(modules, loader.name);
+  expect_peft_type(config, loader.type, loader.hint);
+  std::vector<std::function<void()>> assignments;
+  std::set<std::string> claimed;
+  for (const auto& [module, layer] : modules) {
+    std::function<void()> assign = plan(module, *layer, claimed);
+    auto bias = read_bias(config, weights, module, *layer, options.prefix, claimed);
+    assignments.push_back([target = layer, assign = std::move(assign), bias = std::move(bias)] {
+      assign();
+      if (bias) target->set_bias(*bias);
+    });
+  }
+  check_unclaimed(weights, modules, claimed, options.prefix, options.allow_unmapped_tensors,
+                  loader.known);
+  for (const auto& assign : assignments) assign();
+}
+
+/// The files of the adapter directory `dir`: adapter_config.json, refused (config_error) unless
+/// its peft_type is `type`, then adapter_model.safetensors.
+inline std::pair<peft::AdapterConfig, safetensors::TensorFile> read_adapter_dir(
+    const std::filesystem::path& dir, peft::PeftType type, const safetensors::ReadOptions& read) {
   peft::AdapterConfig config = peft::read_config(dir);
-  if (config.peft_type != type)
-    throw peft::config_error(concat("peft: ", config.source, ": peft_type is \"",
-                                    peft::to_string(config.peft_type), "\", expected \"",
-                                    peft::to_string(type), "\""));
-  return config;
+  expect_peft_type(config, type);
+  return {std::move(config), safetensors::load(dir / peft::weights_file_name, read)};
 }
 
 }  // namespace detail
@@ -149,26 +182,11 @@ namespace peft {
 template <typename Scalar>
 void load_hra_adapters(const AdapterConfig& config, const safetensors::TensorFile& weights,
                        const HraModules<Scalar>& modules, const LoadOptions& options = {}) {
-  using Layer = HraLinear<Scalar>;
-  using Matrix = typename Layer::Matrix;
-  detail::check_layers(modules, "load_hra_adapters");
-  if (config.peft_type != PeftType::hra)
-    throw config_error(detail::concat("peft: ", config.source, ": peft_type is \"",
-                                      to_string(config.peft_type),
-                                      "\", expected \"HRA\" (use load_lora_adapters)"));
   const Variant variant = config.apply_gs ? Variant::gram_schmidt : Variant::chain;
-  struct Assignment {
-    Layer* layer;
-    Matrix u;
-    std::optional<typename Layer::Vector> bias;
-  };
-  std::vector<Assignment> plan;
-  std::set<std::string> claimed;
-  for (const auto& [module, layer] : modules) {
+  const auto plan = [&](const std::string& module, HraLinear<Scalar>& layer,
+                        std::set<std::string>& claimed) -> std::function<void()> {
     const std::string at_config = detail::module_where(config.source, module);
-    const typename Layer::Adapter* adapter = nullptr;
-    for (const auto& a : layer->adapters())
-      if (a.name() == options.adapter_name) adapter = &a;
+    const auto* adapter = detail::find_adapter(layer, options.adapter_name);
     if (!adapter)
       throw mismatch_error(detail::concat(at_config, "the layer has no adapter '",
                                           options.adapter_name, "' (add_adapter() it first)"));
@@ -187,10 +205,10 @@ void load_hra_adapters(const AdapterConfig& config, const safetensors::TensorFil
           " variant (apply_GS = ", config.apply_gs ? "false" : "true", ")"));
 
     const std::string name = options.prefix + module + ".hra_u";
-    detail::expect_tensor(weights, module, name, {layer->input_dim(), config.r},
+    detail::expect_tensor(weights, module, name, {layer.input_dim(), config.r},
                           detail::concat("(in_features, r): the layer's in_features is ",
-                                         layer->input_dim(), " and the config has r = ", config.r));
-    Matrix u = weights.get_matrix<Scalar>(name);
+                                         layer.input_dim(), " and the config has r = ", config.r));
+    typename HraLinear<Scalar>::Matrix u = weights.get_matrix<Scalar>(name);
     try {
       // The checks of set_reflectors and of a forward (zero, overflowing or, for Gram-Schmidt,
       // dependent columns), on a copy.
@@ -200,15 +218,14 @@ void load_hra_adapters(const AdapterConfig& config, const safetensors::TensorFil
                                           "tensor '", name, "' is not a usable U: ", e.what()));
     }
     claimed.insert(name);
-    auto bias = detail::read_bias(config, weights, module, *layer, options.prefix, claimed);
-    plan.push_back({layer, std::move(u), std::move(bias)});
-  }
-  detail::check_unclaimed(weights, modules, claimed, options.prefix, options.allow_unmapped_tensors,
-                          "hra_u and base_layer.bias");
-  for (auto& a : plan) {
-    a.layer->set_reflectors(options.adapter_name, a.u);
-    if (a.bias) a.layer->set_bias(*a.bias);
-  }
+    return [&layer, u = std::move(u), adapter_name = options.adapter_name] {
+      layer.set_reflectors(adapter_name, u);
+    };
+  };
+  detail::load_all_or_nothing(config, weights, modules, options,
+                              {PeftType::hra, "load_hra_adapters", " (use load_lora_adapters)",
+                               "hra_u and base_layer.bias"},
+                              plan);
 }
 
 /// \brief Loads LoRA adapters from parsed files into the mapped layers (memory-level entry point).
@@ -220,49 +237,36 @@ void load_hra_adapters(const AdapterConfig& config, const safetensors::TensorFil
 template <typename Scalar>
 void load_lora_adapters(const AdapterConfig& config, const safetensors::TensorFile& weights,
                         const LoraModules<Scalar>& modules, const LoadOptions& options = {}) {
-  using Layer = LoraLinear<Scalar>;
-  using Matrix = typename Layer::Matrix;
-  detail::check_layers(modules, "load_lora_adapters");
-  if (config.peft_type != PeftType::lora)
-    throw config_error(detail::concat("peft: ", config.source, ": peft_type is \"",
-                                      to_string(config.peft_type),
-                                      "\", expected \"LORA\" (use load_hra_adapters)"));
-  struct Assignment {
-    Layer* layer;
-    Matrix a, b;
-    std::optional<typename Layer::Vector> bias;
-  };
-  std::vector<Assignment> plan;
-  std::set<std::string> claimed;
-  for (const auto& [module, layer] : modules) {
+  using Matrix = typename LoraLinear<Scalar>::Matrix;
+  const auto plan = [&](const std::string& module, LoraLinear<Scalar>& layer,
+                        std::set<std::string>& claimed) -> std::function<void()> {
     const std::string at_config = detail::module_where(config.source, module);
-    if (layer->merged())
+    if (layer.merged())
       throw mismatch_error(at_config + "the layer's adapter is merged into W; unmerge() it first");
     const Eigen::Index rank = config.rank_for(module);
-    if (layer->options().rank != rank)
+    if (layer.options().rank != rank)
       throw mismatch_error(detail::concat(at_config, "the config gives r = ", rank,
                                           rank == config.r ? "" : " (rank_pattern)",
-                                          ", the layer has rank ", layer->options().rank));
+                                          ", the layer has rank ", layer.options().rank));
     const std::string name_a = options.prefix + module + ".lora_A.weight";
     const std::string name_b = options.prefix + module + ".lora_B.weight";
-    detail::expect_tensor(weights, module, name_a, {rank, layer->input_dim()},
+    detail::expect_tensor(weights, module, name_a, {rank, layer.input_dim()},
                           detail::concat("(r, in_features): r = ", rank,
-                                         ", the layer's in_features is ", layer->input_dim()));
-    detail::expect_tensor(weights, module, name_b, {layer->output_dim(), rank},
+                                         ", the layer's in_features is ", layer.input_dim()));
+    detail::expect_tensor(weights, module, name_b, {layer.output_dim(), rank},
                           detail::concat("(out_features, r): the layer's out_features is ",
-                                         layer->output_dim(), ", r = ", rank));
+                                         layer.output_dim(), ", r = ", rank));
     Matrix a = weights.get_matrix<Scalar>(name_a);
     Matrix b = weights.get_matrix<Scalar>(name_b);
 
     const double file_scaling = config.lora_scaling_for(module);
-    const double layer_scaling =
-        layer->options().alpha / static_cast<double>(layer->options().rank);
+    const double layer_scaling = layer.options().alpha / static_cast<double>(layer.options().rank);
     if (std::abs(file_scaling - layer_scaling) >
         1e-9 * std::max(std::abs(file_scaling), std::abs(layer_scaling))) {
       const std::string both = detail::concat(
           "the config's scaling is ", file_scaling, " (lora_alpha ", config.alpha_for(module),
           config.use_rslora ? " / sqrt(r)" : " / r", "), the layer's is ", layer_scaling,
-          " (alpha ", layer->options().alpha, " / r)");
+          " (alpha ", layer.options().alpha, " / r)");
       if (!options.rescale_lora_b)
         throw mismatch_error(at_config + both +
                              "; build the layer with a matching alpha or set "
@@ -274,15 +278,12 @@ void load_lora_adapters(const AdapterConfig& config, const safetensors::TensorFi
     }
     claimed.insert(name_a);
     claimed.insert(name_b);
-    auto bias = detail::read_bias(config, weights, module, *layer, options.prefix, claimed);
-    plan.push_back({layer, std::move(a), std::move(b), std::move(bias)});
-  }
-  detail::check_unclaimed(weights, modules, claimed, options.prefix, options.allow_unmapped_tensors,
-                          "lora_A.weight, lora_B.weight and base_layer.bias");
-  for (auto& p : plan) {
-    p.layer->set_lora_weights(p.a, p.b);
-    if (p.bias) p.layer->set_bias(*p.bias);
-  }
+    return [&layer, a = std::move(a), b = std::move(b)] { layer.set_lora_weights(a, b); };
+  };
+  detail::load_all_or_nothing(config, weights, modules, options,
+                              {PeftType::lora, "load_lora_adapters", " (use load_hra_adapters)",
+                               "lora_A.weight, lora_B.weight and base_layer.bias"},
+                              plan);
 }
 
 /// \brief Loads the PEFT HRA adapter directory `dir` into the mapped layers and returns its
@@ -291,8 +292,7 @@ void load_lora_adapters(const AdapterConfig& config, const safetensors::TensorFi
 template <typename Scalar>
 AdapterConfig load_hra_adapters(const std::filesystem::path& dir, const HraModules<Scalar>& modules,
                                 const LoadOptions& options = {}) {
-  AdapterConfig config = detail::read_config_of_type(dir, PeftType::hra);
-  const safetensors::TensorFile weights = safetensors::load(dir / weights_file_name, options.read);
+  const auto [config, weights] = detail::read_adapter_dir(dir, PeftType::hra, options.read);
   load_hra_adapters(config, weights, modules, options);
   return config;
 }
@@ -303,8 +303,7 @@ template <typename Scalar>
 AdapterConfig load_lora_adapters(const std::filesystem::path& dir,
                                  const LoraModules<Scalar>& modules,
                                  const LoadOptions& options = {}) {
-  AdapterConfig config = detail::read_config_of_type(dir, PeftType::lora);
-  const safetensors::TensorFile weights = safetensors::load(dir / weights_file_name, options.read);
+  const auto [config, weights] = detail::read_adapter_dir(dir, PeftType::lora, options.read);
   load_lora_adapters(config, weights, modules, options);
   return config;
 }

@@ -67,5 +67,13 @@ void check_layers(const Modules& modules, const char* what) {
   }
 }
 
+/// The adapter called `name` of the HRA layer `layer`, or nullptr when it has none.
+template <typename Layer>
+const typename Layer::Adapter* find_adapter(const Layer& layer, const std::string& name) {
+  for (const auto& a : layer.adapters())
+    if (a.name() == name) return &a;
+  return nullptr;
+}
+
 }  // namespace detail
 }  // namespace hra

@@ -53,11 +53,6 @@ struct AdapterFiles {
 
 namespace detail {
 
-template <typename Scalar>
-constexpr safetensors::Dtype default_dtype() {
-  return safetensors::natural_dtype<Scalar>();
-}
-
 /// Config fields computed from the layers, which SaveOptions::extra_config may not replace.
 inline bool computed_field(const std::string& key) {
   static const char* const fields[] = {"peft_type",
@@ -115,15 +110,9 @@ inline nlohmann::json common_config(const char* peft_type, const std::vector<std
 }
 
 inline const char* bias_mode_name(BiasMode mode) {
-  switch (mode) {
-    case BiasMode::none:
-      return "BiasMode::none";
-    case BiasMode::all:
-      return "BiasMode::all";
-    case BiasMode::adapter_only:
-      return "BiasMode::adapter_only";
-  }
-  return "?";
+  return mode == BiasMode::none  ? "BiasMode::none"
+         : mode == BiasMode::all ? "BiasMode::all"
+                                 : "BiasMode::adapter_only";
 }
 
 /// PEFT's bias field for the layers: every layer that has a bias must train it the same way.
@@ -199,7 +188,7 @@ AdapterFiles hra_adapter_files(const HraModules<Scalar>& modules, const SaveOpti
   const char* what = "save_hra_adapters";
   detail::check_layers(modules, what);
   if (modules.empty()) detail::throw_invalid("peft: ", what, ": no modules to save");
-  const safetensors::Dtype dtype = options.dtype.value_or(detail::default_dtype<Scalar>());
+  const safetensors::Dtype dtype = options.dtype.value_or(safetensors::natural_dtype<Scalar>());
   AdapterFiles files;
   files.weights.metadata()["format"] = "pt";  // what PEFT's save_pretrained passes
   const std::string bias = detail::bias_field(modules, "hra_only", what);
@@ -210,9 +199,7 @@ AdapterFiles hra_adapter_files(const HraModules<Scalar>& modules, const SaveOpti
   std::vector<std::string> names;
   for (const auto& [module, layer] : modules) {
     const std::string where = detail::concat("peft: ", what, ": module '", module, "': ");
-    const typename HraLinear<Scalar>::Adapter* adapter = nullptr;
-    for (const auto& a : layer->adapters())
-      if (a.name() == options.adapter_name) adapter = &a;
+    const auto* adapter = detail::find_adapter(*layer, options.adapter_name);
     if (!adapter)
       detail::throw_invalid(where, "the layer has no adapter '", options.adapter_name, "'");
     if (first.empty()) {
@@ -264,7 +251,7 @@ AdapterFiles lora_adapter_files(const LoraModules<Scalar>& modules,
   const char* what = "save_lora_adapters";
   detail::check_layers(modules, what);
   if (modules.empty()) detail::throw_invalid("peft: ", what, ": no modules to save");
-  const safetensors::Dtype dtype = options.dtype.value_or(detail::default_dtype<Scalar>());
+  const safetensors::Dtype dtype = options.dtype.value_or(safetensors::natural_dtype<Scalar>());
   AdapterFiles files;
   files.weights.metadata()["format"] = "pt";
   const std::string bias = detail::bias_field(modules, "lora_only", what);

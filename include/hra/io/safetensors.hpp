@@ -347,21 +347,14 @@ class TensorFile {
   template <typename Scalar>
   void put_array(const std::string& name, std::vector<std::int64_t> shape,
                  const std::vector<Scalar>& values, Dtype dtype = natural_dtype<Scalar>()) {
-    detail::ScalarCheck<Scalar> check;
-    (void)check;
-    Tensor t;
-    t.dtype = dtype;
-    t.shape = std::move(shape);
     std::uint64_t n = 1;
-    for (std::int64_t e : t.shape)
+    for (std::int64_t e : shape)
       if (e < 0 || !detail::checked_mul(n, static_cast<std::uint64_t>(e), n))
-        detail::throw_invalid(where(name), "invalid shape ", shape_string(t.shape));
+        detail::throw_invalid(where(name), "invalid shape ", shape_string(shape));
     if (n != values.size())
-      detail::throw_invalid(where(name), "shape ", shape_string(t.shape), " needs ", n,
+      detail::throw_invalid(where(name), "shape ", shape_string(shape), " needs ", n,
                             " values, got ", values.size());
-    t.data.resize(values.size() * size_of(dtype));
-    detail::encode(values.data(), values.size(), dtype, t.data.data());
-    put(name, std::move(t));
+    put_contiguous(name, std::move(shape), values.data(), dtype);
   }
 
   /// \brief Stores the rows x cols matrix `m` as the 2-D tensor `name` of shape (rows, cols),
@@ -370,8 +363,6 @@ class TensorFile {
   void put_matrix(const std::string& name, const Eigen::MatrixBase<Derived>& m,
                   Dtype dtype = natural_dtype<typename Derived::Scalar>()) {
     using Scalar = typename Derived::Scalar;
-    detail::ScalarCheck<Scalar> check;
-    (void)check;
     const Eigen::Matrix<Scalar, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajor> row_major = m;
     put_contiguous(name, {row_major.rows(), row_major.cols()}, row_major.data(), dtype);
   }
@@ -382,8 +373,6 @@ class TensorFile {
   void put_vector(const std::string& name, const Eigen::MatrixBase<Derived>& v,
                   Dtype dtype = natural_dtype<typename Derived::Scalar>()) {
     using Scalar = typename Derived::Scalar;
-    detail::ScalarCheck<Scalar> check;
-    (void)check;
     if (v.rows() != 1 && v.cols() != 1)
       detail::throw_invalid(where(name), "expected a vector, got a ",
                             detail::shape(v.rows(), v.cols()), " matrix");
@@ -397,8 +386,6 @@ class TensorFile {
   template <typename Scalar>
   std::vector<Scalar> get_array(const std::string& name,
                                 NonFinite non_finite = NonFinite::reject) const {
-    detail::ScalarCheck<Scalar> check;
-    (void)check;
     const Tensor& t = at(name);
     std::vector<Scalar> out(static_cast<std::size_t>(t.numel()));
     decode_checked(name, t, out.data(), non_finite);
@@ -410,12 +397,7 @@ class TensorFile {
   template <typename Scalar>
   Matrix<Scalar> get_matrix(const std::string& name,
                             NonFinite non_finite = NonFinite::reject) const {
-    detail::ScalarCheck<Scalar> check;
-    (void)check;
-    const Tensor& t = at(name);
-    if (t.shape.size() != 2)
-      fail<tensor_error>(name, "expected a 2-D tensor (a matrix), got shape ",
-                         shape_string(t.shape));
+    const Tensor& t = at_rank(name, 2, "a matrix");
     Eigen::Matrix<Scalar, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajor> row_major(
         static_cast<Index>(t.shape[0]), static_cast<Index>(t.shape[1]));
     decode_checked(name, t, row_major.data(), non_finite);
@@ -436,12 +418,7 @@ class TensorFile {
   template <typename Scalar>
   Vector<Scalar> get_vector(const std::string& name,
                             NonFinite non_finite = NonFinite::reject) const {
-    detail::ScalarCheck<Scalar> check;
-    (void)check;
-    const Tensor& t = at(name);
-    if (t.shape.size() != 1)
-      fail<tensor_error>(name, "expected a 1-D tensor (a vector), got shape ",
-                         shape_string(t.shape));
+    const Tensor& t = at_rank(name, 1, "a vector");
     Vector<Scalar> v(static_cast<Index>(t.shape[0]));
     decode_checked(name, t, v.data(), non_finite);
     return v;
@@ -474,9 +451,19 @@ class TensorFile {
     throw Error(where(name) + detail::concat(parts...));
   }
 
+  /// The tensor `name`, which must have `rank` dimensions: tensor_error naming `what` otherwise.
+  const Tensor& at_rank(const std::string& name, std::size_t rank, const char* what) const {
+    const Tensor& t = at(name);
+    if (t.shape.size() != rank)
+      fail<tensor_error>(name, "expected a ", rank, "-D tensor (", what, "), got shape ",
+                         shape_string(t.shape));
+    return t;
+  }
+
   template <typename Scalar>
   void put_contiguous(const std::string& name, std::vector<std::int64_t> shape,
                       const Scalar* values, Dtype dtype) {
+    (void)sizeof(detail::ScalarCheck<Scalar>);  // float, double or long double
     Tensor t;
     t.dtype = dtype;
     t.shape = std::move(shape);
@@ -489,6 +476,7 @@ class TensorFile {
   template <typename Scalar>
   void decode_checked(const std::string& name, const Tensor& t, Scalar* out,
                       NonFinite non_finite) const {
+    (void)sizeof(detail::ScalarCheck<Scalar>);
     const std::size_t n = static_cast<std::size_t>(t.numel());
     // A Tensor built by hand may be inconsistent; never read past its bytes.
     if (t.data.size() != n * size_of(t.dtype))
