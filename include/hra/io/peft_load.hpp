@@ -177,8 +177,8 @@ namespace peft {
 ///
 /// For every module: U (d_in x r) from `<prefix><module>.hra_u` goes into the adapter
 /// `options.adapter_name` of its layer, and a trained bias `<prefix><module>.base_layer.bias`,
-/// if present, into the layer's bias. Checks everything listed in the namespace comment before
-/// changing any layer; on an exception no layer has changed.
+/// if present, into the layer's bias. Checks everything listed in the namespace comment (in
+/// hra/io/peft_config.hpp) before changing any layer; on an exception no layer has changed.
 template <typename Scalar>
 void load_hra_adapters(const AdapterConfig& config, const safetensors::TensorFile& weights,
                        const HraModules<Scalar>& modules, const LoadOptions& options = {}) {
