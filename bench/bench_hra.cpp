@@ -9,7 +9,8 @@
 // --benchmark_filter regex selects a subset and scripts/bench_report.py parses the JSON.
 //
 // Extra flags (before Google Benchmark's own):
-//   --threads=N       Eigen (OpenMP) threads; default $HRA_BENCH_THREADS or 2
+//   --threads=N       Eigen (OpenMP) threads, or hra's pool without OpenMP; default
+//                     $HRA_BENCH_THREADS or 2
 //   --blas-threads=N  OpenBLAS threads (OpenBLAS builds); default: the same as --threads
 //   --reps=N          repetitions of the headline cases (median reported); default 5
 //   --no-double       register the float cases only
@@ -22,6 +23,7 @@
 #include <cstdlib>
 #include <cstring>
 #include <functional>
+#include <hra/parallel.hpp>
 #include <iostream>
 #include <string>
 #include <vector>
@@ -119,6 +121,8 @@ int main(int argc, char** argv) {
   }
 
   Eigen::setNbThreads(cfg.threads);
+  // Without OpenMP Eigen is single-threaded and hra's pool splits the large products instead.
+  hra::set_num_threads(cfg.threads);
 #ifdef HRA_BENCH_OPENBLAS
   openblas_set_num_threads(cfg.blas_threads);
 #endif
@@ -130,6 +134,7 @@ int main(int argc, char** argv) {
   if (benchmark::ReportUnrecognizedArguments(argc, argv)) return 2;
   benchmark::AddCustomContext("hra_threads", std::to_string(cfg.threads));
   benchmark::AddCustomContext("eigen_threads", std::to_string(Eigen::nbThreads()));
+  benchmark::AddCustomContext("hra_pool_threads", std::to_string(hra::num_threads()));
 #ifdef HRA_BENCH_OPENBLAS
   benchmark::AddCustomContext("blas_threads", std::to_string(cfg.blas_threads));
 #endif

@@ -750,8 +750,8 @@ void print_table(const std::vector<Summary>& summaries, Index full_params, const
 int run(const Config& c) {
   const auto start = Clock::now();
   std::filesystem::create_directories(c.out_dir);
-  std::printf("Eigen threads: %d; shift: %s; data: %s\n", Eigen::nbThreads(), c.shift.c_str(),
-              c.data_dir.c_str());
+  std::printf("threads: Eigen %d, hra %d; shift: %s; data: %s\n", Eigen::nbThreads(),
+              hra::num_threads(), c.shift.c_str(), c.data_dir.c_str());
   const Tasks t = make_tasks(c);
   std::printf("source: %ld training images; target (%s): %ld training, %ld %s images\n",
               static_cast<long>(t.source_train.size()), c.shift.c_str(),

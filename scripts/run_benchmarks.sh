@@ -15,14 +15,15 @@
 #   --no-torch       skip the PyTorch reference (its columns are then empty)
 #   --report-only    only rerun scripts/bench_report.py on existing results
 #
-# Builds (Release: -O3 -DNDEBUG; nothing machine-specific unless stated), one directory each:
-#   build/bench-blas_serial   Eigen products on OpenBLAS (EIGEN_USE_BLAS), OpenBLAS threads,
-#                             no OpenMP in Eigen                     <- primary, full sweep
+# Builds (Release: -O3 -DNDEBUG), one directory each:
+#   build/bench-default       what a plain configure gives: -march=native, Eigen's own kernels,
+#                             no OpenMP; hra's pool splits the large products  <- primary, full sweep
+#   build/bench-blas_serial   the same with Eigen's products on OpenBLAS (EIGEN_USE_BLAS),
+#                             OpenBLAS threads                         <- headline subset
 #   build/bench-blas_omp      OpenBLAS + Eigen's OpenMP splitting the products
-#                             (2 Eigen threads x 1 OpenBLAS thread)   <- headline subset
-#   build/bench-eigen_omp     Eigen's own kernels on 2 OpenMP threads (SSE2 only)
-#   build/bench-eigen_native  the same with -march=native (AVX-512 on this machine)
-#   build/bench-eigen_serial  Eigen's own kernels, 1 thread
+#                             (2 Eigen threads x 1 OpenBLAS thread)
+#   build/bench-eigen_omp     Eigen's own kernels on 2 OpenMP threads (the old default)
+#   build/bench-portable      HRA_PORTABLE=ON with OpenMP (SSE2 kernels only: the build before #11)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -54,13 +55,13 @@ mkdir -p "$out"
 
 # name | cmake options | hra_bench arguments
 configs=(
-  "blas_serial|-DHRA_USE_BLAS=ON -DHRA_USE_OPENMP=OFF|--threads=1 --blas-threads=$threads"
+  "default||--threads=$threads"
+  "blas_serial|-DHRA_USE_BLAS=ON|--threads=1 --blas-threads=$threads"
   "blas_omp|-DHRA_USE_BLAS=ON -DHRA_USE_OPENMP=ON|--threads=$threads --blas-threads=1"
-  "eigen_omp|-DHRA_USE_BLAS=OFF -DHRA_USE_OPENMP=ON|--threads=$threads"
-  "eigen_native|-DHRA_USE_BLAS=OFF -DHRA_USE_OPENMP=ON -DHRA_BENCH_NATIVE=ON|--threads=$threads"
-  "eigen_serial|-DHRA_USE_BLAS=OFF -DHRA_USE_OPENMP=OFF|--threads=1"
+  "eigen_omp|-DHRA_USE_OPENMP=ON|--threads=$threads"
+  "portable|-DHRA_PORTABLE=ON -DHRA_USE_OPENMP=ON|--threads=$threads"
 )
-primary=blas_serial
+primary=default
 [ "$quick" = 1 ] && configs=("${configs[0]}")
 
 # Case filters (see bench/bench_hra.cpp for the naming scheme).
@@ -100,7 +101,7 @@ if [ "$report_only" = 0 ]; then
     # Random interleaving spreads the repetitions of the headline cases over the whole run, so a
     # burst of load from elsewhere hits every method alike.
     # shellcheck disable=SC2086
-    OMP_NUM_THREADS=$threads OPENBLAS_NUM_THREADS=$threads \
+    HRA_NUM_THREADS=$threads OMP_NUM_THREADS=$threads OPENBLAS_NUM_THREADS=$threads \
       "$dir/bench/hra_bench" $bench_args "${extra[@]+"${extra[@]}"}" \
       --benchmark_filter="$filter" --benchmark_min_time=0.2 \
       --benchmark_enable_random_interleaving=true \

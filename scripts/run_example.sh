@@ -13,9 +13,6 @@ jobs=${HRA_JOBS:-2}
 cmake -S . -B build/release -DCMAKE_BUILD_TYPE=Release -DHRA_BUILD_EXAMPLES=ON
 cmake --build build/release -j "$jobs" --target finetune_fashion_mnist quickstart
 
-# Idle OpenMP threads sleep instead of spinning: on a busy machine spinning threads steal the
-# cores the other thread needs (several times slower); on an idle one it costs nothing visible.
-export OMP_WAIT_POLICY=${OMP_WAIT_POLICY:-passive}
 out=results
 ./build/release/examples/finetune_fashion_mnist --out "$out" "$@"
 

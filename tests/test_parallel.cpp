@@ -1,0 +1,111 @@
+// hra's thread pool and its split products: every task runs exactly once, nested runs are
+// serial, and a seeded computation gives the same bits whatever the thread count (issue #11).
+#include <catch2/catch.hpp>
+
+#include <Eigen/Core>
+#include <atomic>
+#include <cstdint>
+#include <vector>
+
+#include "hra/hra_linear.hpp"
+#include "hra/linear.hpp"
+#include "hra/lora_linear.hpp"
+#include "hra/parallel.hpp"
+#include "support/matrices.hpp"
+
+namespace {
+
+using Eigen::Index;
+using hra_test::bitwise_equal;
+using hra_test::Mat;
+
+// Restores the pool's thread count when a test ends, even on failure.
+struct ThreadCount {
+  int saved = hra::num_threads();
+  ~ThreadCount() { hra::set_num_threads(saved); }
+};
+
+}  // namespace
+
+TEST_CASE("Threads: a run calls every task exactly once, nested runs serially", "[parallel]") {
+  ThreadCount restore;
+  for (int threads : {1, 2, 3, 5}) {
+    hra::set_num_threads(threads);
+    CHECK(hra::num_threads() == threads);
+    std::vector<std::atomic<int>> calls(37);
+    std::atomic<int> nested{0};
+    hra::detail::ThreadPool::instance().run(37, [&](std::int64_t i) {
+      calls[static_cast<std::size_t>(i)].fetch_add(1);
+      hra::detail::ThreadPool::instance().run(3, [&](std::int64_t) { nested.fetch_add(1); });
+    });
+    for (const auto& c : calls) CHECK(c.load() == 1);
+    CHECK(nested.load() == 37 * 3);
+  }
+  hra::set_num_threads(0);
+  CHECK(hra::num_threads() == 1);
+}
+
+TEMPLATE_TEST_CASE("Threads: split products equal one product bit for bit", "[parallel]", float,
+                   double) {
+  using T = TestType;
+  ThreadCount restore;
+  // 512 x 512 x 512 = 128 Mi multiply-adds: above the split threshold, 8 column slices.
+  const Mat<T> a = hra_test::random_as<T>(512, 512, 1), b = hra_test::random_as<T>(512, 512, 2);
+  REQUIRE(512.0 * 512 * 512 >= hra::detail::parallel_product_min_madds);
+  const Mat<T> whole = (a * b).eval();
+  Mat<T> acc0 = hra_test::random_as<T>(512, 512, 3);
+  const Mat<T> acc_whole = (acc0 + T(0.5) * a * b).eval();
+  for (int threads : {1, 2, 4}) {
+    hra::set_num_threads(threads);
+    Mat<T> out;
+    hra::detail::product(out, a, b, T(1));
+    CHECK(bitwise_equal(out, whole));
+    Mat<T> acc = acc0;
+    hra::detail::product(acc, a, b, T(0.5), /*accumulate=*/true);
+    CHECK(bitwise_equal(acc, acc_whole));
+  }
+}
+
+TEMPLATE_TEST_CASE("Threads: layers give the same bits on 1, 2 and 3 threads", "[parallel]", float,
+                   double) {
+  using T = TestType;
+  ThreadCount restore;
+  // Large enough that forward and backward split their products (1024 x 1024 x 256 each).
+  const Index d = 1024, n = 256;
+  const Mat<T> w = hra_test::random_as<T>(d, d, 4), x = hra_test::random_as<T>(d, n, 5),
+               dy = hra_test::random_as<T>(d, n, 6);
+  struct Result {
+    Mat<T> hra_y, hra_dx, hra_du, lora_y, lora_dx, lin_y, lin_dx;
+  };
+  const auto run = [&](int threads) {
+    hra::set_num_threads(threads);
+    Result r;
+    hra::HraOptions ho;
+    ho.rank = 8;
+    ho.init = hra::Init::random;
+    hra::HraLinear<T> h(w, std::nullopt, ho);
+    r.hra_y = h.forward(x);
+    r.hra_dx = h.backward(dy);
+    r.hra_du = h.adapter().gradient();
+    hra::LoraOptions lo;
+    lo.rank = 8;
+    hra::LoraLinear<T> l(w, std::nullopt, lo);
+    r.lora_y = l.forward(x);
+    r.lora_dx = l.backward(dy);
+    hra::Linear<T> lin(w, std::nullopt);
+    r.lin_y = lin.forward(x);
+    r.lin_dx = lin.backward(dy);
+    return r;
+  };
+  const Result one = run(1);
+  for (int threads : {2, 3}) {
+    const Result r = run(threads);
+    CHECK(bitwise_equal(r.hra_y, one.hra_y));
+    CHECK(bitwise_equal(r.hra_dx, one.hra_dx));
+    CHECK(bitwise_equal(r.hra_du, one.hra_du));
+    CHECK(bitwise_equal(r.lora_y, one.lora_y));
+    CHECK(bitwise_equal(r.lora_dx, one.lora_dx));
+    CHECK(bitwise_equal(r.lin_y, one.lin_y));
+    CHECK(bitwise_equal(r.lin_dx, one.lin_dx));
+  }
+}
