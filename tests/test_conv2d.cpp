@@ -16,6 +16,7 @@
 #include "hra/detail/im2col.hpp"
 #include "hra/gradient_check.hpp"
 #include "support/conv_cases.hpp"
+#include "support/conv_fixtures.hpp"
 #include "support/conv_reference.hpp"
 #include "support/errors.hpp"
 #include "support/matrices.hpp"
@@ -242,6 +243,31 @@ TEST_CASE("Conv2d: bad geometry, weight, bias and inputs throw naming the values
   layer.forward(MatD::Ones(40, 2));
   expect_error<std::invalid_argument>([&] { layer.backward(MatD::Ones(g.output_size(), 3)); },
                                       {"Conv2d::backward gradient dY", "expected a 60x2"});
+}
+
+TEST_CASE("Conv2d: agrees with torch.nn.functional.conv2d and autograd (fixtures)", "[conv2d]") {
+  double worst = 0;
+  int cases = 0;
+  for (const auto& name : hra_test::hra_conv_fixtures()) {
+    const hra_test::ConvFixture f(name);
+    if (!f.has("frozen_output")) continue;
+    INFO(name << ": " << f.geometry.describe());
+    ++cases;
+    hra::Conv2dd layer(f.geometry, hra::WeightMatrix<double>::owned(f.weight("weight")),
+                       f.bias("bias"), {true}, BiasMode::all);
+    const double ey = hra_test::rel_err(layer.forward(f.input("x")), f.output("frozen_output"));
+    const double ex =
+        hra_test::rel_err(layer.backward(f.output("grad_output")), f.input("frozen_grad_x"));
+    const double ew = hra_test::rel_err(layer.parameters()[0].grad, f.weight("frozen_grad_weight"));
+    const double eb = hra_test::rel_err(layer.parameters()[1].grad, f.bias("frozen_grad_bias"));
+    CHECK(ey < 1e-13);
+    CHECK(ex < 1e-13);
+    CHECK(ew < 1e-13);
+    CHECK(eb < 1e-13);
+    worst = std::max({worst, ey, ex, ew, eb});
+  }
+  CHECK(cases == 3);
+  WARN("Conv2d worst relative error against PyTorch (double): " << worst);
 }
 
 }  // namespace

@@ -12,11 +12,13 @@
 #include <optional>
 #include <stdexcept>
 #include <string>
+#include <type_traits>
 #include <vector>
 
 #include "hra/gradient_check.hpp"
 #include "hra/hra_conv2d.hpp"
 #include "support/conv_cases.hpp"
+#include "support/conv_fixtures.hpp"
 #include "support/conv_reference.hpp"
 #include "support/definitions.hpp"
 #include "support/errors.hpp"
@@ -405,6 +407,46 @@ TEST_CASE("HraConv2d: bad options, geometry, weight and inputs throw naming the 
                                       {"reflector column 1 is zero"});
   expect_error<std::logic_error>([&] { layer.backward(MatD::Ones(g.output_size(), 2)); },
                                  {"HraConv2d::backward", "no forward()"});
+}
+
+TEST_CASE("HraConv2d: agrees with PEFT's W H in F.conv2d and autograd (fixtures), every form",
+          "[hra_conv2d]") {
+  double worst_d = 0, worst_f = 0;
+  for (const auto& name : hra_test::hra_conv_fixtures()) {
+    const hra_test::ConvFixture f(name);
+    INFO(name << ": " << f.geometry.describe());
+    const Index r = f.file.integer("r");
+    const Variant v = f.file.integer("apply_GS") ? Variant::gram_schmidt : Variant::chain;
+    const MatD u = f.file.matrix("hra_u", f.geometry.fan_in(), r);
+    const MatD x = f.input("x"), dy = f.output("grad_output");
+    const auto check = [&](auto& layer, double tol, double& worst) {
+      layer.set_reflectors("default", u.cast<typename std::decay_t<decltype(layer)>::Scalar>());
+      for (HraConvForm form : kForms) {
+        INFO(hra::to_string(form));
+        layer.set_form(form);
+        const Pass p = run(layer, x, dy);
+        const double e = std::max(
+            {hra_test::rel_err(p.y, f.output("output")), hra_test::rel_err(p.dx, f.input("grad_x")),
+             hra_test::rel_err(p.grads[0], f.file.matrix("grad_hra_u", f.geometry.fan_in(), r)),
+             hra_test::rel_err(p.grads[1], f.bias("grad_bias"))});
+        CHECK(e < tol);
+        worst = std::max(worst, e);
+      }
+      layer.merge();
+      const double em = hra_test::rel_err(layer.weight(), f.weight("merged_weight"));
+      CHECK(em < tol);
+      worst = std::max(worst, em);
+    };
+    hra::HraConv2dd ld(f.geometry, hra::WeightMatrix<double>::owned(f.weight("weight")),
+                       f.bias("bias"), options(r, v), BiasMode::all);
+    check(ld, 1e-12, worst_d);
+    hra::HraConv2df lf(f.geometry,
+                       hra::WeightMatrix<float>::owned(f.weight("weight").cast<float>()),
+                       f.bias("bias").cast<float>(), options(r, v), BiasMode::all);
+    check(lf, 1e-4, worst_f);
+  }
+  WARN("HraConv2d worst relative error against PyTorch: " << worst_d << " (double), " << worst_f
+                                                          << " (float)");
 }
 
 }  // namespace

@@ -14,6 +14,7 @@
 #include "hra/gradient_check.hpp"
 #include "hra/lora_conv2d.hpp"
 #include "support/conv_cases.hpp"
+#include "support/conv_fixtures.hpp"
 #include "support/conv_reference.hpp"
 #include "support/errors.hpp"
 #include "support/matrices.hpp"
@@ -202,6 +203,39 @@ TEST_CASE("LoraConv2d: bad options, geometry, weights and inputs throw naming th
                                  {"LoraConv2d::backward", "no forward()"});
   layer.merge();
   expect_error<std::logic_error>([&] { layer.merge(); }, {"LoraConv2d::merge", "already merged"});
+}
+
+TEST_CASE("LoraConv2d: agrees with PEFT's lora.Conv2d and autograd (fixtures)", "[lora_conv2d]") {
+  double worst = 0;
+  int peft_modules = 0;
+  for (const auto& name : hra_test::lora_conv_fixtures()) {
+    const hra_test::ConvFixture f(name);
+    INFO(name << ": " << f.geometry.describe());
+    const Index r = f.file.integer("r");
+    peft_modules += static_cast<int>(f.file.integer("peft_module"));
+    const double alpha = std::stod(f.file.field("alpha"));
+    const MatD a = f.file.matrix("lora_A", r, f.geometry.fan_in());
+    const MatD b = f.file.matrix("lora_B", f.geometry.out_channels(), r);
+    hra::LoraConv2dd layer(f.geometry, hra::WeightMatrix<double>::owned(f.weight("weight")),
+                           f.bias("bias"), options(r, alpha), BiasMode::all);
+    layer.set_lora_weights(a, b);
+    const double e =
+        std::max({hra_test::rel_err(layer.forward(f.input("x")), f.output("output")),
+                  hra_test::rel_err(layer.backward(f.output("grad_output")), f.input("grad_x")),
+                  hra_test::rel_err(layer.parameters()[0].grad,
+                                    f.file.matrix("grad_lora_A", r, f.geometry.fan_in())),
+                  hra_test::rel_err(layer.parameters()[1].grad,
+                                    f.file.matrix("grad_lora_B", f.geometry.out_channels(), r)),
+                  hra_test::rel_err(layer.parameters()[2].grad, f.bias("grad_bias")),
+                  hra_test::rel_err(delta_weight(layer), f.weight("delta_weight"))});
+    CHECK(e < 1e-12);
+    worst = std::max(worst, e);
+    const MatD w0 = layer.weight();
+    layer.merge();
+    CHECK(hra_test::rel_err(MatD(layer.weight()) - w0, f.weight("delta_weight")) < 1e-12);
+  }
+  CHECK(peft_modules == 2);  // groups 1 and dilation 1: PEFT's own forward and get_delta_weight
+  WARN("LoraConv2d worst relative error against PyTorch (double): " << worst);
 }
 
 }  // namespace
