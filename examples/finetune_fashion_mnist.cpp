@@ -21,7 +21,7 @@
 // and DIR/finetune_curves.csv (loss and accuracy during training); scripts/plot_finetune.py DIR
 // draws DIR/finetune_accuracy_vs_params.png from them.
 #include <hra/hra.hpp>
-#include <hra/safetensors.hpp>
+#include <hra/io/safetensors.hpp>
 
 #include <Eigen/Core>
 #include <algorithm>

@@ -1,4 +1,4 @@
-// libFuzzer target for the PEFT adapter loader (hra/adapter_io.hpp), at its memory-level entry
+// libFuzzer target for the PEFT adapter loader (hra/io/peft_load.hpp), at its memory-level entry
 // points: parse_config() on the adapter_config.json bytes, safetensors::parse() on the
 // adapter_model.safetensors bytes, then load_hra_adapters() / load_lora_adapters() into two
 // small layers ("net.fc1" 6 -> 5, "net.fc2" 5 -> 3).
@@ -18,7 +18,7 @@
 //
 // Built with -DHRA_FUZZ_SEED_WRITER, this file is a program that writes valid inputs for every
 // flag combination into the directory given as its argument, to seed the corpus.
-#include <hra/adapter_io.hpp>
+#include <hra/io.hpp>
 
 #include <cstdint>
 #include <cstdio>

@@ -4,7 +4,7 @@
 //
 // Built with -DHRA_FUZZ_SEED_WRITER instead, this file is a small program that writes valid
 // files into the directory given as its argument, to seed the corpus.
-#include <hra/safetensors.hpp>
+#include <hra/io/safetensors.hpp>
 
 #include <cstdint>
 #include <cstdio>

@@ -6,7 +6,7 @@ needed, both are restated below):
 
     /usr/bin/python3 scripts/make_peft_adapter_fixture.py [output_dir]
 
-The C++ test tests/test_adapter_io.cpp loads the directories with hra/adapter_io.hpp, merges
+The C++ test tests/test_adapter_io.cpp loads the directories with hra/io/peft_load.hpp, merges
 them and compares with the float64 results written here; Python is not needed at test time.
 
 The model: an outer module holding `net`, which holds two nn.Linear layers with bias,

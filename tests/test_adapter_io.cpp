@@ -2,81 +2,40 @@
 // stacked adapters) and LoRA in every dtype, agreement with the adapters written by
 // scripts/make_peft_adapter_fixture.py as PEFT saves them, every rejection of a crafted file
 // (by its message, with the layers checked unchanged) and saves that fail without damage.
-#include <hra/adapter_io.hpp>
+#include <hra/io.hpp>
 
 #include <catch2/catch.hpp>
 
 #include <algorithm>
-#include <atomic>
 #include <cmath>
-#include <csignal>
 #include <cstdint>
 #include <filesystem>
-#include <fstream>
 #include <functional>
 #include <limits>
 #include <optional>
 #include <string>
 #include <vector>
 
-#include <sys/resource.h>
-#include <unistd.h>
+#include "support/errors.hpp"
+#include "support/files.hpp"
+#include "support/matrices.hpp"
+#include "support/temp_dir.hpp"
 
 namespace fs = std::filesystem;
 namespace st = hra::safetensors;
 namespace peft = hra::peft;
 using Catch::Matchers::Contains;
+using hra_test::abs_err;
+using hra_test::expect_error;
+using hra_test::Mat;
+using hra_test::read_all;
+using hra_test::Vec;
+using hra_test::write_all;
 
 namespace {
 
 const std::vector<st::Dtype> all_dtypes = {st::Dtype::F16, st::Dtype::BF16, st::Dtype::F32,
                                            st::Dtype::F64};
-
-/// Matches an exception whose what() contains `part` (Catch2 v2 has no such matcher).
-class MessageContains : public Catch::MatcherBase<std::exception> {
- public:
-  explicit MessageContains(std::string part) : part_(std::move(part)) {}
-  bool match(const std::exception& e) const override {
-    return std::string(e.what()).find(part_) != std::string::npos;
-  }
-  std::string describe() const override { return "has a message containing \"" + part_ + "\""; }
-
- private:
-  std::string part_;
-};
-
-/// A fresh directory, removed with everything in it at scope exit.
-struct TempDir {
-  fs::path path;
-  TempDir() {
-    static std::atomic<int> counter{0};
-    path = fs::temp_directory_path() / ("hra_test_adapter_io_" + std::to_string(::getpid()) + "_" +
-                                        std::to_string(counter.fetch_add(1)));
-    fs::remove_all(path);
-    fs::create_directories(path);
-  }
-  ~TempDir() {
-    std::error_code ec;
-    fs::remove_all(path, ec);
-  }
-  std::vector<std::string> entries(const fs::path& sub = {}) const {
-    std::vector<std::string> names;
-    for (const auto& e : fs::directory_iterator(path / sub))
-      names.push_back(e.path().filename().string());
-    std::sort(names.begin(), names.end());
-    return names;
-  }
-};
-
-std::string read_all(const fs::path& p) {
-  std::ifstream in(p, std::ios::binary);
-  return std::string(std::istreambuf_iterator<char>(in), {});
-}
-
-void write_all(const fs::path& p, const std::string& bytes) {
-  std::ofstream out(p, std::ios::binary);
-  out.write(bytes.data(), static_cast<std::streamsize>(bytes.size()));
-}
 
 /// Relative rounding error bound of a dtype (half a unit in the last place).
 double unit_roundoff(st::Dtype dtype) {
@@ -103,26 +62,6 @@ double max_relative_error(const A& a, const B& b) {
   return ((da - db).array().abs() / db.array().abs().max(1e-30)).maxCoeff();
 }
 
-template <typename A, typename B>
-double max_abs_error(const A& a, const B& b) {
-  const Eigen::MatrixXd da = a.template cast<double>();
-  const Eigen::MatrixXd db = b.template cast<double>();
-  REQUIRE(da.rows() == db.rows());
-  REQUIRE(da.cols() == db.cols());
-  return (da - db).cwiseAbs().maxCoeff();
-}
-
-template <typename Scalar>
-using Matrix = Eigen::Matrix<Scalar, Eigen::Dynamic, Eigen::Dynamic>;
-template <typename Scalar>
-using Vector = Eigen::Matrix<Scalar, Eigen::Dynamic, 1>;
-
-template <typename Scalar>
-Matrix<Scalar> random_matrix(Eigen::Index rows, Eigen::Index cols, unsigned seed) {
-  std::srand(seed);
-  return Matrix<Scalar>::Random(rows, cols);
-}
-
 /// An HRA layer d_in -> d_out with random W, random (non-symmetric) U and optionally a bias.
 template <typename Scalar>
 hra::HraLinear<Scalar> make_hra(Eigen::Index d_in, Eigen::Index d_out, Eigen::Index r,
@@ -133,11 +72,11 @@ hra::HraLinear<Scalar> make_hra(Eigen::Index d_in, Eigen::Index d_out, Eigen::In
   o.variant = variant;
   o.init = hra::Init::random;
   o.seed = seed;
-  std::optional<Vector<Scalar>> bias;
-  if (bias_mode) bias = random_matrix<Scalar>(d_out, 1, static_cast<unsigned>(seed) + 7);
-  return hra::HraLinear<Scalar>(hra::WeightMatrix<Scalar>::owned(random_matrix<Scalar>(
-                                    d_out, d_in, static_cast<unsigned>(seed))),
-                                bias, o, bias_mode.value_or(hra::BiasMode::none));
+  std::optional<Vec<Scalar>> bias;
+  if (bias_mode) bias = hra_test::random_as<Scalar>(d_out, 1, seed + 7);
+  return hra::HraLinear<Scalar>(
+      hra::WeightMatrix<Scalar>::owned(hra_test::random_as<Scalar>(d_out, d_in, seed)), bias, o,
+      bias_mode.value_or(hra::BiasMode::none));
 }
 
 /// A LoRA layer with random W, A and a non-zero B (as after training).
@@ -150,22 +89,21 @@ hra::LoraLinear<Scalar> make_lora(Eigen::Index d_in, Eigen::Index d_out, Eigen::
   o.alpha = alpha;
   o.dropout = 0.05;
   o.seed = seed;
-  std::optional<Vector<Scalar>> bias;
-  if (bias_mode) bias = random_matrix<Scalar>(d_out, 1, static_cast<unsigned>(seed) + 7);
-  hra::LoraLinear<Scalar> layer(hra::WeightMatrix<Scalar>::owned(random_matrix<Scalar>(
-                                    d_out, d_in, static_cast<unsigned>(seed))),
-                                bias, o, bias_mode.value_or(hra::BiasMode::none));
-  layer.set_lora_weights(layer.lora_a(),
-                         random_matrix<Scalar>(d_out, r, static_cast<unsigned>(seed) + 3));
+  std::optional<Vec<Scalar>> bias;
+  if (bias_mode) bias = hra_test::random_as<Scalar>(d_out, 1, seed + 7);
+  hra::LoraLinear<Scalar> layer(
+      hra::WeightMatrix<Scalar>::owned(hra_test::random_as<Scalar>(d_out, d_in, seed)), bias, o,
+      bias_mode.value_or(hra::BiasMode::none));
+  layer.set_lora_weights(layer.lora_a(), hra_test::random_as<Scalar>(d_out, r, seed + 3));
   return layer;
 }
 
 /// Everything a load may change in an HRA layer, to check that a failed load changed nothing.
 template <typename Scalar>
 struct HraState {
-  Matrix<Scalar> w;
-  std::optional<Vector<Scalar>> bias;
-  std::vector<Matrix<Scalar>> u;
+  Mat<Scalar> w;
+  std::optional<Vec<Scalar>> bias;
+  std::vector<Mat<Scalar>> u;
   std::vector<bool> merged;
   explicit HraState(const hra::HraLinear<Scalar>& l) : w(l.weight()), bias(l.bias()) {
     for (const auto& a : l.adapters()) {
@@ -181,8 +119,8 @@ struct HraState {
 
 template <typename Scalar>
 struct LoraState {
-  Matrix<Scalar> w, a, b;
-  std::optional<Vector<Scalar>> bias;
+  Mat<Scalar> w, a, b;
+  std::optional<Vec<Scalar>> bias;
   explicit LoraState(const hra::LoraLinear<Scalar>& l)
       : w(l.weight()), a(l.lora_a()), b(l.lora_b()), bias(l.bias()) {}
   bool operator==(const LoraState& o) const {
@@ -228,17 +166,32 @@ void expect_hra_load_fails(const fs::path& dir, const std::string& part,
                            std::optional<hra::BiasMode> bias = std::nullopt) {
   HraPair target(999, r, variant, bias);
   const auto before = target.state();
-  CHECK_THROWS_MATCHES(peft::load_hra_adapters(dir, target.modules(), options), E,
-                       MessageContains(part));
+  expect_error<E>([&] { peft::load_hra_adapters(dir, target.modules(), options); }, {part});
   CHECK(target.state() == before);
+}
+
+/// Loading the LoRA directory `dir` into a fresh pair ("net.fc1" 6 -> 5 of rank 2, "net.fc2"
+/// 5 -> 3 of rank `r2`) must throw E with `part` in its message and change nothing.
+template <typename E>
+void expect_lora_load_fails(const fs::path& dir, const std::string& part, Eigen::Index r2 = 2) {
+  auto t1 = make_lora<double>(6, 5, 2, 4.0, 11);
+  auto t2 = make_lora<double>(5, 3, r2, 2.0 * static_cast<double>(r2), 12);
+  const LoraState<double> b1(t1), b2(t2);
+  expect_error<E>(
+      [&] {
+        peft::load_lora_adapters(dir, {{"net.fc1", &t1}, {"net.fc2", &t2}});
+      },
+      {part});
+  CHECK(LoraState<double>(t1) == b1);
+  CHECK(LoraState<double>(t2) == b2);
 }
 
 }  // namespace
 
 TEST_CASE("adapter_io: rank/alpha pattern keys are matched as PEFT's re.match((.*\\.)?(key)$)",
           "[adapter_io]") {
-  using peft::internal::pattern_matches;
-  using peft::internal::pattern_supported;
+  using hra::detail::pattern_matches;
+  using hra::detail::pattern_supported;
   CHECK(pattern_matches("fc1", "fc1"));
   CHECK(pattern_matches("fc1", "net.fc1"));
   CHECK(pattern_matches("net.fc1", "model.net.fc1"));
@@ -246,8 +199,8 @@ TEST_CASE("adapter_io: rank/alpha pattern keys are matched as PEFT's re.match((.
   CHECK_FALSE(pattern_matches("fc1", "net.fc10"));  // anchored at the end
   CHECK(pattern_matches("net.fc1", "netXfc1"));     // '.' is any character, as in Python
   CHECK_FALSE(pattern_matches("net\\.fc1", "netXfc1"));
-  CHECK(pattern_matches(peft::internal::escape_pattern("a.b[0]"), "a.b[0]"));
-  CHECK_FALSE(pattern_matches(peft::internal::escape_pattern("a.b"), "aXb"));
+  CHECK(pattern_matches(hra::detail::escape_pattern("a.b[0]"), "a.b[0]"));
+  CHECK_FALSE(pattern_matches(hra::detail::escape_pattern("a.b"), "aXb"));
   CHECK(pattern_supported("layers.0.q_proj"));
   CHECK(pattern_supported("a\\.b\\[0\\]"));
   CHECK_FALSE(pattern_supported(".*q_proj"));
@@ -262,7 +215,7 @@ TEMPLATE_TEST_CASE("adapter_io: HRA round trip C++ -> files -> C++ in every dtyp
   for (const hra::Variant variant : {hra::Variant::chain, hra::Variant::gram_schmidt}) {
     for (const st::Dtype dtype : all_dtypes) {
       DYNAMIC_SECTION(hra::to_string(variant) << " " << st::to_string(dtype)) {
-        TempDir tmp;
+        const hra_test::TempDir tmp("hra_test_adapter_io");
         auto fc1 = make_hra<Scalar>(6, 5, 3, 11, variant);
         auto fc2 = make_hra<Scalar>(5, 3, 3, 12, variant);
         peft::SaveOptions save;
@@ -324,14 +277,14 @@ TEMPLATE_TEST_CASE("adapter_io: HRA round trip C++ -> files -> C++ in every dtyp
         // The adapted functions agree: merge both and compare the weights.
         back1.merge();
         fc1.merge();
-        CHECK(max_abs_error(back1.weight(), fc1.weight()) <= 200 * tol);
+        CHECK(abs_err(back1.weight(), fc1.weight()) <= 200 * tol);
       }
     }
   }
 }
 
 TEST_CASE("adapter_io: stacked adapters are saved and loaded by name", "[adapter_io][hra]") {
-  TempDir tmp;
+  const hra_test::TempDir tmp("hra_test_adapter_io");
   auto source = make_hra<double>(6, 5, 2, 1);
   hra::HraOptions second;
   second.rank = 4;
@@ -356,28 +309,37 @@ TEST_CASE("adapter_io: stacked adapters are saved and loaded by name", "[adapter
 
   SECTION("the default adapter has another rank") {
     const HraState<double> before(target);
-    CHECK_THROWS_MATCHES(peft::load_hra_adapters(tmp.path, {{"net.fc1", &target}}),
-                         peft::mismatch_error,
-                         MessageContains("module 'net.fc1': the config has r = 4, the layer's "
-                                         "adapter 'default' has rank 2"));
+    expect_error<peft::mismatch_error>(
+        [&] {
+          peft::load_hra_adapters(tmp.path, {{"net.fc1", &target}});
+        },
+        {"module 'net.fc1': the config has r = 4, the layer's adapter 'default' has rank 2"});
     CHECK(HraState<double>(target) == before);
   }
   SECTION("an adapter name the layer does not have") {
     load.adapter_name = "third";
     const HraState<double> before(target);
-    CHECK_THROWS_MATCHES(peft::load_hra_adapters(tmp.path, {{"net.fc1", &target}}, load),
-                         peft::mismatch_error, MessageContains("the layer has no adapter 'third'"));
+    expect_error<peft::mismatch_error>(
+        [&] {
+          peft::load_hra_adapters(tmp.path, {{"net.fc1", &target}}, load);
+        },
+        {"the layer has no adapter 'third'"});
     CHECK(HraState<double>(target) == before);
     save.adapter_name = "third";
-    CHECK_THROWS_MATCHES(peft::save_hra_adapters(tmp.path, {{"net.fc1", &source}}, save),
-                         std::invalid_argument, MessageContains("has no adapter 'third'"));
+    expect_error<std::invalid_argument>(
+        [&] {
+          peft::save_hra_adapters(tmp.path, {{"net.fc1", &source}}, save);
+        },
+        {"has no adapter 'third'"});
   }
   SECTION("a merged adapter") {
     target.merge();
     const HraState<double> before(target);
-    CHECK_THROWS_MATCHES(peft::load_hra_adapters(tmp.path, {{"net.fc1", &target}}, load),
-                         peft::mismatch_error,
-                         MessageContains("adapter 'second' is merged into W; unmerge() it"));
+    expect_error<peft::mismatch_error>(
+        [&] {
+          peft::load_hra_adapters(tmp.path, {{"net.fc1", &target}}, load);
+        },
+        {"adapter 'second' is merged into W; unmerge() it"});
     CHECK(HraState<double>(target) == before);
   }
 }
@@ -387,7 +349,7 @@ TEMPLATE_TEST_CASE("adapter_io: LoRA round trip C++ -> files -> C++ in every dty
   using Scalar = TestType;
   for (const st::Dtype dtype : all_dtypes) {
     DYNAMIC_SECTION(st::to_string(dtype)) {
-      TempDir tmp;
+      const hra_test::TempDir tmp("hra_test_adapter_io");
       // Different ranks and alphas: rank_pattern / alpha_pattern carry the second module's.
       auto fc1 = make_lora<Scalar>(6, 5, 2, 4.0, 31, hra::BiasMode::all);
       auto fc2 = make_lora<Scalar>(5, 3, 3, 1.5, 32, hra::BiasMode::all);
@@ -444,7 +406,7 @@ TEMPLATE_TEST_CASE("adapter_io: LoRA round trip C++ -> files -> C++ in every dty
 
 TEST_CASE("adapter_io: LoRA scaling (use_rslora, lora_alpha) must match the layer or rescale B",
           "[adapter_io][lora]") {
-  TempDir tmp;
+  const hra_test::TempDir tmp("hra_test_adapter_io");
   auto source = make_lora<double>(6, 5, 4, 8.0, 1);
   peft::save_lora_adapters(tmp.path, {{"net.fc1", &source}});
   DirEditor edit(tmp.path);
@@ -453,10 +415,12 @@ TEST_CASE("adapter_io: LoRA scaling (use_rslora, lora_alpha) must match the laye
 
   auto target = make_lora<double>(6, 5, 4, 8.0, 2);
   const LoraState<double> before(target);
-  CHECK_THROWS_MATCHES(peft::load_lora_adapters(tmp.path, {{"net.fc1", &target}}),
-                       peft::mismatch_error,
-                       MessageContains("module 'net.fc1': the config's scaling is 4 (lora_alpha 8 "
-                                       "/ sqrt(r)), the layer's is 2 (alpha 8 / r)"));
+  expect_error<peft::mismatch_error>(
+      [&] {
+        peft::load_lora_adapters(tmp.path, {{"net.fc1", &target}});
+      },
+      {"module 'net.fc1': the config's scaling is 4 (lora_alpha 8 / sqrt(r)), the layer's is 2 "
+       "(alpha 8 / r)"});
   CHECK(LoraState<double>(target) == before);
 
   peft::LoadOptions rescale;
@@ -480,17 +444,15 @@ struct FixtureModel {
   explicit FixtureModel(const std::string& name)
       : expected(st::load(fs::path(HRA_TEST_FIXTURES) / "peft_adapter" /
                           (name + ".expected.safetensors"))) {}
-  Matrix<Scalar> weight(const std::string& m) const {
+  Mat<Scalar> weight(const std::string& m) const {
     return expected.get_matrix<Scalar>(m + ".weight");
   }
-  Vector<Scalar> bias(const std::string& m) const {
-    return expected.get_vector<Scalar>(m + ".bias");
-  }
+  Vec<Scalar> bias(const std::string& m) const { return expected.get_vector<Scalar>(m + ".bias"); }
   /// y (d_out x n, one sample per column) of fc2(fc1(x)).
   template <typename Layer>
-  Matrix<Scalar> forward(const Layer& fc1, const Layer& fc2) const {
-    const Matrix<Scalar> x = expected.get_matrix<Scalar>("x").transpose();
-    Matrix<Scalar> h, y;
+  Mat<Scalar> forward(const Layer& fc1, const Layer& fc2) const {
+    const Mat<Scalar> x = expected.get_matrix<Scalar>("x").transpose();
+    Mat<Scalar> h, y;
     fc1.predict(x, h);
     fc2.predict(h, y);
     return y;
@@ -533,24 +495,24 @@ TEMPLATE_TEST_CASE("adapter_io: PEFT HRA fixtures load, merge and match PEFT's m
       CHECK(config.json["peft_version"] == "0.20.0");  // unknown fields are kept
 
       // Unmerged forward against PEFT's F.linear(x, W @ H, b), then the merged weights.
-      const double y_error = max_abs_error(model.forward(fc1, fc2), model.y());
+      const double y_error = abs_err(model.forward(fc1, fc2), model.y());
       CHECK(y_error <= 10 * fixture_tolerance<Scalar>());
       fc1.merge();
       fc2.merge();
-      const double w1_error = max_abs_error(
+      const double w1_error = abs_err(
           fc1.weight(), model.expected.template get_matrix<double>("net.fc1.merged_weight"));
-      const double w2_error = max_abs_error(
+      const double w2_error = abs_err(
           fc2.weight(), model.expected.template get_matrix<double>("net.fc2.merged_weight"));
       CHECK(w1_error <= fixture_tolerance<Scalar>());
       CHECK(w2_error <= fixture_tolerance<Scalar>());
       // Merging really changed W (the fixture's H is far from I).
-      CHECK(max_abs_error(fc1.weight(), model.weight("net.fc1")) > 0.05);
+      CHECK(abs_err(fc1.weight(), model.weight("net.fc1")) > 0.05);
 
       // Saved back from float layers, the tensors are PEFT's bytes again.
       if (std::is_same<Scalar, float>::value) {
         fc1.unmerge();
         fc2.unmerge();
-        TempDir tmp;
+        const hra_test::TempDir tmp("hra_test_adapter_io");
         peft::save_hra_adapters<Scalar>(tmp.path, {{"net.fc1", &fc1}, {"net.fc2", &fc2}});
         const st::TensorFile ours = st::load(tmp.path / peft::weights_file_name);
         const st::TensorFile theirs = st::load(dir / peft::weights_file_name);
@@ -577,15 +539,15 @@ TEMPLATE_TEST_CASE("adapter_io: PEFT LoRA fixture (bias \"all\") loads and match
       peft::load_lora_adapters(dir, {{"net.fc1", &fc1}, {"net.fc2", &fc2}});
   CHECK(config.bias == "all");
   CHECK(config.lora_dropout == Approx(0.1));
-  CHECK(max_abs_error(*fc1.bias(),
-                      model.expected.template get_vector<double>("net.fc1.trained_bias")) == 0.0);
-  CHECK(max_abs_error(model.forward(fc1, fc2), model.y()) <= 10 * fixture_tolerance<Scalar>());
+  CHECK(abs_err(*fc1.bias(), model.expected.template get_vector<double>("net.fc1.trained_bias")) ==
+        0.0);
+  CHECK(abs_err(model.forward(fc1, fc2), model.y()) <= 10 * fixture_tolerance<Scalar>());
   fc1.merge();
   fc2.merge();
-  CHECK(max_abs_error(fc1.weight(), model.expected.template get_matrix<double>(
-                                        "net.fc1.merged_weight")) <= fixture_tolerance<Scalar>());
-  CHECK(max_abs_error(fc2.weight(), model.expected.template get_matrix<double>(
-                                        "net.fc2.merged_weight")) <= fixture_tolerance<Scalar>());
+  CHECK(abs_err(fc1.weight(), model.expected.template get_matrix<double>(
+                                  "net.fc1.merged_weight")) <= fixture_tolerance<Scalar>());
+  CHECK(abs_err(fc2.weight(), model.expected.template get_matrix<double>(
+                                  "net.fc2.merged_weight")) <= fixture_tolerance<Scalar>());
 
   // Without a trainable bias the trained biases in the file are refused, nothing changes.
   hra::LoraLinear<Scalar> frozen1(hra::WeightMatrix<Scalar>::owned(model.weight("net.fc1")),
@@ -593,12 +555,12 @@ TEMPLATE_TEST_CASE("adapter_io: PEFT LoRA fixture (bias \"all\") loads and match
   hra::LoraLinear<Scalar> frozen2(hra::WeightMatrix<Scalar>::owned(model.weight("net.fc2")),
                                   model.bias("net.fc2"), o);
   const LoraState<Scalar> before1(frozen1), before2(frozen2);
-  CHECK_THROWS_MATCHES(
-      peft::load_lora_adapters(dir, {{"net.fc1", &frozen1}, {"net.fc2", &frozen2}}),
-      peft::mismatch_error,
-      MessageContains("module 'net.fc1': tensor "
-                      "'base_model.model.net.fc1.base_layer.bias' is a trained "
-                      "bias (config bias \"all\"), but the layer's bias is frozen"));
+  expect_error<peft::mismatch_error>(
+      [&] {
+        peft::load_lora_adapters(dir, {{"net.fc1", &frozen1}, {"net.fc2", &frozen2}});
+      },
+      {"module 'net.fc1': tensor 'base_model.model.net.fc1.base_layer.bias' is a trained bias "
+       "(config bias \"all\"), but the layer's bias is frozen"});
   CHECK(LoraState<Scalar>(frozen1) == before1);
   CHECK(LoraState<Scalar>(frozen2) == before2);
 }
@@ -619,7 +581,7 @@ TEST_CASE("adapter_io: the config file is written as PEFT writes it", "[adapter_
 }
 
 TEST_CASE("adapter_io: HRA biases are saved and loaded for trainable biases", "[adapter_io][hra]") {
-  TempDir tmp;
+  const hra_test::TempDir tmp("hra_test_adapter_io");
   HraPair source(1, 2, hra::Variant::chain, hra::BiasMode::adapter_only);
   peft::save_hra_adapters(tmp.path, source.modules());
   CHECK(peft::read_config(tmp.path).bias == "hra_only");
@@ -646,15 +608,17 @@ TEST_CASE("adapter_io: HRA biases are saved and loaded for trainable biases", "[
   o.init = hra::Init::random;
   hra::HraLinear<double> frozen_bias(hra::WeightMatrix<double>::owned(Eigen::MatrixXd::Ones(3, 5)),
                                      Eigen::VectorXd::Ones(3), o, hra::BiasMode::none);
-  CHECK_THROWS_MATCHES(
-      peft::save_hra_adapters(tmp.path, {{"net.fc1", &mixed.fc1}, {"net.fc2", &frozen_bias}}),
-      std::invalid_argument, MessageContains("train their biases differently"));
+  expect_error<std::invalid_argument>(
+      [&] {
+        peft::save_hra_adapters(tmp.path, {{"net.fc1", &mixed.fc1}, {"net.fc2", &frozen_bias}});
+      },
+      {"train their biases differently"});
 }
 
 TEST_CASE(
     "adapter_io: every malformed or mismatched adapter directory is refused, layers unchanged",
     "[adapter_io][reject]") {
-  TempDir tmp;
+  const hra_test::TempDir tmp("hra_test_adapter_io");
   HraPair good(1);
   const fs::path dir = tmp.path / "adapter";
   peft::save_hra_adapters(dir, good.modules());
@@ -748,13 +712,12 @@ TEST_CASE(
     HraPair target(9);
     const HraState<double> before_wide(wide);
     const auto before = target.state();
-    CHECK_THROWS_MATCHES(
-        peft::load_hra_adapters(dir, {{"net.fc1", &wide}, {"net.fc2", &target.fc2}}),
-        peft::mismatch_error,
-        MessageContains(weights_path +
-                        ": module 'net.fc1': tensor 'base_model.model.net.fc1.hra_u' "
-                        "has shape [6, 3], expected [7, 3] (in_features, r): the layer's "
-                        "in_features is 7"));
+    expect_error<peft::mismatch_error>(
+        [&] {
+          peft::load_hra_adapters(dir, {{"net.fc1", &wide}, {"net.fc2", &target.fc2}});
+        },
+        {weights_path + ": module 'net.fc1': tensor 'base_model.model.net.fc1.hra_u' has shape [6, "
+                        "3], expected [7, 3] (in_features, r): the layer's in_features is 7"});
     CHECK(HraState<double>(wide) == before_wide);
     CHECK(target.state() == before);
   }
@@ -828,8 +791,11 @@ TEST_CASE(
     auto f1 = make_hra<float>(6, 5, 3, 1);
     auto f2 = make_hra<float>(5, 3, 3, 2);
     const HraState<float> b1(f1), b2(f2);
-    CHECK_THROWS_MATCHES(peft::load_hra_adapters(dir, {{"net.fc1", &f1}, {"net.fc2", &f2}}),
-                         st::tensor_error, MessageContains("out of range of the requested type"));
+    expect_error<st::tensor_error>(
+        [&] {
+          peft::load_hra_adapters(dir, {{"net.fc1", &f1}, {"net.fc2", &f2}});
+        },
+        {"out of range of the requested type"});
     CHECK(HraState<float>(f1) == b1);
     CHECK(HraState<float>(f2) == b2);
     // In double its squared norm overflows: not a usable U.
@@ -902,36 +868,29 @@ TEST_CASE(
   }
   SECTION("null layers and loading an HRA directory as LoRA") {
     hra::HraLinear<double>* none = nullptr;
-    CHECK_THROWS_MATCHES(peft::load_hra_adapters(dir, {{"net.fc1", none}}), std::invalid_argument,
-                         MessageContains("module 'net.fc1': null layer"));
+    expect_error<std::invalid_argument>(
+        [&] {
+          peft::load_hra_adapters(dir, {{"net.fc1", none}});
+        },
+        {"module 'net.fc1': null layer"});
     auto lora = make_lora<double>(6, 5, 3, 3.0, 1);
     const LoraState<double> before(lora);
-    CHECK_THROWS_MATCHES(peft::load_lora_adapters(dir, {{"net.fc1", &lora}}), peft::config_error,
-                         MessageContains("peft_type is \"HRA\", expected \"LORA\""));
+    expect_error<peft::config_error>(
+        [&] {
+          peft::load_lora_adapters(dir, {{"net.fc1", &lora}});
+        },
+        {"peft_type is \"HRA\", expected \"LORA\""});
     CHECK(LoraState<double>(lora) == before);
   }
 }
 
 TEST_CASE("adapter_io: malformed or mismatched LoRA directories are refused, layers unchanged",
           "[adapter_io][reject][lora]") {
-  TempDir tmp;
+  const hra_test::TempDir tmp("hra_test_adapter_io");
   auto fc1 = make_lora<double>(6, 5, 2, 4.0, 1);
   auto fc2 = make_lora<double>(5, 3, 2, 4.0, 2);
   peft::save_lora_adapters(tmp.path, {{"net.fc1", &fc1}, {"net.fc2", &fc2}});
   const std::string config_path = (tmp.path / "adapter_config.json").string();
-  const auto expect_fails = [&](const std::string& part, Eigen::Index r2 = 2) {
-    auto t1 = make_lora<double>(6, 5, 2, 4.0, 11);
-    auto t2 = make_lora<double>(5, 3, r2, 2.0 * static_cast<double>(r2), 12);
-    const LoraState<double> b1(t1), b2(t2);
-    try {
-      peft::load_lora_adapters(tmp.path, {{"net.fc1", &t1}, {"net.fc2", &t2}});
-      FAIL("no exception; expected one containing: " << part);
-    } catch (const std::runtime_error& e) {
-      CHECK_THAT(std::string(e.what()), Contains(part));
-    }
-    CHECK(LoraState<double>(t1) == b1);
-    CHECK(LoraState<double>(t2) == b2);
-  };
   const auto edit = [&](const std::function<void(DirEditor&)>& change) {
     DirEditor e(tmp.path);
     change(e);
@@ -940,69 +899,83 @@ TEST_CASE("adapter_io: malformed or mismatched LoRA directories are refused, lay
 
   SECTION("missing lora_alpha / r") {
     edit([](DirEditor& e) { e.config.erase("lora_alpha"); });
-    expect_fails(config_path + ": required field \"lora_alpha\" is missing (peft_type LORA)");
+    expect_lora_load_fails<peft::config_error>(
+        tmp.path, config_path + ": required field \"lora_alpha\" is missing (peft_type LORA)");
     edit([](DirEditor& e) {
       e.config["lora_alpha"] = 4;
       e.config.erase("r");
     });
-    expect_fails("required field \"r\" is missing");
+    expect_lora_load_fails<peft::config_error>(tmp.path, "required field \"r\" is missing");
   }
   SECTION("options hra does not compute") {
     edit([](DirEditor& e) { e.config["fan_in_fan_out"] = true; });
-    expect_fails("field \"fan_in_fan_out\": true (weights stored as (in, out)");
+    expect_lora_load_fails<peft::config_error>(
+        tmp.path, "field \"fan_in_fan_out\": true (weights stored as (in, out)");
     edit([](DirEditor& e) {
       e.config["fan_in_fan_out"] = false;
       e.config["use_dora"] = true;
     });
-    expect_fails("field \"use_dora\": true (DoRA) is not supported");
+    expect_lora_load_fails<peft::config_error>(tmp.path,
+                                               "field \"use_dora\": true (DoRA) is not supported");
     edit([](DirEditor& e) {
       e.config["use_dora"] = false;
       e.config["rank_pattern"] = {{".*fc2", 3}};
     });
-    expect_fails("field \"rank_pattern\": key \".*fc2\" uses regular-expression syntax");
+    expect_lora_load_fails<peft::config_error>(
+        tmp.path, "field \"rank_pattern\": key \".*fc2\" uses regular-expression syntax");
     edit([](DirEditor& e) { e.config["rank_pattern"] = {{"fc2", -1}}; });
-    expect_fails("field \"rank_pattern[\"fc2\"]\" must be a positive integer, got -1");
+    expect_lora_load_fails<peft::config_error>(
+        tmp.path, "field \"rank_pattern[\"fc2\"]\" must be a positive integer, got -1");
     edit([](DirEditor& e) {
       e.config["rank_pattern"] = nlohmann::json::object();
       e.config["lora_dropout"] = 1.5;
     });
-    expect_fails("field \"lora_dropout\" must be a probability in [0, 1), got 1.5");
+    expect_lora_load_fails<peft::config_error>(
+        tmp.path, "field \"lora_dropout\" must be a probability in [0, 1), got 1.5");
   }
   SECTION("rank mismatch through rank_pattern") {
     edit([](DirEditor& e) { e.config["rank_pattern"] = {{"fc2", 3}}; });
-    expect_fails(config_path +
-                 ": module 'net.fc2': the config gives r = 3 (rank_pattern), the layer has rank 2");
+    expect_lora_load_fails<peft::mismatch_error>(
+        tmp.path,
+        config_path +
+            ": module 'net.fc2': the config gives r = 3 (rank_pattern), the layer has rank 2");
   }
   SECTION("wrong tensor shapes") {
-    expect_fails("module 'net.fc2': the config gives r = 2, the layer has rank 3", 3);
+    expect_lora_load_fails<peft::mismatch_error>(
+        tmp.path, "module 'net.fc2': the config gives r = 2, the layer has rank 3", 3);
     edit([](DirEditor& e) {
       e.weights.put_matrix("base_model.model.net.fc2.lora_B.weight", Eigen::MatrixXd::Ones(4, 2));
     });
-    expect_fails(
+    expect_lora_load_fails<peft::mismatch_error>(
+        tmp.path,
         "tensor 'base_model.model.net.fc2.lora_B.weight' has shape [4, 2], expected [3, 2] "
         "(out_features, r): the layer's out_features is 3");
     edit([](DirEditor& e) {
       e.weights.put_matrix("base_model.model.net.fc2.lora_A.weight", Eigen::MatrixXd::Ones(5, 2));
     });
-    expect_fails(
+    expect_lora_load_fails<peft::mismatch_error>(
+        tmp.path,
         "tensor 'base_model.model.net.fc2.lora_A.weight' has shape [5, 2], expected [2, 5] "
         "(r, in_features)");
   }
   SECTION("missing, extra and non-finite tensors") {
     edit([](DirEditor& e) { e.weights.erase("base_model.model.net.fc2.lora_B.weight"); });
-    expect_fails("module 'net.fc2': tensor 'base_model.model.net.fc2.lora_B.weight' is missing");
+    expect_lora_load_fails<peft::mismatch_error>(
+        tmp.path, "module 'net.fc2': tensor 'base_model.model.net.fc2.lora_B.weight' is missing");
     edit([&](DirEditor& e) {
       e.weights.put_matrix("base_model.model.net.fc2.lora_B.weight", fc2.lora_b());
       e.weights.put_vector("base_model.model.head.bias", Eigen::VectorXd::Ones(2));
     });
-    expect_fails("tensor 'base_model.model.head.bias' belongs to no mapped module");
+    expect_lora_load_fails<peft::mismatch_error>(
+        tmp.path, "tensor 'base_model.model.head.bias' belongs to no mapped module");
     edit([&](DirEditor& e) {
       e.weights.erase("base_model.model.head.bias");
       Eigen::MatrixXd b = fc2.lora_b();
       b(1, 1) = -std::numeric_limits<double>::infinity();
       e.weights.put_matrix("base_model.model.net.fc2.lora_B.weight", b);
     });
-    expect_fails(
+    expect_lora_load_fails<st::tensor_error>(
+        tmp.path,
         "tensor 'base_model.model.net.fc2.lora_B.weight': non-finite value -inf (F64) at "
         "index [1, 1]");
   }
@@ -1010,7 +983,7 @@ TEST_CASE("adapter_io: malformed or mismatched LoRA directories are refused, lay
 
 TEST_CASE("adapter_io: a failed save leaves an existing adapter directory intact",
           "[adapter_io][save]") {
-  TempDir tmp;
+  const hra_test::TempDir tmp("hra_test_adapter_io");
   HraPair good(1, 1);
   peft::save_hra_adapters(tmp.path, good.modules());
   const std::string old_config = read_all(tmp.path / "adapter_config.json");
@@ -1024,19 +997,23 @@ TEST_CASE("adapter_io: a failed save leaves an existing adapter directory intact
 
   SECTION("layers a PEFT config cannot describe: refused before any file is touched") {
     auto other = make_hra<double>(5, 3, 2, 9);
-    CHECK_THROWS_MATCHES(
-        peft::save_hra_adapters(tmp.path, {{"net.fc1", &good.fc1}, {"net.fc2", &other}}),
-        std::invalid_argument,
-        MessageContains("module 'net.fc2': r = 2 differs from module 'net.fc1' (r = 1); PEFT's "
-                        "HRAConfig has one r for every module"));
+    expect_error<std::invalid_argument>(
+        [&] {
+          peft::save_hra_adapters(tmp.path, {{"net.fc1", &good.fc1}, {"net.fc2", &other}});
+        },
+        {"module 'net.fc2': r = 2 differs from module 'net.fc1' (r = 1); PEFT's HRAConfig has one "
+         "r for every module"});
     intact();
     auto gs = make_hra<double>(5, 3, 1, 9, hra::Variant::gram_schmidt);
-    CHECK_THROWS_MATCHES(
-        peft::save_hra_adapters(tmp.path, {{"net.fc1", &good.fc1}, {"net.fc2", &gs}}),
-        std::invalid_argument, MessageContains("one apply_GS for every module"));
+    expect_error<std::invalid_argument>(
+        [&] {
+          peft::save_hra_adapters(tmp.path, {{"net.fc1", &good.fc1}, {"net.fc2", &gs}});
+        },
+        {"one apply_GS for every module"});
     intact();
-    CHECK_THROWS_MATCHES(peft::save_hra_adapters(tmp.path, peft::HraModules<double>{}),
-                         std::invalid_argument, MessageContains("no modules to save"));
+    expect_error<std::invalid_argument>(
+        [&] { peft::save_hra_adapters(tmp.path, peft::HraModules<double>{}); },
+        {"no modules to save"});
     intact();
   }
   SECTION("values a dtype cannot hold, and protected config fields") {
@@ -1046,16 +1023,15 @@ TEST_CASE("adapter_io: a failed save leaves an existing adapter directory intact
     big.fc2.set_reflectors("default", u);
     peft::SaveOptions f16;
     f16.dtype = st::Dtype::F16;
-    CHECK_THROWS_MATCHES(peft::save_hra_adapters(tmp.path, big.modules(), f16),
-                         std::invalid_argument,
-                         MessageContains("module 'net.fc2': cannot save tensor "
-                                         "'base_model.model.net.fc2.hra_u' as F16"));
+    expect_error<std::invalid_argument>(
+        [&] { peft::save_hra_adapters(tmp.path, big.modules(), f16); },
+        {"module 'net.fc2': cannot save tensor 'base_model.model.net.fc2.hra_u' as F16"});
     intact();
     peft::SaveOptions extra;
     extra.extra_config["r"] = 4;
-    CHECK_THROWS_MATCHES(peft::save_hra_adapters(tmp.path, good.modules(), extra),
-                         std::invalid_argument,
-                         MessageContains("SaveOptions::extra_config may not set \"r\""));
+    expect_error<std::invalid_argument>(
+        [&] { peft::save_hra_adapters(tmp.path, good.modules(), extra); },
+        {"SaveOptions::extra_config may not set \"r\""});
     intact();
   }
   SECTION("the config cannot be written: the previous weights are put back") {
@@ -1068,54 +1044,35 @@ TEST_CASE("adapter_io: a failed save leaves an existing adapter directory intact
     const std::string new_config = files.config_text();
     REQUIRE(new_weights.size() < new_config.size());
     REQUIRE(old_weights.size() < new_config.size());
-    // Files may grow to the size of the new weights but not to that of the config.
-    struct rlimit old_limit {};
-    REQUIRE(::getrlimit(RLIMIT_FSIZE, &old_limit) == 0);
-    const auto old_handler = std::signal(SIGXFSZ, SIG_IGN);  // EFBIG instead of a signal
-    struct rlimit limited = old_limit;
-    limited.rlim_cur = std::max(new_weights.size(), old_weights.size()) + 1;
-    REQUIRE(::setrlimit(RLIMIT_FSIZE, &limited) == 0);
-    std::string message;
-    try {
-      peft::save_hra_adapters(tmp.path, larger.modules(), save);
-    } catch (const peft::io_error& e) {
-      message = e.what();
-    }
-    ::setrlimit(RLIMIT_FSIZE, &old_limit);
-    std::signal(SIGXFSZ, old_handler);
-    CHECK_THAT(message, Contains("adapter_config.json: write failed"));
-    CHECK_THAT(message, Contains("the previous adapter files are left as they were"));
+    expect_error<peft::io_error>(
+        [&] {
+          // Files may grow to the size of the new weights but not to that of the config.
+          const hra_test::FileSizeLimit limit(std::max(new_weights.size(), old_weights.size()) + 1);
+          peft::save_hra_adapters(tmp.path, larger.modules(), save);
+        },
+        {"adapter_config.json: write failed", "the previous adapter files are left as they were"});
     intact();
   }
   SECTION("the weights cannot be written") {
-    struct rlimit old_limit {};
-    REQUIRE(::getrlimit(RLIMIT_FSIZE, &old_limit) == 0);
-    const auto old_handler = std::signal(SIGXFSZ, SIG_IGN);
-    struct rlimit limited = old_limit;
-    limited.rlim_cur = 16;
-    REQUIRE(::setrlimit(RLIMIT_FSIZE, &limited) == 0);
-    std::string message;
-    try {
-      peft::save_hra_adapters(tmp.path, good.modules());
-    } catch (const peft::io_error& e) {
-      message = e.what();
-    }
-    ::setrlimit(RLIMIT_FSIZE, &old_limit);
-    std::signal(SIGXFSZ, old_handler);
-    CHECK_THAT(message, Contains("adapter_model.safetensors: write failed"));
-    CHECK_THAT(message, Contains("nothing was changed"));
+    expect_error<peft::io_error>(
+        [&] {
+          const hra_test::FileSizeLimit limit(16);
+          peft::save_hra_adapters(tmp.path, good.modules());
+        },
+        {"adapter_model.safetensors: write failed", "nothing was changed"});
     intact();
   }
   SECTION("the target is not a directory") {
     write_all(tmp.path / "file", "x");
-    CHECK_THROWS_MATCHES(peft::save_hra_adapters(tmp.path / "file", good.modules()), peft::io_error,
-                         MessageContains("cannot create the directory"));
+    expect_error<peft::io_error>(
+        [&] { peft::save_hra_adapters(tmp.path / "file", good.modules()); },
+        {"cannot create the directory"});
   }
   SECTION("a new directory with no previous weights: a failed config write removes the weights") {
     const fs::path fresh = tmp.path / "fresh";
     fs::create_directories(fresh / "adapter_config.json" / "blocker");  // rename cannot replace it
-    CHECK_THROWS_MATCHES(peft::save_hra_adapters(fresh, good.modules()), peft::io_error,
-                         MessageContains("rename over the target failed"));
+    expect_error<peft::io_error>([&] { peft::save_hra_adapters(fresh, good.modules()); },
+                                 {"rename over the target failed"});
     CHECK(tmp.entries("fresh") == std::vector<std::string>{"adapter_config.json"});
   }
 }

@@ -15,6 +15,7 @@
 #include <unistd.h>
 
 #include "../examples/common/fashion_mnist.hpp"
+#include "support/temp_dir.hpp"
 
 namespace fs = std::filesystem;
 using Catch::Matchers::Contains;
@@ -74,22 +75,7 @@ std::string rejection(const Bytes& bytes, std::uint32_t magic) {
   return {};
 }
 
-/// A fresh directory under the system temp dir, removed with everything in it at scope exit.
-struct TempDir {
-  fs::path path;
-  TempDir() {
-    static std::atomic<int> counter{0};
-    path = fs::temp_directory_path() /
-           ("hra_fmnist_" + std::to_string(::getpid()) + "_" + std::to_string(counter++));
-    fs::create_directories(path);
-  }
-  ~TempDir() {
-    std::error_code ec;
-    fs::remove_all(path, ec);
-  }
-  TempDir(const TempDir&) = delete;
-  TempDir& operator=(const TempDir&) = delete;
-};
+using hra_test::TempDir;
 
 void write_gzip(const fs::path& path, const Bytes& bytes) {
   gzFile f = gzopen(path.string().c_str(), "wb");

@@ -29,10 +29,13 @@
 #include "hra/linear.hpp"
 #include "hra/lora_linear.hpp"
 #include "hra/weight_matrix.hpp"
+#include "support/definitions.hpp"
+#include "support/errors.hpp"
+#include "support/figures.hpp"
+#include "support/matrices.hpp"
 
 namespace {
 
-using Catch::Matchers::Contains;
 using Eigen::Index;
 using hra::BiasMode;
 using hra::HraOptions;
@@ -41,65 +44,25 @@ using hra::LoraOptions;
 using hra::RegularizerForm;
 using hra::Variant;
 
-template <typename T>
-using Mat = Eigen::Matrix<T, Eigen::Dynamic, Eigen::Dynamic>;
-template <typename T>
-using Vec = Eigen::Matrix<T, Eigen::Dynamic, 1>;
-using MatD = Mat<double>;
-using VecD = Vec<double>;
+using hra_test::bitwise_equal;
+using hra_test::eps;
+using hra_test::expect_error;
+using hra_test::explicit_chain;
+using hra_test::explicit_gram_schmidt;
+using hra_test::explicit_h;
+using hra_test::Mat;
+using hra_test::MatD;
+using hra_test::max_abs;
+using hra_test::random_as;
+using hra_test::random_matrix;
+using hra_test::random_vec;
+using hra_test::rel_err;
+using hra_test::to_double;
+using hra_test::tol;
+using hra_test::Vec;
+using hra_test::VecD;
 template <typename T>
 using Weight = hra::WeightMatrix<T>;
-
-// Test data: uniform in [-1, 1) from raw mt19937_64 output (a sequence the standard fixes), so
-// every platform sees the same matrices.
-MatD random_matrix(Index rows, Index cols, std::uint64_t seed) {
-  std::mt19937_64 gen(seed);
-  MatD m(rows, cols);
-  for (Index j = 0; j < cols; ++j)
-    for (Index i = 0; i < rows; ++i)
-      m(i, j) = 2.0 * (static_cast<double>(gen() >> 11) * 0x1.0p-53) - 1.0;
-  return m;
-}
-
-template <typename T>
-Mat<T> random_as(Index rows, Index cols, std::uint64_t seed) {
-  return random_matrix(rows, cols, seed).cast<T>();
-}
-
-template <typename T>
-Vec<T> random_vec(Index n, std::uint64_t seed) {
-  return random_matrix(n, 1, seed).cast<T>();
-}
-
-template <typename Derived>
-MatD to_double(const Eigen::MatrixBase<Derived>& m) {
-  return m.template cast<double>();
-}
-
-double max_abs(const MatD& m) {
-  return m.size() == 0 ? 0.0 : m.cwiseAbs().maxCoeff();
-}
-
-// max|a - b| / max|b|, b the reference.
-template <typename DA, typename DB>
-double rel_err(const Eigen::MatrixBase<DA>& a, const Eigen::MatrixBase<DB>& b) {
-  const MatD ad = to_double(a), bd = to_double(b);
-  REQUIRE(ad.rows() == bd.rows());
-  REQUIRE(ad.cols() == bd.cols());
-  return max_abs(ad - bd) / std::max(max_abs(bd), std::numeric_limits<double>::min());
-}
-
-template <typename T>
-constexpr double eps() {
-  return static_cast<double>(std::numeric_limits<T>::epsilon());
-}
-
-// Rounding tolerance for results that agree up to rounding: a few ulps per reflection and per
-// term of a d-term sum.
-template <typename T>
-double tol(Index d, Index r) {
-  return 8.0 * eps<T>() * static_cast<double>(d + r);
-}
 
 // y = W x + b, the frozen layer written out.
 template <typename T>
@@ -109,43 +72,7 @@ Mat<T> affine(const Mat<T>& w, const Mat<T>& x, const Vec<T>& b) {
   return y;
 }
 
-template <typename DA, typename DB>
-bool bitwise_equal(const Eigen::MatrixBase<DA>& a, const Eigen::MatrixBase<DB>& b) {
-  if (a.rows() != b.rows() || a.cols() != b.cols()) return false;
-  for (Index j = 0; j < a.cols(); ++j)
-    for (Index i = 0; i < a.rows(); ++i) {
-      const auto x = a(i, j);
-      const auto y = b(i, j);
-      if (std::memcmp(&x, &y, sizeof(x)) != 0) return false;
-    }
-  return true;
-}
-
 // --- Independent definitions -------------------------------------------------------------------
-
-// H_1 H_2 ... H_r with H_i = I - 2 u_i u_i^T / (u_i^T u_i) formed densely, in double.
-MatD explicit_chain(const MatD& u) {
-  const Index d = u.rows();
-  MatD h = MatD::Identity(d, d);
-  for (Index i = 0; i < u.cols(); ++i) {
-    const VecD v = u.col(i);
-    const MatD reflection = MatD::Identity(d, d) - (2.0 / v.squaredNorm()) * v * v.transpose();
-    h = (h * reflection).eval();
-  }
-  return h;
-}
-
-// I - 2 Q Q^T with Q an orthonormal basis of span(U) from Eigen's Householder QR (Q Q^T does
-// not depend on the signs of Q's columns).
-MatD explicit_gram_schmidt(const MatD& u) {
-  const Eigen::HouseholderQR<MatD> qr(u);
-  const MatD q = qr.householderQ() * MatD::Identity(u.rows(), u.cols());
-  return MatD::Identity(u.rows(), u.rows()) - 2.0 * q * q.transpose();
-}
-
-MatD explicit_h(const MatD& u, Variant v) {
-  return v == Variant::chain ? explicit_chain(u) : explicit_gram_schmidt(u);
-}
 
 // lambda |I - C|_F^2 (or |I - C|_F), C_ij = u_i.u_j / (|u_i| |u_j|), by loops over the pairs.
 double explicit_regularizer(const MatD& u, double lambda, RegularizerForm form) {
@@ -238,7 +165,8 @@ double gradcheck(const std::string& config, hra::Layer<double>& layer,
   const auto report = hra::check_gradients(layer, o);
   std::vector<std::string> got;
   for (const auto& row : report.rows) {
-    std::printf("GRADCHECK %s %s %.3e\n", config.c_str(), row.name.c_str(), row.relative_error());
+    WARN("GRADCHECK " << config.c_str() << " " << row.name.c_str() << " "
+                      << hra_test::sci(row.relative_error()));
     got.push_back(row.name);
     INFO(row.name);
     CHECK(row.checked > 0);
@@ -251,21 +179,6 @@ double gradcheck(const std::string& config, hra::Layer<double>& layer,
   const double worst = report.worst_relative_error();
   CHECK(worst < bound);
   return worst;
-}
-
-// Requires `f` to throw exactly E (not a subclass) with every string of `parts` in its message.
-template <typename E, typename F>
-void expect_error(F&& f, const std::vector<std::string>& parts) {
-  bool thrown = false;
-  try {
-    f();
-  } catch (const std::exception& e) {
-    thrown = true;
-    INFO("message: " << e.what());
-    CHECK(typeid(e) == typeid(E));
-    for (const auto& p : parts) CHECK_THAT(std::string(e.what()), Contains(p));
-  }
-  CHECK(thrown);
 }
 
 }  // namespace
@@ -343,8 +256,8 @@ TEST_CASE("Layers: HRA gradients match central differences (double)", "[layers][
     const MatD dx = g.backward(dy);
     CHECK(rel_err(dx, -w.transpose() * dy) <= 1e-14);
     const double du = max_abs(g.adapter().gradient());
-    std::printf("GRADCHECK hra_gs_r_eq_din hra_u.default max|dU|=%.3e (exact value 0: H = -I)\n",
-                du);
+    WARN("GRADCHECK hra_gs_r_eq_din hra_u.default max|dU|=" << hra_test::sci(du)
+                                                            << " (exact value 0: H = -I)");
     CHECK(du <= 1e-13);
   }
   SECTION("one sample (n = 1)") {
@@ -506,7 +419,7 @@ TEST_CASE("Layers: float gradients match the double analytic ones", "[layers][gr
     REQUIRE(f.size() == d.size());
     for (std::size_t k = 0; k < f.size(); ++k) {
       const double e = rel_err(f[k], d[k]);
-      std::printf("FLOAT_VS_DOUBLE %s tensor%zu %.3e\n", what.c_str(), k, e);
+      WARN("FLOAT_VS_DOUBLE " << what.c_str() << " tensor" << k << " " << hra_test::sci(e));
       INFO(what << " tensor " << k);
       CHECK(e < 1e-4);
     }
@@ -549,9 +462,10 @@ TEMPLATE_TEST_CASE("Layers: symmetric init starts equal to the frozen layer W x 
       // H = I exactly in exact arithmetic; the UT form rounds (S^{-1} of duplicated columns), so
       // equality holds to a few ulps, not bit for bit.
       const double e = rel_err(y, frozen);
-      std::printf("SYMMETRIC_INIT %s r=%ld block=%ld max_rel_diff=%.3e (eps=%.3e)\n",
-                  sizeof(T) == 4 ? "float" : "double", static_cast<long>(r),
-                  static_cast<long>(block), e, eps<T>());
+      WARN("SYMMETRIC_INIT " << (sizeof(T) == 4 ? "float" : "double") << " r="
+                             << static_cast<long>(r) << " block=" << static_cast<long>(block)
+                             << " max_rel_diff=" << hra_test::sci(e)
+                             << " (eps=" << hra_test::sci(eps<T>()) << ")");
       INFO("r=" << r << " block=" << block);
       CHECK(e <= 4.0 * static_cast<double>(r) * eps<T>());
       CHECK(rel_err(p, frozen) <= 4.0 * static_cast<double>(r) * eps<T>());
@@ -1174,9 +1088,10 @@ TEST_CASE("Layers: saved bytes are O((d_in + d_out + r) n + r d), never d x d",
     hra::HraLineard layer(w, hra_options(r, v));
     layer.forward(x);
     const std::size_t saved = layer.saved_bytes();
-    std::printf("SAVED_BYTES hra_%s d_in=%ld d_out=%ld r=%ld n=%ld: %zu (d x d would be %zu)\n",
-                hra::to_string(v), static_cast<long>(d_in), static_cast<long>(d_out),
-                static_cast<long>(r), static_cast<long>(n), saved, dense);
+    WARN("SAVED_BYTES hra_" << hra::to_string(v) << " d_in=" << static_cast<long>(d_in)
+                            << " d_out=" << static_cast<long>(d_out)
+                            << " r=" << static_cast<long>(r) << " n=" << static_cast<long>(n)
+                            << ": " << saved << " (d x d would be " << dense << ")");
     CHECK(saved >= static_cast<std::size_t>((d_in + d_out) * n) * sz);  // X' and Y at least
     CHECK(saved < activations + factors);
     CHECK(saved * 100 < dense);

@@ -15,6 +15,9 @@
 #include "hra/hra_linear.hpp"
 #include "hra/lora_linear.hpp"
 #include "hra/optim.hpp"
+#include "support/definitions.hpp"
+#include "support/figures.hpp"
+#include "support/matrices.hpp"
 
 namespace {
 
@@ -22,26 +25,8 @@ using Eigen::Index;
 using MatD = Eigen::MatrixXd;
 using VecD = Eigen::VectorXd;
 
-// Uniform in [-1, 1) from raw mt19937_64 output, the same on every platform.
-MatD random_matrix(Index rows, Index cols, std::uint64_t seed) {
-  std::mt19937_64 gen(seed);
-  MatD m(rows, cols);
-  for (Index j = 0; j < cols; ++j)
-    for (Index i = 0; i < rows; ++i)
-      m(i, j) = 2.0 * (static_cast<double>(gen() >> 11) * 0x1.0p-53) - 1.0;
-  return m;
-}
-
-// H_1 H_2 ... H_r with H_i = I - 2 u_i u_i^T / (u_i^T u_i), formed densely.
-MatD explicit_chain(const MatD& u) {
-  const Index d = u.rows();
-  MatD h = MatD::Identity(d, d);
-  for (Index i = 0; i < u.cols(); ++i) {
-    const VecD v = u.col(i);
-    h = (h * (MatD::Identity(d, d) - (2.0 / v.squaredNorm()) * v * v.transpose())).eval();
-  }
-  return h;
-}
+using hra_test::explicit_chain;
+using hra_test::random_matrix;
 
 double mse(const MatD& y, const MatD& t) {
   return (y - t).squaredNorm() / static_cast<double>(y.size());
@@ -107,8 +92,9 @@ TEST_CASE("Learning: an HRA student recovers a product-of-reflections teacher", 
     o.seed = 30 + salt;
     hra::HraLineard student(w, o);
     const Run run = train(student, teacher, 1e-2, 1500, 50, 64);
-    std::printf("LEARNING hra %.3e %.3e %.3e (d=%ld r=%ld, Adam lr=1e-2 cosine, 1500 steps x 64)\n",
-                run.initial, run.final, run.ratio(), static_cast<long>(kDim), static_cast<long>(r));
+    WARN("LEARNING hra " << hra_test::sci(run.initial) << " " << hra_test::sci(run.final) << " "
+                         << hra_test::sci(run.ratio()) << " (d=" << static_cast<long>(kDim) << " r="
+                         << static_cast<long>(r) << ", Adam lr=1e-2 cosine, 1500 steps x 64)");
     CHECK(run.initial > 1e-2);  // the teacher is far from the starting point H = I
     CHECK(run.ratio() >= 100.0);
     // W is invertible, so the teacher determines H: the student's H is H*.
@@ -135,9 +121,10 @@ TEST_CASE("Learning: a LoRA student recovers a low-rank teacher", "[learning][lo
     o.seed = 70 + salt;
     hra::LoraLineard student(w, o);
     const Run run = train(student, teacher, 1e-2, 1000, 50, 64);
-    std::printf(
-        "LEARNING lora %.3e %.3e %.3e (d=%ld r=%ld, Adam lr=1e-2 cosine, 1000 steps x 64)\n",
-        run.initial, run.final, run.ratio(), static_cast<long>(kDim), static_cast<long>(r));
+    WARN("LEARNING lora " << hra_test::sci(run.initial) << " " << hra_test::sci(run.final) << " "
+                          << hra_test::sci(run.ratio()) << " (d=" << static_cast<long>(kDim)
+                          << " r=" << static_cast<long>(r)
+                          << ", Adam lr=1e-2 cosine, 1000 steps x 64)");
     CHECK(run.initial > 1e-2);
     CHECK(run.ratio() >= 100.0);
     // B A is determined by the teacher (A and B individually are not).

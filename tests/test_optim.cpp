@@ -21,41 +21,21 @@
 #include "hra/linear.hpp"
 #include "hra/optim.hpp"
 #include "hra/weight_matrix.hpp"
+#include "support/errors.hpp"
+#include "support/figures.hpp"
+#include "support/matrices.hpp"
 
 namespace {
 
-using Catch::Matchers::Contains;
 using Eigen::Index;
-
-template <typename T>
-using Mat = Eigen::Matrix<T, Eigen::Dynamic, Eigen::Dynamic>;
-using MatD = Mat<double>;
-using VecD = Eigen::VectorXd;
-
-MatD random_matrix(Index rows, Index cols, std::uint64_t seed) {
-  std::mt19937_64 gen(seed);
-  MatD m(rows, cols);
-  for (Index j = 0; j < cols; ++j)
-    for (Index i = 0; i < rows; ++i)
-      m(i, j) = 2.0 * (static_cast<double>(gen() >> 11) * 0x1.0p-53) - 1.0;
-  return m;
-}
-
-double max_abs(const MatD& m) {
-  return m.size() == 0 ? 0.0 : m.cwiseAbs().maxCoeff();
-}
-
-template <typename DA, typename DB>
-bool bitwise_equal(const Eigen::MatrixBase<DA>& a, const Eigen::MatrixBase<DB>& b) {
-  if (a.rows() != b.rows() || a.cols() != b.cols()) return false;
-  for (Index j = 0; j < a.cols(); ++j)
-    for (Index i = 0; i < a.rows(); ++i) {
-      const auto x = a(i, j);
-      const auto y = b(i, j);
-      if (std::memcmp(&x, &y, sizeof(x)) != 0) return false;
-    }
-  return true;
-}
+using hra_test::bitwise_equal;
+using hra_test::expect_error;
+using hra_test::Mat;
+using hra_test::MatD;
+using hra_test::max_abs;
+using hra_test::random_matrix;
+using hra_test::rel_err;
+using hra_test::VecD;
 
 // A parameter owned by the test, exposed to the optimiser as a ParameterView.
 template <typename T>
@@ -122,25 +102,6 @@ struct AdamReference {
     p = p - lr * mh / (std::sqrt(vh) + eps);
   }
 };
-
-// max |a - b| / max |b| over two matrices.
-double rel_err(const MatD& a, const MatD& b) {
-  return max_abs(a - b) / std::max(max_abs(b), std::numeric_limits<double>::min());
-}
-
-template <typename E, typename F>
-void expect_error(F&& f, const std::vector<std::string>& parts) {
-  bool thrown = false;
-  try {
-    f();
-  } catch (const std::exception& e) {
-    thrown = true;
-    INFO("message: " << e.what());
-    CHECK(typeid(e) == typeid(E));
-    for (const auto& p : parts) CHECK_THAT(std::string(e.what()), Contains(p));
-  }
-  CHECK(thrown);
-}
 
 template <typename T>
 double tolerance() {
@@ -562,8 +523,8 @@ TEST_CASE("Optimisers: AdamW reaches the least-squares optimum, Adam with L2 dec
   hra::Adam<double> adamw({0.05, 0.9, 0.99, 1e-8, 0.01, true});
   const MatD got_w = problem.train(adamw, 0.05, 3000);
   const double err_w = max_abs(got_w - ols);
-  std::printf("CONVERGENCE adamw max|theta - theta_ols| = %.3e (|theta_ols|max = %.3f)\n", err_w,
-              max_abs(ols));
+  WARN("CONVERGENCE adamw max|theta - theta_ols| = "
+       << hra_test::sci(err_w) << " (|theta_ols|max = " << max_abs(ols) << ")");
   CHECK(err_w <= 1e-5);
 
   // Adam with L2 (coupled) decay: the stationary point satisfies grad + wd p = 0, the ridge
@@ -571,14 +532,14 @@ TEST_CASE("Optimisers: AdamW reaches the least-squares optimum, Adam with L2 dec
   hra::Adam<double> adam({0.05, 0.9, 0.999, 1e-8, ridge, false});
   const MatD got_l2 = problem.train(adam, 0.05, 3000);
   const double err_l2 = max_abs(got_l2 - ridge_opt);
-  std::printf("CONVERGENCE adam_l2 max|theta - theta_ridge| = %.3e\n", err_l2);
+  WARN("CONVERGENCE adam_l2 max|theta - theta_ridge| = " << hra_test::sci(err_l2));
   CHECK(err_l2 <= 1e-4);
 
   // SGD with momentum (and L2 decay) reaches the ridge optimum too.
   hra::Sgd<double> sgd({0.1, 0.9, ridge, false});
   const MatD got_sgd = problem.train(sgd, 0.1, 3000);
   const double err_sgd = max_abs(got_sgd - ridge_opt);
-  std::printf("CONVERGENCE sgd_momentum_l2 max|theta - theta_ridge| = %.3e\n", err_sgd);
+  WARN("CONVERGENCE sgd_momentum_l2 max|theta - theta_ridge| = " << hra_test::sci(err_sgd));
   CHECK(err_sgd <= 1e-6);
 }
 
@@ -632,4 +593,157 @@ TEST_CASE("CosineSchedule: bad arguments are clear errors", "[optim][schedule][e
   expect_error<std::invalid_argument>(
       [] { (void)hra::CosineSchedule(std::numeric_limits<double>::quiet_NaN(), 0, 10); },
       {"base=nan"});
+}
+
+TEST_CASE("CosineSchedule: a negative step and infinite rates are refused",
+          "[optim][schedule][errors]") {
+  const hra::CosineSchedule s(0.1, 2, 10);
+  expect_error<std::invalid_argument>([&] { (void)s(-1); }, {"step", ">= 0", "-1"});
+  expect_error<std::invalid_argument>(
+      [] { (void)hra::CosineSchedule(std::numeric_limits<double>::infinity(), 0, 10); },
+      {"base=inf"});
+}
+
+TEMPLATE_TEST_CASE("Optimisers: non-finite hyperparameters are refused, also by set_lr",
+                   "[optim][errors]", float, double) {
+  using T = TestType;
+  const double inf = std::numeric_limits<double>::infinity();
+  const double nan = std::numeric_limits<double>::quiet_NaN();
+  expect_error<std::invalid_argument>(
+      [&] {
+        (void)hra::Sgd<T>({inf, 0.0, 0.0, false});
+      },
+      {"Sgd", "lr", "finite", "inf"});
+  expect_error<std::invalid_argument>(
+      [&] {
+        (void)hra::Sgd<T>({0.1, inf, 0.0, false});
+      },
+      {"Sgd", "momentum", "inf"});
+  expect_error<std::invalid_argument>(
+      [&] {
+        (void)hra::Sgd<T>({0.1, 0.0, inf, false});
+      },
+      {"Sgd", "weight_decay", "inf"});
+  expect_error<std::invalid_argument>(
+      [&] {
+        (void)hra::Sgd<T>({0.1, nan, 0.0, false});
+      },
+      {"Sgd", "momentum=nan"});
+  expect_error<std::invalid_argument>(
+      [&] {
+        (void)hra::Adam<T>({inf, 0.9, 0.999, 1e-8, 0.0, false});
+      },
+      {"Adam", "lr", "inf"});
+  expect_error<std::invalid_argument>(
+      [&] {
+        (void)hra::Adam<T>({1e-3, 0.9, 0.999, inf, 0.0, false});
+      },
+      {"Adam", "eps", "inf"});
+  expect_error<std::invalid_argument>(
+      [&] {
+        (void)hra::Adam<T>({1e-3, 0.9, 0.999, 1e-8, inf, false});
+      },
+      {"Adam", "weight_decay", "inf"});
+  expect_error<std::invalid_argument>(
+      [&] {
+        (void)hra::Adam<T>({1e-3, nan, 0.999, 1e-8, 0.0, false});
+      },
+      {"Adam", "beta1=nan"});
+  hra::Sgd<T> sgd({0.1});
+  hra::Adam<T> adam({1e-3});
+  for (const double bad : {-1.0, inf, nan}) {
+    INFO("lr " << bad);
+    expect_error<std::invalid_argument>([&] { sgd.set_lr(bad); }, {"Sgd::set_lr", "lr"});
+    expect_error<std::invalid_argument>([&] { adam.set_lr(bad); }, {"Adam::set_lr", "lr"});
+  }
+  CHECK(sgd.lr() == 0.1);
+  CHECK(adam.lr() == 1e-3);
+}
+
+TEMPLATE_TEST_CASE("Optimisers: the same parameter passed twice is refused before any update",
+                   "[optim][errors]", float, double) {
+  using T = TestType;
+  auto a = make_param<T>("a", 3, 2, 1);
+  auto b = make_param<T>("b", 2, 2, 2);
+  a.grad.setOnes();
+  b.grad.setOnes();
+  const Mat<T> a0 = a.value, b0 = b.value;
+  hra::Sgd<T> sgd({0.1, 0.9, 0.0, false});
+  hra::Adam<T> adam({1e-3});
+  expect_error<std::invalid_argument>(
+      [&] {
+        sgd.step({a.view(), b.view(), a.view()});
+      },
+      {"Sgd::step", "'a'", "passed twice", "nothing was updated"});
+  expect_error<std::invalid_argument>(
+      [&] {
+        adam.step({b.view(), b.view()});
+      },
+      {"Adam::step", "'b'", "passed twice"});
+  CHECK(bitwise_equal(a.value, a0));
+  CHECK(bitwise_equal(b.value, b0));
+}
+
+TEMPLATE_TEST_CASE("Optimisers: state() and set_state() resume a run bit for bit", "[optim][state]",
+                   float, double) {
+  using T = TestType;
+  // Three steps, save, three more, against six uninterrupted steps.
+  auto run = [](auto make_opt, bool interrupt) {
+    auto a = make_param<T>("a", 3, 2, 1);
+    auto b = make_param<T>("b", 4, 1, 2);
+    auto opt = make_opt();
+    for (int t = 1; t <= 6; ++t) {
+      if (interrupt && t == 4) {
+        const auto saved = opt.state({a.view(), b.view()});
+        auto fresh = make_opt();
+        fresh.set_state({a.view(), b.view()}, saved);
+        opt = fresh;
+      }
+      a.grad = gradient_at(3, 2, t, 1).cast<T>();
+      // "b" only joins at step 2: its state has its own count.
+      b.grad = gradient_at(4, 1, t, 2).cast<T>();
+      if (t == 1)
+        opt.step({a.view()});
+      else
+        opt.step({a.view(), b.view()});
+    }
+    return std::make_pair(Mat<T>(a.value), Mat<T>(b.value));
+  };
+  auto sgd = [] { return hra::Sgd<T>({0.05, 0.9, 0.01, true}); };
+  auto adam = [] { return hra::Adam<T>::adamw(1e-2); };
+  CHECK(run(sgd, true) == run(sgd, false));
+  CHECK(run(adam, true) == run(adam, false));
+
+  // What state() reports, and what set_state() refuses (nothing changes on error).
+  auto a = make_param<T>("a", 3, 2, 1);
+  a.grad.setOnes();
+  hra::Adam<T> opt({1e-3});
+  opt.step({a.view()});
+  opt.step({a.view()});
+  const auto s = opt.state({a.view()});
+  REQUIRE(s.size() == 1);
+  CHECK(s[0].steps == 2);
+  REQUIRE(s[0].slots.size() == 2);
+  CHECK(s[0].slots[0].rows() == 3);
+  auto b = make_param<T>("b", 2, 2, 2);
+  CHECK(opt.state({b.view()})[0].steps == 0);  // no state yet
+  CHECK(opt.state({b.view()})[0].slots.empty());
+  auto wrong = s;
+  wrong[0].slots[1].resize(2, 2);
+  expect_error<std::invalid_argument>([&] { opt.set_state({a.view()}, wrong); },
+                                      {"Adam::set_state", "'a'", "3x2", "2x2"});
+  expect_error<std::invalid_argument>(
+      [&] {
+        opt.set_state({a.view(), b.view()}, s);
+      },
+      {"1 states for 2 parameters"});
+  wrong = s;
+  wrong[0].steps = -1;
+  expect_error<std::invalid_argument>([&] { opt.set_state({a.view()}, wrong); },
+                                      {"negative step count"});
+  wrong = s;
+  wrong[0].slots.pop_back();
+  expect_error<std::invalid_argument>([&] { opt.set_state({a.view()}, wrong); },
+                                      {"1 state tensors, expected 2"});
+  CHECK(opt.state({a.view()})[0].steps == 2);
 }

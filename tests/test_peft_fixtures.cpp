@@ -9,12 +9,13 @@
 #include <vector>
 
 #include "hra/reflector_chain.hpp"
+#include "support/errors.hpp"
 #include "support/fixtures.hpp"
 
 namespace {
 
-using Catch::Matchers::Contains;
 using Eigen::MatrixXd;
+using hra_test::expect_error;
 
 // Every case the script writes; a missing file fails the test that loads it.
 const std::vector<std::string>& case_names() {
@@ -108,13 +109,12 @@ struct MaxErr {
 
 TEST_CASE("PEFT fixtures: a missing or malformed file fails loudly", "[peft][fixtures]") {
   const std::string missing = std::string(HRA_TEST_FIXTURES) + "/peft_no_such_case.txt";
-  CHECK_THROWS_AS(hra_test::load_fixture(missing), std::runtime_error);
-  CHECK_THROWS_WITH(hra_test::load_fixture(missing),
-                    Contains("cannot open fixture file") && Contains(missing));
+  expect_error<std::runtime_error>([&] { hra_test::load_fixture(missing); },
+                                   {"cannot open fixture file", missing});
   // The first case is complete; asking it for a matrix of the wrong shape is an error too.
   const hra_test::Fixture f = hra_test::load_fixture(fixture_path(case_names().front()));
-  CHECK_THROWS_WITH(f.matrix("hra_u", 4, 1), Contains("hra_u") && Contains("5x1"));
-  CHECK_THROWS_WITH(f.matrix("no_such_matrix", 1, 1), Contains("no_such_matrix"));
+  expect_error<std::runtime_error>([&] { f.matrix("hra_u", 4, 1); }, {"hra_u", "5x1"});
+  expect_error<std::runtime_error>([&] { f.matrix("no_such_matrix", 1, 1); }, {"no_such_matrix"});
 }
 
 TEST_CASE("PEFT fixtures: dense H equals get_delta_weight, both orders", "[peft][dense]") {

@@ -133,6 +133,27 @@ class AffineLayer : public Layer<Scalar_> {
         {"bias", {bias_->data(), bias_->rows(), 1}, {bias_grad_.data(), bias_grad_.rows(), 1}});
   }
 
+  /// `x`, or a copy of it in `scratch` when it shares memory with `out`, a buffer the caller is
+  /// about to write (a layer given its own output or gradient buffer as an argument).
+  static ConstRef unaliased(const ConstRef& x, const Matrix& out, Matrix& scratch) {
+    if (!detail::overlaps(x, out)) return x;
+    scratch = x;
+    return scratch;
+  }
+
+  /// Runs `compute(target)` into y, or into a fresh matrix then moved into y when y shares
+  /// memory with x (predict(m, m)): the result is the same either way.
+  template <typename Compute>
+  static void write_unaliased(const ConstRef& x, Matrix& y, Compute&& compute) {
+    if (!detail::overlaps(x, y)) {
+      compute(y);
+      return;
+    }
+    Matrix out;
+    compute(out);
+    y = std::move(out);
+  }
+
   /// Entry check of forward() and predict(): x is input_dim() x n (n >= 1) and finite.
   void check_input(const ConstRef& x, const char* method) const {
     detail::check_batch(x, this->input_dim(),

@@ -1,5 +1,5 @@
 // What every HRA-adapted layer shares (dense or convolution): a stack of named adapters over
-// the weight's input side, their parameters, regulariser, merge and unmerge.
+// the weight's input side, their parameters, regulariser, control, merge and unmerge.
 #pragma once
 
 #include <Eigen/Core>
@@ -34,12 +34,18 @@ struct HraOptions {
 /// convolution).
 ///
 /// The layer starts with one adapter named "default"; add_adapter() stacks more, applied as PEFT
-/// does (W H_a H_b ...: the last adapter touches x first). Each unmerged adapter is trainable
-/// ("hra_u.<name>", D x r). merge() folds every unmerged adapter into W in order
-/// (W <- W H_a H_b ..., each chain factorised once, O(rows D r)); unmerge() undoes the most
-/// recent merge (last in, first out). With safe=true the merged weight is computed aside and
-/// refused (exception, W untouched) if it is not finite. Derived layers implement forward,
-/// backward and predict with the factor-level ReflectorChain API.
+/// does (W H_a H_b ...: the last adapter touches x first). Control, as in PEFT:
+/// - set_active_adapters() chooses which unmerged adapters forward() applies and backward()
+///   trains (the others are kept, not applied, and not in parameters());
+///   set_adapters_enabled(false) runs the frozen base alone; delete_adapter() removes one.
+/// - merge() folds every applied adapter into W in stacking order (W <- W H_a H_b ..., each chain
+///   factorised once, O(rows D r)); merge(names) folds a chosen subset, which must be the first
+///   applied adapters, so that forward() still computes W H_a H_b ...; unmerge() undoes the most
+///   recent merge of one adapter (last in, first out) with the U that was merged, whatever an
+///   optimiser wrote into that U's memory since. With safe=true the merged weight is computed
+///   aside and refused (exception, W untouched) if it is not finite.
+/// Every verb that throws leaves the layer as it was. Derived layers implement forward, backward
+/// and predict with applied() and the factor-level ReflectorChain API.
 template <typename Scalar_>
 class HraAdapterLayer : public AffineLayer<Scalar_> {
   using Base = AffineLayer<Scalar_>;
@@ -52,9 +58,9 @@ class HraAdapterLayer : public AffineLayer<Scalar_> {
   using typename Base::Vector;
   using Chain = ReflectorChain<Scalar>;
 
-  /// One named adapter: its chain (U), gradient, regulariser and whether it is folded into W.
-  /// Read-only outside the layer: U changes through set_reflectors() or an optimiser step on
-  /// parameters(), the rest through the layer's verbs.
+  /// One named adapter: its chain (U), gradient, regulariser and state. Read-only outside the
+  /// layer: U changes through set_reflectors() or an optimiser step on parameters(), the rest
+  /// through the layer's verbs.
   class Adapter {
    public:
     const std::string& name() const { return name_; }
@@ -63,7 +69,11 @@ class HraAdapterLayer : public AffineLayer<Scalar_> {
     Variant variant() const { return chain_.variant(); }
     /// dL/dU (D x r) assigned by the last backward() (and add_regularizer()).
     const Matrix& gradient() const { return grad_; }
+    /// Folded into W.
     bool merged() const { return merged_; }
+    /// Chosen by set_active_adapters() (new adapters are active). An unmerged active adapter
+    /// is applied while the layer's adapters are enabled.
+    bool active() const { return active_; }
     double lambda() const { return lambda_; }
     RegularizerForm regularizer_form() const { return form_; }
     /// How U was first drawn (informational once trained; PEFT's init_weights).
@@ -101,10 +111,22 @@ class HraAdapterLayer : public AffineLayer<Scalar_> {
     Init init_;
     std::uint64_t seed_;
     bool merged_ = false;
+    bool active_ = true;
+    std::optional<Chain> merged_chain_;   // the chain W holds while merged (unmerge uses it)
     typename Chain::ForwardCache cache_;  // what the last forward kept for backward
   };
 
-  /// Stacks a new adapter (applied after the existing ones, i.e. W H_old H_new).
+  /// The exact LoRA form of adapters (SPEC §11): W H_a H_b ... = W + B A, A (R x D) and
+  /// B (rows x R), R the summed rank, for the current W.
+  struct LoraFactors {
+    Matrix a;                                          ///< R x D, the adapters' A stacked in order
+    Matrix b;                                          ///< rows x R
+    std::vector<std::pair<std::string, Index>> ranks;  ///< adapter names and ranks, in order
+  };
+
+  // --- Adapters ------------------------------------------------------------------------------
+
+  /// Stacks a new, active adapter (applied after the existing ones, i.e. W H_old H_new).
   /// Throws for a duplicate name or bad options; the layer is unchanged on error.
   const Adapter& add_adapter(const std::string& name, const HraOptions& options) {
     for (const auto& a : adapters_)
@@ -123,16 +145,29 @@ class HraAdapterLayer : public AffineLayer<Scalar_> {
     return adapters_.back();
   }
 
+  /// Removes adapter `name`. std::invalid_argument if there is none, std::logic_error if it is
+  /// merged (W holds it: unmerge() it first).
+  void delete_adapter(const std::string& name) {
+    const std::size_t i = index_of(name);
+    if (adapters_[i].merged_)
+      throw std::logic_error(detail::concat(this->layer_name(), "::delete_adapter: adapter '", name,
+                                            "' is merged into W; unmerge() it first"));
+    adapters_.erase(adapters_.begin() + static_cast<std::ptrdiff_t>(i));
+    for (auto& m : merge_order_)
+      if (m > i) --m;
+    this->forget_forward();
+  }
+
   /// The adapter called `name`; throws std::invalid_argument if there is none.
   const Adapter& adapter(const std::string& name = "default") const {
     return adapters_[index_of(name)];
   }
   const std::vector<Adapter>& adapters() const { return adapters_; }
 
-  /// Replaces the U of adapter `name` (D x r, finite, usable by its variant: non-zero columns,
-  /// and independent ones for Gram-Schmidt). std::invalid_argument otherwise, and
-  /// std::logic_error for a merged adapter (W holds it: unmerge() first); the layer is
-  /// unchanged on error.
+  /// Replaces the U of adapter `name` (D x r, finite, usable by its variant: non-zero columns
+  /// whose squared norms neither over- nor underflow, and independent ones for Gram-Schmidt).
+  /// std::invalid_argument otherwise, and std::logic_error for a merged adapter (W holds it:
+  /// unmerge() first); the layer is unchanged on error.
   void set_reflectors(const std::string& name, const ConstRef& u) {
     Adapter& a = adapters_[index_of(name)];
     if (a.merged_)
@@ -145,11 +180,55 @@ class HraAdapterLayer : public AffineLayer<Scalar_> {
     this->forget_forward();
   }
 
-  /// "hra_u.<adapter>" (D x r) for every unmerged adapter, then "bias" when trainable.
+  // --- Control -------------------------------------------------------------------------------
+
+  /// Makes exactly the adapters `names` active (the others are kept but not applied). Every
+  /// name must exist (std::invalid_argument) and every merged adapter must stay active, and no
+  /// active unmerged adapter may precede a merged one in the stack, since W already holds the
+  /// merged ones (std::logic_error). The layer is unchanged on error.
+  void set_active_adapters(const std::vector<std::string>& names) {
+    std::vector<bool> active(adapters_.size(), false);
+    for (const auto& n : names) active[index_of(n)] = true;
+    for (std::size_t i = 0; i < adapters_.size(); ++i)
+      if (adapters_[i].merged_ && !active[i])
+        throw std::logic_error(detail::concat(
+            this->layer_name(), "::set_active_adapters: adapter '", adapters_[i].name_,
+            "' is merged into W and cannot be deactivated; "
+            "unmerge() it first"));
+    check_merged_prefix(active, "set_active_adapters");
+    for (std::size_t i = 0; i < adapters_.size(); ++i) adapters_[i].active_ = active[i];
+    this->forget_forward();
+  }
+
+  /// The names of the active adapters, in stacking order.
+  std::vector<std::string> active_adapters() const {
+    std::vector<std::string> out;
+    for (const auto& a : adapters_)
+      if (a.active_) out.push_back(a.name_);
+    return out;
+  }
+
+  /// With false, forward() and predict() compute the frozen base W x + b alone and nothing
+  /// trains but a trainable bias; no adapter is deleted or changed. Disabling needs a W without
+  /// merged adapters (std::logic_error otherwise: unmerge() first).
+  void set_adapters_enabled(bool enabled) {
+    if (!enabled && !merge_order_.empty())
+      throw std::logic_error(detail::concat(this->layer_name(),
+                                            "::set_adapters_enabled(false): W holds merged "
+                                            "adapters, so it is not the base weight; unmerge() "
+                                            "them first"));
+    enabled_ = enabled;
+    this->forget_forward();
+  }
+  bool adapters_enabled() const { return enabled_; }
+
+  // --- Training ------------------------------------------------------------------------------
+
+  /// "hra_u.<adapter>" (D x r) for every applied adapter, then "bias" when trainable.
   std::vector<ParameterView<Scalar>> parameters() override {
     std::vector<ParameterView<Scalar>> out;
-    for (auto& a : adapters_) {
-      if (a.merged_) continue;
+    for (std::size_t i : applied()) {
+      Adapter& a = adapters_[i];
       auto u = a.chain_.reflector_values();
       out.push_back({"hra_u." + a.name_,
                      {u.data(), u.rows(), u.cols()},
@@ -159,39 +238,69 @@ class HraAdapterLayer : public AffineLayer<Scalar_> {
     return out;
   }
 
-  Scalar regularizer() const override {
-    Scalar total = 0;
-    for (const auto& a : adapters_)
-      if (!a.merged_)
-        total += orthogonality_regularizer<Scalar>(a.chain_.reflectors(),
-                                                   static_cast<Scalar>(a.lambda_), a.form_);
-    return total;
-  }
+  /// The regulariser of every applied adapter, summed. std::invalid_argument for a column an
+  /// optimiser made zero or non-finite (its direction is undefined).
+  Scalar regularizer() const override { return regularize(nullptr); }
 
   Scalar add_regularizer() override {
-    Scalar total = 0;
-    for (auto& a : adapters_)
-      if (!a.merged_)
-        total += orthogonality_regularizer<Scalar>(
-            a.chain_.reflectors(), static_cast<Scalar>(a.lambda_), a.form_, &a.grad_);
-    return total;
+    std::vector<Matrix*> grads;
+    for (std::size_t i : applied()) grads.push_back(&adapters_[i].grad_);
+    return regularize(&grads);
   }
 
-  /// Folds every unmerged adapter into W (W <- W H_a H_b ..., O(rows D r)). With safe=true
-  /// the result is computed aside and W is left untouched if it is not finite. Throws
-  /// std::logic_error when there is nothing left to merge.
+  // --- Merge ---------------------------------------------------------------------------------
+
+  /// Folds every applied adapter into W (W <- W H_a H_b ..., O(rows D r)). With safe=true the
+  /// result is computed aside and W is left untouched if it is not finite. Throws
+  /// std::logic_error when there is nothing to merge.
   void merge(bool safe) {
-    const auto first = std::find_if(adapters_.begin(), adapters_.end(),
-                                    [](const Adapter& a) { return !a.merged_; });
-    if (first == adapters_.end())
-      throw std::logic_error(
-          detail::concat(this->layer_name(), "::merge: every adapter is already merged"));
+    std::vector<std::string> names;
+    for (std::size_t i : applied()) names.push_back(adapters_[i].name_);
+    if (names.empty())
+      throw std::logic_error(detail::concat(
+          this->layer_name(), "::merge: ",
+          merge_order_.size() == adapters_.size()
+              ? "every adapter is already merged"
+              : "no adapter to merge (every unmerged adapter is inactive or disabled)"));
+    merge(names, safe);
+  }
+  void merge() override { merge(false); }
+
+  /// Folds the adapters `names` into W, in stacking order. They must be active, unmerged and the
+  /// first applied adapters (merging a later one first would change what forward() computes):
+  /// std::invalid_argument for an unknown name, std::logic_error otherwise.
+  void merge(const std::vector<std::string>& names, bool safe) {
+    if (!enabled_)
+      throw std::logic_error(std::string(this->layer_name()) +
+                             "::merge: adapters are disabled (set_adapters_enabled(true) first)");
+    std::vector<bool> chosen(adapters_.size(), false);
+    for (const auto& n : names) {
+      const std::size_t i = index_of(n);
+      if (adapters_[i].merged_)
+        throw std::logic_error(
+            detail::concat(this->layer_name(), "::merge: adapter '", n, "' is already merged"));
+      if (!adapters_[i].active_)
+        throw std::logic_error(
+            detail::concat(this->layer_name(), "::merge: adapter '", n, "' is not active"));
+      chosen[i] = true;
+    }
+    if (names.empty())
+      throw std::logic_error(std::string(this->layer_name()) + "::merge: no adapter named");
+    const std::vector<std::size_t> order = applied();
+    std::size_t k = 0;
+    while (k < order.size() && chosen[order[k]]) ++k;
+    for (std::size_t j = k; j < order.size(); ++j)
+      if (chosen[order[j]])
+        throw std::logic_error(detail::concat(
+            this->layer_name(), "::merge: adapter '", adapters_[order[j]].name_,
+            "' comes after the unmerged adapter '", adapters_[order[k]].name_,
+            "' in the stack; merge that one first (W H_a H_b needs H_a folded in before H_b)"));
     // Every factorisation first: a zero or non-finite column must not leave W half-merged.
     std::vector<typename Chain::Factors> factors;
-    for (auto it = first; it != adapters_.end(); ++it) factors.push_back(it->chain_.factorize());
+    for (std::size_t j = 0; j < k; ++j) factors.push_back(adapters_[order[j]].chain_.factorize());
     const auto fold = [&](Eigen::Ref<Matrix> w) {
-      for (auto it = first; it != adapters_.end(); ++it)
-        it->chain_.apply_right(factors[static_cast<std::size_t>(it - first)], w, Apply::h);
+      for (std::size_t j = 0; j < k; ++j)
+        adapters_[order[j]].chain_.apply_right(factors[j], w, Apply::h);
     };
     if (safe) {
       Matrix w = this->weight();
@@ -204,30 +313,98 @@ class HraAdapterLayer : public AffineLayer<Scalar_> {
     } else {
       fold(this->weight_storage().map());
     }
-    for (auto it = first; it != adapters_.end(); ++it) {
-      it->merged_ = true;
-      merge_order_.push_back(static_cast<std::size_t>(it - adapters_.begin()));
+    for (std::size_t j = 0; j < k; ++j) {
+      Adapter& a = adapters_[order[j]];
+      a.merged_ = true;
+      a.merged_chain_ = a.chain_;
+      merge_order_.push_back(order[j]);
     }
     this->forget_forward();
   }
-  void merge() override { merge(false); }
 
-  /// Undoes the most recent merge of one adapter (W <- W H^T); throws std::logic_error when no
-  /// adapter is merged.
+  /// Undoes the most recent merge of one adapter (W <- W H^T with the U that was merged, which
+  /// the adapter gets back); throws std::logic_error when no adapter is merged.
   void unmerge() override {
     if (merge_order_.empty())
       throw std::logic_error(detail::concat(this->layer_name(), "::unmerge: no adapter is merged"));
     Adapter& a = adapters_[merge_order_.back()];
-    a.chain_.apply_transpose_right(this->weight_storage().map());
+    const Chain& merged = *a.merged_chain_;
+    merged.apply_right(merged.factorize(), this->weight_storage().map(), Apply::transpose);
+    // The values go back into U's own memory, so views of it taken earlier stay valid.
+    a.chain_.reflector_values() = merged.reflectors();
+    a.merged_chain_.reset();
     a.merged_ = false;
     merge_order_.pop_back();
     this->forget_forward();
   }
 
-  bool merged() const override { return merge_order_.size() == adapters_.size(); }
+  /// Undoes every merge, most recent first.
+  void unmerge_all() {
+    while (!merge_order_.empty()) unmerge();
+  }
+
+  /// True when forward() applies no adapter on top of W (all merged, inactive or disabled).
+  bool merged() const override { return applied().empty(); }
+
+  // --- Export --------------------------------------------------------------------------------
+
+  /// \brief The adapters `names` (default: the applied ones) as one exact LoRA over the current
+  /// W: W H_a H_b ... = W + B A (SPEC §11). Per adapter, with W_j the weight after the ones
+  /// before it: chain A_j = U^T, B_j = -(W_j U) S^{-1} (S over the whole chain);
+  /// Gram-Schmidt A_j = Q^T, B_j = -2 W_j Q; A and B stack them, so R = sum of the ranks.
+  /// B depends on W: the LoRA is exact for this base weight only. std::invalid_argument for an
+  /// unknown name, std::logic_error for a merged adapter or an empty list.
+  LoraFactors lora_factors(std::vector<std::string> names = {}) const {
+    if (names.empty())
+      for (std::size_t i : applied()) names.push_back(adapters_[i].name_);
+    if (names.empty())
+      throw std::logic_error(std::string(this->layer_name()) +
+                             "::lora_factors: no adapter to export (none is applied)");
+    std::vector<std::size_t> order;
+    for (const auto& n : names) {
+      const std::size_t i = index_of(n);
+      if (adapters_[i].merged_)
+        throw std::logic_error(detail::concat(this->layer_name(), "::lora_factors: adapter '", n,
+                                              "' is merged into W; a merged adapter has no "
+                                              "separate LoRA form (unmerge() it first)"));
+      if (std::find(order.begin(), order.end(), i) != order.end())
+        detail::throw_invalid(this->layer_name(), "::lora_factors: adapter '", n,
+                              "' is named twice");
+      order.push_back(i);
+    }
+    std::sort(order.begin(), order.end());  // composed in stacking order
+    Index total = 0;
+    for (std::size_t i : order) total += adapters_[i].rank();
+    LoraFactors out;
+    out.a.resize(total, adapter_dim());
+    out.b.resize(this->weight().rows(), total);
+    Index at = 0;
+    for (std::size_t i : order) {
+      const Chain& chain = adapters_[i].chain_;
+      const Index r = chain.rank();
+      const typename Chain::Factors f = chain.factorize();
+      // W_j U with W_j = W + B_{<j} A_{<j}.
+      Matrix wu = this->weight() * (chain.variant() == Variant::chain ? chain.reflectors() : f.q);
+      if (at > 0)
+        wu.noalias() +=
+            out.b.leftCols(at) *
+            (out.a.topRows(at) * (chain.variant() == Variant::chain ? chain.reflectors() : f.q));
+      if (chain.variant() == Variant::chain) {
+        out.a.middleRows(at, r) = chain.reflectors().transpose();
+        Matrix s = whole_chain_s(chain.reflectors());
+        s.template triangularView<Eigen::Upper>().template solveInPlace<Eigen::OnTheRight>(wu);
+        out.b.middleCols(at, r) = -wu;
+      } else {
+        out.a.middleRows(at, r) = f.q.transpose();
+        out.b.middleCols(at, r) = Scalar(-2) * wu;
+      }
+      out.ranks.emplace_back(adapters_[i].name_, r);
+      at += r;
+    }
+    return out;
+  }
 
  protected:
-  /// `adapter_dim` is D, the dimension the adapters act on (the weight's columns).
   HraAdapterLayer(WeightMatrix<Scalar> weight, std::optional<Vector> bias,
                   const HraOptions& options, BiasMode bias_mode, const char* layer_name)
       : Base(std::move(weight), std::move(bias), bias_mode, layer_name, /*adapter_layer=*/true) {
@@ -242,8 +419,9 @@ class HraAdapterLayer : public AffineLayer<Scalar_> {
   /// stacking order: the product is W H_{a_0} H_{a_1} ..., so the last one touches x first.
   std::vector<std::size_t> applied() const {
     std::vector<std::size_t> out;
+    if (!enabled_) return out;
     for (std::size_t i = 0; i < adapters_.size(); ++i)
-      if (!adapters_[i].merged_) out.push_back(i);
+      if (!adapters_[i].merged_ && adapters_[i].active_) out.push_back(i);
     return out;
   }
   /// Number of adapters forward() applies.
@@ -255,19 +433,67 @@ class HraAdapterLayer : public AffineLayer<Scalar_> {
     for (std::size_t i : applied()) f[i] = adapters_[i].chain_.factorize();
     return f;
   }
+  /// Index of `name` in adapters(); std::invalid_argument naming the adapters when unknown.
+  std::size_t index_of(const std::string& name) const {
+    for (std::size_t i = 0; i < adapters_.size(); ++i)
+      if (adapters_[i].name() == name) return i;
+    std::string known;
+    for (const auto& a : adapters_) known += (known.empty() ? "" : ", ") + a.name_;
+    detail::throw_invalid(this->layer_name(), ": no adapter named '", name, "' (adapters: ", known,
+                          ")");
+  }
   static typename Chain::ForwardCache& cache(Adapter& a) { return a.cache_; }
   static const typename Chain::ForwardCache& cache(const Adapter& a) { return a.cache_; }
   static Matrix& gradient(Adapter& a) { return a.grad_; }
 
  private:
-  std::size_t index_of(const std::string& name) const {
-    for (std::size_t i = 0; i < adapters_.size(); ++i)
-      if (adapters_[i].name() == name) return i;
-    detail::throw_invalid(this->layer_name(), ": no adapter named '", name, "'");
+  // S = striu(U^T U) + diag(U^T U) / 2 over all r columns (SPEC §2), upper triangular.
+  static Matrix whole_chain_s(const Matrix& u) {
+    Matrix s = Matrix::Zero(u.cols(), u.cols());
+    s.template triangularView<Eigen::Upper>() = u.transpose() * u;
+    s.diagonal() *= Scalar(0.5);
+    return s;
+  }
+
+  // No active unmerged adapter may come before a merged one: W holds the merged ones, so the
+  // unmerged ones act after them whatever their place in the stack.
+  void check_merged_prefix(const std::vector<bool>& active, const char* verb) const {
+    std::optional<std::size_t> unmerged_active;
+    for (std::size_t i = 0; i < adapters_.size(); ++i) {
+      if (adapters_[i].merged_ && unmerged_active)
+        throw std::logic_error(detail::concat(
+            this->layer_name(), "::", verb, ": adapter '", adapters_[*unmerged_active].name_,
+            "' would be applied before the merged adapter '", adapters_[i].name_,
+            "', but W already holds the merged one; unmerge() first"));
+      if (!adapters_[i].merged_ && active[i] && !unmerged_active) unmerged_active = i;
+    }
+  }
+
+  // The regulariser of every applied adapter; adds its gradient into grads[k] when given.
+  Scalar regularize(const std::vector<Matrix*>* grads) const {
+    Scalar total = 0;
+    std::size_t k = 0;
+    for (std::size_t i : applied()) {
+      const Adapter& a = adapters_[i];
+      Matrix* g = grads ? (*grads)[k++] : nullptr;
+      if (a.lambda_ == 0.0) continue;
+      const auto norms = a.chain_.reflectors().colwise().norm();
+      for (Index j = 0; j < norms.size(); ++j)
+        if (!(norms(j) > Scalar(0)) || !std::isfinite(norms(j)) ||
+            !std::isfinite(Scalar(1) / norms(j)))
+          detail::throw_invalid(this->layer_name(), "::regularizer: adapter '", a.name_,
+                                "': reflector column ", j, " has norm ",
+                                static_cast<double>(norms(j)),
+                                ", so its direction (all the regulariser sees) is undefined");
+      total += orthogonality_regularizer<Scalar>(a.chain_.reflectors(),
+                                                 static_cast<Scalar>(a.lambda_), a.form_, g);
+    }
+    return total;
   }
 
   std::vector<Adapter> adapters_;
   std::vector<std::size_t> merge_order_;
+  bool enabled_ = true;
 };
 
 }  // namespace hra

@@ -3,10 +3,12 @@
 
 #include <Eigen/Core>
 #include <optional>
+#include <string>
 #include <utility>
 #include <vector>
 
 #include "hra_adapter_layer.hpp"
+#include "parallel.hpp"
 
 namespace hra {
 
@@ -18,6 +20,8 @@ namespace hra {
 /// Kept between forward and backward: H x (d_in x n, needed for W H x anyway), Y (d_out x n,
 /// the returned output), and per adapter r x n coefficients plus the factors of U (O(r d)).
 /// backward() rebuilds every adapter's input from those, so nothing d x d is ever formed.
+/// predict_mixed() serves a batch whose columns use different adapters over one frozen product.
+/// The products with W run on hra's thread pool when large (see hra/parallel.hpp).
 template <typename Scalar_>
 class HraLinear final : public HraAdapterLayer<Scalar_> {
   using Base = HraAdapterLayer<Scalar_>;
@@ -57,7 +61,7 @@ class HraLinear final : public HraAdapterLayer<Scalar_> {
       adapters[*it].chain().apply(factors[*it], hx_, Apply::h, &cache.coeffs);
       cache.factors = std::move(factors[*it]);
     }
-    y_.noalias() = this->weight() * hx_;
+    detail::product(y_, this->weight(), hx_, Scalar(1));
     this->add_bias(y_);
     this->remember_forward(x.cols());
     return y_;
@@ -83,7 +87,10 @@ class HraLinear final : public HraAdapterLayer<Scalar_> {
       empty_.resize(0, 0);
       return empty_;
     }
-    dx_.noalias() = this->weight().transpose() * dy;
+    // dY may live in dx_ (a square layer given its own last input gradient): read it first.
+    const bool dy_in_dx = detail::overlaps(dy, dx_);
+    if (dy_in_dx) dy_copy_ = dy;
+    detail::product(dx_, this->weight().transpose(), dy_in_dx ? ConstRef(dy_copy_) : dy, Scalar(1));
     for (std::size_t i : applied) {
       auto& a = adapters[i];
       a.chain().backward(this->cache(a).factors, this->cache(a).coeffs, hx_, dx_, this->gradient(a),
@@ -103,8 +110,62 @@ class HraLinear final : public HraAdapterLayer<Scalar_> {
     Matrix hx = x;
     for (auto it = applied.rbegin(); it != applied.rend(); ++it)
       this->adapters()[*it].chain().apply(factors[*it], hx, Apply::h);
-    y.noalias() = this->weight() * hx;
+    detail::product(y, this->weight(), hx, Scalar(1));  // hx is a copy: y may alias x
     this->add_bias(y);
+  }
+
+  /// \brief Inference where column j of X (d_in x n) uses adapter adapters()[column_adapter[j]]
+  /// alone over the frozen W, or none (the base layer) for -1: Y = W H_{a(j)} x_j + b.
+  ///
+  /// Each adapter's chain acts on its own columns only and the product with W stays one product
+  /// over the whole batch (H acts on the input side), as PEFT's adapter_names does for LoRA.
+  /// Active flags do not matter here. std::invalid_argument for a list of the wrong length or an
+  /// index out of range, std::logic_error while an adapter is merged (W is then not the base).
+  void predict_mixed(const ConstRef& x, const std::vector<Index>& column_adapter, Matrix& y) const {
+    this->check_input(x, "predict_mixed");
+    const auto& adapters = this->adapters();
+    if (static_cast<Index>(column_adapter.size()) != x.cols())
+      detail::throw_invalid("HraLinear::predict_mixed: ", column_adapter.size(),
+                            " adapter indices for ", x.cols(), " columns");
+    for (std::size_t j = 0; j < column_adapter.size(); ++j)
+      if (column_adapter[j] < -1 || column_adapter[j] >= static_cast<Index>(adapters.size()))
+        detail::throw_invalid("HraLinear::predict_mixed: column ", j, " names adapter index ",
+                              column_adapter[j], ", but the layer has ", adapters.size(),
+                              " adapters (valid: -1 for none, 0..", adapters.size() - 1, ")");
+    for (const auto& a : adapters)
+      if (a.merged())
+        throw std::logic_error(
+            "HraLinear::predict_mixed: adapter '" + a.name() +
+            "' is merged into W, so W is not the base weight; unmerge_all() first");
+    Matrix hx = x;
+    Matrix part;
+    std::vector<Index> cols;
+    for (std::size_t a = 0; a < adapters.size(); ++a) {
+      cols.clear();
+      for (std::size_t j = 0; j < column_adapter.size(); ++j)
+        if (column_adapter[j] == static_cast<Index>(a)) cols.push_back(static_cast<Index>(j));
+      if (cols.empty()) continue;
+      const Chain& chain = adapters[a].chain();
+      const typename Chain::Factors f = chain.factorize();
+      part.resize(hx.rows(), static_cast<Index>(cols.size()));
+      for (std::size_t c = 0; c < cols.size(); ++c)
+        part.col(static_cast<Index>(c)) = hx.col(cols[c]);
+      chain.apply(f, part, Apply::h);
+      for (std::size_t c = 0; c < cols.size(); ++c)
+        hx.col(cols[c]) = part.col(static_cast<Index>(c));
+    }
+    detail::product(y, this->weight(), hx, Scalar(1));
+    this->add_bias(y);
+  }
+
+  /// predict_mixed() with adapter names per column ("" for the base layer).
+  void predict_mixed(const ConstRef& x, const std::vector<std::string>& column_adapter,
+                     Matrix& y) const {
+    std::vector<Index> index(column_adapter.size());
+    for (std::size_t j = 0; j < column_adapter.size(); ++j)
+      index[j] =
+          column_adapter[j].empty() ? -1 : static_cast<Index>(this->index_of(column_adapter[j]));
+    predict_mixed(x, index, y);
   }
 
   std::size_t saved_bytes() const override {
@@ -114,7 +175,7 @@ class HraLinear final : public HraAdapterLayer<Scalar_> {
   }
 
  private:
-  Matrix hx_, y_, dx_, empty_;
+  Matrix hx_, y_, dx_, dy_copy_, empty_;
 };
 
 using HraLinearf = HraLinear<float>;

@@ -7,6 +7,7 @@
 #include <vector>
 
 #include "affine_layer.hpp"
+#include "parallel.hpp"
 
 namespace hra {
 
@@ -42,7 +43,8 @@ class Linear final : public AffineLayer<Scalar_> {
     this->check_input(x, "forward");
     this->forget_forward();
     if (this->weight_trainable()) x_ = x;
-    y_.noalias() = this->weight() * x;
+    const ConstRef in = this->weight_trainable() ? ConstRef(x_) : this->unaliased(x, y_, scratch_);
+    detail::product(y_, this->weight(), in, Scalar(1));
     this->add_bias(y_);
     this->remember_forward(x.cols());
     return y_;
@@ -51,10 +53,12 @@ class Linear final : public AffineLayer<Scalar_> {
   /// Assigns dW (when W trains) and db (when b trains); returns dX = W^T dY.
   const Matrix& backward(const ConstRef& dy, bool compute_input_gradient = true) override {
     this->begin_backward(dy);
-    if (this->weight_trainable()) this->weight_gradient().noalias() = dy * x_.transpose();
-    this->bias_backward(dy);
+    const ConstRef g = this->unaliased(dy, dx_, scratch_);  // dY may be the last dX
+    if (this->weight_trainable())
+      detail::product(this->weight_gradient(), g, x_.transpose(), Scalar(1));
+    this->bias_backward(g);
     if (compute_input_gradient)
-      dx_.noalias() = this->weight().transpose() * dy;
+      detail::product(dx_, this->weight().transpose(), g, Scalar(1));
     else
       dx_.resize(0, 0);
     return dx_;
@@ -62,8 +66,10 @@ class Linear final : public AffineLayer<Scalar_> {
 
   void predict(const ConstRef& x, Matrix& y) const override {
     this->check_input(x, "predict");
-    y.noalias() = this->weight() * x;
-    this->add_bias(y);
+    this->write_unaliased(x, y, [&](Matrix& out) {
+      detail::product(out, this->weight(), x, Scalar(1));
+      this->add_bias(out);
+    });
   }
 
   /// "weight" (d_out x d_in) when it trains, "bias" when it trains.
@@ -83,7 +89,7 @@ class Linear final : public AffineLayer<Scalar_> {
   }
 
  private:
-  Matrix x_, y_, dx_;
+  Matrix x_, y_, dx_, scratch_;
 };
 
 using Linearf = Linear<float>;

@@ -6,6 +6,7 @@
 #include <utility>
 
 #include "lora_adapter_layer.hpp"
+#include "parallel.hpp"
 
 namespace hra {
 
@@ -36,9 +37,10 @@ class LoraLinear final : public LoraAdapterLayer<Scalar_> {
   const Matrix& forward(const ConstRef& x) override {
     this->check_input(x, "forward");
     this->forget_forward();
-    y_.noalias() = this->weight() * x;
+    if (!this->merged()) xd_ = x;  // before y_ is written: x may be the last output
+    const ConstRef in = this->merged() ? this->unaliased(x, y_, xd_) : ConstRef(xd_);
+    detail::product(y_, this->weight(), in, Scalar(1));
     if (!this->merged()) {
-      xd_ = x;
       const double dropout = this->options().dropout;
       if (dropout > 0.0) {
         const Scalar keep_scale = Scalar(1) / Scalar(1 - dropout);
@@ -62,12 +64,13 @@ class LoraLinear final : public LoraAdapterLayer<Scalar_> {
   /// Assigns dA, dB (when unmerged) and db (when trainable); returns dX.
   const Matrix& backward(const ConstRef& dy, bool compute_input_gradient = true) override {
     this->begin_backward(dy);
-    this->bias_backward(dy);
-    if (compute_input_gradient) dx_.noalias() = this->weight().transpose() * dy;
+    const ConstRef g = this->unaliased(dy, dx_, dy_copy_);  // dY may be the last dX
+    this->bias_backward(g);
+    if (compute_input_gradient) detail::product(dx_, this->weight().transpose(), g, Scalar(1));
     if (!this->merged()) {
       const Scalar s = this->scaling();
-      this->gradient_b().noalias() = s * dy * ax_.transpose();
-      dax_.noalias() = s * this->lora_b().transpose() * dy;  // r x n
+      this->gradient_b().noalias() = s * g * ax_.transpose();
+      dax_.noalias() = s * this->lora_b().transpose() * g;  // r x n
       this->gradient_a().noalias() = dax_ * xd_.transpose();
       if (compute_input_gradient) {
         Matrix dxd = this->lora_a().transpose() * dax_;
@@ -85,12 +88,14 @@ class LoraLinear final : public LoraAdapterLayer<Scalar_> {
 
   void predict(const ConstRef& x, Matrix& y) const override {
     this->check_input(x, "predict");
-    y.noalias() = this->weight() * x;
-    if (!this->merged()) {
-      Matrix ax = this->lora_a() * x;
-      y.noalias() += (this->scaling() * this->lora_b()) * ax;
-    }
-    this->add_bias(y);
+    this->write_unaliased(x, y, [&](Matrix& out) {
+      detail::product(out, this->weight(), x, Scalar(1));
+      if (!this->merged()) {
+        Matrix ax = this->lora_a() * x;
+        out.noalias() += (this->scaling() * this->lora_b()) * ax;
+      }
+      this->add_bias(out);
+    });
   }
 
   /// While set, forward() reuses the last dropout mask (same batch shape) instead of drawing a
@@ -103,7 +108,7 @@ class LoraLinear final : public LoraAdapterLayer<Scalar_> {
   }
 
  private:
-  Matrix xd_, ax_, dax_, y_, dx_;
+  Matrix xd_, ax_, dax_, y_, dx_, dy_copy_;
   Eigen::Array<bool, Eigen::Dynamic, Eigen::Dynamic> keep_;  // dropout mask of the last forward
   bool reuse_mask_ = false;
 };

@@ -4,13 +4,25 @@
 #include <Eigen/Core>
 #include <cmath>
 #include <cstdint>
+#include <string>
 #include <unordered_map>
+#include <unordered_set>
 #include <vector>
 
 #include "detail/checks.hpp"
 #include "layer.hpp"
 
 namespace hra {
+
+/// One parameter's optimiser state, as checkpoints save it: the state tensors (Sgd: the
+/// momentum buffer; Adam: the first and second moments, each the parameter's shape) and the
+/// number of updates applied to it. No slots and steps 0: the parameter has no state yet.
+template <typename Scalar>
+struct ParameterState {
+  using Matrix = Eigen::Matrix<Scalar, Eigen::Dynamic, Eigen::Dynamic>;
+  std::vector<Matrix> slots;
+  std::int64_t steps = 0;
+};
 
 namespace detail {
 
@@ -46,6 +58,60 @@ class SlotState {
     }
     return it->second;
   }
+
+  /// The state of each of `params`, in their order.
+  std::vector<ParameterState<Scalar>> export_state(
+      const std::vector<ParameterView<Scalar>>& params) const {
+    std::vector<ParameterState<Scalar>> out;
+    for (const auto& p : params) {
+      check(p);
+      ParameterState<Scalar> s;
+      const auto it = entries_.find(p.value.data());
+      if (it != entries_.end()) {
+        for (const auto& m : it->second.slot) s.slots.push_back(m);
+        s.steps = it->second.steps;
+      }
+      out.push_back(std::move(s));
+    }
+    return out;
+  }
+
+  /// Replaces the state of each of `params` by `state` (same order). Everything is checked
+  /// before anything changes: std::invalid_argument naming the parameter otherwise.
+  void import_state(const std::vector<ParameterView<Scalar>>& params,
+                    const std::vector<ParameterState<Scalar>>& state, const char* who) {
+    if (params.size() != state.size())
+      throw_invalid(who, "::set_state: ", state.size(), " states for ", params.size(),
+                    " parameters");
+    for (std::size_t k = 0; k < params.size(); ++k) {
+      const auto& p = params[k];
+      const auto& s = state[k];
+      if (s.steps < 0)
+        throw_invalid(who, "::set_state: parameter '", p.name, "' has a negative step count ",
+                      s.steps);
+      if (s.slots.empty() && s.steps == 0) continue;
+      if (s.slots.size() != static_cast<std::size_t>(Slots))
+        throw_invalid(who, "::set_state: parameter '", p.name, "' has ", s.slots.size(),
+                      " state tensors, expected ", Slots);
+      for (const auto& m : s.slots) {
+        if (m.rows() != p.value.rows() || m.cols() != p.value.cols())
+          throw_invalid(who, "::set_state: parameter '", p.name, "' is ",
+                        shape(p.value.rows(), p.value.cols()), " but its state is ",
+                        shape(m.rows(), m.cols()));
+        check_finite(m, (std::string(who) + "::set_state: state of '" + p.name + "'").c_str());
+      }
+    }
+    for (std::size_t k = 0; k < params.size(); ++k) {
+      const auto& s = state[k];
+      entries_.erase(params[k].value.data());
+      if (s.slots.empty() && s.steps == 0) continue;
+      Entry e;
+      for (int i = 0; i < Slots; ++i) e.slot[i] = s.slots[static_cast<std::size_t>(i)];
+      e.steps = s.steps;
+      entries_.emplace(params[k].value.data(), std::move(e));
+    }
+  }
+
   void clear() { entries_.clear(); }
   std::size_t size() const { return entries_.size(); }
 
@@ -53,14 +119,29 @@ class SlotState {
   std::unordered_map<const Scalar*, Entry> entries_;
 };
 
+/// Checks every gradient of a step before any update: the shapes agree, the values are finite,
+/// and no parameter's memory is passed twice (it would be updated twice).
 template <typename Scalar>
-void check_gradient(const ParameterView<Scalar>& p, const char* who) {
-  if (p.grad.rows() != p.value.rows() || p.grad.cols() != p.value.cols())
-    throw_invalid(who, ": parameter '", p.name, "' has a ", shape(p.value.rows(), p.value.cols()),
-                  " value but a ", shape(p.grad.rows(), p.grad.cols()), " gradient");
-  if (!p.grad.allFinite())
-    throw_invalid(who, ": parameter '", p.name,
-                  "' has a non-finite gradient (nothing was updated)");
+void check_step(const std::vector<ParameterView<Scalar>>& params, const char* who) {
+  std::unordered_set<const Scalar*> seen;
+  for (const auto& p : params) {
+    if (p.grad.rows() != p.value.rows() || p.grad.cols() != p.value.cols())
+      throw_invalid(who, ": parameter '", p.name, "' has a ", shape(p.value.rows(), p.value.cols()),
+                    " value but a ", shape(p.grad.rows(), p.grad.cols()), " gradient");
+    if (!p.grad.allFinite())
+      throw_invalid(who, ": parameter '", p.name,
+                    "' has a non-finite gradient (nothing was updated)");
+    if (p.value.size() > 0 && !seen.insert(p.value.data()).second)
+      throw_invalid(who, ": parameter '", p.name,
+                    "' is passed twice (its memory appears more than once; nothing was updated)");
+  }
+}
+
+/// A hyperparameter must be finite and >= 0 (or > 0 with `positive`).
+inline void check_hyper(const char* who, const char* name, double value, bool positive = false) {
+  if (!std::isfinite(value) || value < 0 || (positive && value == 0))
+    throw_invalid(who, ": ", name, " must be finite and ", positive ? "> 0" : ">= 0", ", got ",
+                  value);
 }
 
 }  // namespace detail
@@ -68,6 +149,7 @@ void check_gradient(const ParameterView<Scalar>& p, const char* who) {
 /// \brief Stochastic gradient descent with momentum and L2 weight decay, as PyTorch's SGD:
 ///   g <- grad + weight_decay p;  v <- momentum v + g (v <- g on a parameter's first step);
 ///   p <- p - lr (nesterov ? g + momentum v : v).
+/// Hyperparameters are finite and >= 0 (std::invalid_argument otherwise).
 template <typename Scalar>
 class Sgd {
  public:
@@ -81,6 +163,9 @@ class Sgd {
     if (!(o.lr >= 0) || !(o.momentum >= 0) || !(o.weight_decay >= 0))
       detail::throw_invalid("Sgd: lr, momentum and weight_decay must be >= 0, got lr=", o.lr,
                             " momentum=", o.momentum, " weight_decay=", o.weight_decay);
+    detail::check_hyper("Sgd", "lr", o.lr);
+    detail::check_hyper("Sgd", "momentum", o.momentum);
+    detail::check_hyper("Sgd", "weight_decay", o.weight_decay);
   }
 
   /// One update of every parameter. All gradients (and momentum shapes) are checked before
@@ -88,10 +173,9 @@ class Sgd {
   void step(std::vector<ParameterView<Scalar>> params) {
     const Scalar lr = static_cast<Scalar>(o_.lr), mu = static_cast<Scalar>(o_.momentum),
                  wd = static_cast<Scalar>(o_.weight_decay);
-    for (const auto& p : params) {
-      detail::check_gradient(p, "Sgd::step");
-      if (mu != Scalar(0)) state_.check(p);
-    }
+    detail::check_step(params, "Sgd::step");
+    if (mu != Scalar(0))
+      for (const auto& p : params) state_.check(p);
     Matrix g;
     for (auto& p : params) {
       g = p.grad;
@@ -111,10 +195,26 @@ class Sgd {
       p.value -= lr * g;
     }
   }
-  void set_lr(double lr) { o_.lr = lr; }
+  /// Sets the learning rate (finite and >= 0, else std::invalid_argument and unchanged).
+  void set_lr(double lr) {
+    detail::check_hyper("Sgd::set_lr", "lr", lr);
+    o_.lr = lr;
+  }
   double lr() const { return o_.lr; }
+  const Options& options() const { return o_; }
   /// Forgets the momentum buffers.
   void reset() { state_.clear(); }
+
+  /// The momentum buffer and update count of each of `params` (for checkpoints).
+  std::vector<ParameterState<Scalar>> state(
+      const std::vector<ParameterView<Scalar>>& params) const {
+    return state_.export_state(params);
+  }
+  /// Restores what state() returned for the same parameters (validated first, all or nothing).
+  void set_state(const std::vector<ParameterView<Scalar>>& params,
+                 const std::vector<ParameterState<Scalar>>& state) {
+    state_.import_state(params, state, "Sgd");
+  }
 
  private:
   using Matrix = Eigen::Matrix<Scalar, Eigen::Dynamic, Eigen::Dynamic>;
@@ -125,7 +225,9 @@ class Sgd {
 /// \brief Adam (Kingma & Ba) and AdamW (Loshchilov & Hutter), as PyTorch computes them:
 ///   g <- grad (+ weight_decay p for Adam);  m <- b1 m + (1-b1) g;  v <- b2 v + (1-b2) g^2;
 ///   p <- p - lr weight_decay p (AdamW only);  p <- p - lr m/(1-b1^t) / (sqrt(v/(1-b2^t)) + eps).
-/// t counts the updates of each parameter separately.
+/// t counts the updates of each parameter separately. Hyperparameters are validated
+/// (std::invalid_argument): lr and weight_decay finite and >= 0, 0 <= beta1, beta2 < 1, eps
+/// finite and > 0.
 template <typename Scalar>
 class Adam {
  public:
@@ -143,6 +245,9 @@ class Adam {
       detail::throw_invalid(
           "Adam: need lr >= 0, 0 <= beta1, beta2 < 1, eps > 0, weight_decay >= 0; got lr=", o.lr,
           " beta1=", o.beta1, " beta2=", o.beta2, " eps=", o.eps, " weight_decay=", o.weight_decay);
+    detail::check_hyper("Adam", "lr", o.lr);
+    detail::check_hyper("Adam", "eps", o.eps, /*positive=*/true);
+    detail::check_hyper("Adam", "weight_decay", o.weight_decay);
   }
   /// AdamW with PyTorch's default weight decay 0.01 unless given.
   static Adam adamw(double lr, double weight_decay = 1e-2) {
@@ -156,10 +261,8 @@ class Adam {
   /// One update of every parameter. All gradients (and moment shapes) are checked before
   /// anything changes.
   void step(std::vector<ParameterView<Scalar>> params) {
-    for (const auto& p : params) {
-      detail::check_gradient(p, "Adam::step");
-      state_.check(p);
-    }
+    detail::check_step(params, "Adam::step");
+    for (const auto& p : params) state_.check(p);
     const double b1 = o_.beta1, b2 = o_.beta2;
     Matrix g;
     for (auto& p : params) {
@@ -181,11 +284,26 @@ class Adam {
       p.value.array() -= step * m.array() / (v.array().sqrt() / bc2 + static_cast<Scalar>(o_.eps));
     }
   }
-  void set_lr(double lr) { o_.lr = lr; }
+  /// Sets the learning rate (finite and >= 0, else std::invalid_argument and unchanged).
+  void set_lr(double lr) {
+    detail::check_hyper("Adam::set_lr", "lr", lr);
+    o_.lr = lr;
+  }
   double lr() const { return o_.lr; }
   const Options& options() const { return o_; }
   /// Forgets the moment estimates and step counts.
   void reset() { state_.clear(); }
+
+  /// The two moments and the update count of each of `params` (for checkpoints).
+  std::vector<ParameterState<Scalar>> state(
+      const std::vector<ParameterView<Scalar>>& params) const {
+    return state_.export_state(params);
+  }
+  /// Restores what state() returned for the same parameters (validated first, all or nothing).
+  void set_state(const std::vector<ParameterView<Scalar>>& params,
+                 const std::vector<ParameterState<Scalar>>& state) {
+    state_.import_state(params, state, "Adam");
+  }
 
  private:
   using Matrix = Eigen::Matrix<Scalar, Eigen::Dynamic, Eigen::Dynamic>;
@@ -196,7 +314,8 @@ class Adam {
 /// \brief Cosine learning-rate schedule with linear warm-up, as fine-tuning recipes use:
 ///   step < warmup: lr = base (step + 1) / warmup;
 ///   then lr = min + (base - min) (1 + cos(pi (step - warmup) / (total - warmup))) / 2,
-///   and min after `total` steps.
+///   and min after `total` steps. The schedule is a function of the step, so a resumed run
+///   only needs its step count. Rates are finite, 0 <= min_lr <= base_lr; steps >= 0.
 class CosineSchedule {
  public:
   CosineSchedule(double base_lr, std::int64_t warmup_steps, std::int64_t total_steps,
@@ -206,11 +325,13 @@ class CosineSchedule {
       detail::throw_invalid(
           "CosineSchedule: need 0 <= warmup_steps <= total_steps and total >= 1, got warmup=",
           warmup_steps, " total=", total_steps);
-    if (!(base_lr >= 0) || !(min_lr >= 0) || min_lr > base_lr)
-      detail::throw_invalid("CosineSchedule: need 0 <= min_lr <= base_lr, got base=", base_lr,
-                            " min=", min_lr);
+    if (!(base_lr >= 0) || !(min_lr >= 0) || min_lr > base_lr || !std::isfinite(base_lr))
+      detail::throw_invalid("CosineSchedule: need finite 0 <= min_lr <= base_lr, got base=",
+                            base_lr, " min=", min_lr);
   }
+  /// The rate at `step` (>= 0; std::invalid_argument for a negative step).
   double operator()(std::int64_t step) const {
+    if (step < 0) detail::throw_invalid("CosineSchedule: step must be >= 0, got ", step);
     if (step < warmup_) return base_ * static_cast<double>(step + 1) / static_cast<double>(warmup_);
     if (step >= total_ || total_ == warmup_) return min_;
     const double progress =

@@ -11,6 +11,7 @@
 
 #include "detail/checks.hpp"
 #include "detail/random.hpp"
+#include "parallel.hpp"
 
 namespace hra {
 
@@ -331,28 +332,26 @@ class ReflectorChain : detail::ScalarCheck<Scalar_> {
   }
 
   /// W <- W H (op h: first block first) or W H^T (op transpose: last block first) with the
-  /// factors `f`; W has d columns. O(rows(W) d r).
+  /// factors `f`; W has d columns. O(rows(W) d r). Rows of W are independent, so W is processed
+  /// in blocks of rows small enough to stay in cache between W U and the update: W is read and
+  /// written once, as by a copy, instead of once per product. Blocks run on hra's thread pool
+  /// (the result does not depend on the thread count).
   void apply_right(const Factors& f, Eigen::Ref<Matrix> w, Apply op) const {
     HRA_ASSERT(f.layout == layout() && w.cols() == dim());
-    Matrix t;
-    if (variant_ == Variant::gram_schmidt) {
-      t.noalias() = w * f.q;
-      w.noalias() -= Scalar(2) * t * f.q.transpose();
-      return;
-    }
-    const Index m = static_cast<Index>(f.blocks.size());
-    for (Index step = 0; step < m; ++step) {
-      const Index j = op == Apply::transpose ? m - 1 - step : step;
-      const auto& s = f.blocks[static_cast<std::size_t>(j)];
-      const auto ub = u_.middleCols(j * block_size_, s.rows());
-      t.noalias() = w * ub;
-      if (op == Apply::transpose)
-        s.transpose()
-            .template triangularView<Eigen::Lower>()
-            .template solveInPlace<Eigen::OnTheRight>(t);
-      else
-        s.template triangularView<Eigen::Upper>().template solveInPlace<Eigen::OnTheRight>(t);
-      w.noalias() -= t * ub.transpose();
+    // About 128 KiB of W per block (a few rows of a wide W), at least 8 rows.
+    const Index rows_per_block = std::max<Index>(
+        8, static_cast<Index>((Index{128} << 10) / (static_cast<Index>(sizeof(Scalar)) * dim())));
+    const Index count = (w.rows() + rows_per_block - 1) / rows_per_block;
+    const double madds = 2.0 * static_cast<double>(w.rows()) * static_cast<double>(dim()) *
+                         static_cast<double>(rank());
+    const auto run_block = [&](std::int64_t b) {
+      const Index r0 = static_cast<Index>(b) * rows_per_block;
+      apply_right_rows(f, w.middleRows(r0, std::min(rows_per_block, w.rows() - r0)), op);
+    };
+    if (madds < detail::parallel_product_min_madds) {
+      for (Index b = 0; b < count; ++b) run_block(b);
+    } else {
+      detail::ThreadPool::instance().run(count, run_block);
     }
   }
 
@@ -431,26 +430,35 @@ class ReflectorChain : detail::ScalarCheck<Scalar_> {
       detail::throw_invalid("ReflectorChain: reflector column ", col,
                             " is too large: its squared norm overflows");
     }
-    if (!(norm2 > Scalar(0))) throw_degenerate_column(u_.col(col), col);
+    if (!(norm2 > Scalar(0)) || !std::isfinite(Scalar(1) / norm2))
+      throw_degenerate_column(u_.col(col), col, norm2);
   }
 
-  // A column whose squared norm is 0: truly zero, or so small that its square underflows.
+  // A column whose squared norm is 0 (truly zero, or so small that its square underflows) or
+  // so small that 1/|u|^2, which S^{-1} holds, overflows.
   template <typename Derived>
   [[noreturn]] static void throw_degenerate_column(const Eigen::MatrixBase<Derived>& column,
-                                                   Index col) {
+                                                   Index col, Scalar norm2) {
     if (column.isZero(0))
       detail::throw_invalid("ReflectorChain: reflector column ", col,
                             " is zero (a reflection needs a non-zero direction)");
+    if (norm2 > Scalar(0))
+      detail::throw_invalid(
+          "ReflectorChain: reflector column ", col, " is too small: its squared norm ", norm2,
+          " has no finite inverse (largest entry ", column.cwiseAbs().maxCoeff(), "); rescale it");
     detail::throw_invalid("ReflectorChain: reflector column ", col,
                           " is too small: its squared norm underflows to 0 (largest entry ",
-                          static_cast<double>(column.cwiseAbs().maxCoeff()), "); rescale it");
+                          column.cwiseAbs().maxCoeff(), "); rescale it");
   }
 
   template <typename Derived>
   static void check_columns(const Eigen::MatrixBase<Derived>& u) {
     detail::check_finite(u, "ReflectorChain: reflectors U");
-    for (Index j = 0; j < u.cols(); ++j)
-      if (u.col(j).squaredNorm() == Scalar(0)) throw_degenerate_column(u.col(j), j);
+    for (Index j = 0; j < u.cols(); ++j) {
+      const Scalar norm2 = u.col(j).squaredNorm();
+      if (!(norm2 > Scalar(0)) || !std::isfinite(Scalar(1) / norm2))
+        throw_degenerate_column(u.col(j), j, norm2);
+    }
   }
 
   // The user-facing cache check: the coefficients are r x n and the factors fit this chain.
@@ -464,6 +472,31 @@ class ReflectorChain : detail::ScalarCheck<Scalar_> {
       detail::throw_invalid(
           "ReflectorChain::backward: the cache was made by a chain of another variant or block "
           "size");
+  }
+
+  // apply_right() on a block of W's rows.
+  template <typename Rows>
+  void apply_right_rows(const Factors& f, Rows w, Apply op) const {
+    Matrix t;
+    if (variant_ == Variant::gram_schmidt) {
+      t.noalias() = w * f.q;
+      w.noalias() -= Scalar(2) * t * f.q.transpose();
+      return;
+    }
+    const Index m = static_cast<Index>(f.blocks.size());
+    for (Index step = 0; step < m; ++step) {
+      const Index j = op == Apply::transpose ? m - 1 - step : step;
+      const auto& s = f.blocks[static_cast<std::size_t>(j)];
+      const auto ub = u_.middleCols(j * block_size_, s.rows());
+      t.noalias() = w * ub;
+      if (op == Apply::transpose)
+        s.transpose()
+            .template triangularView<Eigen::Lower>()
+            .template solveInPlace<Eigen::OnTheRight>(t);
+      else
+        s.template triangularView<Eigen::Upper>().template solveInPlace<Eigen::OnTheRight>(t);
+      w.noalias() -= t * ub.transpose();
+    }
   }
 
   // Modified Gram-Schmidt with one re-orthogonalisation pass ("twice is enough"), so Q stays

@@ -1,5 +1,5 @@
 // Builds against hra::io as a consumer would: a safetensors round trip of one matrix.
-#include <hra/safetensors.hpp>
+#include <hra/io.hpp>
 
 #include <cstdio>
 

@@ -30,6 +30,7 @@
 #include "hra/lora_linear.hpp"
 #include "hra/mpi/data_parallel.hpp"
 #include "hra/optim.hpp"
+#include "support/matrices.hpp"
 
 // Every MPI_Allreduce of this program passes through here (MPI's profiling interface: the
 // PMPI_ entry point does the work), so a test can count the calls one step makes.
@@ -82,15 +83,7 @@ bool same_on_every_rank(const std::string& s) {
   return same == 1;
 }
 
-// Uniform in [-1, 1) from raw mt19937_64 output, the same on every platform and rank.
-MatD random_matrix(Index rows, Index cols, std::uint64_t seed) {
-  std::mt19937_64 gen(seed);
-  MatD m(rows, cols);
-  for (Index j = 0; j < cols; ++j)
-    for (Index i = 0; i < rows; ++i)
-      m(i, j) = 2.0 * (static_cast<double>(gen() >> 11) * 0x1.0p-53) - 1.0;
-  return m;
-}
+using hra_test::random_matrix;  // the same on every platform and rank
 
 enum class Kind { hra_chain, hra_gram_schmidt, lora };
 const char* kind_name(Kind k) {

@@ -58,9 +58,24 @@ void check_finite(const Eigen::MatrixBase<Derived>& m, const char* what) {
   if (m.allFinite()) return;
   for (Eigen::Index j = 0; j < m.cols(); ++j)
     for (Eigen::Index i = 0; i < m.rows(); ++i)
-      if (!std::isfinite(static_cast<double>(m(i, j))))
-        throw_invalid(what, ": non-finite value ", static_cast<double>(m(i, j)), " at (", i, ", ",
-                      j, ") of a ", shape(m.rows(), m.cols()), " matrix");
+      if (!std::isfinite(m(i, j)))
+        throw_invalid(what, ": non-finite value ", m(i, j), " at (", i, ", ", j, ") of a ",
+                      shape(m.rows(), m.cols()), " matrix");
+}
+
+/// Whether the memory spans of two matrices (blocks, maps, refs) overlap: a layer that writes
+/// into one of its buffers while reading an argument that lives in it must copy the argument
+/// first.
+template <typename A, typename B>
+bool overlaps(const Eigen::DenseBase<A>& a, const Eigen::DenseBase<B>& b) {
+  if (a.size() == 0 || b.size() == 0) return false;
+  const auto* a0 = reinterpret_cast<const char*>(a.derived().data());
+  const auto* b0 = reinterpret_cast<const char*>(b.derived().data());
+  const auto span = [](const auto& m) {
+    return static_cast<std::size_t>((m.outerSize() - 1) * m.outerStride() + m.innerSize()) *
+           sizeof(typename std::decay_t<decltype(m)>::Scalar);
+  };
+  return a0 < b0 + span(b.derived()) && b0 < a0 + span(a.derived());
 }
 
 }  // namespace detail

@@ -3,30 +3,28 @@
 
 #include <Eigen/Core>
 #include <algorithm>
-#include <cerrno>
 #include <cmath>
 #include <cstddef>
 #include <cstdint>
-#include <cstring>
 #include <filesystem>
-#include <fstream>
 #include <limits>
 #include <map>
 #include <optional>
-#include <set>
 #include <stdexcept>
 #include <string>
 #include <string_view>
-#include <system_error>
 #include <type_traits>
 #include <utility>
 #include <vector>
 
 #include <nlohmann/json.hpp>
 
-#include "detail/checks.hpp"
+#include "../detail/checks.hpp"
+#include "detail/atomic_file.hpp"
 #include "detail/half.hpp"
-#include "detail/safetensors_io.hpp"
+#include "detail/json.hpp"
+#include "detail/little_endian.hpp"
+#include "detail/read_file.hpp"
 
 /// \brief The safetensors format (https://github.com/huggingface/safetensors), tensor level.
 ///
@@ -173,74 +171,102 @@ struct Tensor {
 
 /// "[2, 3]": a shape as printed in error messages.
 inline std::string shape_string(const std::vector<std::int64_t>& shape) {
-  return detail::safetensors::shape_string(shape);
+  std::string s = "[";
+  for (std::size_t i = 0; i < shape.size(); ++i) {
+    if (i) s += ", ";
+    s += std::to_string(shape[i]);
+  }
+  return s + "]";
 }
 
-namespace internal {
-// Element conversion, kept beside the public types that name it.
+}  // namespace safetensors
 
-inline double decode_one(Dtype dtype, const unsigned char* p) {
-  namespace io = hra::detail::safetensors;
+namespace detail {
+
+/// a * b, or false when the product does not fit in 64 bits.
+inline bool checked_mul(std::uint64_t a, std::uint64_t b, std::uint64_t& out) {
+  if (a != 0 && b > std::numeric_limits<std::uint64_t>::max() / a) return false;
+  out = a * b;
+  return true;
+}
+
+/// "[1, 2]": the multi-index of row-major flat position `flat` in `shape`.
+inline std::string unravel(std::uint64_t flat, const std::vector<std::int64_t>& shape) {
+  std::vector<std::int64_t> index(shape.size(), 0);
+  for (std::size_t k = shape.size(); k-- > 0;) {
+    const auto extent = static_cast<std::uint64_t>(shape[k]);
+    if (extent == 0) break;
+    index[k] = static_cast<std::int64_t>(flat % extent);
+    flat /= extent;
+  }
+  return safetensors::shape_string(index);
+}
+
+// Element conversion between the stored dtypes and the Eigen scalars.
+
+/// One stored element as a double.
+inline double decode_one(safetensors::Dtype dtype, const unsigned char* p) {
+  using safetensors::Dtype;
   switch (dtype) {
     case Dtype::F16:
-      return hra::detail::half_to_float(io::load_le<std::uint16_t>(p));
+      return half_to_float(load_le<std::uint16_t>(p));
     case Dtype::BF16:
-      return hra::detail::bfloat16_to_float(io::load_le<std::uint16_t>(p));
+      return bfloat16_to_float(load_le<std::uint16_t>(p));
     case Dtype::F32:
-      return io::load_f32(p);
+      return load_f32(p);
     case Dtype::F64:
-      return io::load_f64(p);
+      return load_f64(p);
   }
   return 0.0;
 }
 
 /// Converts n stored elements to Scalar (the dtype switch is outside the loops).
 template <typename Scalar>
-void decode(Dtype dtype, const unsigned char* src, std::size_t n, Scalar* dst) {
-  namespace io = hra::detail::safetensors;
+void decode(safetensors::Dtype dtype, const unsigned char* src, std::size_t n, Scalar* dst) {
+  using safetensors::Dtype;
   switch (dtype) {
     case Dtype::F16:
       for (std::size_t i = 0; i < n; ++i)
-        dst[i] = static_cast<Scalar>(
-            hra::detail::half_to_float(io::load_le<std::uint16_t>(src + 2 * i)));
+        dst[i] = static_cast<Scalar>(half_to_float(load_le<std::uint16_t>(src + 2 * i)));
       return;
     case Dtype::BF16:
       for (std::size_t i = 0; i < n; ++i)
-        dst[i] = static_cast<Scalar>(
-            hra::detail::bfloat16_to_float(io::load_le<std::uint16_t>(src + 2 * i)));
+        dst[i] = static_cast<Scalar>(bfloat16_to_float(load_le<std::uint16_t>(src + 2 * i)));
       return;
     case Dtype::F32:
-      for (std::size_t i = 0; i < n; ++i) dst[i] = static_cast<Scalar>(io::load_f32(src + 4 * i));
+      for (std::size_t i = 0; i < n; ++i) dst[i] = static_cast<Scalar>(load_f32(src + 4 * i));
       return;
     case Dtype::F64:
-      for (std::size_t i = 0; i < n; ++i) dst[i] = static_cast<Scalar>(io::load_f64(src + 8 * i));
+      for (std::size_t i = 0; i < n; ++i) dst[i] = static_cast<Scalar>(load_f64(src + 8 * i));
       return;
   }
 }
 
 /// Converts n values to `dtype`, rounding to nearest even; dst holds n * size_of(dtype) bytes.
 template <typename Scalar>
-void encode(const Scalar* src, std::size_t n, Dtype dtype, unsigned char* dst) {
-  namespace io = hra::detail::safetensors;
+void encode(const Scalar* src, std::size_t n, safetensors::Dtype dtype, unsigned char* dst) {
+  using safetensors::Dtype;
   switch (dtype) {
     case Dtype::F16:
       for (std::size_t i = 0; i < n; ++i)
-        io::store_le(hra::detail::double_to_half(static_cast<double>(src[i])), dst + 2 * i);
+        store_le(double_to_half(static_cast<double>(src[i])), dst + 2 * i);
       return;
     case Dtype::BF16:
       for (std::size_t i = 0; i < n; ++i)
-        io::store_le(hra::detail::double_to_bfloat16(static_cast<double>(src[i])), dst + 2 * i);
+        store_le(double_to_bfloat16(static_cast<double>(src[i])), dst + 2 * i);
       return;
     case Dtype::F32:
-      for (std::size_t i = 0; i < n; ++i) io::store_f32(static_cast<float>(src[i]), dst + 4 * i);
+      for (std::size_t i = 0; i < n; ++i) store_f32(static_cast<float>(src[i]), dst + 4 * i);
       return;
     case Dtype::F64:
-      for (std::size_t i = 0; i < n; ++i) io::store_f64(static_cast<double>(src[i]), dst + 8 * i);
+      for (std::size_t i = 0; i < n; ++i) store_f64(static_cast<double>(src[i]), dst + 8 * i);
       return;
   }
 }
 
-}  // namespace internal
+}  // namespace detail
+
+namespace safetensors {
 
 /// \brief The tensors and `__metadata__` of one safetensors file, held in memory.
 ///
@@ -300,20 +326,19 @@ class TensorFile {
   /// overflows, or `data.size()` is not that many bytes.
   void put(const std::string& name, Tensor tensor) {
     if (name == "__metadata__")
-      hra::detail::throw_invalid(where(name), "the name __metadata__ is reserved for metadata");
+      detail::throw_invalid(where(name), "the name __metadata__ is reserved for metadata");
     std::uint64_t bytes = size_of(tensor.dtype);
     for (std::int64_t e : tensor.shape) {
       if (e < 0)
-        hra::detail::throw_invalid(where(name), "negative dimension in shape ",
-                                   shape_string(tensor.shape));
-      if (!hra::detail::safetensors::checked_mul(bytes, static_cast<std::uint64_t>(e), bytes))
-        hra::detail::throw_invalid(where(name), "shape ", shape_string(tensor.shape),
-                                   " is too large");
+        detail::throw_invalid(where(name), "negative dimension in shape ",
+                              shape_string(tensor.shape));
+      if (!detail::checked_mul(bytes, static_cast<std::uint64_t>(e), bytes))
+        detail::throw_invalid(where(name), "shape ", shape_string(tensor.shape), " is too large");
     }
     if (bytes != tensor.data.size())
-      hra::detail::throw_invalid(where(name), "shape ", shape_string(tensor.shape), " of ",
-                                 to_string(tensor.dtype), " needs ", bytes, " bytes, data has ",
-                                 tensor.data.size());
+      detail::throw_invalid(where(name), "shape ", shape_string(tensor.shape), " of ",
+                            to_string(tensor.dtype), " needs ", bytes, " bytes, data has ",
+                            tensor.data.size());
     tensors_[name] = std::move(tensor);
   }
 
@@ -322,21 +347,14 @@ class TensorFile {
   template <typename Scalar>
   void put_array(const std::string& name, std::vector<std::int64_t> shape,
                  const std::vector<Scalar>& values, Dtype dtype = natural_dtype<Scalar>()) {
-    hra::detail::ScalarCheck<Scalar> check;
-    (void)check;
-    Tensor t;
-    t.dtype = dtype;
-    t.shape = std::move(shape);
     std::uint64_t n = 1;
-    for (std::int64_t e : t.shape)
-      if (e < 0 || !hra::detail::safetensors::checked_mul(n, static_cast<std::uint64_t>(e), n))
-        hra::detail::throw_invalid(where(name), "invalid shape ", shape_string(t.shape));
+    for (std::int64_t e : shape)
+      if (e < 0 || !detail::checked_mul(n, static_cast<std::uint64_t>(e), n))
+        detail::throw_invalid(where(name), "invalid shape ", shape_string(shape));
     if (n != values.size())
-      hra::detail::throw_invalid(where(name), "shape ", shape_string(t.shape), " needs ", n,
-                                 " values, got ", values.size());
-    t.data.resize(values.size() * size_of(dtype));
-    internal::encode(values.data(), values.size(), dtype, t.data.data());
-    put(name, std::move(t));
+      detail::throw_invalid(where(name), "shape ", shape_string(shape), " needs ", n,
+                            " values, got ", values.size());
+    put_contiguous(name, std::move(shape), values.data(), dtype);
   }
 
   /// \brief Stores the rows x cols matrix `m` as the 2-D tensor `name` of shape (rows, cols),
@@ -345,8 +363,6 @@ class TensorFile {
   void put_matrix(const std::string& name, const Eigen::MatrixBase<Derived>& m,
                   Dtype dtype = natural_dtype<typename Derived::Scalar>()) {
     using Scalar = typename Derived::Scalar;
-    hra::detail::ScalarCheck<Scalar> check;
-    (void)check;
     const Eigen::Matrix<Scalar, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajor> row_major = m;
     put_contiguous(name, {row_major.rows(), row_major.cols()}, row_major.data(), dtype);
   }
@@ -357,11 +373,9 @@ class TensorFile {
   void put_vector(const std::string& name, const Eigen::MatrixBase<Derived>& v,
                   Dtype dtype = natural_dtype<typename Derived::Scalar>()) {
     using Scalar = typename Derived::Scalar;
-    hra::detail::ScalarCheck<Scalar> check;
-    (void)check;
     if (v.rows() != 1 && v.cols() != 1)
-      hra::detail::throw_invalid(where(name), "expected a vector, got a ",
-                                 hra::detail::shape(v.rows(), v.cols()), " matrix");
+      detail::throw_invalid(where(name), "expected a vector, got a ",
+                            detail::shape(v.rows(), v.cols()), " matrix");
     const Vector<Scalar> plain = v.reshaped();
     put_contiguous(name, {plain.size()}, plain.data(), dtype);
   }
@@ -372,8 +386,6 @@ class TensorFile {
   template <typename Scalar>
   std::vector<Scalar> get_array(const std::string& name,
                                 NonFinite non_finite = NonFinite::reject) const {
-    hra::detail::ScalarCheck<Scalar> check;
-    (void)check;
     const Tensor& t = at(name);
     std::vector<Scalar> out(static_cast<std::size_t>(t.numel()));
     decode_checked(name, t, out.data(), non_finite);
@@ -385,12 +397,7 @@ class TensorFile {
   template <typename Scalar>
   Matrix<Scalar> get_matrix(const std::string& name,
                             NonFinite non_finite = NonFinite::reject) const {
-    hra::detail::ScalarCheck<Scalar> check;
-    (void)check;
-    const Tensor& t = at(name);
-    if (t.shape.size() != 2)
-      fail<tensor_error>(name, "expected a 2-D tensor (a matrix), got shape ",
-                         shape_string(t.shape));
+    const Tensor& t = at_rank(name, 2, "a matrix");
     Eigen::Matrix<Scalar, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajor> row_major(
         static_cast<Index>(t.shape[0]), static_cast<Index>(t.shape[1]));
     decode_checked(name, t, row_major.data(), non_finite);
@@ -411,12 +418,7 @@ class TensorFile {
   template <typename Scalar>
   Vector<Scalar> get_vector(const std::string& name,
                             NonFinite non_finite = NonFinite::reject) const {
-    hra::detail::ScalarCheck<Scalar> check;
-    (void)check;
-    const Tensor& t = at(name);
-    if (t.shape.size() != 1)
-      fail<tensor_error>(name, "expected a 1-D tensor (a vector), got shape ",
-                         shape_string(t.shape));
+    const Tensor& t = at_rank(name, 1, "a vector");
     Vector<Scalar> v(static_cast<Index>(t.shape[0]));
     decode_checked(name, t, v.data(), non_finite);
     return v;
@@ -441,42 +443,53 @@ class TensorFile {
 
  private:
   std::string where(const std::string& name) const {
-    return hra::detail::concat("safetensors: ", source_, ": tensor '", name, "': ");
+    return detail::concat("safetensors: ", source_, ": tensor '", name, "': ");
   }
 
   template <typename Error, typename... Parts>
   [[noreturn]] void fail(const std::string& name, const Parts&... parts) const {
-    throw Error(where(name) + hra::detail::concat(parts...));
+    throw Error(where(name) + detail::concat(parts...));
+  }
+
+  /// The tensor `name`, which must have `rank` dimensions: tensor_error naming `what` otherwise.
+  const Tensor& at_rank(const std::string& name, std::size_t rank, const char* what) const {
+    const Tensor& t = at(name);
+    if (t.shape.size() != rank)
+      fail<tensor_error>(name, "expected a ", rank, "-D tensor (", what, "), got shape ",
+                         shape_string(t.shape));
+    return t;
   }
 
   template <typename Scalar>
   void put_contiguous(const std::string& name, std::vector<std::int64_t> shape,
                       const Scalar* values, Dtype dtype) {
+    (void)sizeof(detail::ScalarCheck<Scalar>);  // float, double or long double
     Tensor t;
     t.dtype = dtype;
     t.shape = std::move(shape);
     const std::size_t n = static_cast<std::size_t>(t.numel());
     t.data.resize(n * size_of(dtype));
-    internal::encode(values, n, dtype, t.data.data());
+    detail::encode(values, n, dtype, t.data.data());
     put(name, std::move(t));
   }
 
   template <typename Scalar>
   void decode_checked(const std::string& name, const Tensor& t, Scalar* out,
                       NonFinite non_finite) const {
+    (void)sizeof(detail::ScalarCheck<Scalar>);
     const std::size_t n = static_cast<std::size_t>(t.numel());
     // A Tensor built by hand may be inconsistent; never read past its bytes.
     if (t.data.size() != n * size_of(t.dtype))
       fail<tensor_error>(name, "shape ", shape_string(t.shape), " of ", to_string(t.dtype),
                          " needs ", n * size_of(t.dtype), " bytes, data has ", t.data.size());
-    internal::decode(t.dtype, t.data.data(), n, out);
+    detail::decode(t.dtype, t.data.data(), n, out);
     if (non_finite == NonFinite::allow) return;
     for (std::size_t i = 0; i < n; ++i) {
       if (std::isfinite(out[i])) continue;
-      const double stored = internal::decode_one(t.dtype, t.data.data() + i * size_of(t.dtype));
+      const double stored = detail::decode_one(t.dtype, t.data.data() + i * size_of(t.dtype));
       fail<tensor_error>(name, "non-finite value ", stored, " (", to_string(t.dtype),
                          std::isfinite(stored) ? ", out of range of the requested type" : "",
-                         ") at index ", hra::detail::safetensors::unravel(i, t.shape), " of shape ",
+                         ") at index ", detail::unravel(i, t.shape), " of shape ",
                          shape_string(t.shape));
     }
   }
@@ -486,62 +499,29 @@ class TensorFile {
   std::map<std::string, Tensor> tensors_;
 };
 
-namespace internal {
+}  // namespace safetensors
+
+namespace detail {
 
 /// Header JSON nested deeper than this is rejected before it is built (a valid header needs 3:
 /// the root object, a tensor object, its shape array).
 constexpr int max_header_nesting = 16;
 
 /// Parses the header text, rejecting duplicate keys at any level (nlohmann keeps the last one
-/// silently) and absurd nesting, with format_error messages that start with `where`.
+/// silently) and absurd nesting, with format_error messages that start with `where` and name
+/// the tensor (or __metadata__) the duplicate sits in.
 inline nlohmann::json parse_header(std::string_view text, const std::string& where) {
-  using json = nlohmann::json;
-  // One set of seen keys per open container (arrays get an unused set to keep depths aligned).
-  std::vector<std::set<std::string>> seen;
-  std::vector<std::string> path;  // names of the objects being parsed, for messages
-  std::string last_key;
-  const auto callback = [&](int depth, json::parse_event_t event, json& parsed) {
-    switch (event) {
-      case json::parse_event_t::object_start:
-      case json::parse_event_t::array_start:
-        if (depth >= max_header_nesting)
-          throw format_error(hra::detail::concat(where, "header JSON nests deeper than ",
-                                                 max_header_nesting, " levels"));
-        seen.emplace_back();
-        path.push_back(depth == 0 ? std::string() : last_key);
-        break;
-      case json::parse_event_t::object_end:
-      case json::parse_event_t::array_end:
-        if (!seen.empty()) seen.pop_back();
-        if (!path.empty()) path.pop_back();
-        break;
-      case json::parse_event_t::key: {
-        const std::string& key = parsed.get_ref<const std::string&>();
-        if (!seen.empty() && !seen.back().insert(key).second) {
-          // path[1] is the top-level entry (tensor or __metadata__) the duplicate sits in.
-          const std::string& entry = seen.size() == 1 ? key : path[1];
-          const std::string what =
-              entry == "__metadata__" ? std::string("__metadata__") : "tensor '" + entry + "'";
-          if (seen.size() == 1)
-            throw format_error(
-                hra::detail::concat(where, what, ": name appears more than once in the header"));
-          throw format_error(
-              hra::detail::concat(where, what, ": key '", key, "' appears more than once"));
-        }
-        last_key = key;
-        break;
-      }
-      case json::parse_event_t::value:
-        break;
-    }
-    return true;
+  const auto duplicate = [](const std::vector<std::string>& path, const std::string& key) {
+    // path[1] is the top-level entry (tensor or __metadata__) the duplicate sits in.
+    const std::string& entry = path.size() == 1 ? key : path[1];
+    const std::string what =
+        entry == "__metadata__" ? std::string("__metadata__") : "tensor '" + entry + "'";
+    if (path.size() == 1) return what + ": name appears more than once in the header";
+    return concat(what, ": key '", key, "' appears more than once");
   };
-  try {
-    return json::parse(text.begin(), text.end(), callback, /*allow_exceptions=*/true,
-                       /*ignore_comments=*/false);
-  } catch (const json::exception& e) {
-    throw format_error(hra::detail::concat(where, "header is not valid JSON: ", e.what()));
-  }
+  return parse_strict_json<nlohmann::json, safetensors::format_error>(
+      text, where,
+      {max_header_nesting, "header JSON nests deeper than", "header is not valid JSON"}, duplicate);
 }
 
 /// A JSON number that is a non-negative integer, or nothing.
@@ -559,7 +539,9 @@ inline const char* json_kind(const nlohmann::json& j) {
   return j.type_name();
 }
 
-}  // namespace internal
+}  // namespace detail
+
+namespace safetensors {
 
 /// \brief Parses a safetensors file held in memory (`size` bytes at `data`); `source` names it
 /// in error messages. Validates everything before copying any tensor data:
@@ -575,8 +557,7 @@ inline const char* json_kind(const nlohmann::json& j) {
 /// Throws format_error naming `source` and the offending tensor.
 inline TensorFile parse(const void* data, std::size_t size, std::string source = "<memory>",
                         const ReadOptions& options = {}) {
-  namespace io = hra::detail::safetensors;
-  using hra::detail::concat;
+  using detail::concat;
   const auto* bytes = static_cast<const unsigned char*>(data);
   const std::string where = concat("safetensors: ", source, ": ");
   const auto bad = [&](const auto&... parts) { return format_error(concat(where, parts...)); };
@@ -585,7 +566,7 @@ inline TensorFile parse(const void* data, std::size_t size, std::string source =
   };
 
   if (size < 8) throw bad("file is ", size, " bytes, too short for the 8-byte header length");
-  const auto header_len = io::load_le<std::uint64_t>(bytes);
+  const auto header_len = detail::load_le<std::uint64_t>(bytes);
   if (header_len > options.max_header_bytes)
     throw bad("header length ", header_len, " exceeds the limit of ", options.max_header_bytes,
               " bytes");
@@ -596,9 +577,9 @@ inline TensorFile parse(const void* data, std::size_t size, std::string source =
   const unsigned char* buffer = bytes + 8 + header_len;
 
   const nlohmann::json header =
-      internal::parse_header(std::string_view(reinterpret_cast<const char*>(bytes + 8),
-                                              static_cast<std::size_t>(header_len)),
-                             where);
+      detail::parse_header(std::string_view(reinterpret_cast<const char*>(bytes + 8),
+                                            static_cast<std::size_t>(header_len)),
+                           where);
   if (!header.is_object()) throw bad("header is JSON ", header.type_name(), ", not an object");
 
   struct Entry {
@@ -645,12 +626,12 @@ inline TensorFile parse(const void* data, std::size_t size, std::string source =
     Entry e{name, *dtype, {}, 0, 0};
     std::uint64_t bytes_needed = size_of(*dtype);
     for (const auto& dim : *shape_it) {
-      const std::optional<std::uint64_t> extent = internal::as_count(dim);
+      const std::optional<std::uint64_t> extent = detail::as_count(dim);
       if (!extent)
-        throw bad_tensor(name, "\"shape\" entry ", dim.dump(), " is ", internal::json_kind(dim),
+        throw bad_tensor(name, "\"shape\" entry ", dim.dump(), " is ", detail::json_kind(dim),
                          ", not a non-negative integer");
       if (*extent > static_cast<std::uint64_t>(std::numeric_limits<std::int64_t>::max()) ||
-          !io::checked_mul(bytes_needed, *extent, bytes_needed))
+          !detail::checked_mul(bytes_needed, *extent, bytes_needed))
         throw bad_tensor(name, "\"shape\" ", shape_it->dump(), " of ", dtype_name,
                          " overflows 64-bit byte counts");
       e.shape.push_back(static_cast<std::int64_t>(*extent));
@@ -661,8 +642,8 @@ inline TensorFile parse(const void* data, std::size_t size, std::string source =
     if (!offsets_it->is_array() || offsets_it->size() != 2)
       throw bad_tensor(name, "\"data_offsets\" is ", offsets_it->dump(),
                        ", not an array [begin, end]");
-    const std::optional<std::uint64_t> begin = internal::as_count((*offsets_it)[0]);
-    const std::optional<std::uint64_t> end = internal::as_count((*offsets_it)[1]);
+    const std::optional<std::uint64_t> begin = detail::as_count((*offsets_it)[0]);
+    const std::optional<std::uint64_t> end = detail::as_count((*offsets_it)[1]);
     if (!begin || !end)
       throw bad_tensor(name, "\"data_offsets\" ", offsets_it->dump(),
                        " are not non-negative integers");
@@ -725,22 +706,8 @@ inline TensorFile parse(std::string_view bytes, std::string source = "<memory>",
 /// \brief Reads the whole file at `path` and parses it; error messages name the path. io_error
 /// if it is missing, not a regular file or cannot be read; format_error as for parse().
 inline TensorFile load(const std::filesystem::path& path, const ReadOptions& options = {}) {
-  const std::string name = path.string();
-  const std::string where = hra::detail::concat("safetensors: ", name, ": ");
-  std::error_code ec;
-  const auto status = std::filesystem::status(path, ec);
-  if (!std::filesystem::exists(status)) throw io_error(where + "cannot open: no such file");
-  if (ec) throw io_error(where + "cannot open: " + ec.message());
-  if (!std::filesystem::is_regular_file(status)) throw io_error(where + "not a regular file");
-  const std::uintmax_t size = std::filesystem::file_size(path, ec);
-  if (ec) throw io_error(where + "cannot read its size: " + ec.message());
-  std::ifstream in(path, std::ios::binary);
-  if (!in) throw io_error(where + "cannot open for reading: " + std::strerror(errno));
-  std::string bytes(static_cast<std::size_t>(size), '\0');
-  in.read(bytes.data(), static_cast<std::streamsize>(size));
-  if (static_cast<std::uintmax_t>(in.gcount()) != size)
-    throw io_error(hra::detail::concat(where, "read ", in.gcount(), " of ", size, " bytes"));
-  return parse(std::string_view(bytes), name, options);
+  const std::string bytes = detail::read_file<io_error>(path, "safetensors: ");
+  return parse(std::string_view(bytes), path.string(), options);
 }
 
 /// \brief The bytes of a safetensors file holding `file`'s tensors and metadata.
@@ -757,14 +724,13 @@ inline std::string serialize(const TensorFile& file) {
     const Tensor& t = kv.second;
     std::uint64_t bytes = size_of(t.dtype);
     for (std::int64_t e : t.shape)
-      if (e < 0 ||
-          !hra::detail::safetensors::checked_mul(bytes, static_cast<std::uint64_t>(e), bytes))
-        hra::detail::throw_invalid("safetensors: ", file.source(), ": tensor '", kv.first,
-                                   "': invalid shape ", shape_string(t.shape));
+      if (e < 0 || !detail::checked_mul(bytes, static_cast<std::uint64_t>(e), bytes))
+        detail::throw_invalid("safetensors: ", file.source(), ": tensor '", kv.first,
+                              "': invalid shape ", shape_string(t.shape));
     if (bytes != t.data.size())
-      hra::detail::throw_invalid("safetensors: ", file.source(), ": tensor '", kv.first,
-                                 "': shape ", shape_string(t.shape), " of ", to_string(t.dtype),
-                                 " needs ", bytes, " bytes, data has ", t.data.size());
+      detail::throw_invalid("safetensors: ", file.source(), ": tensor '", kv.first, "': shape ",
+                            shape_string(t.shape), " of ", to_string(t.dtype), " needs ", bytes,
+                            " bytes, data has ", t.data.size());
     order.emplace_back(&kv.first, &t);
   }
   std::stable_sort(order.begin(), order.end(), [](const auto& a, const auto& b) {
@@ -785,14 +751,14 @@ inline std::string serialize(const TensorFile& file) {
   try {
     text = header.dump();
   } catch (const json::exception& e) {
-    hra::detail::throw_invalid("safetensors: ", file.source(),
-                               ": a tensor name or metadata string is not valid UTF-8: ", e.what());
+    detail::throw_invalid("safetensors: ", file.source(),
+                          ": a tensor name or metadata string is not valid UTF-8: ", e.what());
   }
   text.append((8 - text.size() % 8) % 8, ' ');
 
   std::string out(8 + text.size() + offset, '\0');
-  hra::detail::safetensors::store_le(static_cast<std::uint64_t>(text.size()),
-                                     reinterpret_cast<unsigned char*>(out.data()));
+  detail::store_le(static_cast<std::uint64_t>(text.size()),
+                   reinterpret_cast<unsigned char*>(out.data()));
   std::copy(text.begin(), text.end(), out.begin() + 8);
   auto pos = out.begin() + 8 + static_cast<std::ptrdiff_t>(text.size());
   for (const auto& entry : order) {
@@ -807,8 +773,7 @@ inline std::string serialize(const TensorFile& file) {
 /// failure the temporary file is removed, an existing file at `path` is left as it was, and
 /// io_error names the path and the OS error.
 inline void save(const std::filesystem::path& path, const TensorFile& file) {
-  const std::string bytes = serialize(file);
-  hra::detail::safetensors::replace_file_atomically<io_error>(path, bytes);
+  detail::replace_file_atomically<io_error>(path, serialize(file), "safetensors: ");
 }
 
 }  // namespace safetensors

@@ -1,0 +1,425 @@
+// PEFT adapter directories, saving: the HRA and LoRA adapters of hra layers as the
+// adapter_config.json and adapter_model.safetensors PEFT reads, both files replaced together.
+#pragma once
+
+#include <Eigen/Core>
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <filesystem>
+#include <optional>
+#include <string>
+#include <system_error>
+#include <utility>
+#include <vector>
+
+#include <nlohmann/json.hpp>
+
+#include "../detail/checks.hpp"
+#include "../hra_linear.hpp"
+#include "../lora_linear.hpp"
+#include "../reflector_chain.hpp"
+#include "detail/atomic_file.hpp"
+#include "detail/read_file.hpp"
+#include "peft_config.hpp"
+#include "peft_modules.hpp"
+#include "safetensors.hpp"
+
+namespace hra {
+namespace peft {
+
+/// How to save.
+struct SaveOptions {
+  std::string adapter_name = "default";     ///< which adapter of each HraLinear (HRA only)
+  std::optional<safetensors::Dtype> dtype;  ///< tensor dtype; default F32 for float, else F64
+  std::string prefix = default_prefix;      ///< prefix of every tensor name
+  std::optional<std::string> base_model_name_or_path;  ///< written into the config
+  /// Further config fields (e.g. task_type, modules_to_save, target_modules), replacing the
+  /// defaults written; the fields hra computes (peft_type, r, bias, apply_GS, lora_alpha, ...)
+  /// cannot be replaced (std::invalid_argument).
+  nlohmann::json extra_config = nlohmann::json::object();
+};
+
+/// \brief The two files of an adapter directory, in memory.
+struct AdapterFiles {
+  nlohmann::json config;            ///< adapter_config.json (keys sorted, as PEFT writes them)
+  safetensors::TensorFile weights;  ///< adapter_model.safetensors
+
+  /// The config as PEFT writes it: json.dumps(indent=2, sort_keys=True), ASCII with \u escapes.
+  std::string config_text() const { return config.dump(2, ' ', true); }
+};
+
+}  // namespace peft
+
+namespace detail {
+
+/// Config fields computed from the layers, which SaveOptions::extra_config may not replace.
+inline bool computed_field(const std::string& key) {
+  static const char* const fields[] = {"peft_type",
+                                       "r",
+                                       "bias",
+                                       "apply_GS",
+                                       "lora_alpha",
+                                       "lora_dropout",
+                                       "use_rslora",
+                                       "rank_pattern",
+                                       "alpha_pattern",
+                                       "fan_in_fan_out",
+                                       "use_dora",
+                                       "lora_bias",
+                                       "init_lora_weights"};
+  for (const char* f : fields)
+    if (key == f) return true;
+  return false;
+}
+
+inline void add_extra_config(nlohmann::json& config, const peft::SaveOptions& options,
+                             const char* what) {
+  if (options.extra_config.is_null()) return;
+  if (!options.extra_config.is_object())
+    throw_invalid("peft: ", what, ": SaveOptions::extra_config must be a JSON object, got ",
+                  options.extra_config.type_name());
+  for (const auto& item : options.extra_config.items()) {
+    if (computed_field(item.key()))
+      throw_invalid("peft: ", what, ": SaveOptions::extra_config may not set \"", item.key(),
+                    "\" (it is computed from the layers)");
+    config[item.key()] = item.value();
+  }
+}
+
+/// PeftConfig's fields and the ones HRAConfig and LoraConfig share, as PeftModel.save_pretrained
+/// writes them.
+inline nlohmann::json common_config(const char* peft_type, const std::vector<std::string>& modules,
+                                    const std::string& bias, const peft::SaveOptions& options) {
+  nlohmann::json c = nlohmann::json::object();
+  c["auto_mapping"] = nullptr;
+  c["base_model_name_or_path"] = options.base_model_name_or_path
+                                     ? nlohmann::json(*options.base_model_name_or_path)
+                                     : nlohmann::json(nullptr);
+  c["bias"] = bias;
+  c["exclude_modules"] = nullptr;
+  c["inference_mode"] = true;
+  c["layers_pattern"] = nullptr;
+  c["layers_to_transform"] = nullptr;
+  c["modules_to_save"] = nullptr;
+  c["peft_type"] = peft_type;
+  c["revision"] = nullptr;
+  c["target_modules"] = modules;
+  c["task_type"] = nullptr;
+  return c;
+}
+
+inline const char* bias_mode_name(BiasMode mode) {
+  return mode == BiasMode::none  ? "BiasMode::none"
+         : mode == BiasMode::all ? "BiasMode::all"
+                                 : "BiasMode::adapter_only";
+}
+
+/// PEFT's bias field for the layers: every layer that has a bias must train it the same way.
+template <typename Modules>
+std::string bias_field(const Modules& modules, const char* adapter_only, const char* what) {
+  std::optional<BiasMode> mode;
+  std::string first;
+  for (const auto& [module, layer] : modules) {
+    if (!layer->bias()) continue;
+    if (!mode) {
+      mode = layer->bias_mode();
+      first = module;
+    } else if (*mode != layer->bias_mode()) {
+      throw_invalid("peft: ", what, ": modules '", first, "' (", bias_mode_name(*mode), ") and '",
+                    module, "' (", bias_mode_name(layer->bias_mode()),
+                    ") train their biases differently; PEFT's config has one bias setting");
+    }
+  }
+  if (!mode || *mode == BiasMode::none) return "none";
+  return *mode == BiasMode::all ? "all" : adapter_only;
+}
+
+/// A JSON number for a count or alpha, as Python writes it: an integer when it is one.
+inline nlohmann::json json_number(double value) {
+  if (value == std::floor(value) && std::abs(value) < 9.0e15)
+    return nlohmann::json(static_cast<std::int64_t>(value));
+  return nlohmann::json(value);
+}
+
+/// Stores `m` as tensor `name` in `dtype` and returns what a reader gets back (as double), so
+/// that values the dtype cannot hold (F16 overflows to inf) are refused before any file is
+/// written. std::invalid_argument starting with `where`.
+template <typename Derived>
+Eigen::MatrixXd put_checked(safetensors::TensorFile& weights, const std::string& name,
+                            const Eigen::MatrixBase<Derived>& m, safetensors::Dtype dtype,
+                            const std::string& where, bool vector = false) {
+  if (vector)
+    weights.put_vector(name, m, dtype);
+  else
+    weights.put_matrix(name, m, dtype);
+  try {
+    if (vector) return weights.get_vector<double>(name);
+    return weights.get_matrix<double>(name);
+  } catch (const safetensors::tensor_error& e) {
+    throw_invalid(where, "cannot save tensor '", name, "' as ", safetensors::to_string(dtype), ": ",
+                  e.what());
+  }
+}
+
+template <typename Layer>
+void put_bias(safetensors::TensorFile& weights, const Layer& layer, const std::string& bias,
+              const std::string& name, safetensors::Dtype dtype, const std::string& where) {
+  if (bias == "none" || !layer.bias()) return;
+  put_checked(weights, name, *layer.bias(), dtype, where, /*vector=*/true);
+}
+
+}  // namespace detail
+
+namespace peft {
+
+/// \brief The files that save_hra_adapters() writes, in memory (the memory-level entry point).
+///
+/// One `<prefix><module>.hra_u` tensor (in_features, r) per module from the adapter
+/// `options.adapter_name`, the trained biases when the layers' biases are trainable, and the
+/// HRAConfig fields: r and apply_GS (the same for every module: HRAConfig has no rank_pattern),
+/// init_weights (true when every adapter used the symmetric init), bias ("none", "all" or
+/// "hra_only" from the layers' BiasMode, which must agree), target_modules (the module names).
+/// std::invalid_argument for a null layer, a missing adapter, different ranks or variants,
+/// values that are not finite in the chosen dtype or U that would not load back (zero or, for
+/// Gram-Schmidt, dependent columns).
+template <typename Scalar>
+AdapterFiles hra_adapter_files(const HraModules<Scalar>& modules, const SaveOptions& options = {}) {
+  const char* what = "save_hra_adapters";
+  detail::check_layers(modules, what);
+  if (modules.empty()) detail::throw_invalid("peft: ", what, ": no modules to save");
+  const safetensors::Dtype dtype = options.dtype.value_or(safetensors::natural_dtype<Scalar>());
+  AdapterFiles files;
+  files.weights.metadata()["format"] = "pt";  // what PEFT's save_pretrained passes
+  const std::string bias = detail::bias_field(modules, "hra_only", what);
+  Eigen::Index r = 0;
+  Variant variant = Variant::chain;
+  std::string first;
+  bool symmetric = true;
+  std::vector<std::string> names;
+  for (const auto& [module, layer] : modules) {
+    const std::string where = detail::concat("peft: ", what, ": module '", module, "': ");
+    const auto* adapter = detail::find_adapter(*layer, options.adapter_name);
+    if (!adapter)
+      detail::throw_invalid(where, "the layer has no adapter '", options.adapter_name, "'");
+    if (first.empty()) {
+      r = adapter->chain().rank();
+      variant = adapter->chain().variant();
+      first = module;
+    } else if (adapter->chain().rank() != r) {
+      detail::throw_invalid(where, "r = ", adapter->chain().rank(), " differs from module '", first,
+                            "' (r = ", r, "); PEFT's HRAConfig has one r for every module");
+    } else if (adapter->chain().variant() != variant) {
+      detail::throw_invalid(where, "the ", to_string(adapter->chain().variant()),
+                            " variant differs from module '", first, "' (", to_string(variant),
+                            "); PEFT's HRAConfig has one apply_GS for every module");
+    }
+    symmetric = symmetric && adapter->init() == Init::symmetric;
+    const std::string name = options.prefix + module + ".hra_u";
+    const Eigen::MatrixXd stored =
+        detail::put_checked(files.weights, name, adapter->chain().reflectors(), dtype, where);
+    try {
+      ReflectorChain<double>(stored, variant).factorize();
+    } catch (const std::invalid_argument& e) {
+      detail::throw_invalid(where, "U would not load back from tensor '", name, "': ", e.what());
+    }
+    detail::put_bias(files.weights, *layer, bias, options.prefix + module + ".base_layer.bias",
+                     dtype, where);
+    names.push_back(module);
+  }
+  files.config = detail::common_config("HRA", names, bias, options);
+  files.config["apply_GS"] = variant == Variant::gram_schmidt;
+  files.config["init_weights"] = symmetric;
+  files.config["r"] = r;
+  detail::add_extra_config(files.config, options, what);
+  return files;
+}
+
+/// \brief The files that save_lora_adapters() writes, in memory (the memory-level entry point).
+///
+/// `<prefix><module>.lora_A.weight` (r, in_features) and `.lora_B.weight` (out_features, r) per
+/// module, the trained biases when trainable, and the LoraConfig fields: r and lora_alpha are
+/// the most common rank and alpha (ties: the first module's), the other modules get
+/// rank_pattern / alpha_pattern entries keyed by their escaped names; use_rslora false (the
+/// layers scale by alpha / r); lora_dropout (the same for every module); bias ("none", "all" or
+/// "lora_only"). std::invalid_argument for a null layer, different dropouts or biases,
+/// non-finite values in the dtype, or module names whose patterns would also match another
+/// module.
+template <typename Scalar>
+AdapterFiles lora_adapter_files(const LoraModules<Scalar>& modules,
+                                const SaveOptions& options = {}) {
+  const char* what = "save_lora_adapters";
+  detail::check_layers(modules, what);
+  if (modules.empty()) detail::throw_invalid("peft: ", what, ": no modules to save");
+  const safetensors::Dtype dtype = options.dtype.value_or(safetensors::natural_dtype<Scalar>());
+  AdapterFiles files;
+  files.weights.metadata()["format"] = "pt";
+  const std::string bias = detail::bias_field(modules, "lora_only", what);
+
+  // The most common rank and alpha become r and lora_alpha (first module wins ties).
+  const auto most_common = [&](auto value_of) {
+    using Value = decltype(value_of(*modules.begin()->second));
+    std::vector<std::pair<Value, int>> counts;
+    for (const auto& entry : modules) {
+      const Value v = value_of(*entry.second);
+      auto it =
+          std::find_if(counts.begin(), counts.end(), [&](const auto& c) { return c.first == v; });
+      if (it == counts.end())
+        counts.emplace_back(v, 1);
+      else
+        ++it->second;
+    }
+    return std::max_element(counts.begin(), counts.end(),
+                            [](const auto& a, const auto& b) { return a.second < b.second; })
+        ->first;
+  };
+  const Eigen::Index r = most_common([](const LoraLinear<Scalar>& l) { return l.options().rank; });
+  const double alpha = most_common([](const LoraLinear<Scalar>& l) { return l.options().alpha; });
+  const double dropout = modules.begin()->second->options().dropout;
+
+  nlohmann::json rank_pattern = nlohmann::json::object();
+  nlohmann::json alpha_pattern = nlohmann::json::object();
+  std::vector<std::string> names;
+  for (const auto& [module, layer] : modules) {
+    const std::string where = detail::concat("peft: ", what, ": module '", module, "': ");
+    const LoraOptions& o = layer->options();
+    if (o.dropout != dropout)
+      detail::throw_invalid(where, "dropout ", o.dropout, " differs from module '",
+                            modules.begin()->first, "' (", dropout,
+                            "); PEFT's LoraConfig has one lora_dropout");
+    if (o.rank != r) rank_pattern[detail::escape_pattern(module)] = o.rank;
+    if (o.alpha != alpha)
+      alpha_pattern[detail::escape_pattern(module)] = detail::json_number(o.alpha);
+    detail::put_checked(files.weights, options.prefix + module + ".lora_A.weight", layer->lora_a(),
+                        dtype, where);
+    detail::put_checked(files.weights, options.prefix + module + ".lora_B.weight", layer->lora_b(),
+                        dtype, where);
+    detail::put_bias(files.weights, *layer, bias, options.prefix + module + ".base_layer.bias",
+                     dtype, where);
+    names.push_back(module);
+  }
+  files.config = detail::common_config("LORA", names, bias, options);
+  files.config["alpha_pattern"] = alpha_pattern;
+  files.config["fan_in_fan_out"] = false;
+  files.config["init_lora_weights"] = true;
+  files.config["layer_replication"] = nullptr;
+  files.config["loftq_config"] = nlohmann::json::object();
+  files.config["lora_alpha"] = detail::json_number(alpha);
+  files.config["lora_bias"] = false;
+  files.config["lora_dropout"] = dropout;
+  files.config["megatron_config"] = nullptr;
+  files.config["megatron_core"] = "megatron.core";
+  files.config["r"] = r;
+  files.config["rank_pattern"] = rank_pattern;
+  files.config["use_dora"] = false;
+  files.config["use_rslora"] = false;
+  detail::add_extra_config(files.config, options, what);
+
+  // PEFT gives each module the first pattern that matches a suffix of its name, so a module
+  // whose name ends another's could pick up the wrong entry: read the config back as PEFT would.
+  const AdapterConfig check = parse_config(files.config_text(), "<config being saved>");
+  for (const auto& [module, layer] : modules)
+    if (check.rank_for(module) != layer->options().rank ||
+        check.alpha_for(module) != layer->options().alpha)
+      detail::throw_invalid("peft: ", what, ": module '", module,
+                            "': its rank or alpha cannot be expressed by rank_pattern / "
+                            "alpha_pattern without also matching another module's name");
+  return files;
+}
+
+/// \brief Writes `files` into the directory `dir` (created if needed) as
+/// adapter_model.safetensors and adapter_config.json.
+///
+/// Guarantee: both files are serialised first (conversion errors touch nothing), then each is
+/// written to a temporary file in `dir`, flushed and renamed over its target, weights first. If
+/// writing the config fails, the previous weights file is put back (or the new one removed
+/// when there was none), so after an exception both files are as they were (io_error naming
+/// the path; it says so if even putting back failed). A crash (power loss) between the two
+/// renames can leave the new weights beside the old config; loading then refuses the pair if
+/// they do not fit each other or the layers.
+inline void save_adapter_files(const std::filesystem::path& dir, const AdapterFiles& files) {
+  namespace fs = std::filesystem;
+  const std::string where = detail::concat("peft: ", dir.string(), ": ");
+  std::string config_text;
+  try {
+    config_text = files.config_text();
+  } catch (const nlohmann::json::exception& e) {
+    detail::throw_invalid(where, "the config has a string that is not valid UTF-8: ", e.what());
+  }
+  const std::string weights_bytes = safetensors::serialize(files.weights);
+
+  std::error_code ec;
+  fs::create_directories(dir, ec);
+  if (!fs::is_directory(dir))
+    throw io_error(where + "cannot create the directory" + (ec ? ": " + ec.message() : ""));
+  const fs::path weights_path = dir / weights_file_name;
+  const fs::path config_path = dir / config_file_name;
+  std::optional<std::string> previous;  // the weights file being replaced
+  if (fs::exists(weights_path, ec)) previous = detail::read_file<io_error>(weights_path, "peft: ");
+
+  try {
+    detail::replace_file_atomically<io_error>(weights_path, weights_bytes, "peft: ");
+  } catch (const io_error& e) {
+    throw io_error(std::string(e.what()) + "; nothing was changed");
+  }
+  try {
+    detail::replace_file_atomically<io_error>(config_path, config_text, "peft: ");
+  } catch (const io_error& e) {
+    std::string outcome = "; the previous adapter files are left as they were";
+    try {
+      if (previous) {
+        detail::replace_file_atomically<io_error>(weights_path, *previous, "peft: ");
+      } else if (!fs::remove(weights_path, ec) || ec) {
+        throw io_error("remove failed");
+      }
+    } catch (const std::exception&) {
+      outcome = "; putting the previous " + std::string(weights_file_name) +
+                " back failed too, so the directory holds the new weights with the old config";
+    }
+    throw io_error(e.what() + outcome);
+  }
+}
+
+/// Saves the adapter `options.adapter_name` of every mapped HraLinear as a PEFT HRA adapter
+/// directory (see hra_adapter_files() and save_adapter_files()).
+template <typename Scalar>
+void save_hra_adapters(const std::filesystem::path& dir, const HraModules<Scalar>& modules,
+                       const SaveOptions& options = {}) {
+  save_adapter_files(dir, hra_adapter_files(modules, options));
+}
+
+/// Saves every mapped LoraLinear as a PEFT LoRA adapter directory (see lora_adapter_files()).
+template <typename Scalar>
+void save_lora_adapters(const std::filesystem::path& dir, const LoraModules<Scalar>& modules,
+                        const SaveOptions& options = {}) {
+  save_adapter_files(dir, lora_adapter_files(modules, options));
+}
+
+// The same four for a braced list of float or double layers (see ModuleList).
+
+/// hra_adapter_files(modules, options) for a braced list.
+inline AdapterFiles hra_adapter_files(const HraModuleList& modules,
+                                      const SaveOptions& options = {}) {
+  return modules.visit([&](const auto& map) { return hra_adapter_files(map, options); });
+}
+
+/// lora_adapter_files(modules, options) for a braced list.
+inline AdapterFiles lora_adapter_files(const LoraModuleList& modules,
+                                       const SaveOptions& options = {}) {
+  return modules.visit([&](const auto& map) { return lora_adapter_files(map, options); });
+}
+
+/// save_hra_adapters(dir, modules, options) for a braced list.
+inline void save_hra_adapters(const std::filesystem::path& dir, const HraModuleList& modules,
+                              const SaveOptions& options = {}) {
+  save_adapter_files(dir, hra_adapter_files(modules, options));
+}
+
+/// save_lora_adapters(dir, modules, options) for a braced list.
+inline void save_lora_adapters(const std::filesystem::path& dir, const LoraModuleList& modules,
+                               const SaveOptions& options = {}) {
+  save_adapter_files(dir, lora_adapter_files(modules, options));
+}
+
+}  // namespace peft
+}  // namespace hra

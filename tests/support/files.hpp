@@ -1,0 +1,57 @@
+// Whole-file reads and writes, and a temporary file size limit, for tests that write files
+// (tests only).
+#pragma once
+
+#include <catch2/catch.hpp>
+
+#include <sys/resource.h>
+
+#include <csignal>
+#include <cstddef>
+#include <filesystem>
+#include <fstream>
+#include <iterator>
+#include <string>
+
+namespace hra_test {
+
+/// The bytes of the file at `p` ("" if it cannot be opened).
+inline std::string read_all(const std::filesystem::path& p) {
+  std::ifstream in(p, std::ios::binary);
+  return std::string(std::istreambuf_iterator<char>(in), {});
+}
+
+/// Replaces the file at `p` by `bytes`.
+inline void write_all(const std::filesystem::path& p, const std::string& bytes) {
+  std::ofstream out(p, std::ios::binary);
+  out.write(bytes.data(), static_cast<std::streamsize>(bytes.size()));
+}
+
+/// \brief While it lives, files this process writes may not grow beyond `bytes` (RLIMIT_FSIZE):
+/// a write past the limit fails with EFBIG instead of raising SIGXFSZ, which is ignored. Both
+/// are restored at scope exit, so a failing write can be provoked inside the function given to
+/// expect_error() and the checks run after the limit is gone.
+class FileSizeLimit {
+ public:
+  explicit FileSizeLimit(std::size_t bytes) {
+    REQUIRE(::getrlimit(RLIMIT_FSIZE, &old_limit_) == 0);
+    old_handler_ = std::signal(SIGXFSZ, SIG_IGN);
+    struct rlimit limited = old_limit_;
+    limited.rlim_cur = bytes;
+    const bool set = ::setrlimit(RLIMIT_FSIZE, &limited) == 0;
+    if (!set) std::signal(SIGXFSZ, old_handler_);  // no destructor runs after a failed REQUIRE
+    REQUIRE(set);
+  }
+  ~FileSizeLimit() {
+    ::setrlimit(RLIMIT_FSIZE, &old_limit_);
+    std::signal(SIGXFSZ, old_handler_);
+  }
+  FileSizeLimit(const FileSizeLimit&) = delete;
+  FileSizeLimit& operator=(const FileSizeLimit&) = delete;
+
+ private:
+  struct rlimit old_limit_ {};
+  void (*old_handler_)(int) = SIG_DFL;
+};
+
+}  // namespace hra_test
