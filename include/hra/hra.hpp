@@ -3,12 +3,16 @@
 #pragma once
 
 #include "affine_layer.hpp"
+#include "conv2d.hpp"
+#include "conv_geometry.hpp"
 #include "gradient_check.hpp"
 #include "hra_adapter_layer.hpp"
+#include "hra_conv2d.hpp"
 #include "hra_linear.hpp"
 #include "layer.hpp"
 #include "linear.hpp"
 #include "lora_adapter_layer.hpp"
+#include "lora_conv2d.hpp"
 #include "lora_linear.hpp"
 #include "optim.hpp"
 #include "orthogonality.hpp"

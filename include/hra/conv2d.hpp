@@ -1,0 +1,161 @@
+// A plain 2-D convolution y = conv(x, W) + b, trainable or frozen (heads, full fine-tuning, the
+// frozen baseline of the adapted convolutions).
+#pragma once
+
+#include <Eigen/Core>
+#include <optional>
+#include <utility>
+#include <vector>
+
+#include "affine_layer.hpp"
+#include "conv_geometry.hpp"
+#include "detail/conv_ops.hpp"
+
+namespace hra {
+
+/// Options of a dense convolution.
+struct Conv2dOptions {
+  bool train_weight = true;  ///< W is a parameter (full fine-tuning, a new layer); else frozen
+};
+
+/// \brief y = conv(x, W) + b: PyTorch's `F.conv2d(x, weight, bias, stride, padding, dilation,
+/// groups)` with zero padding, on batches of images in hra's layout.
+///
+/// The geometry (Conv2dGeometry) fixes C_in x H x W, C_out, the kernel, stride, padding (per axis
+/// or fully asymmetric), dilation and groups. W is the C_out x D matrix of PyTorch's
+/// `weight.view(C_out, -1)` (D = C_in/groups kh kw, owned or viewed, see WeightMatrix), b an
+/// optional C_out vector (one value per output channel). A batch is C_in H W x n (each column one
+/// image, C,H,W order: the memory of an NCHW tensor); the output is C_out H_out W_out x n.
+///
+/// Per image and group g, with the patches T (L x C_in kh kw, see detail::im2col) and L = H_out
+/// W_out: Y_g^T = T_g W_g^T (+ b), dT_g = dY_g^T W_g (then col2im), dW_g += (dY_g^T)^T T_g.
+/// Images are processed one at a time (by Eigen::nbThreads() workers under OpenMP when the batch
+/// has at least two images per thread; set_threads() overrides), so memory stays bounded by one
+/// image's patches per worker, never the batch's.
+///
+/// With Conv2dOptions::train_weight the layer trains W ("weight", C_out x D); without it W is
+/// frozen. The bias trains with BiasMode::all. It has no adapter: merge() and unmerge() do
+/// nothing and merged() is true. Kept between forward and backward: the input X (only when W
+/// trains: backward rebuilds the patches from it) and Y.
+template <typename Scalar_>
+class Conv2d final : public AffineLayer<Scalar_> {
+  using Base = AffineLayer<Scalar_>;
+
+ public:
+  using typename Base::ConstRef;
+  using typename Base::Index;
+  using typename Base::Matrix;
+  using typename Base::Scalar;
+  using typename Base::Vector;
+
+  /// Throws std::invalid_argument for a bad geometry (Conv2dGeometry::validate), a weight that is
+  /// not C_out x D or not finite, or a bias that is not C_out long or not finite.
+  Conv2d(const Conv2dGeometry& geometry, WeightMatrix<Scalar> weight, std::optional<Vector> bias,
+         const Conv2dOptions& options = {}, BiasMode bias_mode = BiasMode::none)
+      : Base(checked(geometry, std::move(weight)), std::move(bias), bias_mode, "Conv2d",
+             /*adapter_layer=*/false, options.train_weight),
+        geometry_(geometry) {}
+
+  /// Convenience: own a copy of W, no bias.
+  Conv2d(const Conv2dGeometry& geometry, Matrix weight, const Conv2dOptions& options = {})
+      : Conv2d(geometry, WeightMatrix<Scalar>::owned(std::move(weight)), std::nullopt, options) {}
+
+  const Conv2dGeometry& geometry() const { return geometry_; }
+  Index input_dim() const override { return geometry_.input_size(); }
+  Index output_dim() const override { return geometry_.output_size(); }
+
+  /// Workers of the per-image loops: 0 (default) chooses (see detail::conv_workers), t >= 1 uses
+  /// min(t, n). Results do not depend on it beyond rounding.
+  void set_threads(int threads) { threads_ = threads; }
+
+  const Matrix& forward(const ConstRef& x) override {
+    detail::check_conv_input(x, geometry_, "Conv2d", "forward");
+    this->forget_forward();
+    if (this->weight_trainable()) x_ = x;
+    detail::conv_forward<Scalar>(geometry_, x, this->weight(), this->bias(), y_, threads_,
+                                 workspaces_);
+    this->remember_forward(x.cols());
+    return y_;
+  }
+
+  /// Assigns dW (when W trains) and db (when b trains); returns dX (the transposed convolution
+  /// of dY).
+  const Matrix& backward(const ConstRef& dy, bool compute_input_gradient = true) override {
+    const Index n = this->begin_backward(dy);
+    const Conv2dGeometry& g = geometry_;
+    const Index l = g.out_positions(), co = g.out_channels();
+    const bool train_w = this->weight_trainable();
+    if (compute_input_gradient)
+      dx_.resize(g.input_size(), n);
+    else
+      dx_.resize(0, 0);
+    if (this->bias_trainable()) this->bias_backward(detail::channel_sums<Scalar>(g, dy));
+    if (!train_w && !compute_input_gradient) return dx_;
+    const int workers = detail::conv_workers(n, threads_);
+    prepare(workspaces_, workers);
+    for (auto& ws : workspaces_)
+      if (train_w) ws.weight_grad.setZero(co, g.fan_in());
+    const auto w = this->weight();
+    detail::for_each_image(n, workers, [&](int wk, Index b) {
+      Workspace& ws = workspaces_[static_cast<std::size_t>(wk)];
+      const auto dyt = detail::image_rows(dy.col(b).data(), l, co);
+      if (train_w) {
+        const auto t = detail::image_patches(g, x_.col(b).data(), ws.patches);
+        detail::grouped_weight_gradient_add<Scalar>(g, dyt, t, ws.weight_grad);
+      }
+      if (compute_input_gradient)
+        detail::grouped_input_gradient<Scalar>(g, dyt, w, dx_.col(b).data(), ws.patch_grad);
+    });
+    if (train_w)
+      detail::sum_over_workers(workspaces_, workers, &Workspace::weight_grad,
+                               this->weight_gradient());
+    return dx_;
+  }
+
+  void predict(const ConstRef& x, Matrix& y) const override {
+    detail::check_conv_input(x, geometry_, "Conv2d", "predict");
+    std::vector<Workspace> ws;
+    detail::conv_forward<Scalar>(geometry_, x, this->weight(), this->bias(), y, threads_, ws);
+  }
+
+  /// "weight" (C_out x D) when it trains, "bias" when it trains.
+  std::vector<ParameterView<Scalar>> parameters() override {
+    std::vector<ParameterView<Scalar>> out;
+    this->append_weight_parameter(out);
+    this->append_bias_parameter(out);
+    return out;
+  }
+
+  void merge() override {}
+  void unmerge() override {}
+  bool merged() const override { return true; }
+
+  std::size_t saved_bytes() const override {
+    return static_cast<std::size_t>(x_.size() + y_.size()) * sizeof(Scalar);
+  }
+
+ private:
+  struct Workspace {
+    Matrix patches, patch_grad, weight_grad;
+  };
+
+  static WeightMatrix<Scalar> checked(const Conv2dGeometry& g, WeightMatrix<Scalar> w) {
+    g.validate("Conv2d");
+    detail::check_conv_weight(w.rows(), w.cols(), g, "Conv2d");
+    return w;
+  }
+
+  static void prepare(std::vector<Workspace>& ws, int workers) {
+    if (ws.size() < static_cast<std::size_t>(workers)) ws.resize(static_cast<std::size_t>(workers));
+  }
+
+  Conv2dGeometry geometry_;
+  int threads_ = 0;
+  Matrix x_, y_, dx_;
+  std::vector<Workspace> workspaces_;
+};
+
+using Conv2df = Conv2d<float>;
+using Conv2dd = Conv2d<double>;
+
+}  // namespace hra
