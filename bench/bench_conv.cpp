@@ -11,8 +11,8 @@
 // what the library uses, and P with a transpose into C,H,W), the measurement behind the choice.
 //
 // Extra flags (before Google Benchmark's own):
-//   --threads=N   Eigen / OpenMP threads (the conv layers' workers); default $HRA_BENCH_THREADS
-//                 or 2
+//   --threads=N   threads of hra's pool (the conv layers' chunks) and of Eigen (under OpenMP);
+//                 default $HRA_BENCH_THREADS or 2
 //   --no-double   register the float cases only
 //   --no-check    skip the start-up check (threaded layers against one worker)
 // Short development run:
@@ -181,6 +181,7 @@ void bm_layout(benchmark::State& state, ConvShape s, bool rows) {
     benchmark::DoNotOptimize(y.data());
   });
   Eigen::setNbThreads(threads);
+  hra::set_num_threads(threads);  // the conv layers' chunks run on hra's pool
   set_counters(state, g, 1, false, 0);
 }
 

@@ -29,9 +29,9 @@ struct Conv2dOptions {
 ///
 /// Per image and group g, with the patches T (L x C_in kh kw, see detail::im2col) and L = H_out
 /// W_out: Y_g^T = T_g W_g^T (+ b), dT_g = dY_g^T W_g (then col2im), dW_g += (dY_g^T)^T T_g.
-/// Images are processed one at a time (by Eigen::nbThreads() workers under OpenMP when the batch
-/// has at least two images per thread; set_threads() overrides), so memory stays bounded by one
-/// image's patches per worker, never the batch's.
+/// Images are processed one at a time, in up to 8 chunks of the batch run on hra's pool (see
+/// detail::conv_workers; set_threads() overrides the chunk count), so memory stays bounded by one
+/// image's patches per chunk, never the batch's, and results do not depend on the thread count.
 ///
 /// With Conv2dOptions::train_weight the layer trains W ("weight", C_out x D); without it W is
 /// frozen. The bias trains with BiasMode::all. It has no adapter: merge() and unmerge() do
@@ -64,8 +64,9 @@ class Conv2d final : public AffineLayer<Scalar_> {
   Index input_dim() const override { return geometry_.input_size(); }
   Index output_dim() const override { return geometry_.output_size(); }
 
-  /// Workers of the per-image loops: 0 (default) chooses (see detail::conv_workers), t >= 1 uses
-  /// min(t, n). Results do not depend on it beyond rounding.
+  /// Chunks of the per-image loops: 0 (default) chooses from n alone (see detail::conv_workers),
+  /// t >= 1 uses min(t, n). The chunk count changes the order of the weight-gradient sums
+  /// (rounding only); the thread count changes nothing.
   void set_threads(int threads) { threads_ = threads; }
 
   const Matrix& forward(const ConstRef& x) override {

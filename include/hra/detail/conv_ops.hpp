@@ -1,5 +1,5 @@
-// Internal: the pieces every convolution layer is made of: the per-image work loop (optionally
-// over OpenMP threads), the patches of one image, the grouped products with a C_out x D weight,
+// Internal: the pieces every convolution layer is made of: the per-image work loop (in chunks
+// on hra's pool), the patches of one image, the grouped products with a C_out x D weight,
 // the bias, and the input check.
 #pragma once
 
@@ -8,11 +8,8 @@
 #include <string>
 #include <vector>
 
-#ifdef _OPENMP
-#include <omp.h>
-#endif
-
 #include "../conv_geometry.hpp"
+#include "../parallel.hpp"
 #include "checks.hpp"
 #include "im2col.hpp"
 
@@ -28,34 +25,25 @@ using ConvWeightRef = Eigen::Ref<const ConvMatrix<Scalar>, 0, Eigen::OuterStride
 template <typename Scalar>
 using ConvBlockRef = Eigen::Ref<const ConvMatrix<Scalar>, 0, Eigen::OuterStride<>>;
 
-/// How many workers a per-image loop over n images uses. `requested` = 0: Eigen::nbThreads()
-/// workers when there are at least two images per thread (the whole step then runs in parallel:
-/// im2col, products, col2im), else one worker whose products Eigen may thread itself.
-/// `requested` >= 1: min(requested, n) workers. Without OpenMP the workers run one after the
-/// other (same chunks, same partial sums, same results as with threads).
+/// Chunks of images a per-image loop over n images is split into. `requested` = 0: n / 2
+/// chunks, at most kConvChunks: a function of n only, so that the partial sums (and therefore
+/// the results) do not depend on the thread count; the chunks run on hra's pool (parallel.hpp).
+/// `requested` >= 1: min(requested, n) chunks. Each chunk holds one workspace.
+inline constexpr Eigen::Index kConvChunks = 8;
 inline int conv_workers(Eigen::Index n, int requested) {
   if (requested >= 1) return static_cast<int>(std::min<Eigen::Index>(requested, n));
-  const int threads = Eigen::nbThreads();
-  return (threads > 1 && n >= 2 * threads) ? threads : 1;
+  return static_cast<int>(std::max<Eigen::Index>(1, std::min<Eigen::Index>(kConvChunks, n / 2)));
 }
 
-/// Calls f(worker, image) for every image in [0, n), worker w taking the w-th of `workers`
-/// contiguous chunks (in order), concurrently under OpenMP when workers > 1. Inside a parallel
-/// region Eigen runs its products single-threaded. `f` must not throw.
+/// Calls f(chunk, image) for every image in [0, n), chunk w taking the w-th of `workers`
+/// contiguous ranges (in order); the chunks run concurrently on hra's pool, whose threads run
+/// Eigen's products single-threaded. `f` must not throw.
 template <typename F>
 void for_each_image(Eigen::Index n, int workers, F&& f) {
-  const auto run = [&](int w) {
+  ThreadPool::instance().run(workers, [&](std::int64_t w) {
     const Eigen::Index begin = n * w / workers, end = n * (w + 1) / workers;
-    for (Eigen::Index b = begin; b < end; ++b) f(w, b);
-  };
-#ifdef _OPENMP
-  if (workers > 1 && !omp_in_parallel()) {
-#pragma omp parallel for num_threads(workers) schedule(static, 1)
-    for (int w = 0; w < workers; ++w) run(w);
-    return;
-  }
-#endif
-  for (int w = 0; w < workers; ++w) run(w);
+    for (Eigen::Index b = begin; b < end; ++b) f(static_cast<int>(w), b);
+  });
 }
 
 /// The L x C values of one image's column as a matrix (C,H,W memory: channel c is column c).
