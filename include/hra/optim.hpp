@@ -144,22 +144,63 @@ inline void check_hyper(const char* who, const char* name, double value, bool po
                   value);
 }
 
+/// \brief What Sgd and Adam share (internal): the options, the learning rate, and the
+/// per-parameter slots with their export for checkpoints.
+template <typename Scalar, typename Options, int Slots>
+class SlotOptimizer {
+ public:
+  /// Sets the learning rate (finite and >= 0, else std::invalid_argument and unchanged).
+  void set_lr(double lr) {
+    check_hyper(set_lr_name_, "lr", lr);
+    o_.lr = lr;
+  }
+  double lr() const { return o_.lr; }
+  const Options& options() const { return o_; }
+  /// Forgets the slots (momentum or moments) and the update counts.
+  void reset() { state_.clear(); }
+
+  /// The slots and update count of each of `params` (for checkpoints).
+  std::vector<ParameterState<Scalar>> state(
+      const std::vector<ParameterView<Scalar>>& params) const {
+    return state_.export_state(params);
+  }
+  /// Restores what state() returned for the same parameters (validated first, all or nothing).
+  void set_state(const std::vector<ParameterView<Scalar>>& params,
+                 const std::vector<ParameterState<Scalar>>& state) {
+    state_.import_state(params, state, name_);
+  }
+
+ protected:
+  SlotOptimizer(const Options& o, const char* name, const char* set_lr_name)
+      : o_(o), name_(name), set_lr_name_(set_lr_name) {}
+  Options o_;
+  SlotState<Scalar, Slots> state_;
+
+ private:
+  const char* name_;
+  const char* set_lr_name_;
+};
+
 }  // namespace detail
 
 /// \brief Stochastic gradient descent with momentum and L2 weight decay, as PyTorch's SGD:
 ///   g <- grad + weight_decay p;  v <- momentum v + g (v <- g on a parameter's first step);
 ///   p <- p - lr (nesterov ? g + momentum v : v).
 /// Hyperparameters are finite and >= 0 (std::invalid_argument otherwise).
+struct SgdOptions {
+  double lr = 1e-2;
+  double momentum = 0.0;
+  double weight_decay = 0.0;
+  bool nesterov = false;
+};
+
 template <typename Scalar>
-class Sgd {
+class Sgd : public detail::SlotOptimizer<Scalar, SgdOptions, 1> {
+  using Base = detail::SlotOptimizer<Scalar, SgdOptions, 1>;
+
  public:
-  struct Options {
-    double lr = 1e-2;
-    double momentum = 0.0;
-    double weight_decay = 0.0;
-    bool nesterov = false;
-  };
-  explicit Sgd(const Options& o) : o_(o) {
+  using Options = SgdOptions;
+  explicit Sgd(const Options& o) : Base(o, "Sgd", "Sgd::set_lr") {
     if (!(o.lr >= 0) || !(o.momentum >= 0) || !(o.weight_decay >= 0))
       detail::throw_invalid("Sgd: lr, momentum and weight_decay must be >= 0, got lr=", o.lr,
                             " momentum=", o.momentum, " weight_decay=", o.weight_decay);
@@ -171,23 +212,23 @@ class Sgd {
   /// One update of every parameter. All gradients (and momentum shapes) are checked before
   /// anything changes.
   void step(std::vector<ParameterView<Scalar>> params) {
-    const Scalar lr = static_cast<Scalar>(o_.lr), mu = static_cast<Scalar>(o_.momentum),
-                 wd = static_cast<Scalar>(o_.weight_decay);
+    const Scalar lr = static_cast<Scalar>(this->o_.lr), mu = static_cast<Scalar>(this->o_.momentum),
+                 wd = static_cast<Scalar>(this->o_.weight_decay);
     detail::check_step(params, "Sgd::step");
     if (mu != Scalar(0))
-      for (const auto& p : params) state_.check(p);
+      for (const auto& p : params) this->state_.check(p);
     Matrix g;
     for (auto& p : params) {
       g = p.grad;
       if (wd != Scalar(0)) g += wd * p.value;
       if (mu != Scalar(0)) {
-        auto& e = state_.get(p);
+        auto& e = this->state_.get(p);
         Matrix& v = e.slot[0];
         if (e.steps++ == 0)
           v = g;
         else
           v = mu * v + g;
-        if (o_.nesterov)
+        if (this->o_.nesterov)
           g += mu * v;
         else
           g = v;
@@ -195,31 +236,9 @@ class Sgd {
       p.value -= lr * g;
     }
   }
-  /// Sets the learning rate (finite and >= 0, else std::invalid_argument and unchanged).
-  void set_lr(double lr) {
-    detail::check_hyper("Sgd::set_lr", "lr", lr);
-    o_.lr = lr;
-  }
-  double lr() const { return o_.lr; }
-  const Options& options() const { return o_; }
-  /// Forgets the momentum buffers.
-  void reset() { state_.clear(); }
-
-  /// The momentum buffer and update count of each of `params` (for checkpoints).
-  std::vector<ParameterState<Scalar>> state(
-      const std::vector<ParameterView<Scalar>>& params) const {
-    return state_.export_state(params);
-  }
-  /// Restores what state() returned for the same parameters (validated first, all or nothing).
-  void set_state(const std::vector<ParameterView<Scalar>>& params,
-                 const std::vector<ParameterState<Scalar>>& state) {
-    state_.import_state(params, state, "Sgd");
-  }
 
  private:
   using Matrix = Eigen::Matrix<Scalar, Eigen::Dynamic, Eigen::Dynamic>;
-  Options o_;
-  detail::SlotState<Scalar, 1> state_;
 };
 
 /// \brief Adam (Kingma & Ba) and AdamW (Loshchilov & Hutter), as PyTorch computes them:
@@ -228,18 +247,22 @@ class Sgd {
 /// t counts the updates of each parameter separately. Hyperparameters are validated
 /// (std::invalid_argument): lr and weight_decay finite and >= 0, 0 <= beta1, beta2 < 1, eps
 /// finite and > 0.
+struct AdamOptions {
+  double lr = 1e-3;
+  double beta1 = 0.9;
+  double beta2 = 0.999;
+  double eps = 1e-8;
+  double weight_decay = 0.0;
+  bool decoupled_weight_decay = false;  ///< true: AdamW
+};
+
 template <typename Scalar>
-class Adam {
+class Adam : public detail::SlotOptimizer<Scalar, AdamOptions, 2> {
+  using Base = detail::SlotOptimizer<Scalar, AdamOptions, 2>;
+
  public:
-  struct Options {
-    double lr = 1e-3;
-    double beta1 = 0.9;
-    double beta2 = 0.999;
-    double eps = 1e-8;
-    double weight_decay = 0.0;
-    bool decoupled_weight_decay = false;  ///< true: AdamW
-  };
-  explicit Adam(const Options& o) : o_(o) {
+  using Options = AdamOptions;
+  explicit Adam(const Options& o) : Base(o, "Adam", "Adam::set_lr") {
     if (!(o.lr >= 0) || !(o.beta1 >= 0 && o.beta1 < 1) || !(o.beta2 >= 0 && o.beta2 < 1) ||
         !(o.eps > 0) || !(o.weight_decay >= 0))
       detail::throw_invalid(
@@ -262,53 +285,32 @@ class Adam {
   /// anything changes.
   void step(std::vector<ParameterView<Scalar>> params) {
     detail::check_step(params, "Adam::step");
-    for (const auto& p : params) state_.check(p);
-    const double b1 = o_.beta1, b2 = o_.beta2;
+    for (const auto& p : params) this->state_.check(p);
+    const double b1 = this->o_.beta1, b2 = this->o_.beta2;
     Matrix g;
     for (auto& p : params) {
-      auto& e = state_.get(p);
+      auto& e = this->state_.get(p);
       const auto t = static_cast<double>(++e.steps);
       g = p.grad;
-      if (o_.weight_decay != 0.0) {
-        if (o_.decoupled_weight_decay)
-          p.value *= static_cast<Scalar>(1.0 - o_.lr * o_.weight_decay);
+      if (this->o_.weight_decay != 0.0) {
+        if (this->o_.decoupled_weight_decay)
+          p.value *= static_cast<Scalar>(1.0 - this->o_.lr * this->o_.weight_decay);
         else
-          g += static_cast<Scalar>(o_.weight_decay) * p.value;
+          g += static_cast<Scalar>(this->o_.weight_decay) * p.value;
       }
       Matrix& m = e.slot[0];
       Matrix& v = e.slot[1];
       m = static_cast<Scalar>(b1) * m + static_cast<Scalar>(1 - b1) * g;
       v = static_cast<Scalar>(b2) * v + static_cast<Scalar>(1 - b2) * g.cwiseAbs2();
-      const Scalar step = static_cast<Scalar>(o_.lr / (1.0 - std::pow(b1, t)));
+      const Scalar step = static_cast<Scalar>(this->o_.lr / (1.0 - std::pow(b1, t)));
       const Scalar bc2 = static_cast<Scalar>(std::sqrt(1.0 - std::pow(b2, t)));
-      p.value.array() -= step * m.array() / (v.array().sqrt() / bc2 + static_cast<Scalar>(o_.eps));
+      p.value.array() -=
+          step * m.array() / (v.array().sqrt() / bc2 + static_cast<Scalar>(this->o_.eps));
     }
-  }
-  /// Sets the learning rate (finite and >= 0, else std::invalid_argument and unchanged).
-  void set_lr(double lr) {
-    detail::check_hyper("Adam::set_lr", "lr", lr);
-    o_.lr = lr;
-  }
-  double lr() const { return o_.lr; }
-  const Options& options() const { return o_; }
-  /// Forgets the moment estimates and step counts.
-  void reset() { state_.clear(); }
-
-  /// The two moments and the update count of each of `params` (for checkpoints).
-  std::vector<ParameterState<Scalar>> state(
-      const std::vector<ParameterView<Scalar>>& params) const {
-    return state_.export_state(params);
-  }
-  /// Restores what state() returned for the same parameters (validated first, all or nothing).
-  void set_state(const std::vector<ParameterView<Scalar>>& params,
-                 const std::vector<ParameterState<Scalar>>& state) {
-    state_.import_state(params, state, "Adam");
   }
 
  private:
   using Matrix = Eigen::Matrix<Scalar, Eigen::Dynamic, Eigen::Dynamic>;
-  Options o_;
-  detail::SlotState<Scalar, 2> state_;
 };
 
 /// \brief Cosine learning-rate schedule with linear warm-up, as fine-tuning recipes use:
