@@ -72,13 +72,15 @@ def main(argv):
     fig, ax = plt.subplots(figsize=(9, 6))
     for m in methods:
         pts = by_method[m]
-        if m not in colour:  # no adaptation: the same network at every size
-            ax.axhline(pct(pts[0], "target_acc_mean"), color="grey", linestyle=":",
-                       label=label[m])
+        if m not in colour:  # no adaptation: far below the rest, named in the legend only
+            ax.plot([], [], " ", label=f"{label[m]}: {pct(pts[0], 'target_acc_mean'):.2f}%")
             continue
         ax.errorbar([int(r["size"]) for r in pts], [pct(r, "target_acc_mean") for r in pts],
                     yerr=[pct(r, "target_acc_std") for r in pts], color=colour[m],
                     linestyle=style[m], marker="o", markersize=4, capsize=3, label=label[m])
+    lows = [pct(r, "target_acc_mean") - pct(r, "target_acc_std")
+            for m in colour for r in by_method[m]]
+    ax.set_ylim(bottom=max(0.0, min(lows) - 2))
     ax.set_xscale("log")
     ax.set_xticks(sizes)
     ax.set_xticklabels([f"{n:,}" for n in sizes])
@@ -127,11 +129,12 @@ def main(argv):
         ax.set_ylabel(ylabel)
         ax.set_title(title, fontsize=10)
         ax.grid(True, alpha=0.3)
-    axes[1].legend(fontsize=8, loc="best")
+    handles, labels = axes[1].get_legend_handles_labels()
+    fig.legend(handles, labels, fontsize=8, loc="lower center", ncol=5)
     fig.suptitle(f"Forgetting after adaptation and merge: one point per target training size "
                  f"({sizes[0]:,} to {sizes[-1]:,}, the largest labelled), mean ± sd over {runs} "
                  "seeds", fontsize=10)
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0.1, 1, 1))
     path = os.path.join(charts, "sweep_forgetting.png")
     fig.savefig(path, dpi=110)
     plt.close(fig)

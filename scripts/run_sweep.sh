@@ -7,7 +7,8 @@
 #   4. draw results/sweep_accuracy_vs_size.png and results/sweep_forgetting.png.
 # Extra arguments go to the example, e.g. `bash scripts/run_sweep.sh --sweep-steps 400`.
 # With HRA_SWEEP_PUBLISH=DIR (e.g. docs/sweep) the tables, CSVs, log and charts are copied there.
-# About 40 minutes on 2 busy cores with the defaults (see docs/sweep/sweep_log.txt).
+# About 14 minutes on 2 shared cores with the defaults (13.5 min measured at load ~5, 254 runs;
+# see docs/sweep/sweep_log.txt), plus ~30 s of pretraining when results/ has no cached network.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/install_deps.sh python3-matplotlib
