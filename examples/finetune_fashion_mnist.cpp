@@ -34,6 +34,7 @@
 #include <exception>
 #include <filesystem>
 #include <fstream>
+#include <functional>
 #include <map>
 #include <memory>
 #include <numeric>
@@ -42,11 +43,13 @@
 #include <sstream>
 #include <stdexcept>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "common/fashion_mnist.hpp"
 #include "common/mlp.hpp"
 #include "common/shifts.hpp"
+#include "common/sweep.hpp"
 
 namespace {
 
@@ -81,6 +84,13 @@ struct Config {
   double warmup = 0.05;              // fraction of the steps spent warming up
   std::map<std::string, double> lr;  // per-method overrides
   double head_lr = 0;                // 0: each method's own learning rate
+  // --sweep (examples/common/sweep.hpp): sizes, a fixed step budget, rates chosen per size.
+  bool sweep = false;
+  std::vector<Index> sweep_sizes = {300, 1000, 3000, 10000, 30000};
+  std::int64_t sweep_steps = 400;
+  Index sweep_validation = 5000;
+  int sweep_grid = 3;
+  int sweep_extend = 1;
 };
 
 const char* const all_methods[] = {"none", "head",    "full",   "lora",
@@ -113,11 +123,26 @@ void print_usage(std::FILE* to) {
       "  --target-train N     use N target training images (default: all 30000)\n"
       "  --validation N       hold N target training images out and report accuracy on them\n"
       "                       instead of the test set (for tuning learning rates)\n"
+      "  --sweep              instead of one comparison, the data-size sweep: every method at\n"
+      "                       each target training size for the same number of steps, its\n"
+      "                       learning rate chosen per size on a validation split (--lr moves\n"
+      "                       the grid's centre), target and source test accuracy after merge;\n"
+      "                       writes DIR/sweep_*.csv and DIR/sweep_tables.md\n"
+      "  --sweep-sizes LIST   target training images per size (default 300,1000,3000,10000,\n"
+      "                       30000)\n"
+      "  --sweep-steps N      optimiser steps of every run (default %lld: at batch 128, 170\n"
+      "                       epochs of 300 images, 17 of 3000, 1.7 of 30000)\n"
+      "  --sweep-validation N the last N target training images choose the rates (default %ld)\n"
+      "  --sweep-grid N       learning rates tried per method and size, half-decades around\n"
+      "                       the method's default (default %d)\n"
+      "  --sweep-extend N     when the best rate is at the grid's edge, try up to N more\n"
+      "                       half-decades beyond it (default %d)\n"
       "  --help               this text\n",
       d.data_dir.c_str(), d.out_dir.c_str(), d.epochs, d.pretrain_epochs, static_cast<long>(d.rank),
       static_cast<long>(d.small_rank), d.lambda, static_cast<unsigned long long>(d.seed), d.seeds,
       hra::examples::shift_help(), d.shift.c_str(), static_cast<long>(d.batch),
-      static_cast<long>(d.hidden));
+      static_cast<long>(d.hidden), static_cast<long long>(d.sweep_steps),
+      static_cast<long>(d.sweep_validation), d.sweep_grid, d.sweep_extend);
 }
 
 std::vector<std::string> split_list(const std::string& text) {
@@ -162,6 +187,10 @@ std::optional<Config> parse_args(int argc, char** argv) {
   for (int i = 1; i < argc; ++i) {
     const std::string flag = argv[i];
     if (flag == "--help" || flag == "-h") return std::nullopt;
+    if (flag == "--sweep") {
+      c.sweep = true;
+      continue;
+    }
     if (i + 1 >= argc) throw std::invalid_argument(flag + ": missing value (see --help)");
     const std::string v = argv[++i];
     if (flag == "--data") {
@@ -213,11 +242,30 @@ std::optional<Config> parse_args(int argc, char** argv) {
       c.target_train = parse_int(flag, v, 0);
     } else if (flag == "--validation") {
       c.validation = parse_int(flag, v, 0);
+    } else if (flag == "--sweep-sizes") {
+      c.sweep_sizes.clear();
+      for (const auto& item : split_list(v)) c.sweep_sizes.push_back(parse_int(flag, item, 1));
+      std::sort(c.sweep_sizes.begin(), c.sweep_sizes.end());
+      c.sweep_sizes.erase(std::unique(c.sweep_sizes.begin(), c.sweep_sizes.end()),
+                          c.sweep_sizes.end());
+      if (c.sweep_sizes.empty()) throw std::invalid_argument("--sweep-sizes: no sizes");
+    } else if (flag == "--sweep-steps") {
+      c.sweep_steps = parse_int(flag, v, 1);
+    } else if (flag == "--sweep-validation") {
+      c.sweep_validation = parse_int(flag, v, 1);
+    } else if (flag == "--sweep-grid") {
+      c.sweep_grid = static_cast<int>(parse_int(flag, v, 1));
+    } else if (flag == "--sweep-extend") {
+      c.sweep_extend = static_cast<int>(parse_int(flag, v, 0));
     } else {
       throw std::invalid_argument("unknown flag '" + flag + "' (see --help)");
     }
   }
   if (c.methods.empty()) c.methods.assign(std::begin(all_methods), std::end(all_methods));
+  if (c.sweep && (c.target_train > 0 || c.validation > 0))
+    throw std::invalid_argument(
+        "--target-train and --validation are for the single comparison; --sweep takes "
+        "--sweep-sizes and --sweep-validation");
   return c;
 }
 
@@ -807,6 +855,127 @@ int run(const Config& c) {
   return 0;
 }
 
+// The data-size sweep (--sweep, issue #16): the methods of --methods at --rank ("equal rank"),
+// plus HRA and HRA-GS at the rank whose trainable parameters come closest to LoRA's at --rank
+// ("equal parameters"); examples/common/sweep.hpp does the rest.
+int run_sweep(const Config& c) {
+  namespace sw = hra::examples::sweep;
+  const auto start = Clock::now();
+  std::filesystem::create_directories(c.out_dir);
+  std::printf("threads: Eigen %d, hra %d; shift: %s; data: %s\n", Eigen::nbThreads(),
+              hra::num_threads(), c.shift.c_str(), c.data_dir.c_str());
+  const Tasks t = make_tasks(c);  // the whole target half, the test sets
+  CurveWriter curves(c.out_dir + "/sweep_pretrain_curves.csv");
+  const Weights pretrained = pretrained_network(c, t, curves);
+
+  std::vector<std::pair<Index, Index>> adapted;  // (d_in, d_out) of the hidden layers
+  for (std::size_t k = 0; k + 1 < pretrained.weights.size(); ++k)
+    adapted.emplace_back(pretrained.weights[k].cols(), pretrained.weights[k].rows());
+  const Index equal_rank = sw::matching_hra_rank(adapted, c.rank);
+
+  std::vector<Method> methods;
+  std::vector<sw::Arm> arms;
+  auto add = [&](const Method& m, const std::string& name, const std::string& budget) {
+    methods.push_back(m);
+    arms.push_back({name, m.label, budget, m.kind == Kind::lora || m.kind == Kind::hra ? m.rank : 0,
+                    m.kind != Kind::none, m.lr, c.head_lr});
+  };
+  for (const auto& name : c.methods) {
+    const Method m = make_method(name, c);
+    add(m, name,
+        m.kind == Kind::none || m.kind == Kind::head || m.kind == Kind::full
+            ? "reference"
+            : (m.rank == c.rank ? "equal rank" : "other rank"));
+  }
+  const bool has_lora = std::find(c.methods.begin(), c.methods.end(), "lora") != c.methods.end();
+  if (has_lora && equal_rank != c.rank)
+    for (const char* name : {"hra", "hra-gs"})
+      if (std::find(c.methods.begin(), c.methods.end(), name) != c.methods.end()) {
+        Config at = c;
+        at.rank = equal_rank;
+        add(make_method(name, at), std::string(name) + "@" + std::to_string(equal_rank),
+            "equal parameters");
+      }
+
+  sw::Settings s;
+  s.sizes = c.sweep_sizes;
+  s.steps = c.sweep_steps;
+  s.batch = c.batch;
+  s.warmup = c.warmup;
+  s.validation = c.sweep_validation;
+  s.grid_points = c.sweep_grid;
+  s.edge_extensions = c.sweep_extend;
+  s.seeds = c.seeds;
+  s.first_seed = c.seed;
+  s.out_dir = c.out_dir;
+  std::printf("Sweep: target sizes");
+  for (Index n : s.sizes) std::printf(" %ld", static_cast<long>(n));
+  std::printf(
+      "; %lld steps of %ld images per run; %d learning rate(s) per method and size chosen on\n"
+      "the last %ld of the %ld target training images; %d seed(s); HRA at r=%ld matches the\n"
+      "parameters of LoRA at r=%ld\n",
+      static_cast<long long>(s.steps), static_cast<long>(s.batch), s.grid_points,
+      static_cast<long>(s.validation), static_cast<long>(t.target_train.size()), s.seeds,
+      static_cast<long>(equal_rank), static_cast<long>(c.rank));
+
+  const sw::Builder<Mlp<Scalar>> build = [&](std::size_t arm, std::uint64_t seed) {
+    return build_network(pretrained, methods[arm], seed);
+  };
+  // The pretrained head is the last layer's "weight" and "bias" (trainable in every method
+  // but "none", which keeps it anyway).
+  const sw::HeadRestorer<Mlp<Scalar>> restore_head = [&](Mlp<Scalar>& net) {
+    for (auto& p : net.layer(net.size() - 1).parameters()) {
+      if (p.name == "weight") p.value = pretrained.weights.back();
+      if (p.name == "bias") p.value = pretrained.biases.back();
+    }
+  };
+  const sw::DataView<Scalar> data{t.target_train.images, t.target_train.labels,
+                                  t.target_eval.images,  t.target_eval.labels,
+                                  t.source_test.images,  t.source_test.labels};
+  const sw::Outcome o = sw::run<Mlp<Scalar>, Scalar>(arms, build, restore_head, data, s);
+
+  std::ostringstream md;
+  md << "Fashion-MNIST data-size sweep: pretrained on the unshifted first half of the training "
+        "images, adapted to the "
+     << c.shift << " second half. Every run: " << s.steps << " Adam steps of " << s.batch
+     << " images (cosine schedule, " << c.warmup * 100
+     << "% warm-up), whatever the training-set size; the learning rate of each method and size "
+        "is the best of "
+     << s.grid_points << " half-decades around its default (" << s.edge_extensions
+     << " more beyond a best rate at the grid's edge) on the last " << s.validation
+     << " target training images (one seed); then " << s.seeds
+     << " seed(s) at that rate. Accuracies after merging the adapters, on the whole target and "
+        "source test sets ("
+     << t.target_eval.size() << " images each). Sweep time " << static_cast<long>(o.seconds)
+     << " s.\n";
+  md << sw::markdown_tables(o, arms, s);
+  const std::string tables = md.str();
+  std::printf("\n%s", tables.c_str());
+  {
+    std::ofstream out(c.out_dir + "/sweep_tables.md");
+    if (!out) throw std::runtime_error(c.out_dir + "/sweep_tables.md: cannot open for writing");
+    out << tables;
+  }
+  sw::write_runs_csv(c.out_dir + "/sweep_runs.csv", o, arms);
+  sw::write_summary_csv(c.out_dir + "/sweep_summary.csv", o, arms, s);
+  std::printf(
+      "\nWrote %s/sweep_summary.csv, sweep_runs.csv (every run, tuning included) and\n"
+      "sweep_tables.md; charts: python3 scripts/plot_sweep.py %s\n",
+      c.out_dir.c_str(), c.out_dir.c_str());
+  std::printf("Sweep time %.1f s; total %.1f s (%.1f s cpu)\n", o.seconds,
+              std::chrono::duration<double>(Clock::now() - start).count(),
+              static_cast<double>(std::clock()) / CLOCKS_PER_SEC);
+  for (const auto& r : o.rows)
+    if (!r.merge_ok) {
+      std::fprintf(stderr,
+                   "error: %s at %ld images: a run failed or its merged model does not reproduce "
+                   "its unmerged predictions\n",
+                   arms[r.arm].label.c_str(), static_cast<long>(r.size));
+      return 3;
+    }
+  return 0;
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
@@ -816,7 +985,7 @@ int main(int argc, char** argv) {
       print_usage(stdout);
       return 0;
     }
-    return run(*config);
+    return config->sweep ? run_sweep(*config) : run(*config);
   } catch (const std::invalid_argument& e) {
     std::fprintf(stderr, "error: %s\n", e.what());
     return 2;
