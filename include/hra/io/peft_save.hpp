@@ -169,6 +169,81 @@ void put_bias(safetensors::TensorFile& weights, const Layer& layer, const std::s
   put_checked(weights, name, *layer.bias(), dtype, where, /*vector=*/true);
 }
 
+/// The rank and alpha of one module of a LoRA adapter directory.
+struct LoraModuleShape {
+  std::string module;
+  Eigen::Index rank;
+  double alpha;
+};
+
+/// LoraConfig's r, lora_alpha, rank_pattern and alpha_pattern for modules of these shapes.
+struct LoraPatterns {
+  Eigen::Index r = 0;
+  double alpha = 0;
+  nlohmann::json rank_pattern = nlohmann::json::object();
+  nlohmann::json alpha_pattern = nlohmann::json::object();
+};
+
+/// The most common rank and alpha become r and lora_alpha (the first module wins ties); the
+/// other modules get rank_pattern / alpha_pattern entries keyed by their escaped names.
+inline LoraPatterns lora_patterns(const std::vector<LoraModuleShape>& shapes) {
+  const auto most_common = [&](auto value_of) {
+    using Value = decltype(value_of(shapes.front()));
+    std::vector<std::pair<Value, int>> counts;
+    for (const auto& s : shapes) {
+      const Value v = value_of(s);
+      auto it =
+          std::find_if(counts.begin(), counts.end(), [&](const auto& c) { return c.first == v; });
+      if (it == counts.end())
+        counts.emplace_back(v, 1);
+      else
+        ++it->second;
+    }
+    return std::max_element(counts.begin(), counts.end(),
+                            [](const auto& a, const auto& b) { return a.second < b.second; })
+        ->first;
+  };
+  LoraPatterns p;
+  p.r = most_common([](const LoraModuleShape& s) { return s.rank; });
+  p.alpha = most_common([](const LoraModuleShape& s) { return s.alpha; });
+  for (const auto& s : shapes) {
+    if (s.rank != p.r) p.rank_pattern[escape_pattern(s.module)] = s.rank;
+    if (s.alpha != p.alpha) p.alpha_pattern[escape_pattern(s.module)] = json_number(s.alpha);
+  }
+  return p;
+}
+
+/// LoraConfig's own fields (beyond common_config()), as PeftModel.save_pretrained writes them.
+inline void add_lora_fields(nlohmann::json& config, const LoraPatterns& patterns, double dropout) {
+  config["alpha_pattern"] = patterns.alpha_pattern;
+  config["fan_in_fan_out"] = false;
+  config["init_lora_weights"] = true;
+  config["layer_replication"] = nullptr;
+  config["loftq_config"] = nlohmann::json::object();
+  config["lora_alpha"] = json_number(patterns.alpha);
+  config["lora_bias"] = false;
+  config["lora_dropout"] = dropout;
+  config["megatron_config"] = nullptr;
+  config["megatron_core"] = "megatron.core";
+  config["r"] = patterns.r;
+  config["rank_pattern"] = patterns.rank_pattern;
+  config["use_dora"] = false;
+  config["use_rslora"] = false;
+}
+
+/// PEFT gives each module the first pattern that matches a suffix of its name, so a module
+/// whose name ends another's could pick up the wrong entry: reads the config back as PEFT would
+/// and throws std::invalid_argument unless every module gets its own rank and alpha.
+inline void check_lora_patterns(const peft::AdapterFiles& files,
+                                const std::vector<LoraModuleShape>& shapes, const char* what) {
+  const peft::AdapterConfig check = peft::parse_config(files.config_text(), "<config being saved>");
+  for (const auto& s : shapes)
+    if (check.rank_for(s.module) != s.rank || check.alpha_for(s.module) != s.alpha)
+      throw_invalid("peft: ", what, ": module '", s.module,
+                    "': its rank or alpha cannot be expressed by rank_pattern / "
+                    "alpha_pattern without also matching another module's name");
+}
+
 }  // namespace detail
 
 namespace peft {
@@ -256,29 +331,12 @@ AdapterFiles lora_adapter_files(const LoraModules<Scalar>& modules,
   files.weights.metadata()["format"] = "pt";
   const std::string bias = detail::bias_field(modules, "lora_only", what);
 
-  // The most common rank and alpha become r and lora_alpha (first module wins ties).
-  const auto most_common = [&](auto value_of) {
-    using Value = decltype(value_of(*modules.begin()->second));
-    std::vector<std::pair<Value, int>> counts;
-    for (const auto& entry : modules) {
-      const Value v = value_of(*entry.second);
-      auto it =
-          std::find_if(counts.begin(), counts.end(), [&](const auto& c) { return c.first == v; });
-      if (it == counts.end())
-        counts.emplace_back(v, 1);
-      else
-        ++it->second;
-    }
-    return std::max_element(counts.begin(), counts.end(),
-                            [](const auto& a, const auto& b) { return a.second < b.second; })
-        ->first;
-  };
-  const Eigen::Index r = most_common([](const LoraLinear<Scalar>& l) { return l.options().rank; });
-  const double alpha = most_common([](const LoraLinear<Scalar>& l) { return l.options().alpha; });
+  std::vector<detail::LoraModuleShape> shapes;
+  for (const auto& [module, layer] : modules)
+    shapes.push_back({module, layer->options().rank, layer->options().alpha});
+  const detail::LoraPatterns patterns = detail::lora_patterns(shapes);
   const double dropout = modules.begin()->second->options().dropout;
 
-  nlohmann::json rank_pattern = nlohmann::json::object();
-  nlohmann::json alpha_pattern = nlohmann::json::object();
   std::vector<std::string> names;
   for (const auto& [module, layer] : modules) {
     const std::string where = detail::concat("peft: ", what, ": module '", module, "': ");
@@ -287,9 +345,6 @@ AdapterFiles lora_adapter_files(const LoraModules<Scalar>& modules,
       detail::throw_invalid(where, "dropout ", o.dropout, " differs from module '",
                             modules.begin()->first, "' (", dropout,
                             "); PEFT's LoraConfig has one lora_dropout");
-    if (o.rank != r) rank_pattern[detail::escape_pattern(module)] = o.rank;
-    if (o.alpha != alpha)
-      alpha_pattern[detail::escape_pattern(module)] = detail::json_number(o.alpha);
     detail::put_checked(files.weights, options.prefix + module + ".lora_A.weight", layer->lora_a(),
                         dtype, where);
     detail::put_checked(files.weights, options.prefix + module + ".lora_B.weight", layer->lora_b(),
@@ -299,31 +354,9 @@ AdapterFiles lora_adapter_files(const LoraModules<Scalar>& modules,
     names.push_back(module);
   }
   files.config = detail::common_config("LORA", names, bias, options);
-  files.config["alpha_pattern"] = alpha_pattern;
-  files.config["fan_in_fan_out"] = false;
-  files.config["init_lora_weights"] = true;
-  files.config["layer_replication"] = nullptr;
-  files.config["loftq_config"] = nlohmann::json::object();
-  files.config["lora_alpha"] = detail::json_number(alpha);
-  files.config["lora_bias"] = false;
-  files.config["lora_dropout"] = dropout;
-  files.config["megatron_config"] = nullptr;
-  files.config["megatron_core"] = "megatron.core";
-  files.config["r"] = r;
-  files.config["rank_pattern"] = rank_pattern;
-  files.config["use_dora"] = false;
-  files.config["use_rslora"] = false;
+  detail::add_lora_fields(files.config, patterns, dropout);
   detail::add_extra_config(files.config, options, what);
-
-  // PEFT gives each module the first pattern that matches a suffix of its name, so a module
-  // whose name ends another's could pick up the wrong entry: read the config back as PEFT would.
-  const AdapterConfig check = parse_config(files.config_text(), "<config being saved>");
-  for (const auto& [module, layer] : modules)
-    if (check.rank_for(module) != layer->options().rank ||
-        check.alpha_for(module) != layer->options().alpha)
-      detail::throw_invalid("peft: ", what, ": module '", module,
-                            "': its rank or alpha cannot be expressed by rank_pattern / "
-                            "alpha_pattern without also matching another module's name");
+  detail::check_lora_patterns(files, shapes, what);
   return files;
 }
 

@@ -1,0 +1,300 @@
+// PEFT adapter directories, export: trained HRA adapters written as the exact LoRA adapter they
+// are (SPEC §11), for the stacks that load LoRA only (PEFT's LoraModel, llama.cpp's
+// convert_lora_to_gguf.py, ...).
+#pragma once
+
+#include <Eigen/Core>
+#include <algorithm>
+#include <cmath>
+#include <cstddef>
+#include <filesystem>
+#include <limits>
+#include <optional>
+#include <stdexcept>
+#include <string>
+#include <utility>
+#include <vector>
+
+#include <nlohmann/json.hpp>
+
+#include "../detail/checks.hpp"
+#include "../hra_linear.hpp"
+#include "../reflector_chain.hpp"
+#include "peft_config.hpp"
+#include "peft_modules.hpp"
+#include "peft_save.hpp"
+#include "safetensors.hpp"
+
+namespace hra {
+namespace peft {
+
+/// How to export.
+struct LoraExportOptions {
+  /// The adapters of every layer composed into its LoRA (each layer must have them all), in
+  /// stacking order whatever the order given; empty: the layer's active adapters, i.e. what its
+  /// forward() applies.
+  std::vector<std::string> adapters;
+  /// Tensor dtype (F32, F16, BF16 or F64); default F32 for float layers, F64 for double ones.
+  std::optional<safetensors::Dtype> dtype;
+  std::string prefix = default_prefix;                 ///< prefix of every tensor name
+  std::optional<std::string> base_model_name_or_path;  ///< written into the config
+  /// Further config fields (e.g. task_type), as SaveOptions::extra_config; the computed ones
+  /// (peft_type, r, lora_alpha, bias, ...) cannot be replaced.
+  nlohmann::json extra_config = nlohmann::json::object();
+};
+
+/// One exported module: its shape and how far the stored LoRA is from the HRA layer.
+struct LoraExportModule {
+  std::string module;                 ///< module name, as in the PyTorch model
+  std::vector<std::string> adapters;  ///< the adapters composed, in stacking order
+  Eigen::Index rank = 0;              ///< R, the summed rank of those adapters (the LoRA's r)
+  Eigen::Index input_dim = 0;         ///< d_in
+  Eigen::Index output_dim = 0;        ///< d_out
+  /// max_ij |(W + B A)_ij - (W H)_ij| in double, with B and A as stored (rounded to the dtype),
+  /// W H = W H_a H_b ... computed in double from the layer's W and U.
+  double max_weight_error = 0;
+  double max_weight = 0;  ///< max_ij |(W H)_ij|, to read max_weight_error relatively
+  /// Numbers the HRA adapters store, sum of d_in r_i (= d_in R).
+  std::size_t hra_numbers() const { return static_cast<std::size_t>(input_dim * rank); }
+  /// Numbers the LoRA stores, R (d_in + d_out).
+  std::size_t lora_numbers() const {
+    return static_cast<std::size_t>(rank * (input_dim + output_dim));
+  }
+};
+
+/// \brief An export: the two files and, per module, the error of the stored LoRA.
+struct LoraExport {
+  AdapterFiles files;                    ///< what export_lora_adapters() writes
+  safetensors::Dtype dtype;              ///< the tensors' dtype
+  std::vector<LoraExportModule> report;  ///< one entry per module, in module-name order
+
+  /// The largest LoraExportModule::max_weight_error over the modules.
+  double max_weight_error() const {
+    double e = 0;
+    for (const auto& m : report) e = std::max(e, m.max_weight_error);
+    return e;
+  }
+  /// The largest of max_weight_error / max_weight over the modules.
+  double max_relative_weight_error() const {
+    double e = 0;
+    for (const auto& m : report)
+      if (m.max_weight > 0) e = std::max(e, m.max_weight_error / m.max_weight);
+    return e;
+  }
+};
+
+}  // namespace peft
+
+namespace detail {
+
+/// The largest finite value of `dtype`.
+inline double dtype_max(safetensors::Dtype dtype) {
+  switch (dtype) {
+    case safetensors::Dtype::F16:
+      return 65504.0;
+    case safetensors::Dtype::BF16:
+      return 0x1.FEp127;
+    case safetensors::Dtype::F32:
+      return static_cast<double>(std::numeric_limits<float>::max());
+    case safetensors::Dtype::F64:
+      return std::numeric_limits<double>::max();
+  }
+  return 0;
+}
+
+/// Stores `m` as tensor `name` in `dtype` (a matrix, or the 1-D tensor of a vector) and
+/// returns what a reader gets back (as double). A finite value the dtype cannot hold (it would
+/// round to inf) is refused with std::invalid_argument starting with `where` and naming the
+/// tensor, the entry and the value; the tensor is then not kept.
+template <typename Derived>
+Eigen::MatrixXd put_representable(safetensors::TensorFile& weights, const std::string& name,
+                                  const Eigen::MatrixBase<Derived>& m, safetensors::Dtype dtype,
+                                  const std::string& where, bool vector = false) {
+  Eigen::MatrixXd stored;
+  if (vector) {
+    weights.put_vector(name, m, dtype);
+    stored = weights.get_vector<double>(name, safetensors::NonFinite::allow);
+  } else {
+    weights.put_matrix(name, m, dtype);
+    stored = weights.get_matrix<double>(name, safetensors::NonFinite::allow);
+  }
+  for (Eigen::Index j = 0; j < stored.cols(); ++j)
+    for (Eigen::Index i = 0; i < stored.rows(); ++i)
+      if (!std::isfinite(stored(i, j))) {
+        weights.erase(name);
+        const std::string entry = vector ? concat("[", i, "]") : concat("[", i, ", ", j, "]");
+        throw_invalid(where, "tensor '", name, "' entry ", entry, " = ",
+                      static_cast<double>(vector ? m(i + j) : m(i, j)), " does not fit in ",
+                      safetensors::to_string(dtype), " (largest finite value ", dtype_max(dtype),
+                      "); export in a wider dtype");
+      }
+  return stored;
+}
+
+/// The adapters of `layer` to export, as indices into layer.adapters() in stacking order:
+/// `names` (each must exist) or, when empty, the active ones. std::invalid_argument for an
+/// unknown or repeated name or nothing to export, std::logic_error while any adapter is merged.
+template <typename Layer>
+std::vector<std::size_t> adapters_to_export(const Layer& layer,
+                                            const std::vector<std::string>& names,
+                                            const std::string& where) {
+  const auto& adapters = layer.adapters();
+  std::string known;
+  for (const auto& a : adapters) known += (known.empty() ? "" : ", ") + a.name();
+  for (const auto& a : adapters)
+    if (a.merged())
+      throw std::logic_error(concat(where, "adapter '", a.name(),
+                                    "' is merged into W, so W is not the base weight the LoRA "
+                                    "must be exported against; unmerge() it first"));
+  std::vector<std::size_t> order;
+  if (names.empty()) {
+    if (layer.adapters_enabled())
+      for (std::size_t i = 0; i < adapters.size(); ++i)
+        if (adapters[i].active()) order.push_back(i);
+    if (order.empty())
+      throw_invalid(where, "no adapter to export (",
+                    layer.adapters_enabled() ? "none is active" : "adapters are disabled",
+                    "; adapters: ", known, "); name them in LoraExportOptions::adapters");
+    return order;
+  }
+  for (const auto& n : names) {
+    std::size_t i = 0;
+    while (i < adapters.size() && adapters[i].name() != n) ++i;
+    if (i == adapters.size())
+      throw_invalid(where, "the layer has no adapter '", n, "' (adapters: ", known, ")");
+    if (std::find(order.begin(), order.end(), i) != order.end())
+      throw_invalid(where, "adapter '", n, "' is named twice");
+    order.push_back(i);
+  }
+  std::sort(order.begin(), order.end());
+  return order;
+}
+
+/// W H_a H_b ... in double, from the layer's W and each adapter's U (the reference the export
+/// is measured against).
+template <typename Layer>
+Eigen::MatrixXd adapted_weight(const Layer& layer, const std::vector<std::size_t>& order) {
+  Eigen::MatrixXd w = layer.weight().template cast<double>();
+  for (std::size_t i : order) {
+    const auto& chain = layer.adapters()[i].chain();
+    const ReflectorChain<double> c(chain.reflectors().template cast<double>(), chain.variant(),
+                                   chain.block_size());
+    c.apply_right(c.factorize(), w, Apply::h);
+  }
+  return w;
+}
+
+}  // namespace detail
+
+namespace peft {
+
+/// \brief The exact LoRA of trained HRA adapters, in memory (the memory-level entry point of
+/// export_lora_adapters()), with the error of what is stored.
+///
+/// For every module, the adapters chosen by `options.adapters` compose W H_a H_b ... = W + B A
+/// (HraAdapterLayer::lora_factors(), SPEC §11: A = U^T and B = -(W U) S^-1 per chain over the
+/// whole chain, A = Q^T and B = -2 W Q for Gram-Schmidt; stacked adapters give a LoRA of the
+/// summed rank R), computed in the layer's scalar from its current W, which must be the base
+/// weight: A (R x d_in) is stored as `<prefix><module>.lora_A.weight` (R, in_features), B as
+/// `<prefix><module>.lora_B.weight` (out_features, R), PEFT's names and shapes. The config is
+/// a LoraConfig with lora_alpha = r for every module (rank_pattern / alpha_pattern when the
+/// modules' R differ), so PEFT's scale lora_alpha / r is 1, use_rslora false, dropout 0.
+///
+/// Bias: a frozen bias (BiasMode::none) belongs to the base model and is not written. A
+/// trainable one is the trained bias, written as `<prefix><module>.base_layer.bias` with the
+/// config's bias "all" (BiasMode::all) or "lora_only" (BiasMode::adapter_only), as
+/// save_lora_adapters() writes a LoRA layer's; every module with a bias must train it the same
+/// way. PEFT loads those tensors into the wrapped layers' base_layer.bias.
+///
+/// Throws, before anything is returned: std::logic_error when an adapter of a layer is merged
+/// (W is then not the base weight); std::invalid_argument for no modules, a null layer, an
+/// unknown or repeated adapter name, nothing to export, biases trained differently, a computed
+/// config field in extra_config, or a value the dtype cannot hold (F16 beyond +-65504: the
+/// message names the module, the tensor, the entry and the value; nothing becomes inf).
+///
+/// For a convolution (once hra has one: PEFT's lora_A (R, C_in/groups, kh, kw), lora_B
+/// (C_out, R, 1, 1)) the same A and B are the flattened tensors; only the stored shapes differ.
+template <typename Scalar>
+LoraExport lora_export_files(const HraModules<Scalar>& modules,
+                             const LoraExportOptions& options = {}) {
+  const char* what = "export_lora_adapters";
+  detail::check_layers(modules, what);
+  if (modules.empty()) detail::throw_invalid("peft: ", what, ": no modules to export");
+  LoraExport out;
+  out.dtype = options.dtype.value_or(safetensors::natural_dtype<Scalar>());
+  AdapterFiles& files = out.files;
+  files.weights.metadata()["format"] = "pt";  // what PEFT's save_pretrained passes
+  const std::string bias = detail::bias_field(modules, "lora_only", what);
+
+  std::vector<detail::LoraModuleShape> shapes;
+  std::vector<std::string> names;
+  for (const auto& [module, layer] : modules) {
+    const std::string where = detail::concat("peft: ", what, ": module '", module, "': ");
+    const std::vector<std::size_t> order =
+        detail::adapters_to_export(*layer, options.adapters, where);
+    std::vector<std::string> chosen;
+    for (std::size_t i : order) chosen.push_back(layer->adapters()[i].name());
+    const auto factors = layer->lora_factors(chosen);
+
+    LoraExportModule entry;
+    entry.module = module;
+    entry.adapters = chosen;
+    entry.rank = factors.a.rows();
+    entry.input_dim = layer->input_dim();
+    entry.output_dim = layer->output_dim();
+    const Eigen::MatrixXd a = detail::put_representable(
+        files.weights, options.prefix + module + ".lora_A.weight", factors.a, out.dtype, where);
+    const Eigen::MatrixXd b = detail::put_representable(
+        files.weights, options.prefix + module + ".lora_B.weight", factors.b, out.dtype, where);
+    if (bias != "none" && layer->bias())
+      detail::put_representable(files.weights, options.prefix + module + ".base_layer.bias",
+                                *layer->bias(), out.dtype, where, /*vector=*/true);
+    Eigen::MatrixXd wh = detail::adapted_weight(*layer, order);
+    entry.max_weight = wh.size() ? wh.cwiseAbs().maxCoeff() : 0.0;
+    wh.noalias() -= b * a;
+    wh -= layer->weight().template cast<double>();
+    entry.max_weight_error = wh.size() ? wh.cwiseAbs().maxCoeff() : 0.0;
+
+    // lora_alpha = r: PEFT's scale alpha / r is 1.
+    shapes.push_back({module, entry.rank, static_cast<double>(entry.rank)});
+    names.push_back(module);
+    out.report.push_back(std::move(entry));
+  }
+  SaveOptions save;
+  save.base_model_name_or_path = options.base_model_name_or_path;
+  save.extra_config = options.extra_config;
+  files.config = detail::common_config("LORA", names, bias, save);
+  detail::add_lora_fields(files.config, detail::lora_patterns(shapes), /*dropout=*/0.0);
+  detail::add_extra_config(files.config, save, what);
+  detail::check_lora_patterns(files, shapes, what);
+  return out;
+}
+
+/// \brief Writes the exact LoRA of the mapped HRA layers' adapters as a PEFT LoRA adapter
+/// directory `dir` (adapter_config.json, adapter_model.safetensors; see lora_export_files()
+/// and save_adapter_files()) and returns the export with its error report. The directory is
+/// what PEFT's PeftModel.from_pretrained, llama.cpp's convert_lora_to_gguf.py and hra's
+/// load_lora_adapters() read; it is exact for the base weights it was exported against only.
+template <typename Scalar>
+LoraExport export_lora_adapters(const std::filesystem::path& dir, const HraModules<Scalar>& modules,
+                                const LoraExportOptions& options = {}) {
+  LoraExport out = lora_export_files(modules, options);
+  save_adapter_files(dir, out.files);
+  return out;
+}
+
+/// lora_export_files(modules, options) for a braced list (see ModuleList).
+inline LoraExport lora_export_files(const HraModuleList& modules,
+                                    const LoraExportOptions& options = {}) {
+  return modules.visit([&](const auto& map) { return lora_export_files(map, options); });
+}
+
+/// export_lora_adapters(dir, modules, options) for a braced list (see ModuleList).
+inline LoraExport export_lora_adapters(const std::filesystem::path& dir,
+                                       const HraModuleList& modules,
+                                       const LoraExportOptions& options = {}) {
+  return modules.visit([&](const auto& map) { return export_lora_adapters(dir, map, options); });
+}
+
+}  // namespace peft
+}  // namespace hra
