@@ -222,8 +222,7 @@ TEMPLATE_TEST_CASE("adapter_io: HRA round trip C++ -> files -> C++ in every dtyp
         save.dtype = dtype;
         save.base_model_name_or_path = "tiny/net";
         peft::save_hra_adapters(tmp.path, {{"net.fc1", &fc1}, {"net.fc2", &fc2}}, save);
-        CHECK(tmp.entries() ==
-              std::vector<std::string>{"adapter_config.json", "adapter_model.safetensors"});
+        CHECK(hra_test::adapter_dir_entries(tmp.path) == hra_test::saved_adapter_dir());
 
         // What PEFT reads: its tensor names and shapes, its config fields.
         const st::TensorFile file = st::load(tmp.path / "adapter_model.safetensors");
@@ -988,11 +987,11 @@ TEST_CASE("adapter_io: a failed save leaves an existing adapter directory intact
   peft::save_hra_adapters(tmp.path, good.modules());
   const std::string old_config = read_all(tmp.path / "adapter_config.json");
   const std::string old_weights = read_all(tmp.path / "adapter_model.safetensors");
+  const std::vector<std::string> old_entries = tmp.entries();  // the same version directory
   const auto intact = [&] {
     CHECK(read_all(tmp.path / "adapter_config.json") == old_config);
     CHECK(read_all(tmp.path / "adapter_model.safetensors") == old_weights);
-    CHECK(tmp.entries() ==
-          std::vector<std::string>{"adapter_config.json", "adapter_model.safetensors"});
+    CHECK(tmp.entries() == old_entries);
   };
 
   SECTION("layers a PEFT config cannot describe: refused before any file is touched") {
@@ -1034,7 +1033,7 @@ TEST_CASE("adapter_io: a failed save leaves an existing adapter directory intact
         {"SaveOptions::extra_config may not set \"r\""});
     intact();
   }
-  SECTION("the config cannot be written: the previous weights are put back") {
+  SECTION("the config cannot be written: the new version is dropped, the old one stays live") {
     HraPair larger(3, 2);
     peft::SaveOptions save;
     save.dtype = st::Dtype::F16;
@@ -1050,7 +1049,8 @@ TEST_CASE("adapter_io: a failed save leaves an existing adapter directory intact
           const hra_test::FileSizeLimit limit(std::max(new_weights.size(), old_weights.size()) + 1);
           peft::save_hra_adapters(tmp.path, larger.modules(), save);
         },
-        {"adapter_config.json: write failed", "the previous adapter files are left as they were"});
+        {"adapter_config.json: write failed (new version in ", "File too large",
+         "the previous files are left as they were"});
     intact();
   }
   SECTION("the weights cannot be written") {
@@ -1059,7 +1059,8 @@ TEST_CASE("adapter_io: a failed save leaves an existing adapter directory intact
           const hra_test::FileSizeLimit limit(16);
           peft::save_hra_adapters(tmp.path, good.modules());
         },
-        {"adapter_model.safetensors: write failed", "nothing was changed"});
+        {"adapter_model.safetensors: write failed", "File too large",
+         "the previous files are left as they were"});
     intact();
   }
   SECTION("the target is not a directory") {
@@ -1068,11 +1069,12 @@ TEST_CASE("adapter_io: a failed save leaves an existing adapter directory intact
         [&] { peft::save_hra_adapters(tmp.path / "file", good.modules()); },
         {"cannot create the directory"});
   }
-  SECTION("a new directory with no previous weights: a failed config write removes the weights") {
+  SECTION("a directory where a file goes: refused before anything is written") {
     const fs::path fresh = tmp.path / "fresh";
-    fs::create_directories(fresh / "adapter_config.json" / "blocker");  // rename cannot replace it
-    expect_error<peft::io_error>([&] { peft::save_hra_adapters(fresh, good.modules()); },
-                                 {"rename over the target failed"});
-    CHECK(tmp.entries("fresh") == std::vector<std::string>{"adapter_config.json"});
+    fs::create_directories(fresh / "adapter_config.json" / "blocker");
+    expect_error<peft::io_error>(
+        [&] { peft::save_hra_adapters(fresh, good.modules()); },
+        {"fresh/adapter_config.json: exists and is neither a regular file nor a symlink"});
+    CHECK(tmp.entries("fresh") == std::vector<std::string>{".hra-lock", "adapter_config.json"});
   }
 }

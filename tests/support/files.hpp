@@ -6,12 +6,14 @@
 
 #include <sys/resource.h>
 
+#include <algorithm>
 #include <csignal>
 #include <cstddef>
 #include <filesystem>
 #include <fstream>
 #include <iterator>
 #include <string>
+#include <vector>
 
 namespace hra_test {
 
@@ -25,6 +27,27 @@ inline std::string read_all(const std::filesystem::path& p) {
 inline void write_all(const std::filesystem::path& p, const std::string& bytes) {
   std::ofstream out(p, std::ios::binary);
   out.write(bytes.data(), static_cast<std::streamsize>(bytes.size()));
+}
+
+/// The names in the directory `dir`, sorted, with every version directory of the adapter
+/// layout (a name starting with ".." other than "..data") shown as "..<version>": a directory
+/// peft::save_adapter_files() wrote is {"..<version>", "..data", ".hra-lock",
+/// "adapter_config.json", "adapter_model.safetensors"}.
+inline std::vector<std::string> adapter_dir_entries(const std::filesystem::path& dir) {
+  std::vector<std::string> names;
+  for (const auto& e : std::filesystem::directory_iterator(dir)) {
+    const std::string name = e.path().filename().string();
+    names.push_back(name.compare(0, 2, "..") == 0 && name != "..data" ? "..<version>" : name);
+  }
+  std::sort(names.begin(), names.end());
+  return names;
+}
+
+/// What adapter_dir_entries() gives for a directory saved by peft::save_adapter_files().
+inline const std::vector<std::string>& saved_adapter_dir() {
+  static const std::vector<std::string> names = {
+      "..<version>", "..data", ".hra-lock", "adapter_config.json", "adapter_model.safetensors"};
+  return names;
 }
 
 /// \brief While it lives, files this process writes may not grow beyond `bytes` (RLIMIT_FSIZE):

@@ -10,6 +10,7 @@
 #include <cstring>
 #include <filesystem>
 #include <limits>
+#include <optional>
 #include <stdexcept>
 #include <string>
 #include <string_view>
@@ -19,6 +20,7 @@
 #include <nlohmann/json.hpp>
 
 #include "../detail/checks.hpp"
+#include "detail/atomic_dir.hpp"
 #include "detail/json.hpp"
 #include "detail/read_file.hpp"
 
@@ -434,12 +436,20 @@ inline AdapterConfig parse_config(std::string_view text, std::string source = "<
   return config;
 }
 
-/// Reads and parses `dir`/adapter_config.json (io_error if it cannot be read, config_error as
-/// for parse_config(), both naming the file).
+/// Reads and parses `dir`/adapter_config.json (io_error if it cannot be read or is larger than
+/// 16 MiB, refused before it is read; config_error as for parse_config(), both naming the file).
+/// A directory written by save_adapter_files() is read through its live version (..data).
 inline AdapterConfig read_config(const std::filesystem::path& dir) {
-  const std::filesystem::path path = dir / config_file_name;
-  return parse_config(detail::read_file<io_error>(path, "peft: ", detail::max_config_bytes),
-                      path.string());
+  const std::string shown = (dir / config_file_name).string();
+  std::optional<detail::InputFile<io_error>> in;
+  detail::open_resolved(dir, [&](const detail::ResolvedDir& resolved, bool report_missing) {
+    bool missing = false;
+    in.reset();
+    in.emplace(resolved.path(config_file_name), "peft: ", shown,
+               report_missing ? nullptr : &missing);
+    return !missing;
+  });
+  return parse_config(in->read_all(detail::max_config_bytes), shown);
 }
 
 }  // namespace peft

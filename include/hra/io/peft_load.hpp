@@ -7,6 +7,7 @@
 #include <cmath>
 #include <cstddef>
 #include <cstdint>
+#include <exception>
 #include <filesystem>
 #include <functional>
 #include <optional>
@@ -159,13 +160,41 @@ void load_all_or_nothing(const peft::AdapterConfig& config, const safetensors::T
   for (const auto& assign : assignments) assign();
 }
 
-/// The files of the adapter directory `dir`: adapter_config.json, refused (config_error) unless
-/// its peft_type is `type`, then adapter_model.safetensors.
+/// \brief The files of the adapter directory `dir`: adapter_config.json, refused (config_error)
+/// unless its peft_type is `type`, then adapter_model.safetensors (safetensors::error).
+///
+/// Both files are opened from one version before either is read: ..data (the live version of a
+/// directory save_adapter_files() wrote) is resolved once, and a save that replaces the
+/// directory meanwhile makes the reader start again, so the two always belong together. Errors
+/// name the paths in `dir`; an error opening the weights is reported after the config's.
 inline std::pair<peft::AdapterConfig, safetensors::TensorFile> read_adapter_dir(
     const std::filesystem::path& dir, peft::PeftType type, const safetensors::ReadOptions& read) {
-  peft::AdapterConfig config = peft::read_config(dir);
+  const std::string config_shown = (dir / peft::config_file_name).string();
+  const std::string weights_shown = (dir / peft::weights_file_name).string();
+  std::optional<InputFile<peft::io_error>> config_in;
+  std::optional<InputFile<safetensors::io_error>> weights_in;
+  std::exception_ptr weights_error;
+  open_resolved(dir, [&](const ResolvedDir& resolved, bool report_missing) {
+    bool missing = false;
+    config_in.reset();
+    weights_in.reset();
+    weights_error = nullptr;
+    config_in.emplace(resolved.path(peft::config_file_name), "peft: ", config_shown,
+                      report_missing ? nullptr : &missing);
+    if (missing) return false;
+    try {
+      weights_in.emplace(resolved.path(peft::weights_file_name), "safetensors: ", weights_shown,
+                         report_missing ? nullptr : &missing);
+    } catch (const safetensors::io_error&) {
+      weights_error = std::current_exception();
+    }
+    return !missing;
+  });
+  peft::AdapterConfig config =
+      peft::parse_config(config_in->read_all(max_config_bytes), config_shown);
   expect_peft_type(config, type);
-  return {std::move(config), safetensors::load(dir / peft::weights_file_name, read)};
+  if (weights_error) std::rethrow_exception(weights_error);
+  return {std::move(config), load_opened(*weights_in, weights_shown, read)};
 }
 
 }  // namespace detail

@@ -19,8 +19,7 @@
 #include "../hra_linear.hpp"
 #include "../lora_linear.hpp"
 #include "../reflector_chain.hpp"
-#include "detail/atomic_file.hpp"
-#include "detail/read_file.hpp"
+#include "detail/atomic_dir.hpp"
 #include "peft_config.hpp"
 #include "peft_modules.hpp"
 #include "safetensors.hpp"
@@ -361,17 +360,22 @@ AdapterFiles lora_adapter_files(const LoraModules<Scalar>& modules,
 }
 
 /// \brief Writes `files` into the directory `dir` (created if needed) as
-/// adapter_model.safetensors and adapter_config.json.
+/// adapter_model.safetensors and adapter_config.json, replacing both together atomically.
 ///
-/// Guarantee: both files are serialised first (conversion errors touch nothing), then each is
-/// written to a temporary file in `dir`, flushed and renamed over its target, weights first. If
-/// writing the config fails, the previous weights file is put back (or the new one removed
-/// when there was none), so after an exception both files are as they were (io_error naming
-/// the path; it says so if even putting back failed). A crash (power loss) between the two
-/// renames can leave the new weights beside the old config; loading then refuses the pair if
-/// they do not fit each other or the layers.
+/// Both files are serialised first (conversion errors touch nothing). The two names in `dir`
+/// are symlinks into a version directory named by the symlink `dir`/..data; a save writes a
+/// new version (fsynced), renames a new ..data over the old one and removes the old version
+/// (see docs/adapter_files.md and detail::replace_directory_files()). Guarantees:
+///   - a kill or power loss at any moment leaves `dir` loading as exactly the previous adapter
+///     or exactly the new one (loaders resolve ..data once for both files);
+///   - what an interrupted save left behind is removed by the next save;
+///   - saves of one directory by several threads or processes take turns (an flock on
+///     `dir`/.hra-lock; the later one waits, and its adapter is the one left);
+///   - a failed save (disk full, permissions, an entry in the way) throws io_error naming the
+///     file and the OS error, and leaves the previous adapter in place and loadable.
+/// A directory of plain files (an older hra, PEFT, a copy) is migrated by its first save,
+/// with the old files readable throughout. PEFT and other readers follow the symlinks.
 inline void save_adapter_files(const std::filesystem::path& dir, const AdapterFiles& files) {
-  namespace fs = std::filesystem;
   const std::string where = detail::concat("peft: ", dir.string(), ": ");
   std::string config_text;
   try {
@@ -380,37 +384,8 @@ inline void save_adapter_files(const std::filesystem::path& dir, const AdapterFi
     detail::throw_invalid(where, "the config has a string that is not valid UTF-8: ", e.what());
   }
   const std::string weights_bytes = safetensors::serialize(files.weights);
-
-  std::error_code ec;
-  fs::create_directories(dir, ec);
-  if (!fs::is_directory(dir))
-    throw io_error(where + "cannot create the directory" + (ec ? ": " + ec.message() : ""));
-  const fs::path weights_path = dir / weights_file_name;
-  const fs::path config_path = dir / config_file_name;
-  std::optional<std::string> previous;  // the weights file being replaced
-  if (fs::exists(weights_path, ec)) previous = detail::read_file<io_error>(weights_path, "peft: ");
-
-  try {
-    detail::replace_file_atomically<io_error>(weights_path, weights_bytes, "peft: ");
-  } catch (const io_error& e) {
-    throw io_error(std::string(e.what()) + "; nothing was changed");
-  }
-  try {
-    detail::replace_file_atomically<io_error>(config_path, config_text, "peft: ");
-  } catch (const io_error& e) {
-    std::string outcome = "; the previous adapter files are left as they were";
-    try {
-      if (previous) {
-        detail::replace_file_atomically<io_error>(weights_path, *previous, "peft: ");
-      } else if (!fs::remove(weights_path, ec) || ec) {
-        throw io_error("remove failed");
-      }
-    } catch (const std::exception&) {
-      outcome = "; putting the previous " + std::string(weights_file_name) +
-                " back failed too, so the directory holds the new weights with the old config";
-    }
-    throw io_error(e.what() + outcome);
-  }
+  detail::replace_directory_files<io_error>(
+      dir, {{weights_file_name, weights_bytes}, {config_file_name, config_text}}, "peft: ");
 }
 
 /// Saves the adapter `options.adapter_name` of every mapped HraLinear as a PEFT HRA adapter

@@ -144,6 +144,9 @@ struct ReadOptions {
   /// The format requires every byte of the data buffer to belong to exactly one tensor (no
   /// holes, no trailing bytes). Set to true to accept files that leave bytes unused.
   bool allow_unindexed_bytes = false;
+  /// Largest file load() accepts, in bytes (16 GiB), checked before anything is read. Raise it
+  /// for larger adapters; memory used is about the size of the tensors the header declares.
+  std::uint64_t max_file_bytes = std::uint64_t{16} << 30;
 };
 
 /// \brief One tensor: element type, shape and raw bytes.
@@ -541,56 +544,56 @@ inline const char* json_kind(const nlohmann::json& j) {
 
 }  // namespace detail
 
-namespace safetensors {
+namespace detail {
 
-/// \brief Parses a safetensors file held in memory (`size` bytes at `data`); `source` names it
-/// in error messages. Validates everything before copying any tensor data:
-///   - at least 8 bytes; header length N <= options.max_header_bytes and 8 + N <= size;
-///   - the header is valid UTF-8 JSON, an object, without duplicate keys at any level;
-///   - `__metadata__`, if present, maps strings to strings;
-///   - every other entry is an object with "dtype" (F16, BF16, F32 or F64), "shape" (an array
-///     of non-negative integers whose product times the element size fits in 64 bits) and
-///     "data_offsets" ([begin, end], integers, begin <= end <= buffer size,
-///     end - begin == product(shape) * element size); other keys are ignored;
-///   - no two tensors share a byte; unless options.allow_unindexed_bytes, every byte of the
-///     buffer belongs to a tensor.
-/// Throws format_error naming `source` and the offending tensor.
-inline TensorFile parse(const void* data, std::size_t size, std::string source = "<memory>",
-                        const ReadOptions& options = {}) {
-  using detail::concat;
-  const auto* bytes = static_cast<const unsigned char*>(data);
-  const std::string where = concat("safetensors: ", source, ": ");
+/// One tensor of a validated header: where its bytes are in the data buffer.
+struct HeaderEntry {
+  std::string name;
+  safetensors::Dtype dtype;
+  std::vector<std::int64_t> shape;
+  std::uint64_t begin, end;  ///< byte range in the data buffer
+};
+
+/// A validated header: the metadata and the tensors, by name.
+struct ParsedHeader {
+  std::map<std::string, std::string> metadata;
+  std::vector<HeaderEntry> entries;
+};
+
+/// The header length N from the first 8 bytes of a file of `size` bytes, checked against the
+/// limit and the size (format_error starting with `where`).
+inline std::uint64_t checked_header_length(const unsigned char* first8, std::uint64_t size,
+                                           const std::string& where,
+                                           const safetensors::ReadOptions& options) {
+  const auto header_len = load_le<std::uint64_t>(first8);
+  if (header_len > options.max_header_bytes)
+    throw safetensors::format_error(concat(where, "header length ", header_len,
+                                           " exceeds the limit of ", options.max_header_bytes,
+                                           " bytes"));
+  if (header_len > size - 8)
+    throw safetensors::format_error(concat(where, "header length ", header_len,
+                                           " runs past the end of the file (", size,
+                                           " bytes, so at most ", size - 8, " are available)"));
+  return header_len;
+}
+
+/// \brief Validates the header text of a file whose data buffer has `buffer_size` bytes, as
+/// described at safetensors::parse(), without looking at the buffer: what lets load() refuse
+/// a file by its header before reading (or allocating) its data.
+inline ParsedHeader validate_header(std::string_view text, std::uint64_t buffer_size,
+                                    const std::string& where,
+                                    const safetensors::ReadOptions& options) {
+  using namespace safetensors;
   const auto bad = [&](const auto&... parts) { return format_error(concat(where, parts...)); };
   const auto bad_tensor = [&](const std::string& name, const auto&... parts) {
     return format_error(concat(where, "tensor '", name, "': ", parts...));
   };
-
-  if (size < 8) throw bad("file is ", size, " bytes, too short for the 8-byte header length");
-  const auto header_len = detail::load_le<std::uint64_t>(bytes);
-  if (header_len > options.max_header_bytes)
-    throw bad("header length ", header_len, " exceeds the limit of ", options.max_header_bytes,
-              " bytes");
-  if (header_len > size - 8)
-    throw bad("header length ", header_len, " runs past the end of the file (", size,
-              " bytes, so at most ", size - 8, " are available)");
-  const std::uint64_t buffer_size = size - 8 - header_len;
-  const unsigned char* buffer = bytes + 8 + header_len;
-
-  const nlohmann::json header =
-      detail::parse_header(std::string_view(reinterpret_cast<const char*>(bytes + 8),
-                                            static_cast<std::size_t>(header_len)),
-                           where);
+  const nlohmann::json header = parse_header(text, where);
   if (!header.is_object()) throw bad("header is JSON ", header.type_name(), ", not an object");
 
-  struct Entry {
-    std::string name;
-    Dtype dtype;
-    std::vector<std::int64_t> shape;
-    std::uint64_t begin, end;
-  };
-  std::vector<Entry> entries;
+  ParsedHeader parsed;
+  std::vector<HeaderEntry>& entries = parsed.entries;
   entries.reserve(header.size());
-  TensorFile file(source);
 
   for (const auto& kv : header.items()) {
     const std::string& name = kv.key();
@@ -602,7 +605,7 @@ inline TensorFile parse(const void* data, std::size_t size, std::string source =
         if (!m.value().is_string())
           throw bad("__metadata__ entry '", m.key(), "' is ", m.value().type_name(),
                     ", not a string");
-        file.metadata()[m.key()] = m.value().get<std::string>();
+        parsed.metadata[m.key()] = m.value().get<std::string>();
       }
       continue;
     }
@@ -623,7 +626,7 @@ inline TensorFile parse(const void* data, std::size_t size, std::string source =
     if (shape_it == value.end()) throw bad_tensor(name, "missing \"shape\"");
     if (!shape_it->is_array())
       throw bad_tensor(name, "\"shape\" is ", shape_it->type_name(), ", not an array");
-    Entry e{name, *dtype, {}, 0, 0};
+    HeaderEntry e{name, *dtype, {}, 0, 0};
     std::uint64_t bytes_needed = size_of(*dtype);
     for (const auto& dim : *shape_it) {
       const std::optional<std::uint64_t> extent = detail::as_count(dim);
@@ -662,15 +665,15 @@ inline TensorFile parse(const void* data, std::size_t size, std::string source =
   }
 
   // Byte ranges must be disjoint and, unless allowed otherwise, cover the buffer exactly.
-  std::vector<const Entry*> by_offset;
-  for (const Entry& e : entries)
+  std::vector<const HeaderEntry*> by_offset;
+  for (const HeaderEntry& e : entries)
     if (e.end > e.begin) by_offset.push_back(&e);
-  std::sort(by_offset.begin(), by_offset.end(), [](const Entry* a, const Entry* b) {
+  std::sort(by_offset.begin(), by_offset.end(), [](const HeaderEntry* a, const HeaderEntry* b) {
     return a->begin != b->begin ? a->begin < b->begin : a->name < b->name;
   });
   std::uint64_t covered = 0;  // end of the bytes claimed so far
-  const Entry* last = nullptr;
-  for (const Entry* e : by_offset) {
+  const HeaderEntry* last = nullptr;
+  for (const HeaderEntry* e : by_offset) {
     if (last && e->begin < covered)
       throw bad_tensor(e->name, "bytes [", e->begin, ", ", e->end, ") overlap tensor '", last->name,
                        "' at [", last->begin, ", ", last->end, ")");
@@ -687,14 +690,60 @@ inline TensorFile parse(const void* data, std::size_t size, std::string source =
               ") at the end of the data buffer belong to no tensor (the format allows no "
               "trailing bytes)");
 
-  for (Entry& e : entries) {
-    Tensor t;
+  return parsed;
+}
+
+/// The tensors of `header`, their bytes taken by `read(begin, end, out)`, into a TensorFile.
+template <typename Read>
+safetensors::TensorFile tensors_of(ParsedHeader header, std::string source, Read read) {
+  safetensors::TensorFile file(std::move(source));
+  file.metadata() = std::move(header.metadata);
+  for (HeaderEntry& e : header.entries) {
+    safetensors::Tensor t;
     t.dtype = e.dtype;
     t.shape = std::move(e.shape);
-    t.data.assign(buffer + e.begin, buffer + e.end);
+    t.data.resize(static_cast<std::size_t>(e.end - e.begin));
+    read(e.begin, t.data.data(), t.data.size());
     file.put(e.name, std::move(t));
   }
   return file;
+}
+
+}  // namespace detail
+
+namespace safetensors {
+
+/// \brief Parses a safetensors file held in memory (`size` bytes at `data`); `source` names it
+/// in error messages. Validates everything before copying any tensor data:
+///   - at least 8 bytes; header length N <= options.max_header_bytes and 8 + N <= size;
+///   - the header is valid UTF-8 JSON without NUL bytes, an object, without duplicate keys at
+///     any level;
+///   - `__metadata__`, if present, maps strings to strings;
+///   - every other entry is an object with "dtype" (F16, BF16, F32 or F64), "shape" (an array
+///     of non-negative integers whose product times the element size fits in 64 bits) and
+///     "data_offsets" ([begin, end], integers, begin <= end <= buffer size,
+///     end - begin == product(shape) * element size); other keys are ignored;
+///   - no two tensors share a byte; unless options.allow_unindexed_bytes, every byte of the
+///     buffer belongs to a tensor.
+/// Throws format_error naming `source` and the offending tensor.
+inline TensorFile parse(const void* data, std::size_t size, std::string source = "<memory>",
+                        const ReadOptions& options = {}) {
+  using detail::concat;
+  const auto* bytes = static_cast<const unsigned char*>(data);
+  const std::string where = concat("safetensors: ", source, ": ");
+  if (size < 8)
+    throw format_error(
+        concat(where, "file is ", size, " bytes, too short for the 8-byte header length"));
+  const std::uint64_t header_len = detail::checked_header_length(bytes, size, where, options);
+  const unsigned char* buffer = bytes + 8 + header_len;
+  detail::ParsedHeader header =
+      detail::validate_header(std::string_view(reinterpret_cast<const char*>(bytes + 8),
+                                               static_cast<std::size_t>(header_len)),
+                              size - 8 - header_len, where, options);
+  return detail::tensors_of(std::move(header), std::move(source),
+                            [&](std::uint64_t begin, unsigned char* out, std::size_t n) {
+                              std::copy(buffer + begin, buffer + begin + n, out);
+                            });
 }
 
 /// Parses a safetensors file held in `bytes`; see parse(const void*, std::size_t, ...).
@@ -703,11 +752,50 @@ inline TensorFile parse(std::string_view bytes, std::string source = "<memory>",
   return parse(bytes.data(), bytes.size(), std::move(source), options);
 }
 
-/// \brief Reads the whole file at `path` and parses it; error messages name the path. io_error
-/// if it is missing, not a regular file or cannot be read; format_error as for parse().
+}  // namespace safetensors
+
+namespace detail {
+
+/// \brief load() of an opened file; error messages name `source`. Reads the 8-byte header
+/// length, then the header, validates both against the file's size, and only then reads each
+/// tensor's bytes into that tensor: memory is the header plus the tensors the header validly
+/// declares, and a file refused by its size or header is not read further.
+inline safetensors::TensorFile load_opened(InputFile<safetensors::io_error>& in, std::string source,
+                                           const safetensors::ReadOptions& options) {
+  using namespace safetensors;
+  const std::string where = concat("safetensors: ", source, ": ");
+  const std::uint64_t size = in.size();
+  if (size > options.max_file_bytes)
+    throw io_error(concat(where, "is ", size, " bytes, more than the ", options.max_file_bytes,
+                          " accepted (ReadOptions::max_file_bytes)"));
+  if (size < 8)
+    throw format_error(
+        concat(where, "file is ", size, " bytes, too short for the 8-byte header length"));
+  unsigned char first8[8];
+  in.read_at(0, first8, 8);
+  const std::uint64_t header_len = checked_header_length(first8, size, where, options);
+  std::string text(static_cast<std::size_t>(header_len), '\0');
+  in.read_at(8, text.data(), text.size());
+  ParsedHeader header = validate_header(text, size - 8 - header_len, where, options);
+  text = std::string();
+  return tensors_of(std::move(header), std::move(source),
+                    [&](std::uint64_t begin, unsigned char* out, std::size_t n) {
+                      in.read_at(8 + header_len + begin, out, n);
+                    });
+}
+
+}  // namespace detail
+
+namespace safetensors {
+
+/// \brief Reads the file at `path` and parses it; error messages name the path. Bounded: the
+/// size is checked against options.max_file_bytes before anything is read, then the header
+/// length and the header against the size, and the tensors' bytes are read last, each into its
+/// tensor (never the whole file into one buffer). io_error if it is missing, not a regular
+/// file, larger than the limit, or cannot be read; format_error as for parse().
 inline TensorFile load(const std::filesystem::path& path, const ReadOptions& options = {}) {
-  const std::string bytes = detail::read_file<io_error>(path, "safetensors: ");
-  return parse(std::string_view(bytes), path.string(), options);
+  detail::InputFile<io_error> in(path, "safetensors: ");
+  return detail::load_opened(in, path.string(), options);
 }
 
 /// \brief The bytes of a safetensors file holding `file`'s tensors and metadata.

@@ -2,6 +2,7 @@
 // accept silently and nesting deep enough to exhaust the stack.
 #pragma once
 
+#include <cstddef>
 #include <set>
 #include <string>
 #include <string_view>
@@ -22,8 +23,9 @@ struct JsonRules {
 };
 
 /// \brief Parses `text` as a `Json` (nlohmann::json or nlohmann::ordered_json), refusing what
-/// nlohmann accepts silently: a key repeated in one object (nlohmann keeps the last one, Python
-/// too; a file that means two things is refused here) and nesting of rules.max_depth or more.
+/// nlohmann accepts silently: a NUL byte (nlohmann stops reading at the first one and ignores
+/// the rest), a key repeated in one object (nlohmann keeps the last one, Python too; a file
+/// that means two things is refused here) and nesting of rules.max_depth or more.
 ///
 /// Every refusal throws `Error` (an exception type constructible from a message) whose message
 /// starts with `where`. For a repeated key the rest of the message is `duplicate(path, key)`:
@@ -33,6 +35,10 @@ struct JsonRules {
 template <typename Json, typename Error, typename DuplicateMessage>
 Json parse_strict_json(std::string_view text, const std::string& where, const JsonRules& rules,
                        DuplicateMessage duplicate) {
+  const std::size_t nul = text.find('\0');
+  if (nul != std::string_view::npos)
+    throw Error(concat(where, rules.invalid, ": NUL byte at offset ", nul,
+                       " (JSON text may not contain one; nothing after it would be read)"));
   // One set of seen keys per open container (arrays get an unused set to keep depths aligned).
   std::vector<std::set<std::string>> seen;
   std::vector<std::string> path;

@@ -1,0 +1,375 @@
+// Replacing the files of a directory together, atomically (the layout Kubernetes' AtomicWriter
+// uses): the primitive behind peft::save_adapter_files(). See docs/adapter_files.md.
+//
+//   DIR/adapter_config.json        -> ..data/adapter_config.json        (symlinks, never change)
+//   DIR/adapter_model.safetensors  -> ..data/adapter_model.safetensors
+//   DIR/..data                     -> ..2026_01_31_12_00_00.4242_0_31337  (the live version)
+//   DIR/..2026_01_31_12_00_00.4242_0_31337/{adapter_config.json, adapter_model.safetensors}
+//   DIR/.hra-lock                  (flock'ed by a saver; savers of one directory take turns)
+//
+// A save writes a fresh version directory (files and directory fsynced), then renames a new
+// symlink over ..data: one rename(2), so every reader that goes through ..data sees either the
+// whole old version or the whole new one. Readers resolve ..data once and open every file of
+// that version before reading any.
+#pragma once
+
+#include <atomic>
+#include <cerrno>
+#include <chrono>
+#include <cstddef>
+#include <cstdint>
+#include <cstring>
+#include <ctime>
+#include <filesystem>
+#include <optional>
+#include <random>
+#include <string>
+#include <string_view>
+#include <system_error>
+#include <vector>
+
+#include "../../detail/checks.hpp"
+
+#if defined(__unix__) || defined(__APPLE__)
+#include <fcntl.h>
+#include <signal.h>
+#include <sys/file.h>
+#include <unistd.h>
+#define HRA_ATOMIC_DIR_POSIX 1
+#else
+#include <fstream>
+#define HRA_ATOMIC_DIR_POSIX 0
+#endif
+
+namespace hra {
+namespace detail {
+
+/// The symlink that names the live version directory.
+inline constexpr const char* data_link_name = "..data";
+/// The file savers flock, so that two saves of one directory do not interleave.
+inline constexpr const char* dir_lock_name = ".hra-lock";
+
+/// What the user-visible file `name` links to: "..data/<name>".
+inline std::filesystem::path data_link_target(std::string_view name) {
+  return std::filesystem::path(data_link_name) / std::string(name);
+}
+
+/// Whether `dir`/`name` is the symlink ..data/<name> of this layout.
+inline bool is_data_link(const std::filesystem::path& dir, std::string_view name) {
+  std::error_code ec;
+  const std::filesystem::path p = dir / std::string(name);
+  if (!std::filesystem::is_symlink(std::filesystem::symlink_status(p, ec))) return false;
+  const std::filesystem::path target = std::filesystem::read_symlink(p, ec);
+  return !ec && target == data_link_target(name);
+}
+
+/// The target of `dir`/..data (the live version's name), or nothing when there is none.
+inline std::optional<std::filesystem::path> live_version(const std::filesystem::path& dir) {
+  std::error_code ec;
+  const std::filesystem::path target = std::filesystem::read_symlink(dir / data_link_name, ec);
+  if (ec) return std::nullopt;
+  return target;
+}
+
+/// \brief Where a reader finds the files of `dir`, with ..data resolved once: path(name) is
+/// the live version's file when `dir`/name is this layout's link, otherwise `dir`/name itself
+/// (plain directories: PEFT's, fixtures, files edited by hand).
+struct ResolvedDir {
+  std::filesystem::path dir;
+  std::optional<std::filesystem::path> version;  ///< target of ..data when it was read
+
+  explicit ResolvedDir(std::filesystem::path d) : dir(std::move(d)), version(live_version(dir)) {}
+
+  std::filesystem::path path(std::string_view name) const {
+    if (version && is_data_link(dir, name))
+      return (version->is_absolute() ? *version : dir / *version) / std::string(name);
+    return dir / std::string(name);
+  }
+  /// Whether ..data names another version than when this was resolved (a save happened).
+  bool changed() const { return live_version(dir) != version; }
+};
+
+/// \brief Calls `open(resolved, report_missing)` with `dir` resolved through ..data until it
+/// succeeds. `open` opens every file it needs from resolved.path(name) before reading any and
+/// returns false when one was missing; when ..data has changed since it was resolved (a save
+/// removed that version in between), it is resolved and opened again; otherwise `open` is
+/// called once more with report_missing true, to throw its missing-file error.
+template <typename Open>
+void open_resolved(const std::filesystem::path& dir, Open open) {
+  for (int attempt = 0; attempt < 16; ++attempt) {
+    const ResolvedDir resolved(dir);
+    if (open(resolved, false)) return;
+    if (!resolved.changed()) {
+      (void)open(resolved, true);
+      return;
+    }
+  }
+  (void)open(ResolvedDir(dir), true);
+}
+
+/// One file of a directory replaced by replace_directory_files().
+struct NamedBytes {
+  std::string name;        ///< file name in the directory (no separators)
+  std::string_view bytes;  ///< its new content
+};
+
+#if HRA_ATOMIC_DIR_POSIX
+/// fsync of the file or directory at `path`; 0 or the errno.
+inline int fsync_path(const std::filesystem::path& path) {
+  const int fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC);
+  if (fd < 0) return errno;
+  const int rc = ::fsync(fd) == 0 ? 0 : errno;
+  ::close(fd);
+  return rc;
+}
+#else
+inline int fsync_path(const std::filesystem::path&) {
+  return 0;
+}
+#endif
+
+/// A new, empty version directory in `dir`, "..<UTC date and time>.<pid>_<count>_<random>".
+/// Returns its name; `fail(what, errno)` is called (and must throw) on failure.
+template <typename Fail>
+std::filesystem::path make_version_dir(const std::filesystem::path& dir, Fail fail) {
+  static std::atomic<unsigned> counter{0};
+  const std::time_t now = std::chrono::system_clock::to_time_t(std::chrono::system_clock::now());
+  std::tm utc{};  // the date only makes the names readable; pid, count and random make them unique
+#if HRA_ATOMIC_DIR_POSIX
+  ::gmtime_r(&now, &utc);
+  const long pid = static_cast<long>(::getpid());
+#else
+  utc = *std::gmtime(&now);
+  const long pid = 0;
+#endif
+  char stamp[32];
+  std::strftime(stamp, sizeof stamp, "%Y_%m_%d_%H_%M_%S", &utc);
+  std::random_device random;
+  for (int attempt = 0; attempt < 100; ++attempt) {
+    const std::filesystem::path name =
+        concat("..", stamp, ".", pid, "_", counter.fetch_add(1), "_", random() % 100000u);
+    std::error_code ec;
+    if (std::filesystem::create_directory(dir / name, ec)) return name;
+    if (ec) fail(concat("cannot create the version directory ", (dir / name).string()), ec.value());
+  }
+  fail("cannot find a free version directory name", EEXIST);
+  return {};
+}
+
+/// Writes `bytes` to the new file `path` and flushes it to disk; 0 or the errno.
+inline int write_new_file(const std::filesystem::path& path, std::string_view bytes) {
+#if HRA_ATOMIC_DIR_POSIX
+  const int fd = ::open(path.c_str(), O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, 0666);
+  if (fd < 0) return errno;
+  const char* p = bytes.data();
+  std::size_t left = bytes.size();
+  int err = 0;
+  while (left > 0 && err == 0) {
+    const ::ssize_t n = ::write(fd, p, left);
+    if (n < 0) {
+      if (errno != EINTR) err = errno;
+      continue;
+    }
+    p += n;
+    left -= static_cast<std::size_t>(n);
+  }
+  if (err == 0 && ::fsync(fd) != 0) err = errno;
+  if (::close(fd) != 0 && err == 0) err = errno;
+  return err;
+#else
+  std::ofstream out(path, std::ios::binary | std::ios::trunc);
+  out.write(bytes.data(), static_cast<std::streamsize>(bytes.size()));
+  out.flush();
+  return out ? 0 : EIO;
+#endif
+}
+
+/// Puts `target` at the symlink `dir`/`link` atomically: a temporary symlink renamed over it.
+/// 0 or the errno.
+inline int swap_symlink(const std::filesystem::path& dir, const std::string& link,
+                        const std::filesystem::path& target) {
+  const std::filesystem::path temp = dir / concat("..", link, ".tmp");
+  std::error_code ec;
+  std::filesystem::remove(temp, ec);
+  std::filesystem::create_symlink(target, temp, ec);
+  if (ec) return ec.value();
+  std::filesystem::rename(temp, dir / link, ec);
+  if (ec) {
+    std::error_code ignored;
+    std::filesystem::remove(temp, ignored);
+    return ec.value();
+  }
+  return 0;
+}
+
+/// Copies the content of `from` (links followed) to the new file `to`, flushed to disk: a hard
+/// link when the file system allows it (no data copied), otherwise a copy. 0 or the errno.
+inline int copy_durably(const std::filesystem::path& from, const std::filesystem::path& to) {
+#if HRA_ATOMIC_DIR_POSIX
+  if (::linkat(AT_FDCWD, from.c_str(), AT_FDCWD, to.c_str(), AT_SYMLINK_FOLLOW) == 0)
+    return fsync_path(to);
+#endif
+  std::error_code ec;
+  std::filesystem::copy_file(from, to, ec);
+  if (ec) return ec.value();
+  return fsync_path(to);
+}
+
+#if HRA_ATOMIC_DIR_POSIX
+/// Whether a temporary file name ".<name>.tmp.<pid>.<...>" of replace_file_atomically() (the
+/// writer of earlier hra versions) belongs to a process that no longer exists.
+inline bool orphaned_temp_file(const std::string& entry, const std::vector<NamedBytes>& files) {
+  for (const NamedBytes& f : files) {
+    const std::string start = "." + f.name + ".tmp.";
+    if (entry.compare(0, start.size(), start) != 0) continue;
+    const std::string rest = entry.substr(start.size());
+    char* end = nullptr;
+    const long pid = std::strtol(rest.c_str(), &end, 10);
+    if (end == rest.c_str() || pid <= 0) return false;
+    return pid != static_cast<long>(::getpid()) && ::kill(static_cast<::pid_t>(pid), 0) != 0 &&
+           errno == ESRCH;
+  }
+  return false;
+}
+#endif
+
+/// \brief Replaces the files `files` of the directory `dir` (created if needed) together and
+/// atomically, in the layout described at the top of this header.
+///
+/// Serialised by an exclusive flock on `dir`/.hra-lock: a second saver of the same directory
+/// (thread or process) waits until the first has finished, then replaces its files in turn.
+/// Steps: refuse entries in the way (a directory where a file goes; nothing is changed);
+/// remove what interrupted saves left (version directories other than the live one, temporary
+/// links, and temporary files of earlier hra versions whose process is gone); when some file
+/// of `dir` is not yet this layout's link (a plain directory from an earlier save, PEFT, or a
+/// file replaced by hand), migrate: copy the current files into a version directory, point
+/// ..data at it, and replace each plain file by its link, which reads the same bytes (so a
+/// reader sees the old files throughout); then write the new version (every file and the
+/// directory fsynced), rename a new ..data over the old one, fsync `dir`, and remove the
+/// previous version. A kill at any moment leaves ..data naming the old or the new version.
+///
+/// Errors throw `Error` (constructible from a message) starting with `prefix`, the path of the
+/// file or directory involved, what failed and the OS error text; after a failure `dir` reads
+/// as it did before (the new version directory is removed, best effort).
+template <typename Error>
+void replace_directory_files(const std::filesystem::path& dir, const std::vector<NamedBytes>& files,
+                             std::string_view prefix) {
+  namespace fs = std::filesystem;
+  const std::string where = concat(prefix, dir.string(), ": ");
+  const std::string unchanged = "; the previous files are left as they were";
+  std::error_code ec;
+  fs::create_directories(dir, ec);
+  if (!fs::is_directory(dir))
+    throw Error(where + "cannot create the directory" + (ec ? ": " + ec.message() : ""));
+
+#if HRA_ATOMIC_DIR_POSIX
+  const fs::path lock_path = dir / dir_lock_name;
+  const int lock_fd = ::open(lock_path.c_str(), O_RDWR | O_CREAT | O_CLOEXEC, 0666);
+  if (lock_fd < 0)
+    throw Error(concat(prefix, lock_path.string(),
+                       ": cannot open the lock file: ", std::strerror(errno), unchanged));
+  struct LockGuard {
+    int fd;
+    ~LockGuard() { ::close(fd); }  // closing releases the flock
+  } guard{lock_fd};
+  while (::flock(lock_fd, LOCK_EX) != 0) {
+    if (errno != EINTR)
+      throw Error(
+          concat(prefix, lock_path.string(), ": cannot lock: ", std::strerror(errno), unchanged));
+  }
+#endif
+
+  // Entries in the way, before anything changes.
+  const fs::file_status data_status = fs::symlink_status(dir / data_link_name, ec);
+  if (fs::exists(data_status) && !fs::is_symlink(data_status))
+    throw Error(concat(prefix, (dir / data_link_name).string(),
+                       ": exists and is not a symlink (hra's link to the live version); remove "
+                       "it first"));
+  bool migrate = false;
+  for (const NamedBytes& f : files) {
+    const fs::path p = dir / f.name;
+    const fs::file_status s = fs::symlink_status(p, ec);
+    if (fs::exists(s) && !fs::is_symlink(s) && !fs::is_regular_file(s))
+      throw Error(concat(prefix, p.string(),
+                         ": exists and is neither a regular file nor a symlink; remove it first"));
+    if (!is_data_link(dir, f.name)) migrate = true;
+  }
+
+  // What interrupted saves left behind: every version but the live one, temporary links.
+  const std::optional<fs::path> live = live_version(dir);
+  for (fs::directory_iterator it(dir, ec), end; !ec && it != end; it.increment(ec)) {
+    const std::string name = it->path().filename().string();
+    // Names starting with ".." belong to this layout (see the top of this header).
+    bool stale = name.compare(0, 2, "..") == 0 && name != data_link_name &&
+                 !(live && fs::path(name) == *live);
+#if HRA_ATOMIC_DIR_POSIX
+    stale = stale || orphaned_temp_file(name, files);
+#endif
+    if (stale) {
+      std::error_code ignored;
+      fs::remove_all(it->path(), ignored);
+    }
+  }
+
+  const auto fail_at = [&](const fs::path& path, const std::string& what, int err,
+                           const std::optional<fs::path>& remove) {
+    if (remove) {
+      std::error_code ignored;
+      fs::remove_all(dir / *remove, ignored);
+    }
+    throw Error(concat(prefix, path.string(), ": ", what, ": ",
+                       std::generic_category().message(err), unchanged));
+  };
+
+  if (migrate) {
+    // Every file keeps reading its current bytes: first through a copy under ..data, then
+    // through its link to that copy.
+    const fs::path old_copy = make_version_dir(
+        dir, [&](const std::string& what, int err) { fail_at(dir, what, err, std::nullopt); });
+    for (const NamedBytes& f : files) {
+      const fs::path p = dir / f.name;
+      if (!fs::exists(p, ec)) continue;  // missing, or a dangling link: nothing to keep
+      if (const int err = copy_durably(p, dir / old_copy / f.name))
+        fail_at(p, "cannot keep a copy of the current file in " + (dir / old_copy).string(), err,
+                old_copy);
+    }
+    if (const int err = fsync_path(dir / old_copy))
+      fail_at(dir / old_copy, "fsync failed", err, old_copy);
+    if (const int err = swap_symlink(dir, data_link_name, old_copy))
+      fail_at(dir / data_link_name, "cannot link the current files", err, old_copy);
+    for (const NamedBytes& f : files) {
+      if (is_data_link(dir, f.name)) continue;
+      // From here on the previous files live in old_copy: a failure keeps it.
+      if (const int err = swap_symlink(dir, f.name, data_link_target(f.name)))
+        fail_at(dir / f.name,
+                "cannot replace the file by its link to " + std::string(data_link_name), err,
+                std::nullopt);
+    }
+    if (const int err = fsync_path(dir)) fail_at(dir, "fsync failed", err, std::nullopt);
+  }
+
+  const std::optional<fs::path> previous = live_version(dir);
+  const fs::path version = make_version_dir(
+      dir, [&](const std::string& what, int err) { fail_at(dir, what, err, std::nullopt); });
+  for (const NamedBytes& f : files)
+    if (const int err = write_new_file(dir / version / f.name, f.bytes))
+      fail_at(dir / f.name, concat("write failed (new version in ", (dir / version).string(), ")"),
+              err, version);
+  if (const int err = fsync_path(dir / version))
+    fail_at(dir / version, "fsync failed", err, version);
+  if (const int err = swap_symlink(dir, data_link_name, version))
+    fail_at(dir / data_link_name, "cannot point the link at the new version", err, version);
+  // The new version is live; a failure to make that durable or to tidy up is not reported
+  // (the next save removes what is left).
+  (void)fsync_path(dir);
+  for (const std::optional<fs::path>& old : {live, previous}) {
+    if (!old || *old == version || old->is_absolute() || old->has_parent_path()) continue;
+    std::error_code ignored;
+    fs::remove_all(dir / *old, ignored);
+  }
+}
+
+}  // namespace detail
+}  // namespace hra
+
+#undef HRA_ATOMIC_DIR_POSIX

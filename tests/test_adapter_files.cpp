@@ -1,0 +1,770 @@
+// Adapter directories on disk, the hard way: the layout save_adapter_files() writes, migration
+// of plain directories, stale leftovers, savers that take turns, saves killed (SIGKILL) at
+// random moments hundreds of times, failed saves (file size limit, entries in the way,
+// permissions), and bounded loading of huge (sparse) and NUL-carrying files. The processes
+// are forked from this one; nothing here needs Python.
+#include <hra/io.hpp>
+
+#include <catch2/catch.hpp>
+
+#include <fcntl.h>
+#include <sys/file.h>
+#include <sys/mman.h>
+#include <sys/resource.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <atomic>
+#include <chrono>
+#include <csignal>
+#include <cstdint>
+#include <cstdlib>
+#include <cstring>
+#include <filesystem>
+#include <fstream>
+#include <new>
+#include <optional>
+#include <random>
+#include <string>
+#include <thread>
+#include <typeinfo>
+#include <utility>
+#include <vector>
+
+#include "support/errors.hpp"
+#include "support/files.hpp"
+#include "support/matrices.hpp"
+#include "support/temp_dir.hpp"
+
+// The largest single allocation while tracking is on: what shows that refusing a huge file
+// never allocated its size.
+namespace {
+std::atomic<bool> track_allocations{false};
+std::atomic<std::size_t> largest_allocation{0};
+}  // namespace
+
+// The replacements pair malloc with free; GCC, inlining them, reports a new/free mismatch at
+// the free() below.
+#if defined(__GNUC__)
+#define HRA_TEST_NOINLINE __attribute__((noinline))
+#else
+#define HRA_TEST_NOINLINE
+#endif
+#if defined(__GNUC__) && !defined(__clang__)
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wmismatched-new-delete"
+#endif
+HRA_TEST_NOINLINE void* operator new(std::size_t n) {
+  if (track_allocations.load(std::memory_order_relaxed)) {
+    std::size_t seen = largest_allocation.load(std::memory_order_relaxed);
+    while (n > seen && !largest_allocation.compare_exchange_weak(seen, n)) {
+    }
+  }
+  if (void* p = std::malloc(n ? n : 1)) return p;
+  throw std::bad_alloc();
+}
+HRA_TEST_NOINLINE void* operator new[](std::size_t n) {
+  return ::operator new(n);
+}
+HRA_TEST_NOINLINE void operator delete(void* p) noexcept {
+  std::free(p);
+}
+HRA_TEST_NOINLINE void operator delete[](void* p) noexcept {
+  std::free(p);
+}
+HRA_TEST_NOINLINE void operator delete(void* p, std::size_t) noexcept {
+  std::free(p);
+}
+HRA_TEST_NOINLINE void operator delete[](void* p, std::size_t) noexcept {
+  std::free(p);
+}
+
+namespace fs = std::filesystem;
+namespace st = hra::safetensors;
+namespace peft = hra::peft;
+using hra_test::expect_error;
+using hra_test::read_all;
+using hra_test::write_all;
+
+namespace {
+
+constexpr Eigen::Index d_in = 64;
+const char* const module_name = "net.fc1";
+
+hra::HraLinear<double> make_layer(Eigen::Index r, hra::Variant variant, std::uint64_t seed) {
+  hra::HraOptions o;
+  o.rank = r;
+  o.variant = variant;
+  o.init = hra::Init::random;
+  o.seed = seed;
+  return hra::HraLinear<double>(
+      hra::WeightMatrix<double>::owned(hra_test::random_as<double>(4, d_in, seed)), std::nullopt, o,
+      hra::BiasMode::none);
+}
+
+/// What a directory holds: the adapter's rank, variant and U, compared bit for bit.
+struct Adapter {
+  Eigen::Index r = 0;
+  hra::Variant variant = hra::Variant::chain;
+  Eigen::MatrixXd u;
+  bool operator==(const Adapter& o) const {
+    return r == o.r && variant == o.variant && u.rows() == o.u.rows() && u.cols() == o.u.cols() &&
+           std::memcmp(u.data(), o.u.data(), sizeof(double) * static_cast<std::size_t>(u.size())) ==
+               0;
+  }
+};
+
+/// A layer to save and the Adapter a directory must then load as.
+struct Saved {
+  hra::HraLinear<double> layer;
+  Adapter adapter;
+  Saved(Eigen::Index r, hra::Variant v, std::uint64_t seed)
+      : layer(make_layer(r, v, seed)), adapter{r, v, layer.adapter().chain().reflectors()} {}
+  void save(const fs::path& dir) { peft::save_hra_adapters(dir, {{module_name, &layer}}); }
+  /// The two files as an older hra (or PEFT) left them: plain files, no layout.
+  void save_plain(const fs::path& dir) {
+    const peft::AdapterFiles files = peft::hra_adapter_files({{module_name, &layer}});
+    fs::create_directories(dir);
+    write_all(dir / peft::config_file_name, files.config_text());
+    write_all(dir / peft::weights_file_name, st::serialize(files.weights));
+  }
+};
+
+/// Loads `dir` with one read of both files (what load_hra_adapters(dir, ...) does), into a
+/// layer of the rank and variant its config gives. (read_config() then load_hra_adapters(dir)
+/// would read the directory twice, and a save in between would make the layer not fit.)
+Adapter load_dir(const fs::path& dir) {
+  const auto [config, weights] = hra::detail::read_adapter_dir(dir, peft::PeftType::hra, {});
+  const hra::Variant v = config.apply_gs ? hra::Variant::gram_schmidt : hra::Variant::chain;
+  auto layer = make_layer(config.r, v, 999);
+  peft::load_hra_adapters(config, weights, {{module_name, &layer}});
+  return {config.r, v, layer.adapter().chain().reflectors()};
+}
+
+/// Entries of `dir` that are not part of a finished save (leftovers of an interrupted one).
+std::size_t stale_entries(const fs::path& dir) {
+  std::error_code ec;
+  const fs::path live = fs::read_symlink(dir / "..data", ec);
+  std::size_t n = 0;
+  for (const auto& e : fs::directory_iterator(dir)) {
+    const std::string name = e.path().filename().string();
+    if (name == "..data" || name == ".hra-lock" || name == peft::config_file_name ||
+        name == peft::weights_file_name || (!ec && fs::path(name) == live))
+      continue;
+    ++n;
+  }
+  return n;
+}
+
+/// A counter in memory shared with forked children.
+struct SharedCounter {
+  std::atomic<long>* value;
+  SharedCounter() {
+    void* p = ::mmap(nullptr, sizeof(std::atomic<long>), PROT_READ | PROT_WRITE,
+                     MAP_SHARED | MAP_ANONYMOUS, -1, 0);
+    REQUIRE(p != MAP_FAILED);
+    value = new (p) std::atomic<long>(0);
+  }
+  ~SharedCounter() { ::munmap(value, sizeof(std::atomic<long>)); }
+  SharedCounter(const SharedCounter&) = delete;
+  SharedCounter& operator=(const SharedCounter&) = delete;
+};
+
+/// What a forked child's function did: "" when it returned, else the exception's type name and
+/// message.
+struct ChildResult {
+  bool returned = false;
+  std::string error;  ///< "<type>: <what>"
+};
+
+/// Runs `f` in a forked child (so rlimits and crashes stay there) and reports what happened.
+template <typename F>
+ChildResult in_child(F f) {
+  int fds[2];
+  REQUIRE(::pipe(fds) == 0);
+  const pid_t pid = ::fork();
+  REQUIRE(pid >= 0);
+  if (pid == 0) {
+    ::close(fds[0]);
+    std::string out = "R";
+    try {
+      f();
+    } catch (const std::exception& e) {
+      out = std::string("E") + typeid(e).name() + ": " + e.what();
+    }
+    const char* p = out.data();
+    std::size_t left = out.size();
+    while (left > 0) {
+      const ssize_t n = ::write(fds[1], p, left);
+      if (n <= 0) break;
+      p += n;
+      left -= static_cast<std::size_t>(n);
+    }
+    ::_exit(0);
+  }
+  ::close(fds[1]);
+  std::string got;
+  char buf[4096];
+  for (ssize_t n; (n = ::read(fds[0], buf, sizeof buf)) > 0;)
+    got.append(buf, static_cast<std::size_t>(n));
+  ::close(fds[0]);
+  int status = 0;
+  REQUIRE(::waitpid(pid, &status, 0) == pid);
+  REQUIRE(WIFEXITED(status));
+  ChildResult r;
+  r.returned = got == "R";
+  if (!got.empty() && got[0] == 'E') r.error = got.substr(1);
+  return r;
+}
+
+/// Bytes this process has read through read(2)/pread(2) so far (/proc/self/io), if known.
+std::optional<std::uint64_t> bytes_read() {
+  std::ifstream in("/proc/self/io");
+  std::string key;
+  std::uint64_t value = 0;
+  while (in >> key >> value)
+    if (key == "rchar:") return value;
+  return std::nullopt;
+}
+
+/// Runs `f` and returns the largest single allocation it made and the bytes it read.
+template <typename F>
+std::pair<std::size_t, std::optional<std::uint64_t>> measured(F f) {
+  const auto before = bytes_read();
+  largest_allocation = 0;
+  track_allocations = true;
+  try {
+    f();
+  } catch (...) {
+    track_allocations = false;
+    throw;
+  }
+  track_allocations = false;
+  const auto after = bytes_read();
+  std::optional<std::uint64_t> read;
+  if (before && after) read = *after - *before;
+  return {largest_allocation.load(), read};
+}
+
+/// A sparse file of `size` bytes at `path` starting with `head`; false when the file system
+/// refuses the size.
+bool sparse_file(const fs::path& path, const std::string& head, std::uint64_t size) {
+  write_all(path, head);
+  const int fd = ::open(path.c_str(), O_WRONLY);
+  if (fd < 0) return false;
+  const bool ok = ::ftruncate(fd, static_cast<off_t>(size)) == 0;
+  ::close(fd);
+  return ok;
+}
+
+/// A safetensors file of one F64 tensor "t" of shape [2], as bytes.
+std::string small_safetensors() {
+  st::TensorFile f;
+  f.put_array<double>("t", {2}, {1.0, 2.0});
+  return st::serialize(f);
+}
+
+}  // namespace
+
+TEST_CASE("adapter_files: a save writes the ..data layout, each save a new version",
+          "[adapter_files]") {
+  const hra_test::TempDir tmp("hra_test_adapter_files");
+  Saved a(2, hra::Variant::chain, 1), b(4, hra::Variant::gram_schmidt, 2);
+  a.save(tmp.path);
+  CHECK(hra_test::adapter_dir_entries(tmp.path) == hra_test::saved_adapter_dir());
+  CHECK(fs::read_symlink(tmp.path / peft::config_file_name) == "..data/adapter_config.json");
+  CHECK(fs::read_symlink(tmp.path / peft::weights_file_name) == "..data/adapter_model.safetensors");
+  const fs::path first = fs::read_symlink(tmp.path / "..data");
+  CHECK(first.string().rfind("..", 0) == 0);
+  CHECK(!first.has_parent_path());
+  // What a reader that follows links (PEFT's Python loader, std::ifstream) sees.
+  CHECK(fs::is_regular_file(tmp.path / peft::weights_file_name));
+  CHECK(read_all(tmp.path / peft::weights_file_name) ==
+        read_all(tmp.path / first / peft::weights_file_name));
+  CHECK(load_dir(tmp.path) == a.adapter);
+
+  b.save(tmp.path);
+  const fs::path second = fs::read_symlink(tmp.path / "..data");
+  CHECK(second != first);
+  CHECK(!fs::exists(tmp.path / first));  // the previous version is removed
+  CHECK(hra_test::adapter_dir_entries(tmp.path) == hra_test::saved_adapter_dir());
+  CHECK(load_dir(tmp.path) == b.adapter);
+}
+
+TEST_CASE("adapter_files: a directory of plain files is migrated, leftovers are removed",
+          "[adapter_files]") {
+  const hra_test::TempDir tmp("hra_test_adapter_files");
+  Saved a(2, hra::Variant::chain, 1), b(4, hra::Variant::gram_schmidt, 2);
+
+  SECTION("plain files from an older save or from PEFT") {
+    a.save_plain(tmp.path);
+    CHECK(load_dir(tmp.path) == a.adapter);  // loaders read plain directories
+    b.save(tmp.path);
+    CHECK(hra_test::adapter_dir_entries(tmp.path) == hra_test::saved_adapter_dir());
+    CHECK(load_dir(tmp.path) == b.adapter);
+  }
+  SECTION("one file replaced by hand (a plain file beside a link)") {
+    a.save(tmp.path);
+    st::TensorFile weights = st::load(tmp.path / peft::weights_file_name);
+    st::save(tmp.path / peft::weights_file_name, weights);  // renames a plain file over the link
+    REQUIRE(!fs::is_symlink(tmp.path / peft::weights_file_name));
+    CHECK(load_dir(tmp.path) == a.adapter);
+    b.save(tmp.path);
+    CHECK(hra_test::adapter_dir_entries(tmp.path) == hra_test::saved_adapter_dir());
+    CHECK(load_dir(tmp.path) == b.adapter);
+  }
+  SECTION("leftovers of interrupted saves, and older hra's temporary files of dead processes") {
+    a.save(tmp.path);
+    // A process that has exited: its pid names the temporary files it left.
+    const pid_t dead = ::fork();
+    REQUIRE(dead >= 0);
+    if (dead == 0) ::_exit(0);
+    REQUIRE(::waitpid(dead, nullptr, 0) == dead);
+    const std::string stamp = ".123.0";
+    fs::create_directories(tmp.path / "..2020_01_01_00_00_00.1_0_1");
+    write_all(tmp.path / "..2020_01_01_00_00_00.1_0_1" / peft::config_file_name, "{}");
+    fs::create_symlink("..2020_01_01_00_00_00.1_0_1", tmp.path / "....data.tmp");
+    fs::create_symlink("..data/adapter_config.json", tmp.path / "..adapter_config.json.tmp");
+    const std::string orphan = ".adapter_model.safetensors.tmp." + std::to_string(dead) + stamp;
+    const std::string mine = ".adapter_config.json.tmp." + std::to_string(::getpid()) + stamp;
+    write_all(tmp.path / orphan, "x");
+    write_all(tmp.path / mine, "x");  // may belong to a save still running in this process
+    write_all(tmp.path / "notes.txt", "kept");
+    CHECK(stale_entries(tmp.path) == 6);
+    CHECK(load_dir(tmp.path) == a.adapter);
+    b.save(tmp.path);
+    CHECK(stale_entries(tmp.path) == 2);
+    CHECK(fs::exists(tmp.path / mine));
+    CHECK(read_all(tmp.path / "notes.txt") == "kept");
+    CHECK(load_dir(tmp.path) == b.adapter);
+  }
+}
+
+// Kills a child that saves the two adapters alternately at uniformly random moments; after
+// each kill the directory must load as exactly the adapter of the last completed save ("old")
+// or of the one in progress ("new"). Every tenth round starts from plain files (migration).
+namespace {
+struct KillCounts {
+  int kills = 0, old_ = 0, new_ = 0, mixed = 0, errors = 0;
+  std::size_t stale_max = 0, stale_total = 0;
+  std::string place;  ///< the directory's file system
+};
+
+KillCounts kill_test(Saved& a, Saved& b, int wanted_kills, std::uint64_t seed) {
+  // On tmpfs when there is one: a kill (unlike a power loss) keeps what was written but not yet
+  // fsynced, so the outcome is the same, and the fsyncs that take milliseconds on a disk do not
+  // slow the 100 rounds down.
+  const hra_test::TempDir tmp("hra_test_adapter_files_kill");
+  fs::path dir = tmp.path / "adapter";
+  std::error_code ec;
+  const fs::path shm = fs::path("/dev/shm") / tmp.path.filename();
+  if (fs::is_directory("/dev/shm") && fs::create_directory(shm, ec)) dir = shm / "adapter";
+  struct RemoveShm {
+    fs::path path;
+    ~RemoveShm() {
+      std::error_code ignored;
+      if (!path.empty()) fs::remove_all(path, ignored);
+    }
+  } remove_shm{dir.parent_path() == shm ? shm : fs::path()};
+  UNSCOPED_INFO("kill test directory: " << dir);
+  Saved* both[2] = {&a, &b};
+  // How long one save takes here, to spread the kills over a few saves.
+  a.save(dir);
+  const auto t0 = std::chrono::steady_clock::now();
+  for (int i = 0; i < 10; ++i) both[i % 2]->save(dir);
+  const double save_us =
+      std::chrono::duration<double, std::micro>(std::chrono::steady_clock::now() - t0).count() /
+      10.0;
+  a.save(dir);
+  int live = 0;  // the adapter of the last completed save
+  std::mt19937_64 gen(seed);
+  std::uniform_real_distribution<double> delay(0.0, 3.0 * save_us + 200.0);
+  SharedCounter done;
+  KillCounts c;
+  c.place = remove_shm.path.empty() ? "temp dir" : "tmpfs";
+  for (int round = 0; c.kills < wanted_kills && round < 4 * wanted_kills; ++round) {
+    if (round % 10 == 9) {
+      fs::remove_all(dir);
+      both[live]->save_plain(dir);
+    }
+    done.value->store(0);
+    const pid_t pid = ::fork();
+    REQUIRE(pid >= 0);
+    if (pid == 0) {
+      try {
+        for (long i = 0;; ++i) {
+          both[(live + 1 + i) % 2]->save(dir);
+          done.value->store(i + 1);
+        }
+      } catch (...) {
+        ::_exit(3);
+      }
+    }
+    std::this_thread::sleep_for(std::chrono::duration<double, std::micro>(delay(gen)));
+    ::kill(pid, SIGKILL);
+    int status = 0;
+    REQUIRE(::waitpid(pid, &status, 0) == pid);
+    REQUIRE(WIFSIGNALED(status));  // a child that failed a save exits with 3 instead
+    if (WTERMSIG(status) == SIGKILL) ++c.kills;
+    const long n = done.value->load();
+    const int old_index = n == 0 ? live : static_cast<int>((live + n) % 2);
+    const std::size_t stale = stale_entries(dir);
+    c.stale_max = std::max(c.stale_max, stale);
+    c.stale_total += stale;
+    try {
+      const Adapter got = load_dir(dir);
+      if (got == both[old_index]->adapter) {
+        ++c.old_;
+        live = old_index;
+      } else if (got == both[1 - old_index]->adapter) {
+        ++c.new_;
+        live = 1 - old_index;
+      } else {
+        ++c.mixed;
+      }
+    } catch (const std::exception& e) {
+      ++c.errors;
+      UNSCOPED_INFO("load after kill " << c.kills << " failed: " << e.what());
+    }
+  }
+  // The next completed save removes whatever the kills left.
+  both[1 - live]->save(dir);
+  CHECK(stale_entries(dir) == 0);
+  CHECK(hra_test::adapter_dir_entries(dir) == hra_test::saved_adapter_dir());
+  CHECK(load_dir(dir) == both[1 - live]->adapter);
+  return c;
+}
+}  // namespace
+
+TEST_CASE("adapter_files: saves killed at random moments leave the old or the new adapter",
+          "[adapter_files][kill]") {
+  // Two shapes (r = 2 chain, r = 4 Gram-Schmidt), then one shape in two variants: a mix of the
+  // latter would load without error, so only a bitwise comparison of U and variant catches it.
+  Saved chain2(2, hra::Variant::chain, 1), gs4(4, hra::Variant::gram_schmidt, 2);
+  Saved chain3(3, hra::Variant::chain, 3), gs3(3, hra::Variant::gram_schmidt, 4);
+  KillCounts total;
+  const auto report = [&](const char* what, const KillCounts& c) {
+    WARN("KILL_TEST " << what << " kills=" << c.kills << " old=" << c.old_ << " new=" << c.new_
+                      << " mixed=" << c.mixed << " errors=" << c.errors
+                      << " stale_left=" << c.stale_max << " (max after a kill; " << c.stale_total
+                      << " in all, each removed by the next save; on " << c.place << ")");
+    CHECK(c.mixed == 0);
+    CHECK(c.errors == 0);
+    CHECK(c.stale_max <= 3);  // the new version, a temporary link, a migration copy
+    total.kills += c.kills;
+    total.old_ += c.old_;
+    total.new_ += c.new_;
+    total.mixed += c.mixed;
+    total.errors += c.errors;
+    total.stale_max = std::max(total.stale_max, c.stale_max);
+    total.stale_total += c.stale_total;
+    total.place = c.place;
+  };
+  report("r2-chain/r4-gs", kill_test(chain2, gs4, 100, 12));
+  report("r3-chain/r3-gs", kill_test(chain3, gs3, 100, 34));
+  report("total", total);
+  CHECK(total.kills >= 150);
+  CHECK(total.old_ > 0);
+  CHECK(total.new_ > 0);
+}
+
+TEST_CASE("adapter_files: concurrent savers take turns, concurrent loaders never see a mix",
+          "[adapter_files][concurrent]") {
+  const hra_test::TempDir tmp("hra_test_adapter_files");
+  Saved a(2, hra::Variant::chain, 1), b(4, hra::Variant::gram_schmidt, 2);
+  a.save(tmp.path);
+
+  SECTION("a saver waits while another holds the directory's lock") {
+    const int fd = ::open((tmp.path / ".hra-lock").c_str(), O_RDWR);
+    REQUIRE(fd >= 0);
+    REQUIRE(::flock(fd, LOCK_EX) == 0);
+    SharedCounter done;
+    const pid_t pid = ::fork();
+    REQUIRE(pid >= 0);
+    if (pid == 0) {
+      ::close(fd);  // the inherited descriptor shares the parent's lock
+      try {
+        b.save(tmp.path);
+        done.value->store(1);
+      } catch (...) {
+      }
+      ::_exit(0);
+    }
+    std::this_thread::sleep_for(std::chrono::milliseconds(300));
+    CHECK(done.value->load() == 0);
+    CHECK(load_dir(tmp.path) == a.adapter);
+    ::close(fd);  // releases the lock
+    REQUIRE(::waitpid(pid, nullptr, 0) == pid);
+    CHECK(done.value->load() == 1);
+    CHECK(load_dir(tmp.path) == b.adapter);
+  }
+  SECTION("two processes saving 40 times each while this one loads") {
+    pid_t savers[2];
+    for (int k = 0; k < 2; ++k) {
+      savers[k] = ::fork();
+      REQUIRE(savers[k] >= 0);
+      if (savers[k] == 0) {
+        int rc = 0;
+        try {
+          for (int i = 0; i < 40; ++i) (k == 0 ? a : b).save(tmp.path);
+        } catch (...) {
+          rc = 3;
+        }
+        ::_exit(rc);
+      }
+    }
+    int loads = 0, as = 0, bs = 0, mixed = 0, errors = 0, running = 2;
+    while (running > 0) {
+      try {
+        const Adapter got = load_dir(tmp.path);
+        (got == a.adapter ? as : got == b.adapter ? bs : mixed) += 1;
+      } catch (const std::exception& e) {
+        ++errors;
+        UNSCOPED_INFO("concurrent load failed: " << e.what());
+      }
+      ++loads;
+      for (pid_t& pid : savers) {
+        int status = 0;
+        if (pid > 0 && ::waitpid(pid, &status, WNOHANG) == pid) {
+          CHECK(WIFEXITED(status));
+          CHECK(WEXITSTATUS(status) == 0);
+          pid = 0;
+          --running;
+        }
+      }
+    }
+    WARN("CONCURRENT_TEST loads=" << loads << " a=" << as << " b=" << bs << " mixed=" << mixed
+                                  << " errors=" << errors);
+    CHECK(mixed == 0);
+    CHECK(errors == 0);
+    CHECK(stale_entries(tmp.path) == 0);
+    const Adapter last = load_dir(tmp.path);
+    CHECK((last == a.adapter || last == b.adapter));
+  }
+}
+
+TEST_CASE("adapter_files: a save that fails leaves the previous adapter loadable",
+          "[adapter_files][save]") {
+  const hra_test::TempDir tmp("hra_test_adapter_files");
+  Saved a(2, hra::Variant::chain, 1), b(4, hra::Variant::gram_schmidt, 2);
+  const std::string config_path = (tmp.path / peft::config_file_name).string();
+  const std::string weights_path = (tmp.path / peft::weights_file_name).string();
+  const peft::AdapterFiles b_files = peft::hra_adapter_files({{module_name, &b.layer}});
+  const std::size_t b_weights = st::serialize(b_files.weights).size();
+  const std::size_t b_config = b_files.config_text().size();
+  REQUIRE(b_weights > b_config);
+
+  SECTION("the disk is full (RLIMIT_FSIZE in a child), at every size that matters") {
+    for (const bool plain : {false, true}) {
+      for (const std::size_t limit : {std::size_t{0}, std::size_t{1}, std::size_t{8}, b_config - 1,
+                                      b_config, b_config + 1, b_weights - 1, b_weights}) {
+        DYNAMIC_SECTION((plain ? "from plain files" : "from the layout") << ", limit " << limit) {
+          if (plain)
+            a.save_plain(tmp.path);
+          else
+            a.save(tmp.path);
+          std::vector<std::string> before;
+          for (const auto& e : fs::directory_iterator(tmp.path))
+            before.push_back(e.path().filename().string());
+          std::sort(before.begin(), before.end());
+          const ChildResult r = in_child([&] {
+            std::signal(SIGXFSZ, SIG_IGN);
+            struct rlimit lim {};
+            ::getrlimit(RLIMIT_FSIZE, &lim);
+            lim.rlim_cur = limit;
+            ::setrlimit(RLIMIT_FSIZE, &lim);
+            b.save(tmp.path);
+          });
+          INFO("child: " << r.error);
+          if (limit >= b_weights) {
+            CHECK(r.returned);
+            CHECK(load_dir(tmp.path) == b.adapter);
+            continue;
+          }
+          CHECK(!r.returned);
+          CHECK_THAT(r.error,
+                     Catch::Matchers::Contains("hra4peft8io_error") &&
+                         Catch::Matchers::Contains(": write failed (new version in ") &&
+                         Catch::Matchers::Contains("File too large") &&
+                         Catch::Matchers::Contains("; the previous files are left as they were"));
+          // The weights, the larger file, are written first; test_adapter_io fails the config.
+          CHECK_THAT(r.error, Catch::Matchers::Contains(weights_path));
+          CHECK(load_dir(tmp.path) == a.adapter);
+          if (!plain) {
+            std::vector<std::string> after;
+            for (const auto& e : fs::directory_iterator(tmp.path))
+              after.push_back(e.path().filename().string());
+            std::sort(after.begin(), after.end());
+            CHECK(after == before);  // the new version directory is removed
+          }
+          b.save(tmp.path);  // and the next save works
+          CHECK(load_dir(tmp.path) == b.adapter);
+          CHECK(stale_entries(tmp.path) == 0);
+        }
+      }
+    }
+  }
+  SECTION("entries in the way and directories that cannot be created") {
+    a.save(tmp.path);
+    write_all(tmp.path / "file", "x");
+    expect_error<peft::io_error>(
+        [&] { b.save(tmp.path / "file" / "adapter"); },
+        {(tmp.path / "file" / "adapter").string(), "cannot create the directory: Not a directory"});
+    const fs::path other = tmp.path / "other";
+    fs::create_directories(other / "..data");  // a directory where the link goes
+    expect_error<peft::io_error>([&] { b.save(other); },
+                                 {(other / "..data").string(), "exists and is not a symlink"});
+    CHECK(load_dir(tmp.path) == a.adapter);
+  }
+  SECTION("permission denied") {
+    a.save(tmp.path);
+    if (::geteuid() == 0) {
+      WARN(
+          "running as root, where a read-only directory does not deny writes: the permission "
+          "case is checked by the ENOTDIR and entry-in-the-way cases only");
+      return;
+    }
+    fs::permissions(tmp.path, fs::perms::owner_read | fs::perms::owner_exec);
+    expect_error<peft::io_error>([&] { b.save(tmp.path); }, {"Permission denied"});
+    fs::permissions(tmp.path, fs::perms::owner_all);
+    CHECK(load_dir(tmp.path) == a.adapter);
+  }
+}
+
+TEST_CASE("adapter_files: huge and sparse files are refused by size before they are read",
+          "[adapter_files][bounded]") {
+  const hra_test::TempDir tmp("hra_test_adapter_files");
+  const fs::path file = tmp.path / "huge.safetensors";
+  const std::uint64_t gib = std::uint64_t{1} << 30;
+  const std::size_t small = 1 << 20;  // no allocation or read beyond this
+
+  SECTION("100 GiB: refused by ReadOptions::max_file_bytes, nothing read") {
+    if (!sparse_file(file, small_safetensors(), 100 * gib)) {
+      WARN("the file system refuses a 100 GiB sparse file; case skipped");
+      return;
+    }
+    const auto [alloc, read] = measured([&] {
+      expect_error<st::io_error>([&] { st::load(file); },
+                                 {file.string(),
+                                  ": is 107374182400 bytes, more than the "
+                                  "17179869184 accepted (ReadOptions::max_file_bytes)"});
+    });
+    CHECK(alloc < small);
+    if (read) CHECK(*read < small);
+    // The same file as an adapter's weights, through the directory loader.
+    Saved a(2, hra::Variant::chain, 1);
+    a.save(tmp.path / "adapter");
+    fs::remove(tmp.path / "adapter" / peft::weights_file_name);
+    fs::rename(file, tmp.path / "adapter" / peft::weights_file_name);
+    expect_error<st::io_error>([&] { load_dir(tmp.path / "adapter"); }, {"more than the"});
+  }
+  SECTION("2 GiB of zeros: header length 0, refused after 8 bytes") {
+    REQUIRE(sparse_file(file, "", 2 * gib));
+    const auto [alloc, read] = measured([&] {
+      expect_error<st::format_error>([&] { st::load(file); }, {"header is not valid JSON"});
+    });
+    CHECK(alloc < small);
+    if (read) CHECK(*read < small);
+  }
+  SECTION("2 GiB: a valid small file followed by a sparse tail") {
+    REQUIRE(sparse_file(file, small_safetensors(), 2 * gib));
+    const auto [alloc, read] = measured([&] {
+      expect_error<st::format_error>(
+          [&] { st::load(file); },
+          {"at the end of the data buffer belong to no tensor (the format allows no trailing "
+           "bytes)"});
+    });
+    CHECK(alloc < small);
+    if (read) CHECK(*read < small);
+    // Accepted when trailing bytes are allowed, reading only the tensor's 16 bytes.
+    st::ReadOptions lenient;
+    lenient.allow_unindexed_bytes = true;
+    const auto [alloc2, read2] = measured([&] {
+      const st::TensorFile f = st::load(file, lenient);
+      CHECK(f.at("t").data.size() == 16);
+    });
+    CHECK(alloc2 < small);
+    if (read2) CHECK(*read2 < small);
+  }
+  SECTION("2 GiB: a header length of 1.5 GiB, beyond max_header_bytes") {
+    std::string head(8, '\0');
+    const std::uint64_t len = 3 * gib / 2;
+    for (int i = 0; i < 8; ++i)
+      head[static_cast<std::size_t>(i)] = static_cast<char>(len >> (8 * i));
+    REQUIRE(sparse_file(file, head, 2 * gib));
+    const auto [alloc, read] = measured([&] {
+      expect_error<st::format_error>([&] { st::load(file); },
+                                     {"header length 1610612736 exceeds the limit of 100000000"});
+    });
+    CHECK(alloc < small);
+    if (read) CHECK(*read < small);
+  }
+  SECTION("a header that declares more data than the file holds") {
+    std::string bytes = small_safetensors();
+    write_all(file, bytes.substr(0, bytes.size() - 8));
+    expect_error<st::format_error>([&] { st::load(file); },
+                                   {"run past the end of the data buffer"});
+  }
+  SECTION("a 2 GiB adapter_config.json: refused by its 16 MiB limit") {
+    Saved a(2, hra::Variant::chain, 1);
+    const fs::path dir = tmp.path / "adapter";
+    a.save_plain(dir);
+    REQUIRE(sparse_file(dir / peft::config_file_name, "{", 2 * gib));
+    const auto [alloc, read] = measured([&] {
+      expect_error<peft::io_error>([&] { load_dir(dir); },
+                                   {"is 2147483648 bytes, more than the 16777216 accepted"});
+    });
+    CHECK(alloc < small);
+    if (read) CHECK(*read < small);
+  }
+}
+
+TEST_CASE("adapter_files: NUL bytes in the JSON of either file are refused",
+          "[adapter_files][nul]") {
+  const hra_test::TempDir tmp("hra_test_adapter_files");
+  Saved a(2, hra::Variant::chain, 1);
+  const fs::path dir = tmp.path / "adapter";
+  a.save_plain(dir);
+  const std::string config = read_all(dir / peft::config_file_name);
+  const std::string weights = read_all(dir / peft::weights_file_name);
+
+  SECTION("adapter_config.json: after the object, and inside a string") {
+    write_all(dir / peft::config_file_name, config + std::string("\0{\"r\": 7}", 9));
+    expect_error<peft::config_error>(
+        [&] { load_dir(dir); },
+        {(dir / peft::config_file_name).string(),
+         "not valid JSON: NUL byte at offset " + std::to_string(config.size())});
+    std::string inside = config;
+    inside.insert(inside.find("HRA") + 1, 1, '\0');
+    write_all(dir / peft::config_file_name, inside);
+    expect_error<peft::config_error>([&] { load_dir(dir); }, {"NUL byte at offset"});
+    expect_error<peft::config_error>([&] { peft::parse_config(std::string("{}\0", 3)); },
+                                     {"<memory>: not valid JSON: NUL byte at offset 2"});
+  }
+  SECTION("the safetensors header: NUL padding, or text after a NUL") {
+    const std::uint64_t header_len =
+        hra::detail::load_le<std::uint64_t>(reinterpret_cast<const unsigned char*>(weights.data()));
+    std::string json = weights.substr(8, static_cast<std::size_t>(header_len));
+    json.erase(json.find_last_not_of(' ') + 1);
+    const std::string data = weights.substr(8 + static_cast<std::size_t>(header_len));
+    const auto file_with = [&](const std::string& header) {
+      std::string out(8, '\0');
+      hra::detail::store_le(static_cast<std::uint64_t>(header.size()),
+                            reinterpret_cast<unsigned char*>(out.data()));
+      return out + header + data;
+    };
+    // Before, both loaded: nlohmann stops at a NUL and the rest was never looked at.
+    const std::string padded = file_with(json + std::string(8 - json.size() % 8, '\0'));
+    const std::string trailing = file_with(json + std::string(1, '\0') + "{\"x\": garbage");
+    for (const std::string& bytes : {padded, trailing}) {
+      write_all(dir / peft::weights_file_name, bytes);
+      expect_error<st::format_error>(
+          [&] { st::load(dir / peft::weights_file_name); },
+          {"header is not valid JSON: NUL byte at offset " + std::to_string(json.size())});
+      expect_error<st::format_error>([&] { st::parse(bytes); },
+                                     {"safetensors: <memory>: header is not valid JSON: NUL"});
+      expect_error<st::format_error>([&] { load_dir(dir); }, {"NUL byte at offset"});
+    }
+  }
+}
