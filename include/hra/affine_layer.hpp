@@ -21,6 +21,11 @@ namespace hra {
 /// trainable.
 enum class BiasMode { none, all, adapter_only };
 
+/// Options of a layer whose weight may itself train (Linear, Conv2d).
+struct WeightOptions {
+  bool train_weight = true;  ///< W is a parameter (full fine-tuning, a new layer); else frozen
+};
+
 /// \brief Base of the layers whose output is W (...) + b: Linear, HraLinear, LoraLinear and the
 /// convolutions.
 ///
@@ -39,11 +44,7 @@ class AffineLayer : public Layer<Scalar_> {
   using Base = Layer<Scalar_>;
 
  public:
-  using typename Base::ConstRef;
-  using typename Base::Index;
-  using typename Base::Matrix;
-  using typename Base::Scalar;
-  using typename Base::Vector;
+  HRA_LAYER_TYPES(Base);
   using WeightMap = typename WeightMatrix<Scalar>::ConstMapType;
 
   Index input_dim() const override { return weight_.cols(); }
@@ -178,6 +179,20 @@ class AffineLayer : public Layer<Scalar_> {
     const Index n = pending_batch_;
     pending_batch_ = -1;
     return n;
+  }
+  /// The same for a dense layer, which also trains the bias from dY: returns dY, or a copy of it
+  /// in `scratch` when it shares memory with `dx`, the buffer the layer is about to write.
+  ConstRef begin_dense_backward(const ConstRef& dy, const Matrix& dx, Matrix& scratch) {
+    begin_backward(dy);
+    const ConstRef g = unaliased(dy, dx, scratch);
+    bias_backward(g);
+    return g;
+  }
+  /// The end of a dense forward(): y += b, and the batch recorded for backward(); returns y.
+  const Matrix& finish_forward(Matrix& y, Index batch) {
+    add_bias(y);
+    remember_forward(batch);
+    return y;
   }
 
  private:

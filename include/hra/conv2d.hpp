@@ -2,7 +2,6 @@
 // frozen baseline of the adapted convolutions).
 #pragma once
 
-#include <Eigen/Core>
 #include <optional>
 #include <utility>
 #include <vector>
@@ -13,10 +12,8 @@
 
 namespace hra {
 
-/// Options of a dense convolution.
-struct Conv2dOptions {
-  bool train_weight = true;  ///< W is a parameter (full fine-tuning, a new layer); else frozen
-};
+/// Options of a dense convolution (WeightOptions::train_weight).
+using Conv2dOptions = WeightOptions;
 
 /// \brief y = conv(x, W) + b: PyTorch's `F.conv2d(x, weight, bias, stride, padding, dilation,
 /// groups)` with zero padding, on batches of images in hra's layout.
@@ -42,11 +39,7 @@ class Conv2d final : public AffineLayer<Scalar_> {
   using Base = AffineLayer<Scalar_>;
 
  public:
-  using typename Base::ConstRef;
-  using typename Base::Index;
-  using typename Base::Matrix;
-  using typename Base::Scalar;
-  using typename Base::Vector;
+  HRA_LAYER_TYPES(Base);
 
   /// Throws std::invalid_argument for a bad geometry (Conv2dGeometry::validate), a weight that is
   /// not C_out x D or not finite, or a bias that is not C_out long or not finite.

@@ -51,11 +51,7 @@ class HraAdapterLayer : public AffineLayer<Scalar_> {
   using Base = AffineLayer<Scalar_>;
 
  public:
-  using typename Base::ConstRef;
-  using typename Base::Index;
-  using typename Base::Matrix;
-  using typename Base::Scalar;
-  using typename Base::Vector;
+  HRA_LAYER_TYPES(Base);
   using Chain = ReflectorChain<Scalar>;
 
   /// One named adapter: its chain (U), gradient, regulariser and state. Read-only outside the

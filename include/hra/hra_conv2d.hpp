@@ -83,11 +83,7 @@ class HraConv2d final : public HraAdapterLayer<Scalar_> {
  public:
   using typename Base::Adapter;
   using typename Base::Chain;
-  using typename Base::ConstRef;
-  using typename Base::Index;
-  using typename Base::Matrix;
-  using typename Base::Scalar;
-  using typename Base::Vector;
+  HRA_LAYER_TYPES(Base);
 
   /// Wraps the convolution `geometry` with weight W (C_out x D) and optional bias b (C_out), with
   /// one adapter "default" made from `options`. Throws std::invalid_argument for a bad geometry

@@ -29,11 +29,7 @@ class HraLinear final : public HraAdapterLayer<Scalar_> {
  public:
   using typename Base::Adapter;
   using typename Base::Chain;
-  using typename Base::ConstRef;
-  using typename Base::Index;
-  using typename Base::Matrix;
-  using typename Base::Scalar;
-  using typename Base::Vector;
+  HRA_LAYER_TYPES(Base);
 
   /// Wraps W (and the optional bias b, d_out) with one adapter "default" made from `options`.
   /// Throws std::invalid_argument for a non-finite W or b, a bias of the wrong length, or bad
@@ -62,9 +58,7 @@ class HraLinear final : public HraAdapterLayer<Scalar_> {
       cache.factors = std::move(factors[*it]);
     }
     detail::product(y_, this->weight(), hx_, Scalar(1));
-    this->add_bias(y_);
-    this->remember_forward(x.cols());
-    return y_;
+    return this->finish_forward(y_, x.cols());
   }
 
   /// Assigns dU of every unmerged adapter and db (when trainable); returns dX = H^T W^T dY.
@@ -72,8 +66,7 @@ class HraLinear final : public HraAdapterLayer<Scalar_> {
   /// ReflectorChain::backward_through: W^T dY (d_in x n, as costly as the forward) is never
   /// formed, and dU equals the other path's up to rounding.
   const Matrix& backward(const ConstRef& dy, bool compute_input_gradient = true) override {
-    this->begin_backward(dy);
-    this->bias_backward(dy);
+    const ConstRef g = this->begin_dense_backward(dy, dx_, dy_copy_);  // dY may be the last dX
     auto& adapters = this->adapter_list();
     const std::vector<std::size_t> applied = this->applied();
     if (!compute_input_gradient && applied.size() <= 1) {
@@ -81,16 +74,13 @@ class HraLinear final : public HraAdapterLayer<Scalar_> {
       // projections, so the d_in x n product W^T dY (as costly as the forward) is skipped.
       for (std::size_t i : applied) {
         auto& a = adapters[i];
-        a.chain().backward_through(this->cache(a).factors, this->cache(a).coeffs, this->weight(),
-                                   dy, hx_, this->gradient(a));
+        a.chain().backward_through(this->cache(a).factors, this->cache(a).coeffs, this->weight(), g,
+                                   hx_, this->gradient(a));
       }
       empty_.resize(0, 0);
       return empty_;
     }
-    // dY may live in dx_ (a square layer given its own last input gradient): read it first.
-    const bool dy_in_dx = detail::overlaps(dy, dx_);
-    if (dy_in_dx) dy_copy_ = dy;
-    detail::product(dx_, this->weight().transpose(), dy_in_dx ? ConstRef(dy_copy_) : dy, Scalar(1));
+    detail::product(dx_, this->weight().transpose(), g, Scalar(1));
     for (std::size_t i : applied) {
       auto& a = adapters[i];
       a.chain().backward(this->cache(a).factors, this->cache(a).coeffs, hx_, dx_, this->gradient(a),

@@ -38,13 +38,11 @@ struct ParameterView {
 /// - merge()/unmerge(): fold the adapter into the frozen weight and back (see each layer).
 /// Bad shapes or non-finite inputs throw std::invalid_argument and leave the layer unchanged.
 template <typename Scalar_>
-class Layer : detail::ScalarCheck<Scalar_> {
+class Layer : public detail::ScalarTypes<Scalar_> {
+  using Types = detail::ScalarTypes<Scalar_>;
+
  public:
-  using Scalar = Scalar_;
-  using Index = Eigen::Index;
-  using Matrix = Eigen::Matrix<Scalar, Eigen::Dynamic, Eigen::Dynamic>;
-  using Vector = Eigen::Matrix<Scalar, Eigen::Dynamic, 1>;
-  using ConstRef = Eigen::Ref<const Matrix>;
+  HRA_LAYER_TYPES(Types);
 
   virtual ~Layer() = default;
 

@@ -1,7 +1,6 @@
 // A plain dense linear layer y = W x + b, trainable or frozen (heads, full fine-tuning).
 #pragma once
 
-#include <Eigen/Core>
 #include <optional>
 #include <utility>
 #include <vector>
@@ -11,10 +10,8 @@
 
 namespace hra {
 
-/// Options of a dense layer.
-struct LinearOptions {
-  bool train_weight = true;  ///< W is a parameter (full fine-tuning, a new head); else frozen
-};
+/// Options of a dense layer (WeightOptions::train_weight).
+using LinearOptions = WeightOptions;
 
 /// \brief y = W x + b with W (d_out x d_in) and b (d_out) owned or viewed.
 ///
@@ -28,11 +25,7 @@ class Linear final : public AffineLayer<Scalar_> {
   using Base = AffineLayer<Scalar_>;
 
  public:
-  using typename Base::ConstRef;
-  using typename Base::Index;
-  using typename Base::Matrix;
-  using typename Base::Scalar;
-  using typename Base::Vector;
+  HRA_LAYER_TYPES(Base);
 
   Linear(WeightMatrix<Scalar> weight, std::optional<Vector> bias, const LinearOptions& options = {},
          BiasMode bias_mode = BiasMode::none)
@@ -45,18 +38,14 @@ class Linear final : public AffineLayer<Scalar_> {
     if (this->weight_trainable()) x_ = x;
     const ConstRef in = this->weight_trainable() ? ConstRef(x_) : this->unaliased(x, y_, scratch_);
     detail::product(y_, this->weight(), in, Scalar(1));
-    this->add_bias(y_);
-    this->remember_forward(x.cols());
-    return y_;
+    return this->finish_forward(y_, x.cols());
   }
 
   /// Assigns dW (when W trains) and db (when b trains); returns dX = W^T dY.
   const Matrix& backward(const ConstRef& dy, bool compute_input_gradient = true) override {
-    this->begin_backward(dy);
-    const ConstRef g = this->unaliased(dy, dx_, scratch_);  // dY may be the last dX
+    const ConstRef g = this->begin_dense_backward(dy, dx_, scratch_);  // dY may be the last dX
     if (this->weight_trainable())
       detail::product(this->weight_gradient(), g, x_.transpose(), Scalar(1));
-    this->bias_backward(g);
     if (compute_input_gradient)
       detail::product(dx_, this->weight().transpose(), g, Scalar(1));
     else

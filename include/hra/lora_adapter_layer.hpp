@@ -38,11 +38,7 @@ class LoraAdapterLayer : public AffineLayer<Scalar_> {
   using Base = AffineLayer<Scalar_>;
 
  public:
-  using typename Base::ConstRef;
-  using typename Base::Index;
-  using typename Base::Matrix;
-  using typename Base::Scalar;
-  using typename Base::Vector;
+  HRA_LAYER_TYPES(Base);
 
   Scalar scaling() const { return static_cast<Scalar>(options_.alpha / options_.rank); }
   const LoraOptions& options() const { return options_; }

@@ -44,11 +44,7 @@ class LoraConv2d final : public LoraAdapterLayer<Scalar_> {
   using Base = LoraAdapterLayer<Scalar_>;
 
  public:
-  using typename Base::ConstRef;
-  using typename Base::Index;
-  using typename Base::Matrix;
-  using typename Base::Scalar;
-  using typename Base::Vector;
+  HRA_LAYER_TYPES(Base);
 
   /// Throws std::invalid_argument for a bad geometry, a W that is not C_out x D or not finite, a
   /// bad bias, r > min(C_out, D), or bad LoRA options (as LoraLinear).

@@ -21,11 +21,7 @@ class LoraLinear final : public LoraAdapterLayer<Scalar_> {
   using Base = LoraAdapterLayer<Scalar_>;
 
  public:
-  using typename Base::ConstRef;
-  using typename Base::Index;
-  using typename Base::Matrix;
-  using typename Base::Scalar;
-  using typename Base::Vector;
+  HRA_LAYER_TYPES(Base);
 
   LoraLinear(WeightMatrix<Scalar> weight, std::optional<Vector> bias, const LoraOptions& options,
              BiasMode bias_mode = BiasMode::none)
@@ -56,16 +52,12 @@ class LoraLinear final : public LoraAdapterLayer<Scalar_> {
     } else {
       xd_.resize(0, x.cols());
     }
-    this->add_bias(y_);
-    this->remember_forward(x.cols());
-    return y_;
+    return this->finish_forward(y_, x.cols());
   }
 
   /// Assigns dA, dB (when unmerged) and db (when trainable); returns dX.
   const Matrix& backward(const ConstRef& dy, bool compute_input_gradient = true) override {
-    this->begin_backward(dy);
-    const ConstRef g = this->unaliased(dy, dx_, dy_copy_);  // dY may be the last dX
-    this->bias_backward(g);
+    const ConstRef g = this->begin_dense_backward(dy, dx_, dy_copy_);  // dY may be the last dX
     if (compute_input_gradient) detail::product(dx_, this->weight().transpose(), g, Scalar(1));
     if (!this->merged()) {
       const Scalar s = this->scaling();

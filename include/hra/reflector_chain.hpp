@@ -53,13 +53,11 @@ inline const char* to_string(Variant v) {
 ///   validated) and assume consistent shapes, checked by HRA_ASSERT only: they are for layers
 ///   that validate once at their own entry and reuse one factorisation.
 template <typename Scalar_>
-class ReflectorChain : detail::ScalarCheck<Scalar_> {
+class ReflectorChain : public detail::ScalarTypes<Scalar_> {
+  using Types = detail::ScalarTypes<Scalar_>;
+
  public:
-  using Scalar = Scalar_;
-  using Index = Eigen::Index;
-  using Matrix = Eigen::Matrix<Scalar, Eigen::Dynamic, Eigen::Dynamic>;
-  using Vector = Eigen::Matrix<Scalar, Eigen::Dynamic, 1>;
-  using ConstRef = Eigen::Ref<const Matrix>;
+  HRA_LAYER_TYPES(Types);
 
   static constexpr Index default_block_size = 32;
 

@@ -15,6 +15,16 @@
 #define HRA_ASSERT(cond) assert(cond)
 #endif
 
+/// Re-exports the type names of a layer's (dependent) base class, which C++ does not make
+/// visible in a class template by itself; the same device as Eigen's
+/// EIGEN_DENSE_PUBLIC_INTERFACE. Use inside the class, under `public:`.
+#define HRA_LAYER_TYPES(Base)    \
+  using typename Base::ConstRef; \
+  using typename Base::Index;    \
+  using typename Base::Matrix;   \
+  using typename Base::Scalar;   \
+  using typename Base::Vector
+
 namespace hra {
 namespace detail {
 
@@ -23,6 +33,16 @@ struct ScalarCheck {
   static_assert(std::is_same<Scalar, float>::value || std::is_same<Scalar, double>::value ||
                     std::is_same<Scalar, long double>::value,
                 "hra supports the real floating-point scalars float, double and long double");
+};
+
+/// The type names of hra's public classes over one scalar (Layer, ReflectorChain), checked.
+template <typename Scalar_>
+struct ScalarTypes : ScalarCheck<Scalar_> {
+  using Scalar = Scalar_;
+  using Index = Eigen::Index;
+  using Matrix = Eigen::Matrix<Scalar, Eigen::Dynamic, Eigen::Dynamic>;
+  using Vector = Eigen::Matrix<Scalar, Eigen::Dynamic, 1>;
+  using ConstRef = Eigen::Ref<const Matrix>;
 };
 
 /// Builds a message from any streamable pieces: concat("rank ", r, " > dim ", d).
