@@ -1,5 +1,6 @@
-// Fine-tuning a pretrained MLP on a shifted Fashion-MNIST task: no adaptation, head only, full
-// fine-tuning, LoRA and HRA (several variants), on the same data with the same budget.
+// Fine-tuning a pretrained MLP and a small CNN on a shifted Fashion-MNIST task: no adaptation,
+// head only, full fine-tuning, LoRA and HRA (several variants), on the same data with the same
+// budget.
 //
 //   finetune_fashion_mnist [--epochs N] [--rank R] [--lambda L] [--seed S] [--out DIR] ...
 //   (--help lists every flag)
@@ -17,9 +18,14 @@
 // 4. For each: target test accuracy (mean and spread over the seeds), trainable parameters,
 //    training time, and whether the merged model (adapters folded into W) reproduces the
 //    unmerged predictions.
+// 5. Then the same for a CNN (--arch; conv 1->8 3x3 stride 2, conv 8->16 3x3 stride 2, linear
+//    784->10, saved as DIR/pretrained_cnn.safetensors) with methods none, head, full, LoRA,
+//    HRA and HRA-GS, every convolution and the hidden linear maps adapted alike; it has its
+//    own (fewer) epochs, --cnn-epochs and --cnn-pretrain-epochs, to fit the time budget.
 // Writes DIR/finetune_summary.csv (one row per method), DIR/finetune_results.csv (one per run)
-// and DIR/finetune_curves.csv (loss and accuracy during training); scripts/plot_finetune.py DIR
-// draws DIR/finetune_accuracy_vs_params.png from them.
+// and DIR/finetune_curves.csv (loss and accuracy during training), DIR/finetune_cnn_*.csv the
+// same for the CNN; scripts/plot_finetune.py DIR draws DIR/finetune_accuracy_vs_params.png
+// from them.
 #include <hra/hra.hpp>
 #include <hra/io/safetensors.hpp>
 
@@ -44,6 +50,7 @@
 #include <string>
 #include <vector>
 
+#include "common/architecture.hpp"
 #include "common/fashion_mnist.hpp"
 #include "common/mlp.hpp"
 #include "common/shifts.hpp"
@@ -81,10 +88,20 @@ struct Config {
   double warmup = 0.05;              // fraction of the steps spent warming up
   std::map<std::string, double> lr;  // per-method overrides
   double head_lr = 0;                // 0: each method's own learning rate
+  // Architectures, run one after the other; `arch` is the one a per-architecture copy runs
+  // (run() overrides epochs, pretrain_epochs and methods in the CNN's copy).
+  std::vector<std::string> archs = {"mlp", "cnn"};
+  std::string arch = "mlp";
+  Index cnn_channels1 = 8, cnn_channels2 = 16;
+  int cnn_epochs = 3;
+  int cnn_pretrain_epochs = 3;
+  bool methods_given = false;  // --methods was given (else each architecture's default list)
 };
 
 const char* const all_methods[] = {"none", "head",    "full",   "lora",
                                    "hra",  "hra-reg", "hra-gs", "hra-small"};
+// The CNN's default comparison (issue 13): the regulariser and the small rank are MLP studies.
+const char* const cnn_methods[] = {"none", "head", "full", "lora", "hra", "hra-gs"};
 
 void print_usage(std::FILE* to) {
   const Config d;
@@ -113,11 +130,19 @@ void print_usage(std::FILE* to) {
       "  --target-train N     use N target training images (default: all 30000)\n"
       "  --validation N       hold N target training images out and report accuracy on them\n"
       "                       instead of the test set (for tuning learning rates)\n"
+      "  --arch LIST          networks to compare, one after the other: mlp (784-H-H-10), cnn\n"
+      "                       (conv 1->C1 3x3/2, conv C1->C2 3x3/2, linear C2*49->10)\n"
+      "                       (default mlp,cnn)\n"
+      "  --cnn-epochs N       fine-tuning epochs of the CNN (default %d; --epochs is the MLP's)\n"
+      "  --cnn-pretrain-epochs N  the CNN's epochs on the source task (default %d)\n"
+      "  --cnn-channels C1,C2 the CNN's channels (default %ld,%ld); its methods default to\n"
+      "                       none,head,full,lora,hra,hra-gs (--methods applies to both)\n"
       "  --help               this text\n",
       d.data_dir.c_str(), d.out_dir.c_str(), d.epochs, d.pretrain_epochs, static_cast<long>(d.rank),
       static_cast<long>(d.small_rank), d.lambda, static_cast<unsigned long long>(d.seed), d.seeds,
       hra::examples::shift_help(), d.shift.c_str(), static_cast<long>(d.batch),
-      static_cast<long>(d.hidden));
+      static_cast<long>(d.hidden), d.cnn_epochs, d.cnn_pretrain_epochs,
+      static_cast<long>(d.cnn_channels1), static_cast<long>(d.cnn_channels2));
 }
 
 std::vector<std::string> split_list(const std::string& text) {
@@ -184,6 +209,7 @@ std::optional<Config> parse_args(int argc, char** argv) {
       c.seeds = static_cast<int>(parse_int(flag, v, 1));
     } else if (flag == "--methods") {
       c.methods = split_list(v);
+      c.methods_given = true;
       for (const auto& m : c.methods)
         if (std::find(std::begin(all_methods), std::end(all_methods), m) == std::end(all_methods))
           throw std::invalid_argument("--methods: unknown method '" + m + "' (see --help)");
@@ -213,6 +239,22 @@ std::optional<Config> parse_args(int argc, char** argv) {
       c.target_train = parse_int(flag, v, 0);
     } else if (flag == "--validation") {
       c.validation = parse_int(flag, v, 0);
+    } else if (flag == "--arch") {
+      c.archs = split_list(v);
+      for (const auto& a : c.archs)
+        if (a != "mlp" && a != "cnn")
+          throw std::invalid_argument("--arch: unknown architecture '" + a + "' (mlp or cnn)");
+      if (c.archs.empty()) throw std::invalid_argument("--arch: expected mlp, cnn or mlp,cnn");
+    } else if (flag == "--cnn-epochs") {
+      c.cnn_epochs = static_cast<int>(parse_int(flag, v, 1));
+    } else if (flag == "--cnn-pretrain-epochs") {
+      c.cnn_pretrain_epochs = static_cast<int>(parse_int(flag, v, 1));
+    } else if (flag == "--cnn-channels") {
+      const auto items = split_list(v);
+      if (items.size() != 2)
+        throw std::invalid_argument("--cnn-channels: expected C1,C2, got '" + v + "'");
+      c.cnn_channels1 = parse_int(flag, items[0], 1);
+      c.cnn_channels2 = parse_int(flag, items[1], 1);
     } else {
       throw std::invalid_argument("unknown flag '" + flag + "' (see --help)");
     }
@@ -344,37 +386,72 @@ Method make_method(const std::string& name, const Config& c) {
   return m;
 }
 
-// A network over copies of the pretrained weights, set up for `m`.
-Mlp<Scalar> build_network(const Weights& w, const Method& m, std::uint64_t seed) {
+// The layers of the architecture c.arch.
+std::vector<hra::examples::LayerSpec> network_layers(const Config& c) {
+  if (c.arch == "cnn") return hra::examples::cnn_layers(c.cnn_channels1, c.cnn_channels2, 10);
+  return hra::examples::mlp_layers({28 * 28, c.hidden, c.hidden, 10});
+}
+
+// The adapter rank of method `m` on `layer`: m.rank, capped where the layer is too small (HRA:
+// r <= D, the fan-in; LoRA: r <= min(d_out, d_in)), as for the CNN's first convolution (D = 9).
+Index layer_rank(const hra::examples::LayerSpec& layer, const Method& m) {
+  Index cap = layer.weight_cols();
+  if (m.kind == Kind::lora) cap = std::min(cap, layer.weight_rows());
+  return std::min(m.rank, cap);
+}
+
+// A network over copies of the pretrained weights, set up for `m`: the head (the last layer) is
+// a trainable Linear for every method but "none"; the others are frozen, trained, or adapted
+// (linear and convolutional layers alike).
+Mlp<Scalar> build_network(const Weights& w, const std::vector<hra::examples::LayerSpec>& specs,
+                          const Method& m, std::uint64_t seed) {
   std::vector<std::unique_ptr<hra::Layer<Scalar>>> layers;
   const std::size_t last = w.weights.size() - 1;
   for (std::size_t k = 0; k <= last; ++k) {
     auto weight = hra::WeightMatrix<Scalar>::owned(w.weights[k]);
     std::optional<Vector> bias = w.biases[k];
     const bool head = k == last;
+    const std::optional<hra::Conv2dGeometry>& conv = specs[k].conv;
+    const Index rank = layer_rank(specs[k], m);
     if (m.kind == Kind::none || (m.kind == Kind::head && !head)) {
-      layers.push_back(std::make_unique<hra::Linear<Scalar>>(std::move(weight), bias,
-                                                             hra::LinearOptions{false}));
+      if (conv)
+        layers.push_back(std::make_unique<hra::Conv2d<Scalar>>(*conv, std::move(weight), bias,
+                                                               hra::Conv2dOptions{false}));
+      else
+        layers.push_back(std::make_unique<hra::Linear<Scalar>>(std::move(weight), bias,
+                                                               hra::LinearOptions{false}));
     } else if (m.kind == Kind::full || head) {
-      layers.push_back(std::make_unique<hra::Linear<Scalar>>(
-          std::move(weight), bias, hra::LinearOptions{true}, hra::BiasMode::all));
+      if (conv)
+        layers.push_back(std::make_unique<hra::Conv2d<Scalar>>(
+            *conv, std::move(weight), bias, hra::Conv2dOptions{true}, hra::BiasMode::all));
+      else
+        layers.push_back(std::make_unique<hra::Linear<Scalar>>(
+            std::move(weight), bias, hra::LinearOptions{true}, hra::BiasMode::all));
     } else if (m.kind == Kind::lora) {
       hra::LoraOptions o;
-      o.rank = m.rank;
-      o.alpha = static_cast<double>(m.rank);  // scaling alpha / r = 1
+      o.rank = rank;
+      o.alpha = static_cast<double>(rank);  // scaling alpha / r = 1
       o.seed = seed * 1000 + k;
-      layers.push_back(std::make_unique<hra::LoraLinear<Scalar>>(std::move(weight), bias, o));
+      if (conv)
+        layers.push_back(
+            std::make_unique<hra::LoraConv2d<Scalar>>(*conv, std::move(weight), bias, o));
+      else
+        layers.push_back(std::make_unique<hra::LoraLinear<Scalar>>(std::move(weight), bias, o));
     } else {
       hra::HraOptions o;
-      o.rank = m.rank;
+      o.rank = rank;
       o.variant = m.variant;
       // Symmetric init (H = I at the start) needs an even rank and is degenerate for
       // Gram-Schmidt; those start from a random H, as PEFT does.
-      o.init = m.variant == hra::Variant::chain && m.rank % 2 == 0 ? hra::Init::symmetric
-                                                                   : hra::Init::random;
+      o.init = m.variant == hra::Variant::chain && rank % 2 == 0 ? hra::Init::symmetric
+                                                                 : hra::Init::random;
       o.lambda = m.lambda;
       o.seed = seed * 1000 + k;
-      layers.push_back(std::make_unique<hra::HraLinear<Scalar>>(std::move(weight), bias, o));
+      if (conv)
+        layers.push_back(
+            std::make_unique<hra::HraConv2d<Scalar>>(*conv, std::move(weight), bias, o));
+      else
+        layers.push_back(std::make_unique<hra::HraLinear<Scalar>>(std::move(weight), bias, o));
     }
   }
   return Mlp<Scalar>(std::move(layers));
@@ -515,28 +592,29 @@ TrainStats train(Mlp<Scalar>& net, const std::string& name, std::uint64_t seed, 
 
 std::string pretrain_signature(const Config& c, const Tasks& t) {
   std::ostringstream s;
-  s << "mlp 784-" << c.hidden << "-" << c.hidden
-    << "-10; source=fashion-mnist train[0:" << t.source_train.size()
+  if (c.arch == "mlp")
+    s << "mlp 784-" << c.hidden << "-" << c.hidden << "-10";
+  else
+    s << c.arch << " " << hra::examples::describe(network_layers(c));
+  s << "; source=fashion-mnist train[0:" << t.source_train.size()
     << "] unshifted; epochs=" << c.pretrain_epochs << "; batch=" << c.batch
     << "; adam lr=1e-3 cosine; seed=" << c.seed;
   return s.str();
 }
 
-// The safetensors layout is PyTorch's nn.Sequential of Linear layers: "layers.<k>.weight"
-// (out_features, in_features) and "layers.<k>.bias" (out_features,).
-void save_pretrained(const std::string& path, const Weights& w, const std::string& signature) {
+// The safetensors layout is PyTorch's: "layers.<k>.weight" ((out_features, in_features), or
+// (C_out, C_in, kh, kw) for a convolution) and "layers.<k>.bias" (see architecture.hpp).
+void save_pretrained(const std::string& path, const Weights& w, const std::string& signature,
+                     const std::vector<hra::examples::LayerSpec>& layers) {
   hra::safetensors::TensorFile file(path);
   file.metadata()["signature"] = signature;
-  for (std::size_t k = 0; k < w.weights.size(); ++k) {
-    file.put_matrix("layers." + std::to_string(k) + ".weight", w.weights[k]);
-    file.put_vector("layers." + std::to_string(k) + ".bias", w.biases[k]);
-  }
+  hra::examples::put_weights(file, layers, w);
   hra::safetensors::save(path, file);
 }
 
 // The weights saved at `path` if they were made with the same settings; nothing otherwise.
 std::optional<Weights> load_pretrained(const std::string& path, const std::string& signature,
-                                       const std::vector<Index>& sizes) {
+                                       const std::vector<hra::examples::LayerSpec>& layers) {
   if (!std::filesystem::exists(path)) return std::nullopt;
   try {
     const auto file = hra::safetensors::load(path);
@@ -545,14 +623,7 @@ std::optional<Weights> load_pretrained(const std::string& path, const std::strin
       std::printf("%s was made with other settings; pretraining again\n", path.c_str());
       return std::nullopt;
     }
-    Weights w;
-    for (std::size_t k = 0; k + 1 < sizes.size(); ++k) {
-      w.weights.push_back(file.get_matrix<Scalar>("layers." + std::to_string(k) + ".weight",
-                                                  sizes[k + 1], sizes[k]));
-      w.biases.push_back(
-          file.get_vector<Scalar>("layers." + std::to_string(k) + ".bias", sizes[k + 1]));
-    }
-    return w;
+    return hra::examples::get_weights<Scalar>(file, layers);
   } catch (const hra::safetensors::error& e) {
     std::printf("cannot reuse %s (%s); pretraining again\n", path.c_str(), e.what());
     return std::nullopt;
@@ -560,27 +631,30 @@ std::optional<Weights> load_pretrained(const std::string& path, const std::strin
 }
 
 Weights pretrained_network(const Config& c, const Tasks& t, CurveWriter& curves) {
-  const std::vector<Index> sizes = {28 * 28, c.hidden, c.hidden, 10};
-  const std::string path = c.out_dir + "/pretrained_mlp.safetensors";
+  const auto layers = network_layers(c);
+  const std::string path = c.out_dir + "/pretrained_" + c.arch + ".safetensors";
   const std::string signature = pretrain_signature(c, t);
-  if (auto w = load_pretrained(path, signature, sizes)) {
+  if (auto w = load_pretrained(path, signature, layers)) {
     std::printf("Loaded the pretrained network from %s\n", path.c_str());
     return *w;
   }
-  std::printf("Pretraining %ld-%ld-%ld-10 on the source task (%ld images, %d epochs)\n",
-              static_cast<long>(sizes[0]), static_cast<long>(c.hidden), static_cast<long>(c.hidden),
-              static_cast<long>(t.source_train.size()), c.pretrain_epochs);
-  Weights w = Weights::initialized(sizes, c.seed + 7);
+  std::printf(
+      "Pretraining %s on the source task (%ld images, %d epochs)\n",
+      c.arch == "mlp"
+          ? ("784-" + std::to_string(c.hidden) + "-" + std::to_string(c.hidden) + "-10").c_str()
+          : hra::examples::describe(layers).c_str(),
+      static_cast<long>(t.source_train.size()), c.pretrain_epochs);
+  Weights w = hra::examples::initialized_weights<Scalar>(layers, c.seed + 7);
   Method full{"pretrain", "pretrain", Kind::full};
-  Mlp<Scalar> net = build_network(w, full, c.seed);
+  Mlp<Scalar> net = build_network(w, layers, full, c.seed);
   const TrainStats s = train(net, "pretrain", c.seed, 1e-3, 1e-3, c.pretrain_epochs, t.source_train,
                              t.source_test, c, curves);
   for (std::size_t k = 0; k < w.weights.size(); ++k) {
-    auto& layer = dynamic_cast<hra::Linear<Scalar>&>(net.layer(k));
+    auto& layer = dynamic_cast<hra::AffineLayer<Scalar>&>(net.layer(k));
     w.weights[k] = layer.weight();
     w.biases[k] = *layer.bias();
   }
-  save_pretrained(path, w, signature);
+  save_pretrained(path, w, signature, layers);
   std::printf("Pretrained in %.1f s (%.1f s cpu); saved to %s\n", s.seconds, s.cpu_seconds,
               path.c_str());
   return w;
@@ -605,7 +679,7 @@ struct Result {
 
 Result run_method(const Method& m, std::uint64_t seed, const Weights& pretrained, const Tasks& t,
                   const Config& c, CurveWriter& curves) {
-  Mlp<Scalar> net = build_network(pretrained, m, seed);
+  Mlp<Scalar> net = build_network(pretrained, network_layers(c), m, seed);
   Result r;
   r.method = m;
   r.seed = seed;
@@ -720,10 +794,10 @@ void write_summary(const std::string& path, const std::vector<Summary>& summarie
 void print_table(const std::vector<Summary>& summaries, Index full_params, const Tasks& t,
                  const Config& c) {
   std::printf(
-      "\nResults: %s accuracy, mean +- standard deviation over %d seed(s); %d epochs; trainable\n"
-      "parameters include the classifier head; wall s / cpu s: training time per run (cpu s\n"
-      "counts every thread)\n",
-      t.target_eval.name.c_str(), c.seeds, c.epochs);
+      "\nResults (%s): %s accuracy, mean +- standard deviation over %d seed(s); %d epochs;\n"
+      "trainable parameters include the classifier head; wall s / cpu s: training time per run\n"
+      "(cpu s counts every thread)\n",
+      c.arch == "mlp" ? "MLP" : "CNN", t.target_eval.name.c_str(), c.seeds, c.epochs);
   std::printf("| %-24s | %10s | %7s | %15s | %17s | %7s | %7s |\n", "method", "trainable", "% full",
               "accuracy", "merged = unmerged", "wall s", "cpu s");
   std::printf("|%s|%s|%s|%s|%s|%s|%s|\n", std::string(26, '-').c_str(),
@@ -747,21 +821,36 @@ void print_table(const std::vector<Summary>& summaries, Index full_params, const
       "differ by at most the number in brackets; n/a: no adapter to merge)\n");
 }
 
-int run(const Config& c) {
-  const auto start = Clock::now();
-  std::filesystem::create_directories(c.out_dir);
-  std::printf("threads: Eigen %d, hra %d; shift: %s; data: %s\n", Eigen::nbThreads(),
-              hra::num_threads(), c.shift.c_str(), c.data_dir.c_str());
-  const Tasks t = make_tasks(c);
-  std::printf("source: %ld training images; target (%s): %ld training, %ld %s images\n",
-              static_cast<long>(t.source_train.size()), c.shift.c_str(),
-              static_cast<long>(t.target_train.size()), static_cast<long>(t.target_eval.size()),
-              t.eval_name.c_str());
+// The settings of one architecture's comparison: the CNN has its own epochs and default methods.
+Config arch_config(const Config& c, const std::string& arch) {
+  Config a = c;
+  a.arch = arch;
+  if (arch == "cnn") {
+    a.epochs = c.cnn_epochs;
+    a.pretrain_epochs = c.cnn_pretrain_epochs;
+    if (!c.methods_given) a.methods.assign(std::begin(cnn_methods), std::end(cnn_methods));
+  }
+  return a;
+}
 
-  CurveWriter curves(c.out_dir + "/finetune_curves.csv");
+// The results files of c.arch: finetune_*.csv for the MLP (as before the CNN existed),
+// finetune_cnn_*.csv for the CNN.
+std::string results_prefix(const Config& c) {
+  return c.out_dir + (c.arch == "mlp" ? "/finetune_" : "/finetune_" + c.arch + "_");
+}
+
+// One architecture: pretrain (or load), every method over every seed, the table and the CSVs.
+// Returns 3 if a merged model does not reproduce its unmerged predictions, else 0.
+int run_arch(const Config& c, const Tasks& t) {
+  const auto layers = network_layers(c);
+  std::printf("\n=== %s: %s; %d fine-tuning epochs, %d pretraining epochs ===\n",
+              c.arch == "mlp" ? "MLP" : "CNN", hra::examples::describe(layers).c_str(), c.epochs,
+              c.pretrain_epochs);
+  const std::string prefix = results_prefix(c);
+  CurveWriter curves(prefix + "curves.csv");
   const Weights pretrained = pretrained_network(c, t, curves);
   {
-    Mlp<Scalar> net = build_network(pretrained, make_method("none", c), c.seed);
+    Mlp<Scalar> net = build_network(pretrained, layers, make_method("none", c), c.seed);
     std::printf("Pretrained network: source test acc %.2f%%, %s acc %.2f%%\n",
                 100 * evaluate(net, t.source_test), t.target_eval.name.c_str(),
                 100 * evaluate(net, t.target_eval));
@@ -778,6 +867,13 @@ int run(const Config& c) {
     std::printf("\n%s", m.label.c_str());
     if (m.kind != Kind::none) std::printf(" (lr %g, head lr %g)", m.lr, m.head_lr);
     std::printf("\n");
+    if (m.kind == Kind::lora || m.kind == Kind::hra)
+      for (std::size_t k = 0; k + 1 < layers.size(); ++k)
+        if (layer_rank(layers[k], m) < m.rank)
+          std::printf("  note: rank %ld on layer %zu (%s), whose %s is only %ld\n",
+                      static_cast<long>(layer_rank(layers[k], m)), k, layers[k].describe().c_str(),
+                      m.kind == Kind::lora ? "min(d_out, fan-in)" : "fan-in",
+                      static_cast<long>(layer_rank(layers[k], m)));
     std::vector<Result> runs;
     const int seeds = m.kind == Kind::none ? 1 : c.seeds;  // nothing random to vary
     for (int k = 0; k < seeds; ++k)
@@ -788,23 +884,43 @@ int run(const Config& c) {
   }
 
   print_table(summaries, full_params, t, c);
-  write_results(c.out_dir + "/finetune_results.csv", results, c, t.eval_name);
-  write_summary(c.out_dir + "/finetune_summary.csv", summaries, c, t.eval_name, full_params);
-  std::printf(
-      "\nWrote %s/finetune_summary.csv, finetune_results.csv (every run) and\n"
-      "finetune_curves.csv; chart: python3 scripts/plot_finetune.py %s\n",
-      c.out_dir.c_str(), c.out_dir.c_str());
-  std::printf("Total time %.1f s (%.1f s cpu)\n",
-              std::chrono::duration<double>(Clock::now() - start).count(),
-              static_cast<double>(std::clock()) / CLOCKS_PER_SEC);
+  write_results(prefix + "results.csv", results, c, t.eval_name);
+  write_summary(prefix + "summary.csv", summaries, c, t.eval_name, full_params);
+  std::printf("\nWrote %ssummary.csv, %sresults.csv (every run) and %scurves.csv\n", prefix.c_str(),
+              prefix.c_str(), prefix.c_str());
   for (const auto& s : summaries)
     if (!s.merge_ok) {
       std::fprintf(stderr,
-                   "error: %s: a merged model does not reproduce its unmerged predictions\n",
-                   s.method.label.c_str());
+                   "error: %s %s: a merged model does not reproduce its unmerged predictions\n",
+                   c.arch.c_str(), s.method.label.c_str());
       return 3;
     }
   return 0;
+}
+
+int run(const Config& c) {
+  const auto start = Clock::now();
+  std::filesystem::create_directories(c.out_dir);
+  std::printf("threads: Eigen %d, hra %d; shift: %s; data: %s\n", Eigen::nbThreads(),
+              hra::num_threads(), c.shift.c_str(), c.data_dir.c_str());
+  const Tasks t = make_tasks(c);
+  std::printf("source: %ld training images; target (%s): %ld training, %ld %s images\n",
+              static_cast<long>(t.source_train.size()), c.shift.c_str(),
+              static_cast<long>(t.target_train.size()), static_cast<long>(t.target_eval.size()),
+              t.eval_name.c_str());
+
+  int status = 0;
+  for (const auto& arch : c.archs) {
+    const auto arch_start = Clock::now();
+    status = std::max(status, run_arch(arch_config(c, arch), t));
+    std::printf("%s comparison: %.1f s\n", arch == "mlp" ? "MLP" : "CNN",
+                std::chrono::duration<double>(Clock::now() - arch_start).count());
+  }
+  std::printf("\nChart: python3 scripts/plot_finetune.py %s\n", c.out_dir.c_str());
+  std::printf("Total time %.1f s (%.1f s cpu)\n",
+              std::chrono::duration<double>(Clock::now() - start).count(),
+              static_cast<double>(std::clock()) / CLOCKS_PER_SEC);
+  return status;
 }
 
 }  // namespace
