@@ -40,6 +40,7 @@
 #include <exception>
 #include <filesystem>
 #include <fstream>
+#include <iomanip>
 #include <map>
 #include <memory>
 #include <numeric>
@@ -51,6 +52,7 @@
 #include <vector>
 
 #include "common/architecture.hpp"
+#include "common/checkpoint.hpp"
 #include "common/fashion_mnist.hpp"
 #include "common/mlp.hpp"
 #include "common/shifts.hpp"
@@ -95,7 +97,11 @@ struct Config {
   Index cnn_channels1 = 8, cnn_channels2 = 16;
   int cnn_epochs = 3;
   int cnn_pretrain_epochs = 3;
-  bool methods_given = false;  // --methods was given (else each architecture's default list)
+  bool methods_given = false;         // --methods was given (else each architecture's default list)
+  std::string checkpoint_dir;         // --checkpoint: empty for none
+  std::int64_t checkpoint_every = 0;  // steps between checkpoints (0: after each epoch)
+  bool resume = false;
+  std::int64_t stop_after_steps = 0;  // (testing) save a checkpoint and exit after N steps
 };
 
 const char* const all_methods[] = {"none", "head",    "full",   "lora",
@@ -137,6 +143,11 @@ void print_usage(std::FILE* to) {
       "  --cnn-pretrain-epochs N  the CNN's epochs on the source task (default %d)\n"
       "  --cnn-channels C1,C2 the CNN's channels (default %ld,%ld); its methods default to\n"
       "                       none,head,full,lora,hra,hra-gs (--methods applies to both)\n"
+      "  --checkpoint DIR     save the whole training state into DIR (replaced atomically)\n"
+      "                       after every epoch and every finished run\n"
+      "  --checkpoint-every K save it every K optimiser steps instead of every epoch\n"
+      "  --resume             continue from the checkpoint in DIR (a fresh start if there is\n"
+      "                       none); the results equal an uninterrupted run's bit for bit\n"
       "  --help               this text\n",
       d.data_dir.c_str(), d.out_dir.c_str(), d.epochs, d.pretrain_epochs, static_cast<long>(d.rank),
       static_cast<long>(d.small_rank), d.lambda, static_cast<unsigned long long>(d.seed), d.seeds,
@@ -187,6 +198,10 @@ std::optional<Config> parse_args(int argc, char** argv) {
   for (int i = 1; i < argc; ++i) {
     const std::string flag = argv[i];
     if (flag == "--help" || flag == "-h") return std::nullopt;
+    if (flag == "--resume") {
+      c.resume = true;
+      continue;
+    }
     if (i + 1 >= argc) throw std::invalid_argument(flag + ": missing value (see --help)");
     const std::string v = argv[++i];
     if (flag == "--data") {
@@ -249,6 +264,12 @@ std::optional<Config> parse_args(int argc, char** argv) {
       c.cnn_epochs = static_cast<int>(parse_int(flag, v, 1));
     } else if (flag == "--cnn-pretrain-epochs") {
       c.cnn_pretrain_epochs = static_cast<int>(parse_int(flag, v, 1));
+    } else if (flag == "--checkpoint") {
+      c.checkpoint_dir = v;
+    } else if (flag == "--checkpoint-every") {
+      c.checkpoint_every = parse_int(flag, v, 0);
+    } else if (flag == "--stop-after-steps") {  // for the resume test; not in --help
+      c.stop_after_steps = parse_int(flag, v, 1);
     } else if (flag == "--cnn-channels") {
       const auto items = split_list(v);
       if (items.size() != 2)
@@ -260,6 +281,10 @@ std::optional<Config> parse_args(int argc, char** argv) {
     }
   }
   if (c.methods.empty()) c.methods.assign(std::begin(all_methods), std::end(all_methods));
+  if (c.checkpoint_dir.empty() && (c.resume || c.stop_after_steps > 0 || c.checkpoint_every > 0))
+    throw std::invalid_argument(
+        "--resume, --checkpoint-every and --stop-after-steps need "
+        "--checkpoint DIR");
   return c;
 }
 
@@ -476,25 +501,37 @@ double evaluate(const Mlp<Scalar>& net, const Data& d) {
   return hra::examples::accuracy<Scalar>(predict_all(net, d.images), d.labels);
 }
 
+// finetune_curves.csv: written as it goes (flushed per row) and kept in memory, so that a
+// checkpoint can carry the rows written so far.
 class CurveWriter {
  public:
-  explicit CurveWriter(const std::string& path) : out_(path) {
+  static constexpr const char* header = "method,seed,epoch,step,train_loss,eval_acc,elapsed_s\n";
+  // `text`: rows written before (a resumed run), header included; empty: a new file.
+  explicit CurveWriter(const std::string& path, std::string text = header)
+      : text_(std::move(text)) {
+    out_.open(path);
     if (!out_) throw std::runtime_error(path + ": cannot open for writing");
-    out_ << "method,seed,epoch,step,train_loss,eval_acc,elapsed_s\n";
+    out_ << text_;
+    out_.flush();
   }
   void row(const std::string& method, std::uint64_t seed, int epoch, std::int64_t step, double loss,
            double acc, double seconds) {
     // An empty field is "not measured at this step" (no loss before training; accuracy only
     // at the end of an epoch).
-    out_ << method << ',' << seed << ',' << epoch << ',' << step << ',';
-    if (std::isfinite(loss)) out_ << loss;
-    out_ << ',';
-    if (std::isfinite(acc)) out_ << acc;
-    out_ << ',' << seconds << '\n';
+    std::ostringstream line;
+    line << method << ',' << seed << ',' << epoch << ',' << step << ',';
+    if (std::isfinite(loss)) line << loss;
+    line << ',';
+    if (std::isfinite(acc)) line << acc;
+    line << ',' << seconds << '\n';
+    text_ += line.str();
+    out_ << line.str();
     out_.flush();
   }
+  const std::string& text() const { return text_; }
 
  private:
+  std::string text_;
   std::ofstream out_;
 };
 
@@ -504,11 +541,213 @@ struct TrainStats {
   double final_loss = 0;
 };
 
+// ---------------------------------------------------------------------------------------------
+// Checkpoints (--checkpoint DIR, --resume)
+
+// Where a training run stands: with the network's parameters and both optimisers' states, all
+// train() needs to continue exactly where it was. The batch order is a function of the seed and
+// the epoch (see train()), so it is derived again, not stored.
+struct Progress {
+  int epoch = 1;          // the epoch in progress
+  Index next_batch = 0;   // position, in this epoch's order, of the next batch's first sample
+  std::int64_t step = 0;  // optimiser steps so far: the schedule's position
+  double loss_sum = 0, window_sum = 0;
+  Index window_count = 0;
+  double seconds = 0, cpu_seconds = 0;  // training time so far (not part of the results)
+};
+
+// Thrown when --stop-after-steps is reached (after the checkpoint is saved).
+class Stopped : public std::runtime_error {
+ public:
+  using std::runtime_error::runtime_error;
+};
+
+constexpr int stopped_exit_code = 75;  // EX_TEMPFAIL: "try again", i.e. resume
+
+// Everything that changes the results, for the check that a checkpoint belongs to this run.
+std::string settings_signature(const Config& c) {
+  std::ostringstream s;
+  s << std::setprecision(17) << "shift=" << c.shift << ";epochs=" << c.epochs
+    << ";pretrain_epochs=" << c.pretrain_epochs << ";batch=" << c.batch << ";hidden=" << c.hidden
+    << ";rank=" << c.rank << ";small_rank=" << c.small_rank << ";lambda=" << c.lambda
+    << ";seed=" << c.seed << ";seeds=" << c.seeds << ";train_limit=" << c.train_limit
+    << ";target_train=" << c.target_train << ";validation=" << c.validation
+    << ";warmup=" << c.warmup << ";head_lr=" << c.head_lr << ";cnn=" << c.cnn_channels1 << ","
+    << c.cnn_channels2 << "," << c.cnn_epochs << "," << c.cnn_pretrain_epochs << ";archs=";
+  for (const auto& a : c.archs) s << a << ",";
+  s << ";methods=" << (c.methods_given ? "" : "default:");
+  for (const auto& m : c.methods) s << m << ",";
+  s << ";lr=";
+  for (const auto& kv : c.lr) s << kv.first << "=" << kv.second << ",";
+  return s.str();
+}
+
+// The checkpoint of a whole comparison: the finished runs' results and curves, and the state of
+// the training in progress (pretraining or a method's run), saved every --checkpoint-every steps
+// (0: after each epoch) and after each finished run.
+class Checkpointer {
+ public:
+  using json = nlohmann::json;
+
+  explicit Checkpointer(const Config& c)
+      : dir_(c.checkpoint_dir),
+        every_(c.checkpoint_every),
+        stop_after_(c.stop_after_steps),
+        settings_(settings_signature(c)) {
+    state_ = {{"format", "hra-finetune-checkpoint"},
+              {"version", 1},
+              {"settings", settings_},
+              {"archs", json::object()},
+              {"training", nullptr}};
+    if (dir_.empty() || !c.resume) return;
+    auto data = hra::examples::load_checkpoint(dir_);
+    if (!data) {
+      std::printf("--resume: no checkpoint in %s yet; starting from the beginning\n", dir_.c_str());
+      return;
+    }
+    const json& st = data->state;
+    if (st.value("format", "") != "hra-finetune-checkpoint" || st.value("version", 0) != 1)
+      throw std::runtime_error("--resume: " + dir_ + " holds no checkpoint of this program");
+    if (st.at("settings").get<std::string>() != settings_)
+      throw std::invalid_argument(
+          "--resume: the checkpoint in " + dir_ + " was made with other settings:\n  checkpoint: " +
+          st.at("settings").get<std::string>() + "\n  this run:   " + settings_);
+    state_ = st;
+    state_.erase("tensors_file");
+    tensors_ = std::move(data->tensors);
+    std::size_t finished = 0;
+    for (const auto& arch : state_["archs"])
+      finished += arch.value("results", json::array()).size();
+    std::printf("Resuming from %s: %zu finished run(s)", dir_.c_str(), finished);
+    if (!state_["training"].is_null())
+      std::printf(", %s at step %lld", state_["training"]["key"].get<std::string>().c_str(),
+                  static_cast<long long>(state_["training"]["step"].get<std::int64_t>()));
+    std::printf("\n");
+  }
+
+  bool enabled() const { return !dir_.empty(); }
+
+  // The curves written so far for `arch` (the header only when there are none).
+  std::string curves(const std::string& arch) const {
+    const auto it = state_["archs"].find(arch);
+    if (it == state_["archs"].end() || !it->contains("curves")) return CurveWriter::header;
+    return (*it)["curves"].get<std::string>();
+  }
+  // While attached, saves take `arch`'s curves from `w`.
+  void attach(const std::string& arch, const CurveWriter* w) { writers_[arch] = w; }
+  void detach(const std::string& arch) {
+    if (writers_.count(arch)) state_["archs"][arch]["curves"] = writers_[arch]->text();
+    writers_.erase(arch);
+  }
+
+  // The result of a run the checkpoint has finished, if any.
+  std::optional<json> finished(const std::string& arch, const std::string& method,
+                               std::uint64_t seed) const {
+    const auto it = state_["archs"].find(arch);
+    if (it == state_["archs"].end() || !it->contains("results")) return std::nullopt;
+    for (const auto& r : (*it)["results"])
+      if (r.at("method").get<std::string>() == method && r.at("seed").get<std::uint64_t>() == seed)
+        return r;
+    return std::nullopt;
+  }
+  // A run finished: its result joins the checkpoint, which no longer has training in progress.
+  void finish(const std::string& arch, json result) {
+    if (!enabled()) return;
+    state_["archs"][arch]["results"].push_back(std::move(result));
+    state_["training"] = nullptr;
+    tensors_ = hra::safetensors::TensorFile();
+    save();
+  }
+
+  // Restores the training `key` (arch/method/seed) into net, the optimisers and `p` when the
+  // checkpoint holds it; false otherwise (a fresh start).
+  bool restore(const std::string& key, Mlp<Scalar>& net, hra::Adam<Scalar>& body_adam,
+               const std::vector<hra::ParameterView<Scalar>>& body, hra::Adam<Scalar>& head_adam,
+               const std::vector<hra::ParameterView<Scalar>>& head, Progress& p) {
+    const json& t = state_["training"];
+    if (t.is_null() || t.at("key").get<std::string>() != key) return false;
+    hra::examples::get_parameters(tensors_, "param.", t.at("parameters"), net.parameters());
+    body_adam.set_state(body, hra::examples::get_optimizer_state<Scalar>(tensors_, "adam.body.",
+                                                                         t.at("adam_body")));
+    head_adam.set_state(head, hra::examples::get_optimizer_state<Scalar>(tensors_, "adam.head.",
+                                                                         t.at("adam_head")));
+    p.epoch = t.at("epoch").get<int>();
+    p.next_batch = t.at("next_batch").get<Index>();
+    p.step = t.at("step").get<std::int64_t>();
+    p.loss_sum = t.at("loss_sum").get<double>();
+    p.window_sum = t.at("window_sum").get<double>();
+    p.window_count = t.at("window_count").get<Index>();
+    p.seconds = t.at("seconds").get<double>();
+    p.cpu_seconds = t.at("cpu_seconds").get<double>();
+    std::printf("  [%s] resumed at epoch %d, step %lld\n", key.c_str(), p.epoch,
+                static_cast<long long>(p.step));
+    return true;
+  }
+
+  // After every optimiser step (end_of_epoch: after an epoch's evaluation, with `p` already at
+  // the next epoch): saves when due, and stops the program when --stop-after-steps is reached.
+  void after_step(const std::string& key, Mlp<Scalar>& net, const hra::Adam<Scalar>& body_adam,
+                  const std::vector<hra::ParameterView<Scalar>>& body,
+                  const hra::Adam<Scalar>& head_adam,
+                  const std::vector<hra::ParameterView<Scalar>>& head, const Progress& p,
+                  bool end_of_epoch) {
+    if (!enabled()) return;
+    if (!end_of_epoch) ++steps_here_;
+    const bool stop = !end_of_epoch && stop_after_ > 0 && steps_here_ >= stop_after_;
+    const bool due = every_ > 0 ? !end_of_epoch && p.step % every_ == 0 : end_of_epoch;
+    if (!stop && !due) return;
+    hra::safetensors::TensorFile tensors;
+    json t = {{"key", key},
+              {"epoch", p.epoch},
+              {"next_batch", p.next_batch},
+              {"step", p.step},
+              {"loss_sum", p.loss_sum},
+              {"window_sum", p.window_sum},
+              {"window_count", p.window_count},
+              {"seconds", p.seconds},
+              {"cpu_seconds", p.cpu_seconds}};
+    t["parameters"] = hra::examples::put_parameters(tensors, "param.", net.parameters());
+    t["adam_body"] =
+        hra::examples::put_optimizer_state(tensors, "adam.body.", body_adam.state(body));
+    t["adam_head"] =
+        hra::examples::put_optimizer_state(tensors, "adam.head.", head_adam.state(head));
+    state_["training"] = std::move(t);
+    tensors_ = std::move(tensors);
+    save();
+    if (stop)
+      throw Stopped("stopped after " + std::to_string(steps_here_) +
+                    " training steps (--stop-after-steps); the checkpoint in " + dir_ +
+                    " continues with --resume");
+  }
+
+ private:
+  void save() {
+    for (const auto& kv : writers_) state_["archs"][kv.first]["curves"] = kv.second->text();
+    hra::examples::CheckpointData data;
+    data.state = state_;
+    data.tensors = tensors_;
+    hra::examples::save_checkpoint(dir_, data);
+  }
+
+  std::string dir_;
+  std::int64_t every_ = 0, stop_after_ = 0, steps_here_ = 0;
+  std::string settings_;
+  json state_;
+  hra::safetensors::TensorFile tensors_;
+  std::map<std::string, const CurveWriter*> writers_;
+};
+
+// What a run needs besides its settings: the checkpoint.
+struct Runtime {
+  Checkpointer* checkpoint = nullptr;
+};
+
 // Adam with a cosine schedule and linear warm-up over epochs x ceil(n / batch) steps. The batch
-// order depends only on the seed and the epoch, so every method sees the same batches.
+// order depends only on the seed and the epoch, so every method sees the same batches (and a
+// resumed run derives it again).
 TrainStats train(Mlp<Scalar>& net, const std::string& name, std::uint64_t seed, double lr,
                  double head_lr, int epochs, const Data& train, const Data& eval, const Config& c,
-                 CurveWriter& curves) {
+                 CurveWriter& curves, Runtime& rt) {
   const Index n = train.size();
   const Index steps_per_epoch = (n + c.batch - 1) / c.batch;
   const std::int64_t total = static_cast<std::int64_t>(steps_per_epoch) * epochs;
@@ -519,17 +758,35 @@ TrainStats train(Mlp<Scalar>& net, const std::string& name, std::uint64_t seed, 
   hra::CosineSchedule schedule(lr, warmup, total), head_schedule(head_lr, warmup, total);
   hra::Adam<Scalar> adam({lr}), head_adam({head_lr});
   const std::size_t head = net.size() - 1;
+  const auto body_params = [&] {
+    std::vector<hra::ParameterView<Scalar>> body;
+    for (std::size_t k = 0; k < head; ++k)
+      for (auto& p : net.layer(k).parameters()) body.push_back(p);
+    return body;
+  };
+  const std::string key = c.arch + "/" + name + "/" + std::to_string(seed);
 
   const std::int64_t log_every = std::max<std::int64_t>(1, steps_per_epoch / 4);
   TrainStats stats;
-  const double acc0 = evaluate(net, eval);
-  curves.row(name, seed, 0, 0, std::nan(""), acc0, 0.0);
+  Progress p;
+  if (!rt.checkpoint || !rt.checkpoint->restore(key, net, adam, body_params(), head_adam,
+                                                net.layer(head).parameters(), p)) {
+    const double acc0 = evaluate(net, eval);
+    curves.row(name, seed, 0, 0, std::nan(""), acc0, 0.0);
+  }
+  stats.seconds = p.seconds;
+  stats.cpu_seconds = p.cpu_seconds;
+  const auto checkpoint = [&](bool end_of_epoch) {
+    if (rt.checkpoint)
+      rt.checkpoint->after_step(key, net, adam, body_params(), head_adam,
+                                net.layer(head).parameters(), p, end_of_epoch);
+  };
 
   std::vector<Index> order(static_cast<std::size_t>(n));
   Matrix x(train.images.rows(), c.batch), grad;
   std::vector<int> labels;
-  std::int64_t step = 0;
-  for (int epoch = 1; epoch <= epochs; ++epoch) {
+  for (; p.epoch <= epochs; ++p.epoch) {
+    const int epoch = p.epoch;
     std::iota(order.begin(), order.end(), Index{0});
     std::mt19937_64 rng(seed * 1000003u + static_cast<std::uint64_t>(epoch));
     for (std::size_t k = order.size(); k > 1; --k)
@@ -537,9 +794,10 @@ TrainStats train(Mlp<Scalar>& net, const std::string& name, std::uint64_t seed, 
 
     const auto start = Clock::now();
     const std::clock_t cpu_start = std::clock();
-    double loss_sum = 0, window_sum = 0;
-    Index window_count = 0;
-    for (Index b0 = 0; b0 < n; b0 += c.batch) {
+    const auto elapsed = [&] {
+      return stats.seconds + std::chrono::duration<double>(Clock::now() - start).count();
+    };
+    for (Index b0 = p.next_batch; b0 < n; b0 += c.batch) {
       const Index bn = std::min(c.batch, n - b0);
       x.resize(train.images.rows(), bn);
       labels.resize(static_cast<std::size_t>(bn));
@@ -552,37 +810,48 @@ TrainStats train(Mlp<Scalar>& net, const std::string& name, std::uint64_t seed, 
       double loss = hra::examples::softmax_cross_entropy<Scalar>(logits, labels, &grad);
       net.backward(grad);
       loss += net.add_regularizer();
-      std::vector<hra::ParameterView<Scalar>> body;
-      for (std::size_t k = 0; k < head; ++k)
-        for (auto& p : net.layer(k).parameters()) body.push_back(p);
-      adam.set_lr(schedule(step));
-      adam.step(body);
-      head_adam.set_lr(head_schedule(step));
+      adam.set_lr(schedule(p.step));
+      adam.step(body_params());
+      head_adam.set_lr(head_schedule(p.step));
       head_adam.step(net.layer(head).parameters());
-      loss_sum += loss * static_cast<double>(bn);
-      window_sum += loss * static_cast<double>(bn);
-      window_count += bn;
-      ++step;
+      p.loss_sum += loss * static_cast<double>(bn);
+      p.window_sum += loss * static_cast<double>(bn);
+      p.window_count += bn;
+      ++p.step;
+      p.next_batch = b0 + bn;
       // The training loss four times per epoch (the end of the epoch is logged below).
-      if (step % log_every == 0 && b0 + bn < n) {
-        const double elapsed =
-            stats.seconds + std::chrono::duration<double>(Clock::now() - start).count();
-        curves.row(name, seed, epoch, step, window_sum / static_cast<double>(window_count),
-                   std::nan(""), elapsed);
-        window_sum = 0;
-        window_count = 0;
+      if (p.step % log_every == 0 && b0 + bn < n) {
+        curves.row(name, seed, epoch, p.step, p.window_sum / static_cast<double>(p.window_count),
+                   std::nan(""), elapsed());
+        p.window_sum = 0;
+        p.window_count = 0;
       }
+      p.seconds = elapsed();
+      p.cpu_seconds =
+          stats.cpu_seconds + static_cast<double>(std::clock() - cpu_start) / CLOCKS_PER_SEC;
+      checkpoint(false);
     }
     stats.seconds += std::chrono::duration<double>(Clock::now() - start).count();
     stats.cpu_seconds += static_cast<double>(std::clock() - cpu_start) / CLOCKS_PER_SEC;
-    stats.final_loss = loss_sum / static_cast<double>(n);
+    stats.final_loss = p.loss_sum / static_cast<double>(n);
     const double acc = evaluate(net, eval);
-    curves.row(name, seed, epoch, step, window_sum / static_cast<double>(window_count), acc,
+    curves.row(name, seed, epoch, p.step, p.window_sum / static_cast<double>(p.window_count), acc,
                stats.seconds);
     std::printf("  [%s seed %llu] epoch %2d/%d  loss %.4f  %s acc %6.2f%%  %5.1f s\n", name.c_str(),
                 static_cast<unsigned long long>(seed), epoch, epochs, stats.final_loss,
                 eval.name.c_str(), 100 * acc, stats.seconds);
     std::fflush(stdout);
+    // The next epoch starts afresh.
+    p.next_batch = 0;
+    p.loss_sum = p.window_sum = 0;
+    p.window_count = 0;
+    p.seconds = stats.seconds;
+    p.cpu_seconds = stats.cpu_seconds;
+    if (p.epoch < epochs) {
+      ++p.epoch;
+      checkpoint(true);
+      --p.epoch;
+    }
   }
   return stats;
 }
@@ -630,7 +899,7 @@ std::optional<Weights> load_pretrained(const std::string& path, const std::strin
   }
 }
 
-Weights pretrained_network(const Config& c, const Tasks& t, CurveWriter& curves) {
+Weights pretrained_network(const Config& c, const Tasks& t, CurveWriter& curves, Runtime& rt) {
   const auto layers = network_layers(c);
   const std::string path = c.out_dir + "/pretrained_" + c.arch + ".safetensors";
   const std::string signature = pretrain_signature(c, t);
@@ -648,7 +917,7 @@ Weights pretrained_network(const Config& c, const Tasks& t, CurveWriter& curves)
   Method full{"pretrain", "pretrain", Kind::full};
   Mlp<Scalar> net = build_network(w, layers, full, c.seed);
   const TrainStats s = train(net, "pretrain", c.seed, 1e-3, 1e-3, c.pretrain_epochs, t.source_train,
-                             t.source_test, c, curves);
+                             t.source_test, c, curves, rt);
   for (std::size_t k = 0; k < w.weights.size(); ++k) {
     auto& layer = dynamic_cast<hra::AffineLayer<Scalar>&>(net.layer(k));
     w.weights[k] = layer.weight();
@@ -675,10 +944,52 @@ struct Result {
   double merge_max_diff = 0;    // max |logits merged - logits unmerged| on the eval set
   double unmerge_max_diff = 0;  // the same after unmerge(): the round trip
   bool merge_ok = true;
+  std::uint64_t logits_hash = 0;  // FNV-1a of the final eval logits' bytes (bit-for-bit checks)
 };
 
+// A finished run in a checkpoint. Doubles round-trip exactly through nlohmann::json.
+nlohmann::json to_json(const Result& r) {
+  return {{"method", r.method.name},
+          {"seed", r.seed},
+          {"params", r.params},
+          {"accuracy", r.accuracy},
+          {"seconds", r.seconds},
+          {"cpu_seconds", r.cpu_seconds},
+          {"has_adapter", r.has_adapter},
+          {"merged_accuracy", r.merged_accuracy},
+          {"merge_max_diff", r.merge_max_diff},
+          {"unmerge_max_diff", r.unmerge_max_diff},
+          {"merge_ok", r.merge_ok},
+          {"logits_hash", r.logits_hash}};
+}
+
+Result result_from_json(const nlohmann::json& j, const Method& m) {
+  Result r;
+  r.method = m;
+  r.seed = j.at("seed").get<std::uint64_t>();
+  r.params = j.at("params").get<Index>();
+  r.accuracy = j.at("accuracy").get<double>();
+  r.seconds = j.at("seconds").get<double>();
+  r.cpu_seconds = j.at("cpu_seconds").get<double>();
+  r.has_adapter = j.at("has_adapter").get<bool>();
+  r.merged_accuracy = j.at("merged_accuracy").get<double>();
+  r.merge_max_diff = j.at("merge_max_diff").get<double>();
+  r.unmerge_max_diff = j.at("unmerge_max_diff").get<double>();
+  r.merge_ok = j.at("merge_ok").get<bool>();
+  r.logits_hash = j.at("logits_hash").get<std::uint64_t>();
+  return r;
+}
+
 Result run_method(const Method& m, std::uint64_t seed, const Weights& pretrained, const Tasks& t,
-                  const Config& c, CurveWriter& curves) {
+                  const Config& c, CurveWriter& curves, Runtime& rt) {
+  if (rt.checkpoint)
+    if (const auto done = rt.checkpoint->finished(c.arch, m.name, seed)) {
+      Result r = result_from_json(*done, m);
+      std::printf("  => seed %llu: %s acc %.2f%% (finished before; from the checkpoint)\n",
+                  static_cast<unsigned long long>(seed), t.target_eval.name.c_str(),
+                  100 * r.accuracy);
+      return r;
+    }
   Mlp<Scalar> net = build_network(pretrained, network_layers(c), m, seed);
   Result r;
   r.method = m;
@@ -687,7 +998,7 @@ Result run_method(const Method& m, std::uint64_t seed, const Weights& pretrained
   r.has_adapter = m.kind == Kind::lora || m.kind == Kind::hra;
   if (m.kind != Kind::none) {
     const TrainStats s = train(net, m.name, seed, m.lr, m.head_lr, c.epochs, t.target_train,
-                               t.target_eval, c, curves);
+                               t.target_eval, c, curves, rt);
     r.seconds = s.seconds;
     r.cpu_seconds = s.cpu_seconds;
   } else {
@@ -695,6 +1006,7 @@ Result run_method(const Method& m, std::uint64_t seed, const Weights& pretrained
   }
   const Matrix logits = predict_all(net, t.target_eval.images);
   r.accuracy = hra::examples::accuracy<Scalar>(logits, t.target_eval.labels);
+  r.logits_hash = hra::examples::bytes_hash(logits);
   r.merged_accuracy = r.accuracy;
   if (r.has_adapter) {
     // Fold every adapter into its W, evaluate the plain network, then take the adapters out.
@@ -714,7 +1026,8 @@ Result run_method(const Method& m, std::uint64_t seed, const Weights& pretrained
   if (r.has_adapter)
     std::printf("; merged %.2f%% (max |logit change| %.1e, after unmerge %.1e)",
                 100 * r.merged_accuracy, r.merge_max_diff, r.unmerge_max_diff);
-  std::printf("\n");
+  std::printf("; logits %016llx\n", static_cast<unsigned long long>(r.logits_hash));
+  if (rt.checkpoint) rt.checkpoint->finish(c.arch, to_json(r));
   return r;
 }
 
@@ -756,20 +1069,27 @@ std::ofstream open_csv(const std::string& path) {
   return out;
 }
 
+std::string hash_text(std::uint64_t h) {
+  char text[24];
+  std::snprintf(text, sizeof text, "%016llx", static_cast<unsigned long long>(h));
+  return text;
+}
+
 // One row per run.
 void write_results(const std::string& path, const std::vector<Result>& results, const Config& c,
                    const std::string& eval_name) {
   std::ofstream out = open_csv(path);
   out << "method,label,seed,rank,lambda,lr,head_lr,epochs,trainable_params,eval_set,eval_acc,"
          "merged_acc,"
-         "merge_max_abs_diff,unmerge_max_abs_diff,merge_ok,train_seconds,train_cpu_seconds\n";
+         "merge_max_abs_diff,unmerge_max_abs_diff,merge_ok,logits_fnv1a,train_seconds,"
+         "train_cpu_seconds\n";
   for (const auto& r : results) {
     out << r.method.name << ",\"" << r.method.label << "\"," << r.seed << ',' << r.method.rank
         << ',' << r.method.lambda << ',' << r.method.lr << ',' << r.method.head_lr << ','
         << (r.method.kind == Kind::none ? 0 : c.epochs) << ',' << r.params << ',' << eval_name
         << ',' << r.accuracy << ',' << r.merged_accuracy << ',' << r.merge_max_diff << ','
         << r.unmerge_max_diff << ',' << (r.has_adapter ? (r.merge_ok ? "yes" : "no") : "n/a") << ','
-        << r.seconds << ',' << r.cpu_seconds << '\n';
+        << hash_text(r.logits_hash) << ',' << r.seconds << ',' << r.cpu_seconds << '\n';
   }
 }
 
@@ -841,14 +1161,16 @@ std::string results_prefix(const Config& c) {
 
 // One architecture: pretrain (or load), every method over every seed, the table and the CSVs.
 // Returns 3 if a merged model does not reproduce its unmerged predictions, else 0.
-int run_arch(const Config& c, const Tasks& t) {
+int run_arch(const Config& c, const Tasks& t, Runtime& rt) {
   const auto layers = network_layers(c);
   std::printf("\n=== %s: %s; %d fine-tuning epochs, %d pretraining epochs ===\n",
               c.arch == "mlp" ? "MLP" : "CNN", hra::examples::describe(layers).c_str(), c.epochs,
               c.pretrain_epochs);
   const std::string prefix = results_prefix(c);
-  CurveWriter curves(prefix + "curves.csv");
-  const Weights pretrained = pretrained_network(c, t, curves);
+  CurveWriter curves(prefix + "curves.csv",
+                     rt.checkpoint ? rt.checkpoint->curves(c.arch) : CurveWriter::header);
+  if (rt.checkpoint) rt.checkpoint->attach(c.arch, &curves);
+  const Weights pretrained = pretrained_network(c, t, curves, rt);
   {
     Mlp<Scalar> net = build_network(pretrained, layers, make_method("none", c), c.seed);
     std::printf("Pretrained network: source test acc %.2f%%, %s acc %.2f%%\n",
@@ -878,11 +1200,12 @@ int run_arch(const Config& c, const Tasks& t) {
     const int seeds = m.kind == Kind::none ? 1 : c.seeds;  // nothing random to vary
     for (int k = 0; k < seeds; ++k)
       runs.push_back(
-          run_method(m, c.seed + static_cast<std::uint64_t>(k), pretrained, t, c, curves));
+          run_method(m, c.seed + static_cast<std::uint64_t>(k), pretrained, t, c, curves, rt));
     results.insert(results.end(), runs.begin(), runs.end());
     summaries.push_back(summarize(runs));
   }
 
+  if (rt.checkpoint) rt.checkpoint->detach(c.arch);
   print_table(summaries, full_params, t, c);
   write_results(prefix + "results.csv", results, c, t.eval_name);
   write_summary(prefix + "summary.csv", summaries, c, t.eval_name, full_params);
@@ -903,6 +1226,8 @@ int run(const Config& c) {
   std::filesystem::create_directories(c.out_dir);
   std::printf("threads: Eigen %d, hra %d; shift: %s; data: %s\n", Eigen::nbThreads(),
               hra::num_threads(), c.shift.c_str(), c.data_dir.c_str());
+  Checkpointer checkpoint(c);
+  Runtime rt{checkpoint.enabled() ? &checkpoint : nullptr};
   const Tasks t = make_tasks(c);
   std::printf("source: %ld training images; target (%s): %ld training, %ld %s images\n",
               static_cast<long>(t.source_train.size()), c.shift.c_str(),
@@ -912,7 +1237,7 @@ int run(const Config& c) {
   int status = 0;
   for (const auto& arch : c.archs) {
     const auto arch_start = Clock::now();
-    status = std::max(status, run_arch(arch_config(c, arch), t));
+    status = std::max(status, run_arch(arch_config(c, arch), t, rt));
     std::printf("%s comparison: %.1f s\n", arch == "mlp" ? "MLP" : "CNN",
                 std::chrono::duration<double>(Clock::now() - arch_start).count());
   }
@@ -933,6 +1258,9 @@ int main(int argc, char** argv) {
       return 0;
     }
     return run(*config);
+  } catch (const Stopped& e) {
+    std::printf("%s\n", e.what());
+    return stopped_exit_code;
   } catch (const std::invalid_argument& e) {
     std::fprintf(stderr, "error: %s\n", e.what());
     return 2;
