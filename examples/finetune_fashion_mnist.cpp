@@ -53,6 +53,7 @@
 
 #include "common/architecture.hpp"
 #include "common/checkpoint.hpp"
+#include "common/distributed.hpp"
 #include "common/fashion_mnist.hpp"
 #include "common/mlp.hpp"
 #include "common/shifts.hpp"
@@ -102,6 +103,7 @@ struct Config {
   std::int64_t checkpoint_every = 0;  // steps between checkpoints (0: after each epoch)
   bool resume = false;
   std::int64_t stop_after_steps = 0;  // (testing) save a checkpoint and exit after N steps
+  bool mpi = false;                   // shard every batch over the MPI ranks
 };
 
 const char* const all_methods[] = {"none", "head",    "full",   "lora",
@@ -148,12 +150,17 @@ void print_usage(std::FILE* to) {
       "  --checkpoint-every K save it every K optimiser steps instead of every epoch\n"
       "  --resume             continue from the checkpoint in DIR (a fresh start if there is\n"
       "                       none); the results equal an uninterrupted run's bit for bit\n"
+      "%s"
       "  --help               this text\n",
       d.data_dir.c_str(), d.out_dir.c_str(), d.epochs, d.pretrain_epochs, static_cast<long>(d.rank),
       static_cast<long>(d.small_rank), d.lambda, static_cast<unsigned long long>(d.seed), d.seeds,
       hra::examples::shift_help(), d.shift.c_str(), static_cast<long>(d.batch),
       static_cast<long>(d.hidden), d.cnn_epochs, d.cnn_pretrain_epochs,
-      static_cast<long>(d.cnn_channels1), static_cast<long>(d.cnn_channels2));
+      static_cast<long>(d.cnn_channels1), static_cast<long>(d.cnn_channels2),
+      hra::examples::built_with_mpi()
+          ? "  --mpi                under mpirun: every rank trains on a slice of each batch, the\n"
+            "                       gradients are averaged (hra::mpi); rank 0 prints and writes\n"
+          : "");
 }
 
 std::vector<std::string> split_list(const std::string& text) {
@@ -200,6 +207,13 @@ std::optional<Config> parse_args(int argc, char** argv) {
     if (flag == "--help" || flag == "-h") return std::nullopt;
     if (flag == "--resume") {
       c.resume = true;
+      continue;
+    }
+    if (flag == "--mpi") {
+      if (!hra::examples::built_with_mpi())
+        throw std::invalid_argument(
+            "--mpi: this program was built without MPI (use finetune_fashion_mnist_mpi)");
+      c.mpi = true;
       continue;
     }
     if (i + 1 >= argc) throw std::invalid_argument(flag + ": missing value (see --help)");
@@ -285,6 +299,8 @@ std::optional<Config> parse_args(int argc, char** argv) {
     throw std::invalid_argument(
         "--resume, --checkpoint-every and --stop-after-steps need "
         "--checkpoint DIR");
+  if (c.mpi && !c.checkpoint_dir.empty())
+    throw std::invalid_argument("--checkpoint is not supported together with --mpi");
   return c;
 }
 
@@ -502,13 +518,15 @@ double evaluate(const Mlp<Scalar>& net, const Data& d) {
 }
 
 // finetune_curves.csv: written as it goes (flushed per row) and kept in memory, so that a
-// checkpoint can carry the rows written so far.
+// checkpoint can carry the rows written so far. An empty path writes no file (MPI ranks other
+// than 0).
 class CurveWriter {
  public:
   static constexpr const char* header = "method,seed,epoch,step,train_loss,eval_acc,elapsed_s\n";
   // `text`: rows written before (a resumed run), header included; empty: a new file.
   explicit CurveWriter(const std::string& path, std::string text = header)
       : text_(std::move(text)) {
+    if (path.empty()) return;
     out_.open(path);
     if (!out_) throw std::runtime_error(path + ": cannot open for writing");
     out_ << text_;
@@ -525,8 +543,10 @@ class CurveWriter {
     if (std::isfinite(acc)) line << acc;
     line << ',' << seconds << '\n';
     text_ += line.str();
-    out_ << line.str();
-    out_.flush();
+    if (out_.is_open()) {
+      out_ << line.str();
+      out_.flush();
+    }
   }
   const std::string& text() const { return text_; }
 
@@ -539,6 +559,9 @@ struct TrainStats {
   double seconds = 0;      // wall clock, training only (evaluation excluded)
   double cpu_seconds = 0;  // processor time of all threads over the same spans
   double final_loss = 0;
+  double allreduce_seconds = 0;  // of `seconds`, in the gradient allreduce (MPI only)
+  std::int64_t steps = 0;
+  Index samples = 0;  // training images processed (every rank's, once)
 };
 
 // ---------------------------------------------------------------------------------------------
@@ -737,14 +760,16 @@ class Checkpointer {
   std::map<std::string, const CurveWriter*> writers_;
 };
 
-// What a run needs besides its settings: the checkpoint.
+// What a run needs besides its settings: the ranks (MPI), the checkpoint.
 struct Runtime {
+  hra::examples::Ranks ranks;
   Checkpointer* checkpoint = nullptr;
 };
 
 // Adam with a cosine schedule and linear warm-up over epochs x ceil(n / batch) steps. The batch
 // order depends only on the seed and the epoch, so every method sees the same batches (and a
-// resumed run derives it again).
+// resumed run derives it again). With several ranks each trains on its slice of every batch and
+// the gradients are averaged (GradientAverager), so all ranks take the same steps.
 TrainStats train(Mlp<Scalar>& net, const std::string& name, std::uint64_t seed, double lr,
                  double head_lr, int epochs, const Data& train, const Data& eval, const Config& c,
                  CurveWriter& curves, Runtime& rt) {
@@ -758,6 +783,9 @@ TrainStats train(Mlp<Scalar>& net, const std::string& name, std::uint64_t seed, 
   hra::CosineSchedule schedule(lr, warmup, total), head_schedule(head_lr, warmup, total);
   hra::Adam<Scalar> adam({lr}), head_adam({head_lr});
   const std::size_t head = net.size() - 1;
+  std::vector<hra::Layer<Scalar>*> layers;
+  for (std::size_t k = 0; k < net.size(); ++k) layers.push_back(&net.layer(k));
+  hra::examples::GradientAverager<Scalar> averager(rt.ranks, layers);
   const auto body_params = [&] {
     std::vector<hra::ParameterView<Scalar>> body;
     for (std::size_t k = 0; k < head; ++k)
@@ -799,30 +827,42 @@ TrainStats train(Mlp<Scalar>& net, const std::string& name, std::uint64_t seed, 
     };
     for (Index b0 = p.next_batch; b0 < n; b0 += c.batch) {
       const Index bn = std::min(c.batch, n - b0);
-      x.resize(train.images.rows(), bn);
-      labels.resize(static_cast<std::size_t>(bn));
-      for (Index j = 0; j < bn; ++j) {
-        const Index src = order[static_cast<std::size_t>(b0 + j)];
-        x.col(j) = train.images.col(src);
-        labels[static_cast<std::size_t>(j)] = train.labels[static_cast<std::size_t>(src)];
+      // This rank's slice of the batch (all of it on one process).
+      const auto [first, local] = rt.ranks.shard(bn);
+      double loss = 0;
+      if (local > 0) {
+        x.resize(train.images.rows(), local);
+        labels.resize(static_cast<std::size_t>(local));
+        for (Index j = 0; j < local; ++j) {
+          const Index src = order[static_cast<std::size_t>(b0 + first + j)];
+          x.col(j) = train.images.col(src);
+          labels[static_cast<std::size_t>(j)] = train.labels[static_cast<std::size_t>(src)];
+        }
+        const Matrix& logits = net.forward(x);
+        loss = hra::examples::softmax_cross_entropy<Scalar>(logits, labels, &grad);
+        net.backward(grad);
+      } else {
+        for (auto* l : layers) l->zero_gradients();
       }
-      const Matrix& logits = net.forward(x);
-      double loss = hra::examples::softmax_cross_entropy<Scalar>(logits, labels, &grad);
-      net.backward(grad);
-      loss += net.add_regularizer();
+      averager.average(static_cast<double>(local));
+      const double penalty = net.add_regularizer();
       adam.set_lr(schedule(p.step));
       adam.step(body_params());
       head_adam.set_lr(head_schedule(p.step));
       head_adam.step(net.layer(head).parameters());
-      p.loss_sum += loss * static_cast<double>(bn);
-      p.window_sum += loss * static_cast<double>(bn);
+      // This rank's share of the batch's summed loss; the ranks' shares are added when logged.
+      const double batch_loss =
+          loss * static_cast<double>(local) + penalty * static_cast<double>(bn) / rt.ranks.size();
+      p.loss_sum += batch_loss;
+      p.window_sum += batch_loss;
       p.window_count += bn;
       ++p.step;
       p.next_batch = b0 + bn;
       // The training loss four times per epoch (the end of the epoch is logged below).
       if (p.step % log_every == 0 && b0 + bn < n) {
-        curves.row(name, seed, epoch, p.step, p.window_sum / static_cast<double>(p.window_count),
-                   std::nan(""), elapsed());
+        curves.row(name, seed, epoch, p.step,
+                   rt.ranks.sum(p.window_sum) / static_cast<double>(p.window_count), std::nan(""),
+                   elapsed());
         p.window_sum = 0;
         p.window_count = 0;
       }
@@ -833,9 +873,10 @@ TrainStats train(Mlp<Scalar>& net, const std::string& name, std::uint64_t seed, 
     }
     stats.seconds += std::chrono::duration<double>(Clock::now() - start).count();
     stats.cpu_seconds += static_cast<double>(std::clock() - cpu_start) / CLOCKS_PER_SEC;
-    stats.final_loss = p.loss_sum / static_cast<double>(n);
+    stats.final_loss = rt.ranks.sum(p.loss_sum) / static_cast<double>(n);
     const double acc = evaluate(net, eval);
-    curves.row(name, seed, epoch, p.step, p.window_sum / static_cast<double>(p.window_count), acc,
+    curves.row(name, seed, epoch, p.step,
+               rt.ranks.sum(p.window_sum) / static_cast<double>(p.window_count), acc,
                stats.seconds);
     std::printf("  [%s seed %llu] epoch %2d/%d  loss %.4f  %s acc %6.2f%%  %5.1f s\n", name.c_str(),
                 static_cast<unsigned long long>(seed), epoch, epochs, stats.final_loss,
@@ -853,6 +894,9 @@ TrainStats train(Mlp<Scalar>& net, const std::string& name, std::uint64_t seed, 
       --p.epoch;
     }
   }
+  stats.allreduce_seconds = averager.seconds();
+  stats.steps = p.step;
+  stats.samples = n * epochs;
   return stats;
 }
 
@@ -903,9 +947,11 @@ Weights pretrained_network(const Config& c, const Tasks& t, CurveWriter& curves,
   const auto layers = network_layers(c);
   const std::string path = c.out_dir + "/pretrained_" + c.arch + ".safetensors";
   const std::string signature = pretrain_signature(c, t);
-  if (auto w = load_pretrained(path, signature, layers)) {
+  auto loaded = load_pretrained(path, signature, layers);
+  // With MPI every rank must take the same branch (pretraining is collective).
+  if (rt.ranks.all(loaded.has_value())) {
     std::printf("Loaded the pretrained network from %s\n", path.c_str());
-    return *w;
+    return *loaded;
   }
   std::printf(
       "Pretraining %s on the source task (%ld images, %d epochs)\n",
@@ -923,7 +969,7 @@ Weights pretrained_network(const Config& c, const Tasks& t, CurveWriter& curves,
     w.weights[k] = layer.weight();
     w.biases[k] = *layer.bias();
   }
-  save_pretrained(path, w, signature, layers);
+  if (rt.ranks.root()) save_pretrained(path, w, signature, layers);
   std::printf("Pretrained in %.1f s (%.1f s cpu); saved to %s\n", s.seconds, s.cpu_seconds,
               path.c_str());
   return w;
@@ -945,6 +991,8 @@ struct Result {
   double unmerge_max_diff = 0;  // the same after unmerge(): the round trip
   bool merge_ok = true;
   std::uint64_t logits_hash = 0;  // FNV-1a of the final eval logits' bytes (bit-for-bit checks)
+  double allreduce_seconds = 0;   // of `seconds`, in the gradient allreduce (MPI)
+  Index samples = 0;              // training images processed
 };
 
 // A finished run in a checkpoint. Doubles round-trip exactly through nlohmann::json.
@@ -960,7 +1008,9 @@ nlohmann::json to_json(const Result& r) {
           {"merge_max_diff", r.merge_max_diff},
           {"unmerge_max_diff", r.unmerge_max_diff},
           {"merge_ok", r.merge_ok},
-          {"logits_hash", r.logits_hash}};
+          {"logits_hash", r.logits_hash},
+          {"allreduce_seconds", r.allreduce_seconds},
+          {"samples", r.samples}};
 }
 
 Result result_from_json(const nlohmann::json& j, const Method& m) {
@@ -977,6 +1027,8 @@ Result result_from_json(const nlohmann::json& j, const Method& m) {
   r.unmerge_max_diff = j.at("unmerge_max_diff").get<double>();
   r.merge_ok = j.at("merge_ok").get<bool>();
   r.logits_hash = j.at("logits_hash").get<std::uint64_t>();
+  r.allreduce_seconds = j.at("allreduce_seconds").get<double>();
+  r.samples = j.at("samples").get<Index>();
   return r;
 }
 
@@ -1001,6 +1053,8 @@ Result run_method(const Method& m, std::uint64_t seed, const Weights& pretrained
                                t.target_eval, c, curves, rt);
     r.seconds = s.seconds;
     r.cpu_seconds = s.cpu_seconds;
+    r.allreduce_seconds = s.allreduce_seconds;
+    r.samples = s.samples;
   } else {
     curves.row(m.name, seed, 0, 0, std::nan(""), evaluate(net, t.target_eval), 0.0);
   }
@@ -1082,14 +1136,15 @@ void write_results(const std::string& path, const std::vector<Result>& results, 
   out << "method,label,seed,rank,lambda,lr,head_lr,epochs,trainable_params,eval_set,eval_acc,"
          "merged_acc,"
          "merge_max_abs_diff,unmerge_max_abs_diff,merge_ok,logits_fnv1a,train_seconds,"
-         "train_cpu_seconds\n";
+         "train_cpu_seconds,allreduce_seconds\n";
   for (const auto& r : results) {
     out << r.method.name << ",\"" << r.method.label << "\"," << r.seed << ',' << r.method.rank
         << ',' << r.method.lambda << ',' << r.method.lr << ',' << r.method.head_lr << ','
         << (r.method.kind == Kind::none ? 0 : c.epochs) << ',' << r.params << ',' << eval_name
         << ',' << r.accuracy << ',' << r.merged_accuracy << ',' << r.merge_max_diff << ','
         << r.unmerge_max_diff << ',' << (r.has_adapter ? (r.merge_ok ? "yes" : "no") : "n/a") << ','
-        << hash_text(r.logits_hash) << ',' << r.seconds << ',' << r.cpu_seconds << '\n';
+        << hash_text(r.logits_hash) << ',' << r.seconds << ',' << r.cpu_seconds << ','
+        << r.allreduce_seconds << '\n';
   }
 }
 
@@ -1167,7 +1222,7 @@ int run_arch(const Config& c, const Tasks& t, Runtime& rt) {
               c.arch == "mlp" ? "MLP" : "CNN", hra::examples::describe(layers).c_str(), c.epochs,
               c.pretrain_epochs);
   const std::string prefix = results_prefix(c);
-  CurveWriter curves(prefix + "curves.csv",
+  CurveWriter curves(rt.ranks.root() ? prefix + "curves.csv" : "",
                      rt.checkpoint ? rt.checkpoint->curves(c.arch) : CurveWriter::header);
   if (rt.checkpoint) rt.checkpoint->attach(c.arch, &curves);
   const Weights pretrained = pretrained_network(c, t, curves, rt);
@@ -1207,10 +1262,28 @@ int run_arch(const Config& c, const Tasks& t, Runtime& rt) {
 
   if (rt.checkpoint) rt.checkpoint->detach(c.arch);
   print_table(summaries, full_params, t, c);
-  write_results(prefix + "results.csv", results, c, t.eval_name);
-  write_summary(prefix + "summary.csv", summaries, c, t.eval_name, full_params);
-  std::printf("\nWrote %ssummary.csv, %sresults.csv (every run) and %scurves.csv\n", prefix.c_str(),
-              prefix.c_str(), prefix.c_str());
+  double seconds = 0, allreduce = 0, samples = 0;
+  for (const auto& r : results) {
+    seconds += r.seconds;
+    allreduce += r.allreduce_seconds;
+    samples += static_cast<double>(r.samples);
+  }
+  if (seconds > 0) {
+    std::printf(
+        "Fine-tuning throughput: %.0f training images/s (%.0f images in %.1f s, %d "
+        "process(es) x %d thread(s))",
+        samples / seconds, samples, seconds, rt.ranks.size(), hra::num_threads());
+    if (rt.ranks.distributed())
+      std::printf("; gradient allreduce %.1f s = %.1f%% of the training time", allreduce,
+                  100 * allreduce / seconds);
+    std::printf("\n");
+  }
+  if (rt.ranks.root()) {
+    write_results(prefix + "results.csv", results, c, t.eval_name);
+    write_summary(prefix + "summary.csv", summaries, c, t.eval_name, full_params);
+    std::printf("\nWrote %ssummary.csv, %sresults.csv (every run) and %scurves.csv\n",
+                prefix.c_str(), prefix.c_str(), prefix.c_str());
+  }
   for (const auto& s : summaries)
     if (!s.merge_ok) {
       std::fprintf(stderr,
@@ -1221,13 +1294,13 @@ int run_arch(const Config& c, const Tasks& t, Runtime& rt) {
   return 0;
 }
 
-int run(const Config& c) {
+int run(const Config& c, const hra::examples::Ranks& ranks) {
   const auto start = Clock::now();
-  std::filesystem::create_directories(c.out_dir);
-  std::printf("threads: Eigen %d, hra %d; shift: %s; data: %s\n", Eigen::nbThreads(),
-              hra::num_threads(), c.shift.c_str(), c.data_dir.c_str());
+  if (ranks.root()) std::filesystem::create_directories(c.out_dir);
+  std::printf("threads: Eigen %d, hra %d; ranks: %d; shift: %s; data: %s\n", Eigen::nbThreads(),
+              hra::num_threads(), ranks.size(), c.shift.c_str(), c.data_dir.c_str());
   Checkpointer checkpoint(c);
-  Runtime rt{checkpoint.enabled() ? &checkpoint : nullptr};
+  Runtime rt{ranks, checkpoint.enabled() ? &checkpoint : nullptr};
   const Tasks t = make_tasks(c);
   std::printf("source: %ld training images; target (%s): %ld training, %ld %s images\n",
               static_cast<long>(t.source_train.size()), c.shift.c_str(),
@@ -1251,21 +1324,37 @@ int run(const Config& c) {
 }  // namespace
 
 int main(int argc, char** argv) {
+  std::optional<Config> config;
   try {
-    const std::optional<Config> config = parse_args(argc, argv);
-    if (!config) {
-      print_usage(stdout);
-      return 0;
-    }
-    return run(*config);
+    config = parse_args(argc, argv);
+  } catch (const std::invalid_argument& e) {
+    std::fprintf(stderr, "error: %s\n", e.what());
+    return 2;
+  }
+  if (!config) {
+    print_usage(stdout);
+    return 0;
+  }
+  // Outside the try: an error on one rank must abort every rank (the others would wait in a
+  // collective for ever), after its message is printed.
+  std::unique_ptr<hra::examples::MpiSession> mpi;
+  try {
+    mpi = std::make_unique<hra::examples::MpiSession>(config->mpi, &argc, &argv);
+    const hra::examples::Ranks ranks = mpi->ranks();
+    // Rank 0 alone prints; the others keep stderr for errors.
+    if (!ranks.root() && !std::freopen("/dev/null", "w", stdout))
+      throw std::runtime_error("cannot redirect stdout to /dev/null");
+    return run(*config, ranks);
   } catch (const Stopped& e) {
     std::printf("%s\n", e.what());
     return stopped_exit_code;
   } catch (const std::invalid_argument& e) {
     std::fprintf(stderr, "error: %s\n", e.what());
+    if (mpi) mpi->abort(2);
     return 2;
   } catch (const std::exception& e) {
     std::fprintf(stderr, "error: %s\n", e.what());
+    if (mpi) mpi->abort(1);
     return 1;
   }
 }
