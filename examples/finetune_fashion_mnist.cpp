@@ -1,5 +1,6 @@
-// Fine-tuning a pretrained MLP on a shifted Fashion-MNIST task: no adaptation, head only, full
-// fine-tuning, LoRA and HRA (several variants), on the same data with the same budget.
+// Fine-tuning a pretrained MLP and a small CNN on a shifted Fashion-MNIST task: no adaptation,
+// head only, full fine-tuning, LoRA and HRA (several variants), on the same data with the same
+// budget.
 //
 //   finetune_fashion_mnist [--epochs N] [--rank R] [--lambda L] [--seed S] [--out DIR] ...
 //   (--help lists every flag)
@@ -17,9 +18,14 @@
 // 4. For each: target test accuracy (mean and spread over the seeds), trainable parameters,
 //    training time, and whether the merged model (adapters folded into W) reproduces the
 //    unmerged predictions.
+// 5. Then the same for a CNN (--arch; conv 1->8 3x3 stride 2, conv 8->16 3x3 stride 2, linear
+//    784->10, saved as DIR/pretrained_cnn.safetensors) with methods none, head, full, LoRA,
+//    HRA and HRA-GS, every convolution and the hidden linear maps adapted alike; it has its
+//    own (fewer) epochs, --cnn-epochs and --cnn-pretrain-epochs, to fit the time budget.
 // Writes DIR/finetune_summary.csv (one row per method), DIR/finetune_results.csv (one per run)
-// and DIR/finetune_curves.csv (loss and accuracy during training); scripts/plot_finetune.py DIR
-// draws DIR/finetune_accuracy_vs_params.png from them.
+// and DIR/finetune_curves.csv (loss and accuracy during training), DIR/finetune_cnn_*.csv the
+// same for the CNN; scripts/plot_finetune.py DIR draws DIR/finetune_accuracy_vs_params.png
+// from them.
 #include <hra/hra.hpp>
 #include <hra/io/safetensors.hpp>
 
@@ -35,6 +41,7 @@
 #include <filesystem>
 #include <fstream>
 #include <functional>
+#include <iomanip>
 #include <map>
 #include <memory>
 #include <numeric>
@@ -46,6 +53,9 @@
 #include <utility>
 #include <vector>
 
+#include "common/architecture.hpp"
+#include "common/checkpoint.hpp"
+#include "common/distributed.hpp"
 #include "common/fashion_mnist.hpp"
 #include "common/mlp.hpp"
 #include "common/shifts.hpp"
@@ -91,10 +101,25 @@ struct Config {
   Index sweep_validation = 5000;
   int sweep_grid = 3;
   int sweep_extend = 1;
+  // Architectures, run one after the other; `arch` is the one a per-architecture copy runs
+  // (run() overrides epochs, pretrain_epochs and methods in the CNN's copy).
+  std::vector<std::string> archs = {"mlp", "cnn"};
+  std::string arch = "mlp";
+  Index cnn_channels1 = 8, cnn_channels2 = 16;
+  int cnn_epochs = 3;
+  int cnn_pretrain_epochs = 3;
+  bool methods_given = false;         // --methods was given (else each architecture's default list)
+  std::string checkpoint_dir;         // --checkpoint: empty for none
+  std::int64_t checkpoint_every = 0;  // steps between checkpoints (0: after each epoch)
+  bool resume = false;
+  std::int64_t stop_after_steps = 0;  // (testing) save a checkpoint and exit after N steps
+  bool mpi = false;                   // shard every batch over the MPI ranks
 };
 
 const char* const all_methods[] = {"none", "head",    "full",   "lora",
                                    "hra",  "hra-reg", "hra-gs", "hra-small"};
+// The CNN's default comparison (issue 13): the regulariser and the small rank are MLP studies.
+const char* const cnn_methods[] = {"none", "head", "full", "lora", "hra", "hra-gs"};
 
 void print_usage(std::FILE* to) {
   const Config d;
@@ -137,12 +162,30 @@ void print_usage(std::FILE* to) {
       "                       the method's default (default %d)\n"
       "  --sweep-extend N     when the best rate is at the grid's edge, try up to N more\n"
       "                       half-decades beyond it (default %d)\n"
+      "  --arch LIST          networks to compare, one after the other: mlp (784-H-H-10), cnn\n"
+      "                       (conv 1->C1 3x3/2, conv C1->C2 3x3/2, linear C2*49->10)\n"
+      "                       (default mlp,cnn)\n"
+      "  --cnn-epochs N       fine-tuning epochs of the CNN (default %d; --epochs is the MLP's)\n"
+      "  --cnn-pretrain-epochs N  the CNN's epochs on the source task (default %d)\n"
+      "  --cnn-channels C1,C2 the CNN's channels (default %ld,%ld); its methods default to\n"
+      "                       none,head,full,lora,hra,hra-gs (--methods applies to both)\n"
+      "  --checkpoint DIR     save the whole training state into DIR (replaced atomically)\n"
+      "                       after every epoch and every finished run\n"
+      "  --checkpoint-every K save it every K optimiser steps instead of every epoch\n"
+      "  --resume             continue from the checkpoint in DIR (a fresh start if there is\n"
+      "                       none); the results equal an uninterrupted run's bit for bit\n"
+      "%s"
       "  --help               this text\n",
       d.data_dir.c_str(), d.out_dir.c_str(), d.epochs, d.pretrain_epochs, static_cast<long>(d.rank),
       static_cast<long>(d.small_rank), d.lambda, static_cast<unsigned long long>(d.seed), d.seeds,
       hra::examples::shift_help(), d.shift.c_str(), static_cast<long>(d.batch),
       static_cast<long>(d.hidden), static_cast<long long>(d.sweep_steps),
-      static_cast<long>(d.sweep_validation), d.sweep_grid, d.sweep_extend);
+      static_cast<long>(d.sweep_validation), d.sweep_grid, d.sweep_extend, d.cnn_epochs,
+      d.cnn_pretrain_epochs, static_cast<long>(d.cnn_channels1), static_cast<long>(d.cnn_channels2),
+      hra::examples::built_with_mpi()
+          ? "  --mpi                under mpirun: every rank trains on a slice of each batch, the\n"
+            "                       gradients are averaged (hra::mpi); rank 0 prints and writes\n"
+          : "");
 }
 
 std::vector<std::string> split_list(const std::string& text) {
@@ -191,6 +234,17 @@ std::optional<Config> parse_args(int argc, char** argv) {
       c.sweep = true;
       continue;
     }
+    if (flag == "--resume") {
+      c.resume = true;
+      continue;
+    }
+    if (flag == "--mpi") {
+      if (!hra::examples::built_with_mpi())
+        throw std::invalid_argument(
+            "--mpi: this program was built without MPI (use finetune_fashion_mnist_mpi)");
+      c.mpi = true;
+      continue;
+    }
     if (i + 1 >= argc) throw std::invalid_argument(flag + ": missing value (see --help)");
     const std::string v = argv[++i];
     if (flag == "--data") {
@@ -213,6 +267,7 @@ std::optional<Config> parse_args(int argc, char** argv) {
       c.seeds = static_cast<int>(parse_int(flag, v, 1));
     } else if (flag == "--methods") {
       c.methods = split_list(v);
+      c.methods_given = true;
       for (const auto& m : c.methods)
         if (std::find(std::begin(all_methods), std::end(all_methods), m) == std::end(all_methods))
           throw std::invalid_argument("--methods: unknown method '" + m + "' (see --help)");
@@ -257,6 +312,28 @@ std::optional<Config> parse_args(int argc, char** argv) {
       c.sweep_grid = static_cast<int>(parse_int(flag, v, 1));
     } else if (flag == "--sweep-extend") {
       c.sweep_extend = static_cast<int>(parse_int(flag, v, 0));
+    } else if (flag == "--arch") {
+      c.archs = split_list(v);
+      for (const auto& a : c.archs)
+        if (a != "mlp" && a != "cnn")
+          throw std::invalid_argument("--arch: unknown architecture '" + a + "' (mlp or cnn)");
+      if (c.archs.empty()) throw std::invalid_argument("--arch: expected mlp, cnn or mlp,cnn");
+    } else if (flag == "--cnn-epochs") {
+      c.cnn_epochs = static_cast<int>(parse_int(flag, v, 1));
+    } else if (flag == "--cnn-pretrain-epochs") {
+      c.cnn_pretrain_epochs = static_cast<int>(parse_int(flag, v, 1));
+    } else if (flag == "--checkpoint") {
+      c.checkpoint_dir = v;
+    } else if (flag == "--checkpoint-every") {
+      c.checkpoint_every = parse_int(flag, v, 0);
+    } else if (flag == "--stop-after-steps") {  // for the resume test; not in --help
+      c.stop_after_steps = parse_int(flag, v, 1);
+    } else if (flag == "--cnn-channels") {
+      const auto items = split_list(v);
+      if (items.size() != 2)
+        throw std::invalid_argument("--cnn-channels: expected C1,C2, got '" + v + "'");
+      c.cnn_channels1 = parse_int(flag, items[0], 1);
+      c.cnn_channels2 = parse_int(flag, items[1], 1);
     } else {
       throw std::invalid_argument("unknown flag '" + flag + "' (see --help)");
     }
@@ -266,6 +343,16 @@ std::optional<Config> parse_args(int argc, char** argv) {
     throw std::invalid_argument(
         "--target-train and --validation are for the single comparison; --sweep takes "
         "--sweep-sizes and --sweep-validation");
+  if (c.checkpoint_dir.empty() && (c.resume || c.stop_after_steps > 0 || c.checkpoint_every > 0))
+    throw std::invalid_argument(
+        "--resume, --checkpoint-every and --stop-after-steps need "
+        "--checkpoint DIR");
+  if (c.sweep && (c.mpi || !c.checkpoint_dir.empty()))
+    throw std::invalid_argument(
+        "--sweep runs in one process without checkpoints (no --mpi, "
+        "--checkpoint)");
+  if (c.mpi && !c.checkpoint_dir.empty())
+    throw std::invalid_argument("--checkpoint is not supported together with --mpi");
   return c;
 }
 
@@ -392,37 +479,72 @@ Method make_method(const std::string& name, const Config& c) {
   return m;
 }
 
-// A network over copies of the pretrained weights, set up for `m`.
-Mlp<Scalar> build_network(const Weights& w, const Method& m, std::uint64_t seed) {
+// The layers of the architecture c.arch.
+std::vector<hra::examples::LayerSpec> network_layers(const Config& c) {
+  if (c.arch == "cnn") return hra::examples::cnn_layers(c.cnn_channels1, c.cnn_channels2, 10);
+  return hra::examples::mlp_layers({28 * 28, c.hidden, c.hidden, 10});
+}
+
+// The adapter rank of method `m` on `layer`: m.rank, capped where the layer is too small (HRA:
+// r <= D, the fan-in; LoRA: r <= min(d_out, d_in)), as for the CNN's first convolution (D = 9).
+Index layer_rank(const hra::examples::LayerSpec& layer, const Method& m) {
+  Index cap = layer.weight_cols();
+  if (m.kind == Kind::lora) cap = std::min(cap, layer.weight_rows());
+  return std::min(m.rank, cap);
+}
+
+// A network over copies of the pretrained weights, set up for `m`: the head (the last layer) is
+// a trainable Linear for every method but "none"; the others are frozen, trained, or adapted
+// (linear and convolutional layers alike).
+Mlp<Scalar> build_network(const Weights& w, const std::vector<hra::examples::LayerSpec>& specs,
+                          const Method& m, std::uint64_t seed) {
   std::vector<std::unique_ptr<hra::Layer<Scalar>>> layers;
   const std::size_t last = w.weights.size() - 1;
   for (std::size_t k = 0; k <= last; ++k) {
     auto weight = hra::WeightMatrix<Scalar>::owned(w.weights[k]);
     std::optional<Vector> bias = w.biases[k];
     const bool head = k == last;
+    const std::optional<hra::Conv2dGeometry>& conv = specs[k].conv;
+    const Index rank = layer_rank(specs[k], m);
     if (m.kind == Kind::none || (m.kind == Kind::head && !head)) {
-      layers.push_back(std::make_unique<hra::Linear<Scalar>>(std::move(weight), bias,
-                                                             hra::LinearOptions{false}));
+      if (conv)
+        layers.push_back(std::make_unique<hra::Conv2d<Scalar>>(*conv, std::move(weight), bias,
+                                                               hra::Conv2dOptions{false}));
+      else
+        layers.push_back(std::make_unique<hra::Linear<Scalar>>(std::move(weight), bias,
+                                                               hra::LinearOptions{false}));
     } else if (m.kind == Kind::full || head) {
-      layers.push_back(std::make_unique<hra::Linear<Scalar>>(
-          std::move(weight), bias, hra::LinearOptions{true}, hra::BiasMode::all));
+      if (conv)
+        layers.push_back(std::make_unique<hra::Conv2d<Scalar>>(
+            *conv, std::move(weight), bias, hra::Conv2dOptions{true}, hra::BiasMode::all));
+      else
+        layers.push_back(std::make_unique<hra::Linear<Scalar>>(
+            std::move(weight), bias, hra::LinearOptions{true}, hra::BiasMode::all));
     } else if (m.kind == Kind::lora) {
       hra::LoraOptions o;
-      o.rank = m.rank;
-      o.alpha = static_cast<double>(m.rank);  // scaling alpha / r = 1
+      o.rank = rank;
+      o.alpha = static_cast<double>(rank);  // scaling alpha / r = 1
       o.seed = seed * 1000 + k;
-      layers.push_back(std::make_unique<hra::LoraLinear<Scalar>>(std::move(weight), bias, o));
+      if (conv)
+        layers.push_back(
+            std::make_unique<hra::LoraConv2d<Scalar>>(*conv, std::move(weight), bias, o));
+      else
+        layers.push_back(std::make_unique<hra::LoraLinear<Scalar>>(std::move(weight), bias, o));
     } else {
       hra::HraOptions o;
-      o.rank = m.rank;
+      o.rank = rank;
       o.variant = m.variant;
       // Symmetric init (H = I at the start) needs an even rank and is degenerate for
       // Gram-Schmidt; those start from a random H, as PEFT does.
-      o.init = m.variant == hra::Variant::chain && m.rank % 2 == 0 ? hra::Init::symmetric
-                                                                   : hra::Init::random;
+      o.init = m.variant == hra::Variant::chain && rank % 2 == 0 ? hra::Init::symmetric
+                                                                 : hra::Init::random;
       o.lambda = m.lambda;
       o.seed = seed * 1000 + k;
-      layers.push_back(std::make_unique<hra::HraLinear<Scalar>>(std::move(weight), bias, o));
+      if (conv)
+        layers.push_back(
+            std::make_unique<hra::HraConv2d<Scalar>>(*conv, std::move(weight), bias, o));
+      else
+        layers.push_back(std::make_unique<hra::HraLinear<Scalar>>(std::move(weight), bias, o));
     }
   }
   return Mlp<Scalar>(std::move(layers));
@@ -447,25 +569,41 @@ double evaluate(const Mlp<Scalar>& net, const Data& d) {
   return hra::examples::accuracy<Scalar>(predict_all(net, d.images), d.labels);
 }
 
+// finetune_curves.csv: written as it goes (flushed per row) and kept in memory, so that a
+// checkpoint can carry the rows written so far. An empty path writes no file (MPI ranks other
+// than 0).
 class CurveWriter {
  public:
-  explicit CurveWriter(const std::string& path) : out_(path) {
+  static constexpr const char* header = "method,seed,epoch,step,train_loss,eval_acc,elapsed_s\n";
+  // `text`: rows written before (a resumed run), header included; empty: a new file.
+  explicit CurveWriter(const std::string& path, std::string text = header)
+      : text_(std::move(text)) {
+    if (path.empty()) return;
+    out_.open(path);
     if (!out_) throw std::runtime_error(path + ": cannot open for writing");
-    out_ << "method,seed,epoch,step,train_loss,eval_acc,elapsed_s\n";
+    out_ << text_;
+    out_.flush();
   }
   void row(const std::string& method, std::uint64_t seed, int epoch, std::int64_t step, double loss,
            double acc, double seconds) {
     // An empty field is "not measured at this step" (no loss before training; accuracy only
     // at the end of an epoch).
-    out_ << method << ',' << seed << ',' << epoch << ',' << step << ',';
-    if (std::isfinite(loss)) out_ << loss;
-    out_ << ',';
-    if (std::isfinite(acc)) out_ << acc;
-    out_ << ',' << seconds << '\n';
-    out_.flush();
+    std::ostringstream line;
+    line << method << ',' << seed << ',' << epoch << ',' << step << ',';
+    if (std::isfinite(loss)) line << loss;
+    line << ',';
+    if (std::isfinite(acc)) line << acc;
+    line << ',' << seconds << '\n';
+    text_ += line.str();
+    if (out_.is_open()) {
+      out_ << line.str();
+      out_.flush();
+    }
   }
+  const std::string& text() const { return text_; }
 
  private:
+  std::string text_;
   std::ofstream out_;
 };
 
@@ -473,13 +611,220 @@ struct TrainStats {
   double seconds = 0;      // wall clock, training only (evaluation excluded)
   double cpu_seconds = 0;  // processor time of all threads over the same spans
   double final_loss = 0;
+  double allreduce_seconds = 0;  // of `seconds`, in the gradient allreduce (MPI only)
+  std::int64_t steps = 0;
+  Index samples = 0;  // training images processed (every rank's, once)
+};
+
+// ---------------------------------------------------------------------------------------------
+// Checkpoints (--checkpoint DIR, --resume)
+
+// Where a training run stands: with the network's parameters and both optimisers' states, all
+// train() needs to continue exactly where it was. The batch order is a function of the seed and
+// the epoch (see train()), so it is derived again, not stored.
+struct Progress {
+  int epoch = 1;          // the epoch in progress
+  Index next_batch = 0;   // position, in this epoch's order, of the next batch's first sample
+  std::int64_t step = 0;  // optimiser steps so far: the schedule's position
+  double loss_sum = 0, window_sum = 0;
+  Index window_count = 0;
+  double seconds = 0, cpu_seconds = 0;  // training time so far (not part of the results)
+};
+
+// Thrown when --stop-after-steps is reached (after the checkpoint is saved).
+class Stopped : public std::runtime_error {
+ public:
+  using std::runtime_error::runtime_error;
+};
+
+constexpr int stopped_exit_code = 75;  // EX_TEMPFAIL: "try again", i.e. resume
+
+// Everything that changes the results, for the check that a checkpoint belongs to this run.
+std::string settings_signature(const Config& c) {
+  std::ostringstream s;
+  s << std::setprecision(17) << "shift=" << c.shift << ";epochs=" << c.epochs
+    << ";pretrain_epochs=" << c.pretrain_epochs << ";batch=" << c.batch << ";hidden=" << c.hidden
+    << ";rank=" << c.rank << ";small_rank=" << c.small_rank << ";lambda=" << c.lambda
+    << ";seed=" << c.seed << ";seeds=" << c.seeds << ";train_limit=" << c.train_limit
+    << ";target_train=" << c.target_train << ";validation=" << c.validation
+    << ";warmup=" << c.warmup << ";head_lr=" << c.head_lr << ";cnn=" << c.cnn_channels1 << ","
+    << c.cnn_channels2 << "," << c.cnn_epochs << "," << c.cnn_pretrain_epochs << ";archs=";
+  for (const auto& a : c.archs) s << a << ",";
+  s << ";methods=" << (c.methods_given ? "" : "default:");
+  for (const auto& m : c.methods) s << m << ",";
+  s << ";lr=";
+  for (const auto& kv : c.lr) s << kv.first << "=" << kv.second << ",";
+  return s.str();
+}
+
+// The checkpoint of a whole comparison: the finished runs' results and curves, and the state of
+// the training in progress (pretraining or a method's run), saved every --checkpoint-every steps
+// (0: after each epoch) and after each finished run.
+class Checkpointer {
+ public:
+  using json = nlohmann::json;
+
+  explicit Checkpointer(const Config& c)
+      : dir_(c.checkpoint_dir),
+        every_(c.checkpoint_every),
+        stop_after_(c.stop_after_steps),
+        settings_(settings_signature(c)) {
+    state_ = {{"format", "hra-finetune-checkpoint"},
+              {"version", 1},
+              {"settings", settings_},
+              {"archs", json::object()},
+              {"training", nullptr}};
+    if (dir_.empty() || !c.resume) return;
+    auto data = hra::examples::load_checkpoint(dir_);
+    if (!data) {
+      std::printf("--resume: no checkpoint in %s yet; starting from the beginning\n", dir_.c_str());
+      return;
+    }
+    const json& st = data->state;
+    if (st.value("format", "") != "hra-finetune-checkpoint" || st.value("version", 0) != 1)
+      throw std::runtime_error("--resume: " + dir_ + " holds no checkpoint of this program");
+    if (st.at("settings").get<std::string>() != settings_)
+      throw std::invalid_argument(
+          "--resume: the checkpoint in " + dir_ + " was made with other settings:\n  checkpoint: " +
+          st.at("settings").get<std::string>() + "\n  this run:   " + settings_);
+    state_ = st;
+    state_.erase("tensors_file");
+    tensors_ = std::move(data->tensors);
+    std::size_t finished = 0;
+    for (const auto& arch : state_["archs"])
+      finished += arch.value("results", json::array()).size();
+    std::printf("Resuming from %s: %zu finished run(s)", dir_.c_str(), finished);
+    if (!state_["training"].is_null())
+      std::printf(", %s at step %lld", state_["training"]["key"].get<std::string>().c_str(),
+                  static_cast<long long>(state_["training"]["step"].get<std::int64_t>()));
+    std::printf("\n");
+  }
+
+  bool enabled() const { return !dir_.empty(); }
+
+  // The curves written so far for `arch` (the header only when there are none).
+  std::string curves(const std::string& arch) const {
+    const auto it = state_["archs"].find(arch);
+    if (it == state_["archs"].end() || !it->contains("curves")) return CurveWriter::header;
+    return (*it)["curves"].get<std::string>();
+  }
+  // While attached, saves take `arch`'s curves from `w`.
+  void attach(const std::string& arch, const CurveWriter* w) { writers_[arch] = w; }
+  void detach(const std::string& arch) {
+    if (writers_.count(arch)) state_["archs"][arch]["curves"] = writers_[arch]->text();
+    writers_.erase(arch);
+  }
+
+  // The result of a run the checkpoint has finished, if any.
+  std::optional<json> finished(const std::string& arch, const std::string& method,
+                               std::uint64_t seed) const {
+    const auto it = state_["archs"].find(arch);
+    if (it == state_["archs"].end() || !it->contains("results")) return std::nullopt;
+    for (const auto& r : (*it)["results"])
+      if (r.at("method").get<std::string>() == method && r.at("seed").get<std::uint64_t>() == seed)
+        return r;
+    return std::nullopt;
+  }
+  // A run finished: its result joins the checkpoint, which no longer has training in progress.
+  void finish(const std::string& arch, json result) {
+    if (!enabled()) return;
+    state_["archs"][arch]["results"].push_back(std::move(result));
+    state_["training"] = nullptr;
+    tensors_ = hra::safetensors::TensorFile();
+    save();
+  }
+
+  // Restores the training `key` (arch/method/seed) into net, the optimisers and `p` when the
+  // checkpoint holds it; false otherwise (a fresh start).
+  bool restore(const std::string& key, Mlp<Scalar>& net, hra::Adam<Scalar>& body_adam,
+               const std::vector<hra::ParameterView<Scalar>>& body, hra::Adam<Scalar>& head_adam,
+               const std::vector<hra::ParameterView<Scalar>>& head, Progress& p) {
+    const json& t = state_["training"];
+    if (t.is_null() || t.at("key").get<std::string>() != key) return false;
+    hra::examples::get_parameters(tensors_, "param.", t.at("parameters"), net.parameters());
+    body_adam.set_state(body, hra::examples::get_optimizer_state<Scalar>(tensors_, "adam.body.",
+                                                                         t.at("adam_body")));
+    head_adam.set_state(head, hra::examples::get_optimizer_state<Scalar>(tensors_, "adam.head.",
+                                                                         t.at("adam_head")));
+    p.epoch = t.at("epoch").get<int>();
+    p.next_batch = t.at("next_batch").get<Index>();
+    p.step = t.at("step").get<std::int64_t>();
+    p.loss_sum = t.at("loss_sum").get<double>();
+    p.window_sum = t.at("window_sum").get<double>();
+    p.window_count = t.at("window_count").get<Index>();
+    p.seconds = t.at("seconds").get<double>();
+    p.cpu_seconds = t.at("cpu_seconds").get<double>();
+    std::printf("  [%s] resumed at epoch %d, step %lld\n", key.c_str(), p.epoch,
+                static_cast<long long>(p.step));
+    return true;
+  }
+
+  // After every optimiser step (end_of_epoch: after an epoch's evaluation, with `p` already at
+  // the next epoch): saves when due, and stops the program when --stop-after-steps is reached.
+  void after_step(const std::string& key, Mlp<Scalar>& net, const hra::Adam<Scalar>& body_adam,
+                  const std::vector<hra::ParameterView<Scalar>>& body,
+                  const hra::Adam<Scalar>& head_adam,
+                  const std::vector<hra::ParameterView<Scalar>>& head, const Progress& p,
+                  bool end_of_epoch) {
+    if (!enabled()) return;
+    if (!end_of_epoch) ++steps_here_;
+    const bool stop = !end_of_epoch && stop_after_ > 0 && steps_here_ >= stop_after_;
+    const bool due = every_ > 0 ? !end_of_epoch && p.step % every_ == 0 : end_of_epoch;
+    if (!stop && !due) return;
+    hra::safetensors::TensorFile tensors;
+    json t = {{"key", key},
+              {"epoch", p.epoch},
+              {"next_batch", p.next_batch},
+              {"step", p.step},
+              {"loss_sum", p.loss_sum},
+              {"window_sum", p.window_sum},
+              {"window_count", p.window_count},
+              {"seconds", p.seconds},
+              {"cpu_seconds", p.cpu_seconds}};
+    t["parameters"] = hra::examples::put_parameters(tensors, "param.", net.parameters());
+    t["adam_body"] =
+        hra::examples::put_optimizer_state(tensors, "adam.body.", body_adam.state(body));
+    t["adam_head"] =
+        hra::examples::put_optimizer_state(tensors, "adam.head.", head_adam.state(head));
+    state_["training"] = std::move(t);
+    tensors_ = std::move(tensors);
+    save();
+    if (stop)
+      throw Stopped("stopped after " + std::to_string(steps_here_) +
+                    " training steps (--stop-after-steps); the checkpoint in " + dir_ +
+                    " continues with --resume");
+  }
+
+ private:
+  void save() {
+    for (const auto& kv : writers_) state_["archs"][kv.first]["curves"] = kv.second->text();
+    hra::examples::CheckpointData data;
+    data.state = state_;
+    data.tensors = tensors_;
+    hra::examples::save_checkpoint(dir_, data);
+  }
+
+  std::string dir_;
+  std::int64_t every_ = 0, stop_after_ = 0, steps_here_ = 0;
+  std::string settings_;
+  json state_;
+  hra::safetensors::TensorFile tensors_;
+  std::map<std::string, const CurveWriter*> writers_;
+};
+
+// What a run needs besides its settings: the ranks (MPI), the checkpoint.
+struct Runtime {
+  hra::examples::Ranks ranks;
+  Checkpointer* checkpoint = nullptr;
 };
 
 // Adam with a cosine schedule and linear warm-up over epochs x ceil(n / batch) steps. The batch
-// order depends only on the seed and the epoch, so every method sees the same batches.
+// order depends only on the seed and the epoch, so every method sees the same batches (and a
+// resumed run derives it again). With several ranks each trains on its slice of every batch and
+// the gradients are averaged (GradientAverager), so all ranks take the same steps.
 TrainStats train(Mlp<Scalar>& net, const std::string& name, std::uint64_t seed, double lr,
                  double head_lr, int epochs, const Data& train, const Data& eval, const Config& c,
-                 CurveWriter& curves) {
+                 CurveWriter& curves, Runtime& rt) {
   const Index n = train.size();
   const Index steps_per_epoch = (n + c.batch - 1) / c.batch;
   const std::int64_t total = static_cast<std::int64_t>(steps_per_epoch) * epochs;
@@ -490,17 +835,38 @@ TrainStats train(Mlp<Scalar>& net, const std::string& name, std::uint64_t seed, 
   hra::CosineSchedule schedule(lr, warmup, total), head_schedule(head_lr, warmup, total);
   hra::Adam<Scalar> adam({lr}), head_adam({head_lr});
   const std::size_t head = net.size() - 1;
+  std::vector<hra::Layer<Scalar>*> layers;
+  for (std::size_t k = 0; k < net.size(); ++k) layers.push_back(&net.layer(k));
+  hra::examples::GradientAverager<Scalar> averager(rt.ranks, layers);
+  const auto body_params = [&] {
+    std::vector<hra::ParameterView<Scalar>> body;
+    for (std::size_t k = 0; k < head; ++k)
+      for (auto& p : net.layer(k).parameters()) body.push_back(p);
+    return body;
+  };
+  const std::string key = c.arch + "/" + name + "/" + std::to_string(seed);
 
   const std::int64_t log_every = std::max<std::int64_t>(1, steps_per_epoch / 4);
   TrainStats stats;
-  const double acc0 = evaluate(net, eval);
-  curves.row(name, seed, 0, 0, std::nan(""), acc0, 0.0);
+  Progress p;
+  if (!rt.checkpoint || !rt.checkpoint->restore(key, net, adam, body_params(), head_adam,
+                                                net.layer(head).parameters(), p)) {
+    const double acc0 = evaluate(net, eval);
+    curves.row(name, seed, 0, 0, std::nan(""), acc0, 0.0);
+  }
+  stats.seconds = p.seconds;
+  stats.cpu_seconds = p.cpu_seconds;
+  const auto checkpoint = [&](bool end_of_epoch) {
+    if (rt.checkpoint)
+      rt.checkpoint->after_step(key, net, adam, body_params(), head_adam,
+                                net.layer(head).parameters(), p, end_of_epoch);
+  };
 
   std::vector<Index> order(static_cast<std::size_t>(n));
   Matrix x(train.images.rows(), c.batch), grad;
   std::vector<int> labels;
-  std::int64_t step = 0;
-  for (int epoch = 1; epoch <= epochs; ++epoch) {
+  for (; p.epoch <= epochs; ++p.epoch) {
+    const int epoch = p.epoch;
     std::iota(order.begin(), order.end(), Index{0});
     std::mt19937_64 rng(seed * 1000003u + static_cast<std::uint64_t>(epoch));
     for (std::size_t k = order.size(); k > 1; --k)
@@ -508,53 +874,81 @@ TrainStats train(Mlp<Scalar>& net, const std::string& name, std::uint64_t seed, 
 
     const auto start = Clock::now();
     const std::clock_t cpu_start = std::clock();
-    double loss_sum = 0, window_sum = 0;
-    Index window_count = 0;
-    for (Index b0 = 0; b0 < n; b0 += c.batch) {
+    const auto elapsed = [&] {
+      return stats.seconds + std::chrono::duration<double>(Clock::now() - start).count();
+    };
+    for (Index b0 = p.next_batch; b0 < n; b0 += c.batch) {
       const Index bn = std::min(c.batch, n - b0);
-      x.resize(train.images.rows(), bn);
-      labels.resize(static_cast<std::size_t>(bn));
-      for (Index j = 0; j < bn; ++j) {
-        const Index src = order[static_cast<std::size_t>(b0 + j)];
-        x.col(j) = train.images.col(src);
-        labels[static_cast<std::size_t>(j)] = train.labels[static_cast<std::size_t>(src)];
+      // This rank's slice of the batch (all of it on one process).
+      const auto [first, local] = rt.ranks.shard(bn);
+      double loss = 0;
+      if (local > 0) {
+        x.resize(train.images.rows(), local);
+        labels.resize(static_cast<std::size_t>(local));
+        for (Index j = 0; j < local; ++j) {
+          const Index src = order[static_cast<std::size_t>(b0 + first + j)];
+          x.col(j) = train.images.col(src);
+          labels[static_cast<std::size_t>(j)] = train.labels[static_cast<std::size_t>(src)];
+        }
+        const Matrix& logits = net.forward(x);
+        loss = hra::examples::softmax_cross_entropy<Scalar>(logits, labels, &grad);
+        net.backward(grad);
+      } else {
+        for (auto* l : layers) l->zero_gradients();
       }
-      const Matrix& logits = net.forward(x);
-      double loss = hra::examples::softmax_cross_entropy<Scalar>(logits, labels, &grad);
-      net.backward(grad);
-      loss += net.add_regularizer();
-      std::vector<hra::ParameterView<Scalar>> body;
-      for (std::size_t k = 0; k < head; ++k)
-        for (auto& p : net.layer(k).parameters()) body.push_back(p);
-      adam.set_lr(schedule(step));
-      adam.step(body);
-      head_adam.set_lr(head_schedule(step));
+      averager.average(static_cast<double>(local));
+      const double penalty = net.add_regularizer();
+      adam.set_lr(schedule(p.step));
+      adam.step(body_params());
+      head_adam.set_lr(head_schedule(p.step));
       head_adam.step(net.layer(head).parameters());
-      loss_sum += loss * static_cast<double>(bn);
-      window_sum += loss * static_cast<double>(bn);
-      window_count += bn;
-      ++step;
+      // This rank's share of the batch's summed loss; the ranks' shares are added when logged.
+      const double batch_loss =
+          loss * static_cast<double>(local) + penalty * static_cast<double>(bn) / rt.ranks.size();
+      p.loss_sum += batch_loss;
+      p.window_sum += batch_loss;
+      p.window_count += bn;
+      ++p.step;
+      p.next_batch = b0 + bn;
       // The training loss four times per epoch (the end of the epoch is logged below).
-      if (step % log_every == 0 && b0 + bn < n) {
-        const double elapsed =
-            stats.seconds + std::chrono::duration<double>(Clock::now() - start).count();
-        curves.row(name, seed, epoch, step, window_sum / static_cast<double>(window_count),
-                   std::nan(""), elapsed);
-        window_sum = 0;
-        window_count = 0;
+      if (p.step % log_every == 0 && b0 + bn < n) {
+        curves.row(name, seed, epoch, p.step,
+                   rt.ranks.sum(p.window_sum) / static_cast<double>(p.window_count), std::nan(""),
+                   elapsed());
+        p.window_sum = 0;
+        p.window_count = 0;
       }
+      p.seconds = elapsed();
+      p.cpu_seconds =
+          stats.cpu_seconds + static_cast<double>(std::clock() - cpu_start) / CLOCKS_PER_SEC;
+      checkpoint(false);
     }
     stats.seconds += std::chrono::duration<double>(Clock::now() - start).count();
     stats.cpu_seconds += static_cast<double>(std::clock() - cpu_start) / CLOCKS_PER_SEC;
-    stats.final_loss = loss_sum / static_cast<double>(n);
+    stats.final_loss = rt.ranks.sum(p.loss_sum) / static_cast<double>(n);
     const double acc = evaluate(net, eval);
-    curves.row(name, seed, epoch, step, window_sum / static_cast<double>(window_count), acc,
+    curves.row(name, seed, epoch, p.step,
+               rt.ranks.sum(p.window_sum) / static_cast<double>(p.window_count), acc,
                stats.seconds);
     std::printf("  [%s seed %llu] epoch %2d/%d  loss %.4f  %s acc %6.2f%%  %5.1f s\n", name.c_str(),
                 static_cast<unsigned long long>(seed), epoch, epochs, stats.final_loss,
                 eval.name.c_str(), 100 * acc, stats.seconds);
     std::fflush(stdout);
+    // The next epoch starts afresh.
+    p.next_batch = 0;
+    p.loss_sum = p.window_sum = 0;
+    p.window_count = 0;
+    p.seconds = stats.seconds;
+    p.cpu_seconds = stats.cpu_seconds;
+    if (p.epoch < epochs) {
+      ++p.epoch;
+      checkpoint(true);
+      --p.epoch;
+    }
   }
+  stats.allreduce_seconds = averager.seconds();
+  stats.steps = p.step;
+  stats.samples = n * epochs;
   return stats;
 }
 
@@ -563,28 +957,29 @@ TrainStats train(Mlp<Scalar>& net, const std::string& name, std::uint64_t seed, 
 
 std::string pretrain_signature(const Config& c, const Tasks& t) {
   std::ostringstream s;
-  s << "mlp 784-" << c.hidden << "-" << c.hidden
-    << "-10; source=fashion-mnist train[0:" << t.source_train.size()
+  if (c.arch == "mlp")
+    s << "mlp 784-" << c.hidden << "-" << c.hidden << "-10";
+  else
+    s << c.arch << " " << hra::examples::describe(network_layers(c));
+  s << "; source=fashion-mnist train[0:" << t.source_train.size()
     << "] unshifted; epochs=" << c.pretrain_epochs << "; batch=" << c.batch
     << "; adam lr=1e-3 cosine; seed=" << c.seed;
   return s.str();
 }
 
-// The safetensors layout is PyTorch's nn.Sequential of Linear layers: "layers.<k>.weight"
-// (out_features, in_features) and "layers.<k>.bias" (out_features,).
-void save_pretrained(const std::string& path, const Weights& w, const std::string& signature) {
+// The safetensors layout is PyTorch's: "layers.<k>.weight" ((out_features, in_features), or
+// (C_out, C_in, kh, kw) for a convolution) and "layers.<k>.bias" (see architecture.hpp).
+void save_pretrained(const std::string& path, const Weights& w, const std::string& signature,
+                     const std::vector<hra::examples::LayerSpec>& layers) {
   hra::safetensors::TensorFile file(path);
   file.metadata()["signature"] = signature;
-  for (std::size_t k = 0; k < w.weights.size(); ++k) {
-    file.put_matrix("layers." + std::to_string(k) + ".weight", w.weights[k]);
-    file.put_vector("layers." + std::to_string(k) + ".bias", w.biases[k]);
-  }
+  hra::examples::put_weights(file, layers, w);
   hra::safetensors::save(path, file);
 }
 
 // The weights saved at `path` if they were made with the same settings; nothing otherwise.
 std::optional<Weights> load_pretrained(const std::string& path, const std::string& signature,
-                                       const std::vector<Index>& sizes) {
+                                       const std::vector<hra::examples::LayerSpec>& layers) {
   if (!std::filesystem::exists(path)) return std::nullopt;
   try {
     const auto file = hra::safetensors::load(path);
@@ -593,42 +988,40 @@ std::optional<Weights> load_pretrained(const std::string& path, const std::strin
       std::printf("%s was made with other settings; pretraining again\n", path.c_str());
       return std::nullopt;
     }
-    Weights w;
-    for (std::size_t k = 0; k + 1 < sizes.size(); ++k) {
-      w.weights.push_back(file.get_matrix<Scalar>("layers." + std::to_string(k) + ".weight",
-                                                  sizes[k + 1], sizes[k]));
-      w.biases.push_back(
-          file.get_vector<Scalar>("layers." + std::to_string(k) + ".bias", sizes[k + 1]));
-    }
-    return w;
+    return hra::examples::get_weights<Scalar>(file, layers);
   } catch (const hra::safetensors::error& e) {
     std::printf("cannot reuse %s (%s); pretraining again\n", path.c_str(), e.what());
     return std::nullopt;
   }
 }
 
-Weights pretrained_network(const Config& c, const Tasks& t, CurveWriter& curves) {
-  const std::vector<Index> sizes = {28 * 28, c.hidden, c.hidden, 10};
-  const std::string path = c.out_dir + "/pretrained_mlp.safetensors";
+Weights pretrained_network(const Config& c, const Tasks& t, CurveWriter& curves, Runtime& rt) {
+  const auto layers = network_layers(c);
+  const std::string path = c.out_dir + "/pretrained_" + c.arch + ".safetensors";
   const std::string signature = pretrain_signature(c, t);
-  if (auto w = load_pretrained(path, signature, sizes)) {
+  auto loaded = load_pretrained(path, signature, layers);
+  // With MPI every rank must take the same branch (pretraining is collective).
+  if (rt.ranks.all(loaded.has_value())) {
     std::printf("Loaded the pretrained network from %s\n", path.c_str());
-    return *w;
+    return *loaded;
   }
-  std::printf("Pretraining %ld-%ld-%ld-10 on the source task (%ld images, %d epochs)\n",
-              static_cast<long>(sizes[0]), static_cast<long>(c.hidden), static_cast<long>(c.hidden),
-              static_cast<long>(t.source_train.size()), c.pretrain_epochs);
-  Weights w = Weights::initialized(sizes, c.seed + 7);
+  std::printf(
+      "Pretraining %s on the source task (%ld images, %d epochs)\n",
+      c.arch == "mlp"
+          ? ("784-" + std::to_string(c.hidden) + "-" + std::to_string(c.hidden) + "-10").c_str()
+          : hra::examples::describe(layers).c_str(),
+      static_cast<long>(t.source_train.size()), c.pretrain_epochs);
+  Weights w = hra::examples::initialized_weights<Scalar>(layers, c.seed + 7);
   Method full{"pretrain", "pretrain", Kind::full};
-  Mlp<Scalar> net = build_network(w, full, c.seed);
+  Mlp<Scalar> net = build_network(w, layers, full, c.seed);
   const TrainStats s = train(net, "pretrain", c.seed, 1e-3, 1e-3, c.pretrain_epochs, t.source_train,
-                             t.source_test, c, curves);
+                             t.source_test, c, curves, rt);
   for (std::size_t k = 0; k < w.weights.size(); ++k) {
-    auto& layer = dynamic_cast<hra::Linear<Scalar>&>(net.layer(k));
+    auto& layer = dynamic_cast<hra::AffineLayer<Scalar>&>(net.layer(k));
     w.weights[k] = layer.weight();
     w.biases[k] = *layer.bias();
   }
-  save_pretrained(path, w, signature);
+  if (rt.ranks.root()) save_pretrained(path, w, signature, layers);
   std::printf("Pretrained in %.1f s (%.1f s cpu); saved to %s\n", s.seconds, s.cpu_seconds,
               path.c_str());
   return w;
@@ -649,11 +1042,59 @@ struct Result {
   double merge_max_diff = 0;    // max |logits merged - logits unmerged| on the eval set
   double unmerge_max_diff = 0;  // the same after unmerge(): the round trip
   bool merge_ok = true;
+  std::uint64_t logits_hash = 0;  // FNV-1a of the final eval logits' bytes (bit-for-bit checks)
+  double allreduce_seconds = 0;   // of `seconds`, in the gradient allreduce (MPI)
+  Index samples = 0;              // training images processed
 };
 
+// A finished run in a checkpoint. Doubles round-trip exactly through nlohmann::json.
+nlohmann::json to_json(const Result& r) {
+  return {{"method", r.method.name},
+          {"seed", r.seed},
+          {"params", r.params},
+          {"accuracy", r.accuracy},
+          {"seconds", r.seconds},
+          {"cpu_seconds", r.cpu_seconds},
+          {"has_adapter", r.has_adapter},
+          {"merged_accuracy", r.merged_accuracy},
+          {"merge_max_diff", r.merge_max_diff},
+          {"unmerge_max_diff", r.unmerge_max_diff},
+          {"merge_ok", r.merge_ok},
+          {"logits_hash", r.logits_hash},
+          {"allreduce_seconds", r.allreduce_seconds},
+          {"samples", r.samples}};
+}
+
+Result result_from_json(const nlohmann::json& j, const Method& m) {
+  Result r;
+  r.method = m;
+  r.seed = j.at("seed").get<std::uint64_t>();
+  r.params = j.at("params").get<Index>();
+  r.accuracy = j.at("accuracy").get<double>();
+  r.seconds = j.at("seconds").get<double>();
+  r.cpu_seconds = j.at("cpu_seconds").get<double>();
+  r.has_adapter = j.at("has_adapter").get<bool>();
+  r.merged_accuracy = j.at("merged_accuracy").get<double>();
+  r.merge_max_diff = j.at("merge_max_diff").get<double>();
+  r.unmerge_max_diff = j.at("unmerge_max_diff").get<double>();
+  r.merge_ok = j.at("merge_ok").get<bool>();
+  r.logits_hash = j.at("logits_hash").get<std::uint64_t>();
+  r.allreduce_seconds = j.at("allreduce_seconds").get<double>();
+  r.samples = j.at("samples").get<Index>();
+  return r;
+}
+
 Result run_method(const Method& m, std::uint64_t seed, const Weights& pretrained, const Tasks& t,
-                  const Config& c, CurveWriter& curves) {
-  Mlp<Scalar> net = build_network(pretrained, m, seed);
+                  const Config& c, CurveWriter& curves, Runtime& rt) {
+  if (rt.checkpoint)
+    if (const auto done = rt.checkpoint->finished(c.arch, m.name, seed)) {
+      Result r = result_from_json(*done, m);
+      std::printf("  => seed %llu: %s acc %.2f%% (finished before; from the checkpoint)\n",
+                  static_cast<unsigned long long>(seed), t.target_eval.name.c_str(),
+                  100 * r.accuracy);
+      return r;
+    }
+  Mlp<Scalar> net = build_network(pretrained, network_layers(c), m, seed);
   Result r;
   r.method = m;
   r.seed = seed;
@@ -661,14 +1102,17 @@ Result run_method(const Method& m, std::uint64_t seed, const Weights& pretrained
   r.has_adapter = m.kind == Kind::lora || m.kind == Kind::hra;
   if (m.kind != Kind::none) {
     const TrainStats s = train(net, m.name, seed, m.lr, m.head_lr, c.epochs, t.target_train,
-                               t.target_eval, c, curves);
+                               t.target_eval, c, curves, rt);
     r.seconds = s.seconds;
     r.cpu_seconds = s.cpu_seconds;
+    r.allreduce_seconds = s.allreduce_seconds;
+    r.samples = s.samples;
   } else {
     curves.row(m.name, seed, 0, 0, std::nan(""), evaluate(net, t.target_eval), 0.0);
   }
   const Matrix logits = predict_all(net, t.target_eval.images);
   r.accuracy = hra::examples::accuracy<Scalar>(logits, t.target_eval.labels);
+  r.logits_hash = hra::examples::bytes_hash(logits);
   r.merged_accuracy = r.accuracy;
   if (r.has_adapter) {
     // Fold every adapter into its W, evaluate the plain network, then take the adapters out.
@@ -688,7 +1132,8 @@ Result run_method(const Method& m, std::uint64_t seed, const Weights& pretrained
   if (r.has_adapter)
     std::printf("; merged %.2f%% (max |logit change| %.1e, after unmerge %.1e)",
                 100 * r.merged_accuracy, r.merge_max_diff, r.unmerge_max_diff);
-  std::printf("\n");
+  std::printf("; logits %016llx\n", static_cast<unsigned long long>(r.logits_hash));
+  if (rt.checkpoint) rt.checkpoint->finish(c.arch, to_json(r));
   return r;
 }
 
@@ -730,20 +1175,28 @@ std::ofstream open_csv(const std::string& path) {
   return out;
 }
 
+std::string hash_text(std::uint64_t h) {
+  char text[24];
+  std::snprintf(text, sizeof text, "%016llx", static_cast<unsigned long long>(h));
+  return text;
+}
+
 // One row per run.
 void write_results(const std::string& path, const std::vector<Result>& results, const Config& c,
                    const std::string& eval_name) {
   std::ofstream out = open_csv(path);
   out << "method,label,seed,rank,lambda,lr,head_lr,epochs,trainable_params,eval_set,eval_acc,"
          "merged_acc,"
-         "merge_max_abs_diff,unmerge_max_abs_diff,merge_ok,train_seconds,train_cpu_seconds\n";
+         "merge_max_abs_diff,unmerge_max_abs_diff,merge_ok,logits_fnv1a,train_seconds,"
+         "train_cpu_seconds,allreduce_seconds\n";
   for (const auto& r : results) {
     out << r.method.name << ",\"" << r.method.label << "\"," << r.seed << ',' << r.method.rank
         << ',' << r.method.lambda << ',' << r.method.lr << ',' << r.method.head_lr << ','
         << (r.method.kind == Kind::none ? 0 : c.epochs) << ',' << r.params << ',' << eval_name
         << ',' << r.accuracy << ',' << r.merged_accuracy << ',' << r.merge_max_diff << ','
         << r.unmerge_max_diff << ',' << (r.has_adapter ? (r.merge_ok ? "yes" : "no") : "n/a") << ','
-        << r.seconds << ',' << r.cpu_seconds << '\n';
+        << hash_text(r.logits_hash) << ',' << r.seconds << ',' << r.cpu_seconds << ','
+        << r.allreduce_seconds << '\n';
   }
 }
 
@@ -768,10 +1221,10 @@ void write_summary(const std::string& path, const std::vector<Summary>& summarie
 void print_table(const std::vector<Summary>& summaries, Index full_params, const Tasks& t,
                  const Config& c) {
   std::printf(
-      "\nResults: %s accuracy, mean +- standard deviation over %d seed(s); %d epochs; trainable\n"
-      "parameters include the classifier head; wall s / cpu s: training time per run (cpu s\n"
-      "counts every thread)\n",
-      t.target_eval.name.c_str(), c.seeds, c.epochs);
+      "\nResults (%s): %s accuracy, mean +- standard deviation over %d seed(s); %d epochs;\n"
+      "trainable parameters include the classifier head; wall s / cpu s: training time per run\n"
+      "(cpu s counts every thread)\n",
+      c.arch == "mlp" ? "MLP" : "CNN", t.target_eval.name.c_str(), c.seeds, c.epochs);
   std::printf("| %-24s | %10s | %7s | %15s | %17s | %7s | %7s |\n", "method", "trainable", "% full",
               "accuracy", "merged = unmerged", "wall s", "cpu s");
   std::printf("|%s|%s|%s|%s|%s|%s|%s|\n", std::string(26, '-').c_str(),
@@ -795,21 +1248,38 @@ void print_table(const std::vector<Summary>& summaries, Index full_params, const
       "differ by at most the number in brackets; n/a: no adapter to merge)\n");
 }
 
-int run(const Config& c) {
-  const auto start = Clock::now();
-  std::filesystem::create_directories(c.out_dir);
-  std::printf("threads: Eigen %d, hra %d; shift: %s; data: %s\n", Eigen::nbThreads(),
-              hra::num_threads(), c.shift.c_str(), c.data_dir.c_str());
-  const Tasks t = make_tasks(c);
-  std::printf("source: %ld training images; target (%s): %ld training, %ld %s images\n",
-              static_cast<long>(t.source_train.size()), c.shift.c_str(),
-              static_cast<long>(t.target_train.size()), static_cast<long>(t.target_eval.size()),
-              t.eval_name.c_str());
+// The settings of one architecture's comparison: the CNN has its own epochs and default methods.
+Config arch_config(const Config& c, const std::string& arch) {
+  Config a = c;
+  a.arch = arch;
+  if (arch == "cnn") {
+    a.epochs = c.cnn_epochs;
+    a.pretrain_epochs = c.cnn_pretrain_epochs;
+    if (!c.methods_given) a.methods.assign(std::begin(cnn_methods), std::end(cnn_methods));
+  }
+  return a;
+}
 
-  CurveWriter curves(c.out_dir + "/finetune_curves.csv");
-  const Weights pretrained = pretrained_network(c, t, curves);
+// The results files of c.arch: finetune_*.csv for the MLP (as before the CNN existed),
+// finetune_cnn_*.csv for the CNN.
+std::string results_prefix(const Config& c) {
+  return c.out_dir + (c.arch == "mlp" ? "/finetune_" : "/finetune_" + c.arch + "_");
+}
+
+// One architecture: pretrain (or load), every method over every seed, the table and the CSVs.
+// Returns 3 if a merged model does not reproduce its unmerged predictions, else 0.
+int run_arch(const Config& c, const Tasks& t, Runtime& rt) {
+  const auto layers = network_layers(c);
+  std::printf("\n=== %s: %s; %d fine-tuning epochs, %d pretraining epochs ===\n",
+              c.arch == "mlp" ? "MLP" : "CNN", hra::examples::describe(layers).c_str(), c.epochs,
+              c.pretrain_epochs);
+  const std::string prefix = results_prefix(c);
+  CurveWriter curves(rt.ranks.root() ? prefix + "curves.csv" : "",
+                     rt.checkpoint ? rt.checkpoint->curves(c.arch) : CurveWriter::header);
+  if (rt.checkpoint) rt.checkpoint->attach(c.arch, &curves);
+  const Weights pretrained = pretrained_network(c, t, curves, rt);
   {
-    Mlp<Scalar> net = build_network(pretrained, make_method("none", c), c.seed);
+    Mlp<Scalar> net = build_network(pretrained, layers, make_method("none", c), c.seed);
     std::printf("Pretrained network: source test acc %.2f%%, %s acc %.2f%%\n",
                 100 * evaluate(net, t.source_test), t.target_eval.name.c_str(),
                 100 * evaluate(net, t.target_eval));
@@ -826,30 +1296,51 @@ int run(const Config& c) {
     std::printf("\n%s", m.label.c_str());
     if (m.kind != Kind::none) std::printf(" (lr %g, head lr %g)", m.lr, m.head_lr);
     std::printf("\n");
+    if (m.kind == Kind::lora || m.kind == Kind::hra)
+      for (std::size_t k = 0; k + 1 < layers.size(); ++k)
+        if (layer_rank(layers[k], m) < m.rank)
+          std::printf("  note: rank %ld on layer %zu (%s), whose %s is only %ld\n",
+                      static_cast<long>(layer_rank(layers[k], m)), k, layers[k].describe().c_str(),
+                      m.kind == Kind::lora ? "min(d_out, fan-in)" : "fan-in",
+                      static_cast<long>(layer_rank(layers[k], m)));
     std::vector<Result> runs;
     const int seeds = m.kind == Kind::none ? 1 : c.seeds;  // nothing random to vary
     for (int k = 0; k < seeds; ++k)
       runs.push_back(
-          run_method(m, c.seed + static_cast<std::uint64_t>(k), pretrained, t, c, curves));
+          run_method(m, c.seed + static_cast<std::uint64_t>(k), pretrained, t, c, curves, rt));
     results.insert(results.end(), runs.begin(), runs.end());
     summaries.push_back(summarize(runs));
   }
 
+  if (rt.checkpoint) rt.checkpoint->detach(c.arch);
   print_table(summaries, full_params, t, c);
-  write_results(c.out_dir + "/finetune_results.csv", results, c, t.eval_name);
-  write_summary(c.out_dir + "/finetune_summary.csv", summaries, c, t.eval_name, full_params);
-  std::printf(
-      "\nWrote %s/finetune_summary.csv, finetune_results.csv (every run) and\n"
-      "finetune_curves.csv; chart: python3 scripts/plot_finetune.py %s\n",
-      c.out_dir.c_str(), c.out_dir.c_str());
-  std::printf("Total time %.1f s (%.1f s cpu)\n",
-              std::chrono::duration<double>(Clock::now() - start).count(),
-              static_cast<double>(std::clock()) / CLOCKS_PER_SEC);
+  double seconds = 0, allreduce = 0, samples = 0;
+  for (const auto& r : results) {
+    seconds += r.seconds;
+    allreduce += r.allreduce_seconds;
+    samples += static_cast<double>(r.samples);
+  }
+  if (seconds > 0) {
+    std::printf(
+        "Fine-tuning throughput: %.0f training images/s (%.0f images in %.1f s, %d "
+        "process(es) x %d thread(s))",
+        samples / seconds, samples, seconds, rt.ranks.size(), hra::num_threads());
+    if (rt.ranks.distributed())
+      std::printf("; gradient allreduce %.1f s = %.1f%% of the training time", allreduce,
+                  100 * allreduce / seconds);
+    std::printf("\n");
+  }
+  if (rt.ranks.root()) {
+    write_results(prefix + "results.csv", results, c, t.eval_name);
+    write_summary(prefix + "summary.csv", summaries, c, t.eval_name, full_params);
+    std::printf("\nWrote %ssummary.csv, %sresults.csv (every run) and %scurves.csv\n",
+                prefix.c_str(), prefix.c_str(), prefix.c_str());
+  }
   for (const auto& s : summaries)
     if (!s.merge_ok) {
       std::fprintf(stderr,
-                   "error: %s: a merged model does not reproduce its unmerged predictions\n",
-                   s.method.label.c_str());
+                   "error: %s %s: a merged model does not reproduce its unmerged predictions\n",
+                   c.arch.c_str(), s.method.label.c_str());
       return 3;
     }
   return 0;
@@ -858,15 +1349,17 @@ int run(const Config& c) {
 // The data-size sweep (--sweep, issue #16): the methods of --methods at --rank ("equal rank"),
 // plus HRA and HRA-GS at the rank whose trainable parameters come closest to LoRA's at --rank
 // ("equal parameters"); examples/common/sweep.hpp does the rest.
-int run_sweep(const Config& c) {
+int run_sweep(const Config& given, const hra::examples::Ranks& ranks) {
   namespace sw = hra::examples::sweep;
+  const Config c = arch_config(given, "mlp");  // the sweep adapts the MLP
   const auto start = Clock::now();
   std::filesystem::create_directories(c.out_dir);
   std::printf("threads: Eigen %d, hra %d; shift: %s; data: %s\n", Eigen::nbThreads(),
               hra::num_threads(), c.shift.c_str(), c.data_dir.c_str());
   const Tasks t = make_tasks(c);  // the whole target half, the test sets
   CurveWriter curves(c.out_dir + "/sweep_pretrain_curves.csv");
-  const Weights pretrained = pretrained_network(c, t, curves);
+  Runtime rt{ranks, nullptr};
+  const Weights pretrained = pretrained_network(c, t, curves, rt);
 
   std::vector<std::pair<Index, Index>> adapted;  // (d_in, d_out) of the hidden layers
   for (std::size_t k = 0; k + 1 < pretrained.weights.size(); ++k)
@@ -919,7 +1412,7 @@ int run_sweep(const Config& c) {
       static_cast<long>(equal_rank), static_cast<long>(c.rank));
 
   const sw::Builder<Mlp<Scalar>> build = [&](std::size_t arm, std::uint64_t seed) {
-    return build_network(pretrained, methods[arm], seed);
+    return build_network(pretrained, network_layers(c), methods[arm], seed);
   };
   // The pretrained head is the last layer's "weight" and "bias" (trainable in every method
   // but "none", which keeps it anyway).
@@ -976,21 +1469,67 @@ int run_sweep(const Config& c) {
   return 0;
 }
 
+int run(const Config& c, const hra::examples::Ranks& ranks) {
+  const auto start = Clock::now();
+  if (ranks.root()) std::filesystem::create_directories(c.out_dir);
+  std::printf("threads: Eigen %d, hra %d; ranks: %d; shift: %s; data: %s\n", Eigen::nbThreads(),
+              hra::num_threads(), ranks.size(), c.shift.c_str(), c.data_dir.c_str());
+  Checkpointer checkpoint(c);
+  Runtime rt{ranks, checkpoint.enabled() ? &checkpoint : nullptr};
+  const Tasks t = make_tasks(c);
+  std::printf("source: %ld training images; target (%s): %ld training, %ld %s images\n",
+              static_cast<long>(t.source_train.size()), c.shift.c_str(),
+              static_cast<long>(t.target_train.size()), static_cast<long>(t.target_eval.size()),
+              t.eval_name.c_str());
+
+  int status = 0;
+  for (const auto& arch : c.archs) {
+    const auto arch_start = Clock::now();
+    status = std::max(status, run_arch(arch_config(c, arch), t, rt));
+    std::printf("%s comparison: %.1f s\n", arch == "mlp" ? "MLP" : "CNN",
+                std::chrono::duration<double>(Clock::now() - arch_start).count());
+  }
+  std::printf("\nChart: python3 scripts/plot_finetune.py %s\n", c.out_dir.c_str());
+  std::printf("Total time %.1f s (%.1f s cpu)\n",
+              std::chrono::duration<double>(Clock::now() - start).count(),
+              static_cast<double>(std::clock()) / CLOCKS_PER_SEC);
+  return status;
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
+  std::optional<Config> config;
   try {
-    const std::optional<Config> config = parse_args(argc, argv);
-    if (!config) {
-      print_usage(stdout);
-      return 0;
-    }
-    return config->sweep ? run_sweep(*config) : run(*config);
+    config = parse_args(argc, argv);
   } catch (const std::invalid_argument& e) {
     std::fprintf(stderr, "error: %s\n", e.what());
     return 2;
+  }
+  if (!config) {
+    print_usage(stdout);
+    return 0;
+  }
+  // Outside the try: an error on one rank must abort every rank (the others would wait in a
+  // collective for ever), after its message is printed.
+  std::unique_ptr<hra::examples::MpiSession> mpi;
+  try {
+    mpi = std::make_unique<hra::examples::MpiSession>(config->mpi, &argc, &argv);
+    const hra::examples::Ranks ranks = mpi->ranks();
+    // Rank 0 alone prints; the others keep stderr for errors.
+    if (!ranks.root() && !std::freopen("/dev/null", "w", stdout))
+      throw std::runtime_error("cannot redirect stdout to /dev/null");
+    return config->sweep ? run_sweep(*config, ranks) : run(*config, ranks);
+  } catch (const Stopped& e) {
+    std::printf("%s\n", e.what());
+    return stopped_exit_code;
+  } catch (const std::invalid_argument& e) {
+    std::fprintf(stderr, "error: %s\n", e.what());
+    if (mpi) mpi->abort(2);
+    return 2;
   } catch (const std::exception& e) {
     std::fprintf(stderr, "error: %s\n", e.what());
+    if (mpi) mpi->abort(1);
     return 1;
   }
 }

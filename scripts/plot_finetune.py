@@ -7,6 +7,8 @@ Reads finetune_summary.csv, finetune_results.csv and finetune_curves.csv from RE
 (written by examples/finetune_fashion_mnist) and writes RESULTS_DIR/finetune_accuracy_vs_params.png
 with three panels: target accuracy against trainable parameters (mean and standard deviation over
 the seeds, every run as a dot), accuracy after each epoch and training loss (means over the seeds).
+When the CNN's files finetune_cnn_*.csv are there too (the example's --arch cnn), it draws the
+same for the CNN into RESULTS_DIR/finetune_cnn_accuracy_vs_params.png.
 Needs matplotlib (Debian: python3-matplotlib). Exits non-zero with a message on failure.
 """
 import csv
@@ -26,7 +28,23 @@ def mean(values):
 
 def main(argv):
     folder = argv[1] if len(argv) > 1 else "results"
-    paths = {name: os.path.join(folder, f"finetune_{name}.csv")
+    drawn = 0
+    for prefix, network in (("finetune_", "MLP"), ("finetune_cnn_", "CNN")):
+        if not os.path.exists(os.path.join(folder, f"{prefix}summary.csv")):
+            continue
+        status = draw(folder, prefix, network)
+        if status != 0:
+            return status
+        drawn += 1
+    if drawn == 0:
+        print(f"plot_finetune: no finetune_summary.csv or finetune_cnn_summary.csv in {folder} "
+              "(run examples/finetune_fashion_mnist first)", file=sys.stderr)
+        return 1
+    return 0
+
+
+def draw(folder, prefix, network):
+    paths = {name: os.path.join(folder, f"{prefix}{name}.csv")
              for name in ("summary", "results", "curves")}
     for path in paths.values():
         if not os.path.exists(path):
@@ -124,10 +142,10 @@ def main(argv):
     right.legend(fontsize=8)
 
     seeds = max(int(s["runs"]) for s in summary)
-    fig.suptitle(f"Fine-tuning a pretrained MLP on shifted Fashion-MNIST ({seeds} seed(s) per "
-                 "method)")
+    fig.suptitle(f"Fine-tuning a pretrained {network} on shifted Fashion-MNIST ({seeds} seed(s) "
+                 "per method)")
     fig.tight_layout()
-    out = os.path.join(folder, "finetune_accuracy_vs_params.png")
+    out = os.path.join(folder, f"{prefix}accuracy_vs_params.png")
     fig.savefig(out, dpi=120)
     print(f"plot_finetune: wrote {out}")
     return 0
