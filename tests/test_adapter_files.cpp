@@ -79,6 +79,24 @@ HRA_TEST_NOINLINE void operator delete(void* p, std::size_t) noexcept {
 HRA_TEST_NOINLINE void operator delete[](void* p, std::size_t) noexcept {
   std::free(p);
 }
+// The nothrow forms too (std::stable_sort's temporary buffer uses them, then frees with the
+// sized delete above): left to the runtime, AddressSanitizer reports its new against our free.
+HRA_TEST_NOINLINE void* operator new(std::size_t n, const std::nothrow_t&) noexcept {
+  try {
+    return ::operator new(n);
+  } catch (const std::bad_alloc&) {
+    return nullptr;
+  }
+}
+HRA_TEST_NOINLINE void* operator new[](std::size_t n, const std::nothrow_t&) noexcept {
+  return ::operator new(n, std::nothrow);
+}
+HRA_TEST_NOINLINE void operator delete(void* p, const std::nothrow_t&) noexcept {
+  std::free(p);
+}
+HRA_TEST_NOINLINE void operator delete[](void* p, const std::nothrow_t&) noexcept {
+  std::free(p);
+}
 
 namespace fs = std::filesystem;
 namespace st = hra::safetensors;
