@@ -284,15 +284,17 @@ LoraExport export_lora_adapters(const std::filesystem::path& dir, const HraModul
 }
 
 /// lora_export_files(modules, options) for a braced list (see ModuleList).
-inline LoraExport lora_export_files(const HraModuleList& modules,
-                                    const LoraExportOptions& options = {}) {
+template <int N = 0>
+LoraExport lora_export_files(const LazyList<N, HraModuleList>& modules,
+                             const LoraExportOptions& options = {}) {
   return modules.visit([&](const auto& map) { return lora_export_files(map, options); });
 }
 
 /// export_lora_adapters(dir, modules, options) for a braced list (see ModuleList).
-inline LoraExport export_lora_adapters(const std::filesystem::path& dir,
-                                       const HraModuleList& modules,
-                                       const LoraExportOptions& options = {}) {
+template <int N = 0>
+LoraExport export_lora_adapters(const std::filesystem::path& dir,
+                                const LazyList<N, HraModuleList>& modules,
+                                const LoraExportOptions& options = {}) {
   return modules.visit([&](const auto& map) { return export_lora_adapters(dir, map, options); });
 }
 

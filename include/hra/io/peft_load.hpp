@@ -340,28 +340,33 @@ AdapterConfig load_lora_adapters(const std::filesystem::path& dir,
 // The same four for a braced list of float or double layers (see ModuleList).
 
 /// load_hra_adapters(config, weights, modules, options) for a braced list.
-inline void load_hra_adapters(const AdapterConfig& config, const safetensors::TensorFile& weights,
-                              const HraModuleList& modules, const LoadOptions& options = {}) {
+template <int N = 0>
+void load_hra_adapters(const AdapterConfig& config, const safetensors::TensorFile& weights,
+                       const LazyList<N, HraModuleList>& modules, const LoadOptions& options = {}) {
   modules.visit([&](const auto& map) { load_hra_adapters(config, weights, map, options); });
 }
 
 /// load_lora_adapters(config, weights, modules, options) for a braced list.
-inline void load_lora_adapters(const AdapterConfig& config, const safetensors::TensorFile& weights,
-                               const LoraModuleList& modules, const LoadOptions& options = {}) {
+template <int N = 0>
+void load_lora_adapters(const AdapterConfig& config, const safetensors::TensorFile& weights,
+                        const LazyList<N, LoraModuleList>& modules,
+                        const LoadOptions& options = {}) {
   modules.visit([&](const auto& map) { load_lora_adapters(config, weights, map, options); });
 }
 
 /// load_hra_adapters(dir, modules, options) for a braced list.
-inline AdapterConfig load_hra_adapters(const std::filesystem::path& dir,
-                                       const HraModuleList& modules,
-                                       const LoadOptions& options = {}) {
+template <int N = 0>
+AdapterConfig load_hra_adapters(const std::filesystem::path& dir,
+                                const LazyList<N, HraModuleList>& modules,
+                                const LoadOptions& options = {}) {
   return modules.visit([&](const auto& map) { return load_hra_adapters(dir, map, options); });
 }
 
 /// load_lora_adapters(dir, modules, options) for a braced list.
-inline AdapterConfig load_lora_adapters(const std::filesystem::path& dir,
-                                        const LoraModuleList& modules,
-                                        const LoadOptions& options = {}) {
+template <int N = 0>
+AdapterConfig load_lora_adapters(const std::filesystem::path& dir,
+                                 const LazyList<N, LoraModuleList>& modules,
+                                 const LoadOptions& options = {}) {
   return modules.visit([&](const auto& map) { return load_lora_adapters(dir, map, options); });
 }
 

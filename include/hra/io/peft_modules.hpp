@@ -13,6 +13,13 @@
 #include "../lora_linear.hpp"
 
 namespace hra {
+namespace detail {
+template <int N, typename T>
+struct Identity {
+  using type = T;
+};
+}  // namespace detail
+
 namespace peft {
 
 /// Modules to save or load: module name (as in the PyTorch model, e.g. "net.fc1") -> layer.
@@ -53,6 +60,17 @@ class ModuleList {
 using HraModuleList = ModuleList<HraLinear>;
 /// A braced list of LoRA layers (see ModuleList).
 using LoraModuleList = ModuleList<LoraLinear>;
+
+/// \brief `List`, named through a template parameter: the type of the braced-list overloads'
+/// modules parameter.
+///
+/// Those overloads take `LazyList<N, HraModuleList>` (N defaulted, never deduced), which makes
+/// them function templates: their bodies, which run the float and the double path through all
+/// of the saving or loading code, are instantiated only where they are called. As plain inline
+/// functions they were instantiated by every file that included the header (16 s of the 20 s
+/// that `#include <hra/io.hpp>` took GCC 12 with -fsyntax-only).
+template <int N, typename List>
+using LazyList = typename detail::Identity<N, List>::type;
 
 }  // namespace peft
 

@@ -406,26 +406,31 @@ void save_lora_adapters(const std::filesystem::path& dir, const LoraModules<Scal
 // The same four for a braced list of float or double layers (see ModuleList).
 
 /// hra_adapter_files(modules, options) for a braced list.
-inline AdapterFiles hra_adapter_files(const HraModuleList& modules,
-                                      const SaveOptions& options = {}) {
+template <int N = 0>
+AdapterFiles hra_adapter_files(const LazyList<N, HraModuleList>& modules,
+                               const SaveOptions& options = {}) {
   return modules.visit([&](const auto& map) { return hra_adapter_files(map, options); });
 }
 
 /// lora_adapter_files(modules, options) for a braced list.
-inline AdapterFiles lora_adapter_files(const LoraModuleList& modules,
-                                       const SaveOptions& options = {}) {
+template <int N = 0>
+AdapterFiles lora_adapter_files(const LazyList<N, LoraModuleList>& modules,
+                                const SaveOptions& options = {}) {
   return modules.visit([&](const auto& map) { return lora_adapter_files(map, options); });
 }
 
 /// save_hra_adapters(dir, modules, options) for a braced list.
-inline void save_hra_adapters(const std::filesystem::path& dir, const HraModuleList& modules,
-                              const SaveOptions& options = {}) {
+template <int N = 0>
+void save_hra_adapters(const std::filesystem::path& dir, const LazyList<N, HraModuleList>& modules,
+                       const SaveOptions& options = {}) {
   save_adapter_files(dir, hra_adapter_files(modules, options));
 }
 
 /// save_lora_adapters(dir, modules, options) for a braced list.
-inline void save_lora_adapters(const std::filesystem::path& dir, const LoraModuleList& modules,
-                               const SaveOptions& options = {}) {
+template <int N = 0>
+void save_lora_adapters(const std::filesystem::path& dir,
+                        const LazyList<N, LoraModuleList>& modules,
+                        const SaveOptions& options = {}) {
   save_adapter_files(dir, lora_adapter_files(modules, options));
 }
 
