@@ -512,7 +512,8 @@ TEMPLATE_TEST_CASE("adapter_io: PEFT HRA fixtures load, merge and match PEFT's m
         fc1.unmerge();
         fc2.unmerge();
         const hra_test::TempDir tmp("hra_test_adapter_io");
-        peft::save_hra_adapters<Scalar>(tmp.path, {{"net.fc1", &fc1}, {"net.fc2", &fc2}});
+        peft::save_hra_adapters(tmp.path,
+                                peft::HraModules<Scalar>{{"net.fc1", &fc1}, {"net.fc2", &fc2}});
         const st::TensorFile ours = st::load(tmp.path / peft::weights_file_name);
         const st::TensorFile theirs = st::load(dir / peft::weights_file_name);
         CHECK(ours.tensors() == theirs.tensors());

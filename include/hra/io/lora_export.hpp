@@ -9,6 +9,7 @@
 #include <cstddef>
 #include <filesystem>
 #include <limits>
+#include <map>
 #include <optional>
 #include <stdexcept>
 #include <string>
@@ -48,8 +49,8 @@ struct LoraExportModule {
   std::string module;                 ///< module name, as in the PyTorch model
   std::vector<std::string> adapters;  ///< the adapters composed, in stacking order
   Eigen::Index rank = 0;              ///< R, the summed rank of those adapters (the LoRA's r)
-  Eigen::Index input_dim = 0;         ///< d_in
-  Eigen::Index output_dim = 0;        ///< d_out
+  Eigen::Index input_dim = 0;         ///< d_in (a convolution: its fan-in C_in/groups * kh * kw)
+  Eigen::Index output_dim = 0;        ///< d_out (a convolution: C_out)
   /// max_ij |(W + B A)_ij - (W H)_ij| in double, with B and A as stored (rounded to the dtype),
   /// W H = W H_a H_b ... computed in double from the layer's W and U.
   double max_weight_error = 0;
@@ -212,11 +213,15 @@ namespace peft {
 /// config field in extra_config, or a value the dtype cannot hold (F16 beyond +-65504: the
 /// message names the module, the tensor, the entry and the value; nothing becomes inf).
 ///
-/// For a convolution (once hra has one: PEFT's lora_A (R, C_in/groups, kh, kw), lora_B
-/// (C_out, R, 1, 1)) the same A and B are the flattened tensors; only the stored shapes differ.
-template <typename Scalar>
-LoraExport lora_export_files(const HraModules<Scalar>& modules,
+/// An HraConv2d is exported as PEFT's LoRA conv, lora_A (R, C_in, kh, kw) and lora_B (C_out,
+/// R, 1, 1): the same A and B, flattened, only the stored shapes differ (ΔW = B A acts on
+/// PyTorch's weight.view(C_out, -1) as H does). A grouped convolution (groups > 1) is refused:
+/// PEFT's lora_A is a convolution over all input channels and cannot hold W H - W per group.
+/// Modules may mix HraLinear and HraConv2d layers (HraLayerModules).
+template <typename Layer, detail::IfLayerOf<Layer, HraAdapterLayer> = 0>
+LoraExport lora_export_files(const std::map<std::string, Layer*>& modules,
                              const LoraExportOptions& options = {}) {
+  using Scalar = typename Layer::Scalar;
   const char* what = "export_lora_adapters";
   detail::check_layers(modules, what);
   if (modules.empty()) detail::throw_invalid("peft: ", what, ": no modules to export");
@@ -234,18 +239,26 @@ LoraExport lora_export_files(const HraModules<Scalar>& modules,
         detail::adapters_to_export(*layer, options.adapters, where);
     std::vector<std::string> chosen;
     for (std::size_t i : order) chosen.push_back(layer->adapters()[i].name());
+    const detail::PeftWeightShape shape = detail::peft_weight_shape(*layer);
+    detail::expect_lora_representable(shape, where);
     const auto factors = layer->lora_factors(chosen);
 
     LoraExportModule entry;
     entry.module = module;
     entry.adapters = chosen;
     entry.rank = factors.a.rows();
-    entry.input_dim = layer->input_dim();
-    entry.output_dim = layer->output_dim();
-    const Eigen::MatrixXd a = detail::put_representable(
-        files.weights, options.prefix + module + ".lora_A.weight", factors.a, out.dtype, where);
-    const Eigen::MatrixXd b = detail::put_representable(
-        files.weights, options.prefix + module + ".lora_B.weight", factors.b, out.dtype, where);
+    entry.input_dim = static_cast<Eigen::Index>(shape.fan_in);
+    entry.output_dim = static_cast<Eigen::Index>(shape.rows);
+    const std::string name_a = options.prefix + module + ".lora_A.weight";
+    const std::string name_b = options.prefix + module + ".lora_B.weight";
+    const Eigen::MatrixXd a =
+        detail::put_representable(files.weights, name_a, factors.a, out.dtype, where);
+    const Eigen::MatrixXd b =
+        detail::put_representable(files.weights, name_b, factors.b, out.dtype, where);
+    if (shape.conv) {
+      detail::reshape_tensor(files.weights, name_a, shape.lora_a(entry.rank));
+      detail::reshape_tensor(files.weights, name_b, shape.lora_b(entry.rank));
+    }
     if (bias != "none" && layer->bias())
       detail::put_representable(files.weights, options.prefix + module + ".base_layer.bias",
                                 *layer->bias(), out.dtype, where, /*vector=*/true);
@@ -275,8 +288,9 @@ LoraExport lora_export_files(const HraModules<Scalar>& modules,
 /// and save_adapter_files()) and returns the export with its error report. The directory is
 /// what PEFT's PeftModel.from_pretrained, llama.cpp's convert_lora_to_gguf.py and hra's
 /// load_lora_adapters() read; it is exact for the base weights it was exported against only.
-template <typename Scalar>
-LoraExport export_lora_adapters(const std::filesystem::path& dir, const HraModules<Scalar>& modules,
+template <typename Layer, detail::IfLayerOf<Layer, HraAdapterLayer> = 0>
+LoraExport export_lora_adapters(const std::filesystem::path& dir,
+                                const std::map<std::string, Layer*>& modules,
                                 const LoraExportOptions& options = {}) {
   LoraExport out = lora_export_files(modules, options);
   save_adapter_files(dir, out.files);

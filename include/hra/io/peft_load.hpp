@@ -10,6 +10,7 @@
 #include <exception>
 #include <filesystem>
 #include <functional>
+#include <map>
 #include <optional>
 #include <set>
 #include <stdexcept>
@@ -67,6 +68,17 @@ inline void expect_tensor(const safetensors::TensorFile& weights, const std::str
                                       meaning));
 }
 
+/// Tensor `name` (any shape of rows * cols elements, already checked) as the rows x cols matrix
+/// of its row-major elements.
+template <typename Scalar>
+Eigen::Matrix<Scalar, Eigen::Dynamic, Eigen::Dynamic> get_row_major(
+    const safetensors::TensorFile& weights, const std::string& name, std::int64_t rows,
+    std::int64_t cols) {
+  const std::vector<Scalar> values = weights.get_array<Scalar>(name);
+  return Eigen::Map<const Eigen::Matrix<Scalar, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajor>>(
+      values.data(), static_cast<Eigen::Index>(rows), static_cast<Eigen::Index>(cols));
+}
+
 /// The trained bias of `module` if the file has one, validated against the layer.
 template <typename Layer>
 std::optional<typename Layer::Vector> read_bias(const peft::AdapterConfig& config,
@@ -87,8 +99,10 @@ std::optional<typename Layer::Vector> read_bias(const peft::AdapterConfig& confi
         "\"), but the layer's bias is ",
         layer.bias() ? "frozen (BiasMode::none)" : "absent (the layer was built without one)",
         "; expected a layer with a trainable bias (BiasMode::all or adapter_only)"));
-  expect_tensor(weights, module, name, {static_cast<std::int64_t>(layer.output_dim())},
-                concat("(out_features,): the layer's out_features is ", layer.output_dim()));
+  const PeftWeightShape shape = peft_weight_shape(layer);
+  expect_tensor(
+      weights, module, name, {shape.rows},
+      concat("(", shape.rows_name(), ",): the layer's ", shape.rows_name(), " is ", shape.rows));
   claimed.insert(name);
   return weights.get_vector<Scalar>(name);
 }
@@ -208,11 +222,13 @@ namespace peft {
 /// `options.adapter_name` of its layer, and a trained bias `<prefix><module>.base_layer.bias`,
 /// if present, into the layer's bias. Checks everything listed in the namespace comment (in
 /// hra/io/peft_config.hpp) before changing any layer; on an exception no layer has changed.
-template <typename Scalar>
+template <typename Layer, detail::IfLayerOf<Layer, HraAdapterLayer> = 0>
 void load_hra_adapters(const AdapterConfig& config, const safetensors::TensorFile& weights,
-                       const HraModules<Scalar>& modules, const LoadOptions& options = {}) {
+                       const std::map<std::string, Layer*>& modules,
+                       const LoadOptions& options = {}) {
+  using Scalar = typename Layer::Scalar;
   const Variant variant = config.apply_gs ? Variant::gram_schmidt : Variant::chain;
-  const auto plan = [&](const std::string& module, HraLinear<Scalar>& layer,
+  const auto plan = [&](const std::string& module, Layer& layer,
                         std::set<std::string>& claimed) -> std::function<void()> {
     const std::string at_config = detail::module_where(config.source, module);
     const auto* adapter = detail::find_adapter(layer, options.adapter_name);
@@ -234,10 +250,12 @@ void load_hra_adapters(const AdapterConfig& config, const safetensors::TensorFil
           " variant (apply_GS = ", config.apply_gs ? "false" : "true", ")"));
 
     const std::string name = options.prefix + module + ".hra_u";
-    detail::expect_tensor(weights, module, name, {layer.input_dim(), config.r},
-                          detail::concat("(in_features, r): the layer's in_features is ",
-                                         layer.input_dim(), " and the config has r = ", config.r));
-    typename HraLinear<Scalar>::Matrix u = weights.get_matrix<Scalar>(name);
+    const detail::PeftWeightShape shape = detail::peft_weight_shape(layer);
+    detail::expect_tensor(
+        weights, module, name, {shape.fan_in, config.r},
+        detail::concat("(", shape.fan_in_name(), ", r): the layer's ", shape.fan_in_name(), " is ",
+                       shape.fan_in, " and the config has r = ", config.r));
+    typename Layer::Matrix u = weights.get_matrix<Scalar>(name);
     try {
       // The checks of set_reflectors and of a forward (zero, overflowing or, for Gram-Schmidt,
       // dependent columns), on a copy.
@@ -263,11 +281,13 @@ void load_hra_adapters(const AdapterConfig& config, const safetensors::TensorFil
 /// `<prefix><module>.lora_B.weight` and a trained bias if present. The file's scaling
 /// (config.lora_scaling_for(module)) must equal the layer's scaling() to a relative 1e-9, unless
 /// options.rescale_lora_b. Checks everything before changing any layer.
-template <typename Scalar>
+template <typename Layer, detail::IfLayerOf<Layer, LoraAdapterLayer> = 0>
 void load_lora_adapters(const AdapterConfig& config, const safetensors::TensorFile& weights,
-                        const LoraModules<Scalar>& modules, const LoadOptions& options = {}) {
-  using Matrix = typename LoraLinear<Scalar>::Matrix;
-  const auto plan = [&](const std::string& module, LoraLinear<Scalar>& layer,
+                        const std::map<std::string, Layer*>& modules,
+                        const LoadOptions& options = {}) {
+  using Scalar = typename Layer::Scalar;
+  using Matrix = typename Layer::Matrix;
+  const auto plan = [&](const std::string& module, Layer& layer,
                         std::set<std::string>& claimed) -> std::function<void()> {
     const std::string at_config = detail::module_where(config.source, module);
     if (layer.merged())
@@ -279,14 +299,22 @@ void load_lora_adapters(const AdapterConfig& config, const safetensors::TensorFi
                                           ", the layer has rank ", layer.options().rank));
     const std::string name_a = options.prefix + module + ".lora_A.weight";
     const std::string name_b = options.prefix + module + ".lora_B.weight";
-    detail::expect_tensor(weights, module, name_a, {rank, layer.input_dim()},
-                          detail::concat("(r, in_features): r = ", rank,
-                                         ", the layer's in_features is ", layer.input_dim()));
-    detail::expect_tensor(weights, module, name_b, {layer.output_dim(), rank},
-                          detail::concat("(out_features, r): the layer's out_features is ",
-                                         layer.output_dim(), ", r = ", rank));
-    Matrix a = weights.get_matrix<Scalar>(name_a);
-    Matrix b = weights.get_matrix<Scalar>(name_b);
+    const detail::PeftWeightShape shape = detail::peft_weight_shape(layer);
+    if (shape.conv && shape.conv->groups() > 1)
+      throw mismatch_error(detail::concat(
+          at_config, "the layer is a convolution with groups = ", shape.conv->groups(),
+          ", which PEFT's LoRA conv (lora_A over all input channels) cannot hold"));
+    detail::expect_tensor(
+        weights, module, name_a, shape.lora_a(rank),
+        detail::concat(shape.conv ? "(r, in_channels, kh, kw): r = " : "(r, in_features): r = ",
+                       rank, ", the layer's ", shape.fan_in_name(), " is ", shape.fan_in));
+    detail::expect_tensor(weights, module, name_b, shape.lora_b(rank),
+                          detail::concat("(", shape.rows_name(),
+                                         shape.conv ? ", r, 1, 1): " : ", r): ", "the layer's ",
+                                         shape.rows_name(), " is ", shape.rows, ", r = ", rank));
+    // A convolution's tensors hold the row-major r x fan_in and rows x r matrices.
+    Matrix a = detail::get_row_major<Scalar>(weights, name_a, rank, shape.fan_in);
+    Matrix b = detail::get_row_major<Scalar>(weights, name_b, shape.rows, rank);
 
     const double file_scaling = config.lora_scaling_for(module);
     const double layer_scaling = layer.options().alpha / static_cast<double>(layer.options().rank);
@@ -318,8 +346,9 @@ void load_lora_adapters(const AdapterConfig& config, const safetensors::TensorFi
 /// \brief Loads the PEFT HRA adapter directory `dir` into the mapped layers and returns its
 /// config. Reads adapter_config.json (io_error / config_error), then adapter_model.safetensors
 /// (safetensors::error), then validates and assigns as the memory-level load_hra_adapters().
-template <typename Scalar>
-AdapterConfig load_hra_adapters(const std::filesystem::path& dir, const HraModules<Scalar>& modules,
+template <typename Layer, detail::IfLayerOf<Layer, HraAdapterLayer> = 0>
+AdapterConfig load_hra_adapters(const std::filesystem::path& dir,
+                                const std::map<std::string, Layer*>& modules,
                                 const LoadOptions& options = {}) {
   const auto [config, weights] = detail::read_adapter_dir(dir, PeftType::hra, options.read);
   load_hra_adapters(config, weights, modules, options);
@@ -328,9 +357,9 @@ AdapterConfig load_hra_adapters(const std::filesystem::path& dir, const HraModul
 
 /// \brief Loads the PEFT LoRA adapter directory `dir` into the mapped layers and returns its
 /// config (see load_hra_adapters(dir, ...)).
-template <typename Scalar>
+template <typename Layer, detail::IfLayerOf<Layer, LoraAdapterLayer> = 0>
 AdapterConfig load_lora_adapters(const std::filesystem::path& dir,
-                                 const LoraModules<Scalar>& modules,
+                                 const std::map<std::string, Layer*>& modules,
                                  const LoadOptions& options = {}) {
   const auto [config, weights] = detail::read_adapter_dir(dir, PeftType::lora, options.read);
   load_lora_adapters(config, weights, modules, options);

@@ -1,15 +1,22 @@
 // PEFT adapter directories, the module maps: which hra layer stands for which module of the
-// PyTorch model, as the saving and loading functions take them.
+// PyTorch model, as the saving and loading functions take them, and the tensor shapes PEFT
+// gives each kind of layer.
 #pragma once
 
+#include <cstdint>
 #include <initializer_list>
 #include <map>
 #include <string>
+#include <type_traits>
 #include <utility>
 #include <variant>
+#include <vector>
 
+#include "../conv2d.hpp"
 #include "../detail/checks.hpp"
+#include "../hra_conv2d.hpp"
 #include "../hra_linear.hpp"
+#include "../lora_conv2d.hpp"
 #include "../lora_linear.hpp"
 
 namespace hra {
@@ -22,12 +29,24 @@ struct Identity {
 
 namespace peft {
 
-/// Modules to save or load: module name (as in the PyTorch model, e.g. "net.fc1") -> layer.
+/// \brief Modules to save or load: module name (as in the PyTorch model, e.g. "net.fc1") ->
+/// layer.
+///
+/// The saving, loading and export functions take a std::map from names to pointers of any one
+/// HRA layer type: HraLinear (this alias), HraConv2d, or their base HraAdapterLayer for a model
+/// with both kinds (HraLayerModules: a CNN's conv and linear layers in one adapter directory).
+/// LoRA likewise (LoraLinear, LoraConv2d, LoraAdapterLayer).
 template <typename Scalar>
 using HraModules = std::map<std::string, HraLinear<Scalar>*>;
 /// Modules to save or load: module name -> LoRA layer.
 template <typename Scalar>
 using LoraModules = std::map<std::string, LoraLinear<Scalar>*>;
+/// Modules of either HRA layer kind (HraLinear and HraConv2d) in one map.
+template <typename Scalar>
+using HraLayerModules = std::map<std::string, HraAdapterLayer<Scalar>*>;
+/// Modules of either LoRA layer kind (LoraLinear and LoraConv2d) in one map.
+template <typename Scalar>
+using LoraLayerModules = std::map<std::string, LoraAdapterLayer<Scalar>*>;
 
 /// \brief A braced list of {module name, layer} pairs, all float or all double layers:
 /// `{{"net.fc1", &fc1}, {"net.fc2", &fc2}}`.
@@ -75,6 +94,51 @@ using LazyList = typename detail::Identity<N, List>::type;
 }  // namespace peft
 
 namespace detail {
+
+/// int when Layer (HraLinear<float>, HraConv2d<double>, ...) derives from Base<its Scalar>:
+/// what the map-taking functions accept as the layers of their module maps.
+template <typename Layer, template <typename> class Base>
+using IfLayerOf =
+    std::enable_if_t<std::is_base_of<Base<typename Layer::Scalar>, Layer>::value, int>;
+
+/// \brief PEFT's view of one layer's weight: rows x fan_in (a linear layer's out_features x
+/// in_features; a convolution's C_out x C_in/groups * kh * kw, PyTorch's weight.view(C_out, -1)).
+///
+/// A convolution's LoRA factors are stored as PEFT's conv weights, lora_A (r, C_in/groups, kh,
+/// kw) and lora_B (C_out, r, 1, 1): the bytes of the row-major r x fan_in and C_out x r
+/// matrices, so only the shapes differ from a linear layer's. hra_u is (fan_in, r) for both.
+struct PeftWeightShape {
+  std::int64_t rows = 0;
+  std::int64_t fan_in = 0;
+  const Conv2dGeometry* conv = nullptr;  ///< the convolution's geometry; null for a linear layer
+
+  std::vector<std::int64_t> lora_a(std::int64_t r) const {
+    if (!conv) return {r, fan_in};
+    return {r, conv->group_in_channels(), conv->kernel_h(), conv->kernel_w()};
+  }
+  std::vector<std::int64_t> lora_b(std::int64_t r) const {
+    if (!conv) return {rows, r};
+    return {rows, r, 1, 1};
+  }
+  /// How messages name the fan-in and the rows.
+  const char* fan_in_name() const { return conv ? "in_channels/groups*kh*kw" : "in_features"; }
+  const char* rows_name() const { return conv ? "out_channels" : "out_features"; }
+};
+
+/// The PeftWeightShape of `layer` (its convolution geometry found by dynamic_cast).
+template <typename Scalar>
+PeftWeightShape peft_weight_shape(const AffineLayer<Scalar>& layer) {
+  PeftWeightShape s;
+  s.rows = static_cast<std::int64_t>(layer.weight().rows());
+  s.fan_in = static_cast<std::int64_t>(layer.weight().cols());
+  if (const auto* c = dynamic_cast<const HraConv2d<Scalar>*>(&layer))
+    s.conv = &c->geometry();
+  else if (const auto* c = dynamic_cast<const LoraConv2d<Scalar>*>(&layer))
+    s.conv = &c->geometry();
+  else if (const auto* c = dynamic_cast<const Conv2d<Scalar>*>(&layer))
+    s.conv = &c->geometry();
+  return s;
+}
 
 /// std::invalid_argument naming `what` for an empty module name or a null layer.
 template <typename Modules>

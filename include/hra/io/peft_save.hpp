@@ -7,6 +7,7 @@
 #include <cmath>
 #include <cstdint>
 #include <filesystem>
+#include <map>
 #include <optional>
 #include <string>
 #include <system_error>
@@ -161,6 +162,24 @@ Eigen::MatrixXd put_checked(safetensors::TensorFile& weights, const std::string&
   }
 }
 
+/// \brief Gives the stored tensor `name` the shape `shape` of the same element count: a
+/// convolution's row-major factor matrix as PEFT's conv weight (see PeftWeightShape).
+inline void reshape_tensor(safetensors::TensorFile& weights, const std::string& name,
+                           std::vector<std::int64_t> shape) {
+  safetensors::Tensor t = weights.at(name);
+  t.shape = std::move(shape);
+  weights.put(name, std::move(t));
+}
+
+/// std::invalid_argument (starting with `where`) for a grouped convolution: PEFT's LoRA conv
+/// factors (lora_A a conv over all C_in channels) have no grouped form.
+inline void expect_lora_representable(const PeftWeightShape& shape, const std::string& where) {
+  if (shape.conv && shape.conv->groups() > 1)
+    throw_invalid(where, "a convolution with groups = ", shape.conv->groups(),
+                  " has no PEFT LoRA form (lora_A is a convolution over all ",
+                  shape.conv->in_channels(), " input channels); save it as HRA instead");
+}
+
 template <typename Layer>
 void put_bias(safetensors::TensorFile& weights, const Layer& layer, const std::string& bias,
               const std::string& name, safetensors::Dtype dtype, const std::string& where) {
@@ -250,6 +269,7 @@ namespace peft {
 /// \brief The files that save_hra_adapters() writes, in memory (the memory-level entry point).
 ///
 /// One `<prefix><module>.hra_u` tensor (in_features, r) per module from the adapter
+/// (for a convolution (C_in/groups * kh * kw, r), PEFT's HRAConv2d's; any groups)
 /// `options.adapter_name`, the trained biases when the layers' biases are trainable, and the
 /// HRAConfig fields: r and apply_GS (the same for every module: HRAConfig has no rank_pattern),
 /// init_weights (true when every adapter used the symmetric init), bias ("none", "all" or
@@ -257,8 +277,10 @@ namespace peft {
 /// std::invalid_argument for a null layer, a missing adapter, different ranks or variants,
 /// values that are not finite in the chosen dtype or U that would not load back (zero or, for
 /// Gram-Schmidt, dependent columns).
-template <typename Scalar>
-AdapterFiles hra_adapter_files(const HraModules<Scalar>& modules, const SaveOptions& options = {}) {
+template <typename Layer, detail::IfLayerOf<Layer, HraAdapterLayer> = 0>
+AdapterFiles hra_adapter_files(const std::map<std::string, Layer*>& modules,
+                               const SaveOptions& options = {}) {
+  using Scalar = typename Layer::Scalar;
   const char* what = "save_hra_adapters";
   detail::check_layers(modules, what);
   if (modules.empty()) detail::throw_invalid("peft: ", what, ": no modules to save");
@@ -312,16 +334,18 @@ AdapterFiles hra_adapter_files(const HraModules<Scalar>& modules, const SaveOpti
 /// \brief The files that save_lora_adapters() writes, in memory (the memory-level entry point).
 ///
 /// `<prefix><module>.lora_A.weight` (r, in_features) and `.lora_B.weight` (out_features, r) per
-/// module, the trained biases when trainable, and the LoraConfig fields: r and lora_alpha are
-/// the most common rank and alpha (ties: the first module's), the other modules get
-/// rank_pattern / alpha_pattern entries keyed by their escaped names; use_rslora false (the
-/// layers scale by alpha / r); lora_dropout (the same for every module); bias ("none", "all" or
-/// "lora_only"). std::invalid_argument for a null layer, different dropouts or biases,
+/// module (a convolution's as (r, C_in, kh, kw) and (C_out, r, 1, 1); groups > 1 is refused,
+/// PEFT's LoRA conv has no grouped form), the trained biases when trainable, and the LoraConfig
+/// fields: r and lora_alpha are the most common rank and alpha (ties: the first module's), the
+/// other modules get rank_pattern / alpha_pattern entries keyed by their escaped names; use_rslora
+/// false (the layers scale by alpha / r); lora_dropout (the same for every module); bias ("none",
+/// "all" or "lora_only"). std::invalid_argument for a null layer, different dropouts or biases,
 /// non-finite values in the dtype, or module names whose patterns would also match another
 /// module.
-template <typename Scalar>
-AdapterFiles lora_adapter_files(const LoraModules<Scalar>& modules,
+template <typename Layer, detail::IfLayerOf<Layer, LoraAdapterLayer> = 0>
+AdapterFiles lora_adapter_files(const std::map<std::string, Layer*>& modules,
                                 const SaveOptions& options = {}) {
+  using Scalar = typename Layer::Scalar;
   const char* what = "save_lora_adapters";
   detail::check_layers(modules, what);
   if (modules.empty()) detail::throw_invalid("peft: ", what, ": no modules to save");
@@ -344,10 +368,16 @@ AdapterFiles lora_adapter_files(const LoraModules<Scalar>& modules,
       detail::throw_invalid(where, "dropout ", o.dropout, " differs from module '",
                             modules.begin()->first, "' (", dropout,
                             "); PEFT's LoraConfig has one lora_dropout");
-    detail::put_checked(files.weights, options.prefix + module + ".lora_A.weight", layer->lora_a(),
-                        dtype, where);
-    detail::put_checked(files.weights, options.prefix + module + ".lora_B.weight", layer->lora_b(),
-                        dtype, where);
+    const detail::PeftWeightShape shape = detail::peft_weight_shape(*layer);
+    detail::expect_lora_representable(shape, where);
+    const std::string name_a = options.prefix + module + ".lora_A.weight";
+    const std::string name_b = options.prefix + module + ".lora_B.weight";
+    detail::put_checked(files.weights, name_a, layer->lora_a(), dtype, where);
+    detail::put_checked(files.weights, name_b, layer->lora_b(), dtype, where);
+    if (shape.conv) {
+      detail::reshape_tensor(files.weights, name_a, shape.lora_a(o.rank));
+      detail::reshape_tensor(files.weights, name_b, shape.lora_b(o.rank));
+    }
     detail::put_bias(files.weights, *layer, bias, options.prefix + module + ".base_layer.bias",
                      dtype, where);
     names.push_back(module);
@@ -388,17 +418,19 @@ inline void save_adapter_files(const std::filesystem::path& dir, const AdapterFi
       dir, {{weights_file_name, weights_bytes}, {config_file_name, config_text}}, "peft: ");
 }
 
-/// Saves the adapter `options.adapter_name` of every mapped HraLinear as a PEFT HRA adapter
+/// Saves the adapter `options.adapter_name` of every mapped HRA layer as a PEFT HRA adapter
 /// directory (see hra_adapter_files() and save_adapter_files()).
-template <typename Scalar>
-void save_hra_adapters(const std::filesystem::path& dir, const HraModules<Scalar>& modules,
+template <typename Layer, detail::IfLayerOf<Layer, HraAdapterLayer> = 0>
+void save_hra_adapters(const std::filesystem::path& dir,
+                       const std::map<std::string, Layer*>& modules,
                        const SaveOptions& options = {}) {
   save_adapter_files(dir, hra_adapter_files(modules, options));
 }
 
-/// Saves every mapped LoraLinear as a PEFT LoRA adapter directory (see lora_adapter_files()).
-template <typename Scalar>
-void save_lora_adapters(const std::filesystem::path& dir, const LoraModules<Scalar>& modules,
+/// Saves every mapped LoRA layer as a PEFT LoRA adapter directory (see lora_adapter_files()).
+template <typename Layer, detail::IfLayerOf<Layer, LoraAdapterLayer> = 0>
+void save_lora_adapters(const std::filesystem::path& dir,
+                        const std::map<std::string, Layer*>& modules,
                         const SaveOptions& options = {}) {
   save_adapter_files(dir, lora_adapter_files(modules, options));
 }
