@@ -6,7 +6,7 @@
 #   2. a bounded libFuzzer run, under AddressSanitizer + UBSan, of the two loaders of untrusted
 #      bytes (safetensors files and PEFT adapter directories), seeded with valid files.
 #
-#   scripts/run_tests.sh          the above (about 25 minutes on 2 cores, almost all of it the
+#   scripts/run_tests.sh          the above (about 34 minutes on 2 cores, most of it the
 #                                 build: each test program instantiates the layers for float
 #                                 and double, 1-5 minutes of GCC per file)
 #   scripts/run_tests.sh --full   what CI runs (.ci/run): also the benchmarks in the -Werror
