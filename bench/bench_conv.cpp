@@ -325,28 +325,12 @@ class RatioReporter : public benchmark::ConsoleReporter {
   std::map<std::string, double> ms_;
 };
 
-bool take_flag(int& argc, char** argv, const char* prefix, std::string* value) {
-  const std::size_t len = std::strlen(prefix);
-  for (int i = 1; i < argc; ++i) {
-    if (std::strncmp(argv[i], prefix, len) == 0) {
-      if (value) *value = argv[i] + len;
-      for (int j = i; j + 1 < argc; ++j) argv[j] = argv[j + 1];
-      --argc;
-      return true;
-    }
-  }
-  return false;
-}
-
 }  // namespace
 }  // namespace hra_bench
 
 int main(int argc, char** argv) {
   using namespace hra_bench;
-  int threads = 2;
-  if (const char* env = std::getenv("HRA_BENCH_THREADS")) threads = std::atoi(env);
-  std::string value;
-  if (take_flag(argc, argv, "--threads=", &value)) threads = std::atoi(value.c_str());
+  const int threads = take_threads_flag(argc, argv, 2);
   const bool with_double = !take_flag(argc, argv, "--no-double", nullptr);
   const bool check = !take_flag(argc, argv, "--no-check", nullptr);
   if (threads < 1) {

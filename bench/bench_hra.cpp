@@ -88,28 +88,14 @@ void check_naive_backward() {
   }
 }
 
-bool take_flag(int& argc, char** argv, const char* prefix, std::string* value) {
-  const std::size_t len = std::strlen(prefix);
-  for (int i = 1; i < argc; ++i) {
-    if (std::strncmp(argv[i], prefix, len) == 0) {
-      if (value) *value = argv[i] + len;
-      for (int j = i; j + 1 < argc; ++j) argv[j] = argv[j + 1];
-      --argc;
-      return true;
-    }
-  }
-  return false;
-}
-
 }  // namespace
 }  // namespace hra_bench
 
 int main(int argc, char** argv) {
   using namespace hra_bench;
   Config cfg;
-  if (const char* env = std::getenv("HRA_BENCH_THREADS")) cfg.threads = std::atoi(env);
+  cfg.threads = take_threads_flag(argc, argv, cfg.threads);
   std::string value;
-  if (take_flag(argc, argv, "--threads=", &value)) cfg.threads = std::atoi(value.c_str());
   if (take_flag(argc, argv, "--blas-threads=", &value)) cfg.blas_threads = std::atoi(value.c_str());
   if (take_flag(argc, argv, "--reps=", &value)) cfg.reps = std::atoi(value.c_str());
   if (take_flag(argc, argv, "--no-double", nullptr)) cfg.with_double = false;

@@ -8,6 +8,8 @@
 #include <Eigen/Core>
 #include <cmath>
 #include <cstdint>
+#include <cstdlib>
+#include <cstring>
 #include <map>
 #include <stdexcept>
 #include <string>
@@ -250,6 +252,31 @@ inline double peft_flops(const Shape& s, bool backward) {
 inline double merge_flops(const Shape& s) {
   const double r = double(s.r), di = double(s.d_in), dout = double(s.d_out);
   return 4.0 * dout * di * r + r * r * di;
+}
+
+/// Removes the first argument starting with `prefix` from argv (before Google Benchmark sees
+/// it); true if there was one, its remainder in *value (when value is not null).
+inline bool take_flag(int& argc, char** argv, const char* prefix, std::string* value) {
+  const std::size_t len = std::strlen(prefix);
+  for (int i = 1; i < argc; ++i) {
+    if (std::strncmp(argv[i], prefix, len) == 0) {
+      if (value) *value = argv[i] + len;
+      for (int j = i; j + 1 < argc; ++j) argv[j] = argv[j + 1];
+      --argc;
+      return true;
+    }
+  }
+  return false;
+}
+
+/// The benchmark threads: --threads=N (taken from argv), else $HRA_BENCH_THREADS, else
+/// `fallback`.
+inline int take_threads_flag(int& argc, char** argv, int fallback) {
+  int threads = fallback;
+  if (const char* env = std::getenv("HRA_BENCH_THREADS")) threads = std::atoi(env);
+  std::string value;
+  if (take_flag(argc, argv, "--threads=", &value)) threads = std::atoi(value.c_str());
+  return threads;
 }
 
 }  // namespace hra_bench
