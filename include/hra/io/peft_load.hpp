@@ -300,18 +300,14 @@ void load_lora_adapters(const AdapterConfig& config, const safetensors::TensorFi
     const std::string name_a = options.prefix + module + ".lora_A.weight";
     const std::string name_b = options.prefix + module + ".lora_B.weight";
     const detail::PeftWeightShape shape = detail::peft_weight_shape(layer);
-    if (shape.conv && shape.conv->groups() > 1)
-      throw mismatch_error(detail::concat(
-          at_config, "the layer is a convolution with groups = ", shape.conv->groups(),
-          ", which PEFT's LoRA conv (lora_A over all input channels) cannot hold"));
-    detail::expect_tensor(
-        weights, module, name_a, shape.lora_a(rank),
-        detail::concat(shape.conv ? "(r, in_channels, kh, kw): r = " : "(r, in_features): r = ",
-                       rank, ", the layer's ", shape.fan_in_name(), " is ", shape.fan_in));
+    const std::string refusal = shape.lora_refusal();
+    if (!refusal.empty()) throw mismatch_error(at_config + "the layer is " + refusal);
+    detail::expect_tensor(weights, module, name_a, shape.lora_a(rank),
+                          detail::concat(shape.lora_a_name(), ": r = ", rank, ", the layer's ",
+                                         shape.fan_in_name(), " is ", shape.fan_in));
     detail::expect_tensor(weights, module, name_b, shape.lora_b(rank),
-                          detail::concat("(", shape.rows_name(),
-                                         shape.conv ? ", r, 1, 1): " : ", r): ", "the layer's ",
-                                         shape.rows_name(), " is ", shape.rows, ", r = ", rank));
+                          detail::concat(shape.lora_b_name(), ": the layer's ", shape.rows_name(),
+                                         " is ", shape.rows, ", r = ", rank));
     // A convolution's tensors hold the row-major r x fan_in and rows x r matrices.
     Matrix a = detail::get_row_major<Scalar>(weights, name_a, rank, shape.fan_in);
     Matrix b = detail::get_row_major<Scalar>(weights, name_b, shape.rows, rank);

@@ -12,7 +12,6 @@
 #include <variant>
 #include <vector>
 
-#include "../conv2d.hpp"
 #include "../detail/checks.hpp"
 #include "../hra_conv2d.hpp"
 #include "../hra_linear.hpp"
@@ -120,12 +119,22 @@ struct PeftWeightShape {
     if (!conv) return {rows, r};
     return {rows, r, 1, 1};
   }
-  /// How messages name the fan-in and the rows.
+  /// How messages name the fan-in, the rows and the two LoRA shapes.
   const char* fan_in_name() const { return conv ? "in_channels/groups*kh*kw" : "in_features"; }
   const char* rows_name() const { return conv ? "out_channels" : "out_features"; }
+  const char* lora_a_name() const { return conv ? "(r, in_channels, kh, kw)" : "(r, in_features)"; }
+  const char* lora_b_name() const { return conv ? "(out_channels, r, 1, 1)" : "(out_features, r)"; }
+  /// Why PEFT's LoRA cannot hold this layer's factors, or "" when it can: a grouped
+  /// convolution (PEFT's lora_A is a convolution over all input channels).
+  std::string lora_refusal() const {
+    if (!conv || conv->groups() == 1) return "";
+    return concat("a convolution with groups = ", conv->groups(),
+                  " has no PEFT LoRA form (lora_A is a convolution over all ", conv->in_channels(),
+                  " input channels)");
+  }
 };
 
-/// The PeftWeightShape of `layer` (its convolution geometry found by dynamic_cast).
+/// The PeftWeightShape of an HRA or LoRA layer (its convolution geometry found by dynamic_cast).
 template <typename Scalar>
 PeftWeightShape peft_weight_shape(const AffineLayer<Scalar>& layer) {
   PeftWeightShape s;
@@ -134,8 +143,6 @@ PeftWeightShape peft_weight_shape(const AffineLayer<Scalar>& layer) {
   if (const auto* c = dynamic_cast<const HraConv2d<Scalar>*>(&layer))
     s.conv = &c->geometry();
   else if (const auto* c = dynamic_cast<const LoraConv2d<Scalar>*>(&layer))
-    s.conv = &c->geometry();
-  else if (const auto* c = dynamic_cast<const Conv2d<Scalar>*>(&layer))
     s.conv = &c->geometry();
   return s;
 }

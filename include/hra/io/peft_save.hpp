@@ -171,13 +171,11 @@ inline void reshape_tensor(safetensors::TensorFile& weights, const std::string& 
   weights.put(name, std::move(t));
 }
 
-/// std::invalid_argument (starting with `where`) for a grouped convolution: PEFT's LoRA conv
-/// factors (lora_A a conv over all C_in channels) have no grouped form.
+/// std::invalid_argument (starting with `where`) for a layer whose factors PEFT's LoRA cannot
+/// hold (PeftWeightShape::lora_refusal(): a grouped convolution).
 inline void expect_lora_representable(const PeftWeightShape& shape, const std::string& where) {
-  if (shape.conv && shape.conv->groups() > 1)
-    throw_invalid(where, "a convolution with groups = ", shape.conv->groups(),
-                  " has no PEFT LoRA form (lora_A is a convolution over all ",
-                  shape.conv->in_channels(), " input channels); save it as HRA instead");
+  const std::string refusal = shape.lora_refusal();
+  if (!refusal.empty()) throw_invalid(where, refusal, "; save it as HRA instead");
 }
 
 template <typename Layer>
