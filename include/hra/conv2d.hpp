@@ -6,14 +6,11 @@
 #include <utility>
 #include <vector>
 
-#include "affine_layer.hpp"
 #include "conv_geometry.hpp"
+#include "dense_layer.hpp"
 #include "detail/conv_ops.hpp"
 
 namespace hra {
-
-/// Options of a dense convolution (WeightOptions::train_weight).
-using Conv2dOptions = WeightOptions;
 
 /// \brief y = conv(x, W) + b: PyTorch's `F.conv2d(x, weight, bias, stride, padding, dilation,
 /// groups)` with zero padding, on batches of images in hra's layout.
@@ -31,12 +28,11 @@ using Conv2dOptions = WeightOptions;
 /// image's patches per chunk, never the batch's, and results do not depend on the thread count.
 ///
 /// With Conv2dOptions::train_weight the layer trains W ("weight", C_out x D); without it W is
-/// frozen. The bias trains with BiasMode::all. It has no adapter: merge() and unmerge() do
-/// nothing and merged() is true. Kept between forward and backward: the input X (only when W
-/// trains: backward rebuilds the patches from it) and Y.
+/// frozen (see DenseLayer for the bias, merge() and what is kept: backward rebuilds the patches
+/// from X).
 template <typename Scalar_>
-class Conv2d final : public AffineLayer<Scalar_> {
-  using Base = AffineLayer<Scalar_>;
+class Conv2d final : public DenseLayer<Scalar_> {
+  using Base = DenseLayer<Scalar_>;
 
  public:
   HRA_LAYER_TYPES(Base);
@@ -45,8 +41,7 @@ class Conv2d final : public AffineLayer<Scalar_> {
   /// not C_out x D or not finite, or a bias that is not C_out long or not finite.
   Conv2d(const Conv2dGeometry& geometry, WeightMatrix<Scalar> weight, std::optional<Vector> bias,
          const Conv2dOptions& options = {}, BiasMode bias_mode = BiasMode::none)
-      : Base(checked(geometry, std::move(weight)), std::move(bias), bias_mode, "Conv2d",
-             /*adapter_layer=*/false, options.train_weight),
+      : Base(checked(geometry, std::move(weight)), std::move(bias), options, bias_mode, "Conv2d"),
         geometry_(geometry) {}
 
   /// Convenience: own a copy of W, no bias.
@@ -112,23 +107,8 @@ class Conv2d final : public AffineLayer<Scalar_> {
     detail::conv_forward<Scalar>(geometry_, x, this->weight(), this->bias(), y, threads_, ws);
   }
 
-  /// "weight" (C_out x D) when it trains, "bias" when it trains.
-  std::vector<ParameterView<Scalar>> parameters() override {
-    std::vector<ParameterView<Scalar>> out;
-    this->append_weight_parameter(out);
-    this->append_bias_parameter(out);
-    return out;
-  }
-
-  void merge() override {}
-  void unmerge() override {}
-  bool merged() const override { return true; }
-
-  std::size_t saved_bytes() const override {
-    return static_cast<std::size_t>(x_.size() + y_.size()) * sizeof(Scalar);
-  }
-
  private:
+  using Base::x_, Base::y_, Base::dx_;
   struct Workspace {
     Matrix patches, patch_grad, weight_grad;
   };
@@ -145,7 +125,6 @@ class Conv2d final : public AffineLayer<Scalar_> {
 
   Conv2dGeometry geometry_;
   int threads_ = 0;
-  Matrix x_, y_, dx_;
   std::vector<Workspace> workspaces_;
 };
 

@@ -5,6 +5,7 @@
 #include "affine_layer.hpp"
 #include "conv2d.hpp"
 #include "conv_geometry.hpp"
+#include "dense_layer.hpp"
 #include "gradient_check.hpp"
 #include "hra_adapter_layer.hpp"
 #include "hra_conv2d.hpp"

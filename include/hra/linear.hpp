@@ -3,34 +3,26 @@
 
 #include <optional>
 #include <utility>
-#include <vector>
 
-#include "affine_layer.hpp"
+#include "dense_layer.hpp"
 #include "parallel.hpp"
 
 namespace hra {
 
-/// Options of a dense layer (WeightOptions::train_weight).
-using LinearOptions = WeightOptions;
-
 /// \brief y = W x + b with W (d_out x d_in) and b (d_out) owned or viewed.
 ///
 /// With LinearOptions::train_weight the layer is an ordinary trainable linear layer; without it
-/// W is frozen. The bias trains with BiasMode::all (adapter_only leaves it frozen: this layer
-/// carries no adapter, as in PEFT's bias="hra_only"). It has no adapter, so merge() and
-/// unmerge() do nothing and merged() is always true. Kept between forward and backward: the
-/// input X (d_in x n, only when W trains) and Y.
+/// W is frozen (see DenseLayer for the bias, merge() and what is kept: X is d_in x n).
 template <typename Scalar_>
-class Linear final : public AffineLayer<Scalar_> {
-  using Base = AffineLayer<Scalar_>;
+class Linear final : public DenseLayer<Scalar_> {
+  using Base = DenseLayer<Scalar_>;
 
  public:
   HRA_LAYER_TYPES(Base);
 
   Linear(WeightMatrix<Scalar> weight, std::optional<Vector> bias, const LinearOptions& options = {},
          BiasMode bias_mode = BiasMode::none)
-      : Base(std::move(weight), std::move(bias), bias_mode, "Linear", /*adapter_layer=*/false,
-             options.train_weight) {}
+      : Base(std::move(weight), std::move(bias), options, bias_mode, "Linear") {}
 
   const Matrix& forward(const ConstRef& x) override {
     this->check_input(x, "forward");
@@ -61,24 +53,9 @@ class Linear final : public AffineLayer<Scalar_> {
     });
   }
 
-  /// "weight" (d_out x d_in) when it trains, "bias" when it trains.
-  std::vector<ParameterView<Scalar>> parameters() override {
-    std::vector<ParameterView<Scalar>> out;
-    this->append_weight_parameter(out);
-    this->append_bias_parameter(out);
-    return out;
-  }
-
-  void merge() override {}
-  void unmerge() override {}
-  bool merged() const override { return true; }
-
-  std::size_t saved_bytes() const override {
-    return static_cast<std::size_t>(x_.size() + y_.size()) * sizeof(Scalar);
-  }
-
  private:
-  Matrix x_, y_, dx_, scratch_;
+  using Base::x_, Base::y_, Base::dx_;
+  Matrix scratch_;
 };
 
 using Linearf = Linear<float>;
