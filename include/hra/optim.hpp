@@ -146,12 +146,14 @@ inline void check_hyper(const char* who, const char* name, double value, bool po
 
 /// \brief What Sgd and Adam share (internal): the options, the learning rate, and the
 /// per-parameter slots with their export for checkpoints.
-template <typename Scalar, typename Options, int Slots>
+template <typename Scalar, typename Options_, int Slots>
 class SlotOptimizer {
  public:
+  using Options = Options_;
+
   /// Sets the learning rate (finite and >= 0, else std::invalid_argument and unchanged).
   void set_lr(double lr) {
-    check_hyper(set_lr_name_, "lr", lr);
+    check_hyper(concat(Options::optimizer, "::set_lr").c_str(), "lr", lr);
     o_.lr = lr;
   }
   double lr() const { return o_.lr; }
@@ -167,18 +169,15 @@ class SlotOptimizer {
   /// Restores what state() returned for the same parameters (validated first, all or nothing).
   void set_state(const std::vector<ParameterView<Scalar>>& params,
                  const std::vector<ParameterState<Scalar>>& state) {
-    state_.import_state(params, state, name_);
+    state_.import_state(params, state, Options::optimizer);
   }
 
  protected:
-  SlotOptimizer(const Options& o, const char* name, const char* set_lr_name)
-      : o_(o), name_(name), set_lr_name_(set_lr_name) {}
+  /// Checks `o` (Options::validate(), std::invalid_argument).
+  explicit SlotOptimizer(const Options& o) : o_(o) { o_.validate(); }
+
   Options o_;
   SlotState<Scalar, Slots> state_;
-
- private:
-  const char* name_;
-  const char* set_lr_name_;
 };
 
 }  // namespace detail
@@ -188,6 +187,16 @@ class SlotOptimizer {
 ///   p <- p - lr (nesterov ? g + momentum v : v).
 /// Hyperparameters are finite and >= 0 (std::invalid_argument otherwise).
 struct SgdOptions {
+  static constexpr const char* optimizer = "Sgd";  ///< how messages name the optimiser
+
+  /// std::invalid_argument naming the values unless every hyperparameter is finite and >= 0.
+  void validate() const {
+    const auto ok = [](double v) { return std::isfinite(v) && v >= 0; };
+    if (!ok(lr) || !ok(momentum) || !ok(weight_decay))
+      detail::throw_invalid("Sgd: lr, momentum and weight_decay must be finite and >= 0, got lr=",
+                            lr, " momentum=", momentum, " weight_decay=", weight_decay);
+  }
+
   double lr = 1e-2;
   double momentum = 0.0;
   double weight_decay = 0.0;
@@ -199,15 +208,8 @@ class Sgd : public detail::SlotOptimizer<Scalar, SgdOptions, 1> {
   using Base = detail::SlotOptimizer<Scalar, SgdOptions, 1>;
 
  public:
-  using Options = SgdOptions;
-  explicit Sgd(const Options& o) : Base(o, "Sgd", "Sgd::set_lr") {
-    if (!(o.lr >= 0) || !(o.momentum >= 0) || !(o.weight_decay >= 0))
-      detail::throw_invalid("Sgd: lr, momentum and weight_decay must be >= 0, got lr=", o.lr,
-                            " momentum=", o.momentum, " weight_decay=", o.weight_decay);
-    detail::check_hyper("Sgd", "lr", o.lr);
-    detail::check_hyper("Sgd", "momentum", o.momentum);
-    detail::check_hyper("Sgd", "weight_decay", o.weight_decay);
-  }
+  /// std::invalid_argument for bad hyperparameters (SgdOptions::validate()).
+  explicit Sgd(const SgdOptions& o) : Base(o) {}
 
   /// One update of every parameter. All gradients (and momentum shapes) are checked before
   /// anything changes.
@@ -248,6 +250,19 @@ class Sgd : public detail::SlotOptimizer<Scalar, SgdOptions, 1> {
 /// (std::invalid_argument): lr and weight_decay finite and >= 0, 0 <= beta1, beta2 < 1, eps
 /// finite and > 0.
 struct AdamOptions {
+  static constexpr const char* optimizer = "Adam";  ///< how messages name the optimiser
+
+  /// std::invalid_argument naming the values unless they are in the ranges above.
+  void validate() const {
+    const auto finite_at_least = [](double v, double low) { return std::isfinite(v) && v >= low; };
+    if (!finite_at_least(lr, 0) || !(beta1 >= 0 && beta1 < 1) || !(beta2 >= 0 && beta2 < 1) ||
+        !finite_at_least(eps, 0) || eps == 0 || !finite_at_least(weight_decay, 0))
+      detail::throw_invalid(
+          "Adam: need finite lr >= 0, 0 <= beta1, beta2 < 1, finite eps > 0 and "
+          "finite weight_decay >= 0; got lr=",
+          lr, " beta1=", beta1, " beta2=", beta2, " eps=", eps, " weight_decay=", weight_decay);
+  }
+
   double lr = 1e-3;
   double beta1 = 0.9;
   double beta2 = 0.999;
@@ -261,20 +276,11 @@ class Adam : public detail::SlotOptimizer<Scalar, AdamOptions, 2> {
   using Base = detail::SlotOptimizer<Scalar, AdamOptions, 2>;
 
  public:
-  using Options = AdamOptions;
-  explicit Adam(const Options& o) : Base(o, "Adam", "Adam::set_lr") {
-    if (!(o.lr >= 0) || !(o.beta1 >= 0 && o.beta1 < 1) || !(o.beta2 >= 0 && o.beta2 < 1) ||
-        !(o.eps > 0) || !(o.weight_decay >= 0))
-      detail::throw_invalid(
-          "Adam: need lr >= 0, 0 <= beta1, beta2 < 1, eps > 0, weight_decay >= 0; got lr=", o.lr,
-          " beta1=", o.beta1, " beta2=", o.beta2, " eps=", o.eps, " weight_decay=", o.weight_decay);
-    detail::check_hyper("Adam", "lr", o.lr);
-    detail::check_hyper("Adam", "eps", o.eps, /*positive=*/true);
-    detail::check_hyper("Adam", "weight_decay", o.weight_decay);
-  }
+  /// std::invalid_argument for bad hyperparameters (AdamOptions::validate()).
+  explicit Adam(const AdamOptions& o) : Base(o) {}
   /// AdamW with PyTorch's default weight decay 0.01 unless given.
   static Adam adamw(double lr, double weight_decay = 1e-2) {
-    Options o;
+    AdamOptions o;
     o.lr = lr;
     o.weight_decay = weight_decay;
     o.decoupled_weight_decay = true;
