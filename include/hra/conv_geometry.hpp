@@ -149,18 +149,21 @@ class Conv2dGeometry {
     if (out_channels_ % groups_ != 0)
       detail::throw_invalid(who, ": C_out=", out_channels_,
                             " is not divisible by groups=", groups_);
-    if (kernel_extent_h() > padded_height())
-      detail::throw_invalid(who, ": the kernel spans ", kernel_extent_h(),
-                            " rows (kernel_h=", kernel_h_, ", dilation_h=", dilation_h_,
-                            ") but the padded input has ", padded_height(), " (H=", height_,
-                            ", padding top=", pad_top_, " bottom=", pad_bottom_,
-                            "): the output would be empty (H_out=0)");
-    if (kernel_extent_w() > padded_width())
-      detail::throw_invalid(who, ": the kernel spans ", kernel_extent_w(),
-                            " columns (kernel_w=", kernel_w_, ", dilation_w=", dilation_w_,
-                            ") but the padded input has ", padded_width(), " (W=", width_,
-                            ", padding left=", pad_left_, " right=", pad_right_,
-                            "): the output would be empty (W_out=0)");
+    // The kernel must fit the padded input along each axis.
+    const auto fits = [&](const char* unit, const char* axis, const char* size, Index extent,
+                          Index kernel, Index dilation, Index padded, Index input_size,
+                          const char* low, Index pad_low, const char* high, Index pad_high) {
+      if (extent > padded)
+        detail::throw_invalid(who, ": the kernel spans ", extent, " ", unit, " (kernel_", axis, "=",
+                              kernel, ", dilation_", axis, "=", dilation,
+                              ") but the padded input has ", padded, " (", size, "=", input_size,
+                              ", padding ", low, "=", pad_low, " ", high, "=", pad_high,
+                              "): the output would be empty (", size, "_out=0)");
+    };
+    fits("rows", "h", "H", kernel_extent_h(), kernel_h_, dilation_h_, padded_height(), height_,
+         "top", pad_top_, "bottom", pad_bottom_);
+    fits("columns", "w", "W", kernel_extent_w(), kernel_w_, dilation_w_, padded_width(), width_,
+         "left", pad_left_, "right", pad_right_);
   }
 
   /// "C_in=.. HxW -> C_out=.. H_outxW_out, kernel khxkw, ..." for messages and benchmark labels.

@@ -24,17 +24,8 @@ enum class HraConvForm {
 };
 
 inline const char* to_string(HraConvForm f) {
-  switch (f) {
-    case HraConvForm::automatic:
-      return "automatic";
-    case HraConvForm::patch:
-      return "patch";
-    case HraConvForm::weight:
-      return "weight";
-    case HraConvForm::hybrid:
-      return "hybrid";
-  }
-  return "?";
+  static constexpr const char* names[] = {"automatic", "patch", "weight", "hybrid"};
+  return detail::enum_name(f, names);
 }
 
 /// \brief y = conv(x, W H_a H_b ...) + b: a frozen convolution whose C_out x D weight (PyTorch's

@@ -4,6 +4,7 @@
 #include <Eigen/Core>
 #include <cassert>
 #include <cmath>
+#include <cstddef>
 #include <sstream>
 #include <stdexcept>
 #include <string>
@@ -27,6 +28,14 @@
 
 namespace hra {
 namespace detail {
+
+/// names[e] for the enumerator e of an enum numbered 0, 1, ... in the order of `names` (the
+/// to_string() of hra's enums); "?" for a value outside it.
+template <typename Enum, std::size_t N>
+const char* enum_name(Enum e, const char* const (&names)[N]) {
+  const auto i = static_cast<std::size_t>(e);
+  return i < N ? names[i] : "?";
+}
 
 template <typename Scalar>
 struct ScalarCheck {

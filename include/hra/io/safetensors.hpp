@@ -90,17 +90,8 @@ enum class Dtype {
 
 /// The dtype's name in a safetensors header: "F16", "BF16", "F32" or "F64".
 inline const char* to_string(Dtype dtype) {
-  switch (dtype) {
-    case Dtype::F16:
-      return "F16";
-    case Dtype::BF16:
-      return "BF16";
-    case Dtype::F32:
-      return "F32";
-    case Dtype::F64:
-      return "F64";
-  }
-  return "?";
+  static constexpr const char* names[] = {"F16", "BF16", "F32", "F64"};
+  return detail::enum_name(dtype, names);
 }
 
 /// Bytes per element: 2, 2, 4 or 8.
