@@ -221,14 +221,11 @@ namespace peft {
 template <typename Layer, detail::IfLayerOf<Layer, HraAdapterLayer> = 0>
 LoraExport lora_export_files(const std::map<std::string, Layer*>& modules,
                              const LoraExportOptions& options = {}) {
-  using Scalar = typename Layer::Scalar;
   const char* what = "export_lora_adapters";
-  detail::check_layers(modules, what);
-  if (modules.empty()) detail::throw_invalid("peft: ", what, ": no modules to export");
   LoraExport out;
-  out.dtype = options.dtype.value_or(safetensors::natural_dtype<Scalar>());
+  out.files = detail::begin_adapter_files(modules, what, "export");
+  out.dtype = options.dtype.value_or(safetensors::natural_dtype<typename Layer::Scalar>());
   AdapterFiles& files = out.files;
-  files.weights.metadata()["format"] = "pt";  // what PEFT's save_pretrained passes
   const std::string bias = detail::bias_field(modules, "lora_only", what);
 
   std::vector<detail::LoraModuleShape> shapes;

@@ -109,6 +109,18 @@ inline nlohmann::json common_config(const char* peft_type, const std::vector<std
   return c;
 }
 
+/// Where every writer of adapter files starts: std::invalid_argument naming `what` for an empty
+/// module name, a null layer or no modules (nothing to `verb`), then the empty files, the
+/// weights tagged as PEFT's save_pretrained tags them.
+template <typename Modules>
+peft::AdapterFiles begin_adapter_files(const Modules& modules, const char* what, const char* verb) {
+  check_layers(modules, what);
+  if (modules.empty()) throw_invalid("peft: ", what, ": no modules to ", verb);
+  peft::AdapterFiles files;
+  files.weights.metadata()["format"] = "pt";
+  return files;
+}
+
 inline const char* bias_mode_name(BiasMode mode) {
   return mode == BiasMode::none  ? "BiasMode::none"
          : mode == BiasMode::all ? "BiasMode::all"
@@ -280,11 +292,8 @@ AdapterFiles hra_adapter_files(const std::map<std::string, Layer*>& modules,
                                const SaveOptions& options = {}) {
   using Scalar = typename Layer::Scalar;
   const char* what = "save_hra_adapters";
-  detail::check_layers(modules, what);
-  if (modules.empty()) detail::throw_invalid("peft: ", what, ": no modules to save");
+  AdapterFiles files = detail::begin_adapter_files(modules, what, "save");
   const safetensors::Dtype dtype = options.dtype.value_or(safetensors::natural_dtype<Scalar>());
-  AdapterFiles files;
-  files.weights.metadata()["format"] = "pt";  // what PEFT's save_pretrained passes
   const std::string bias = detail::bias_field(modules, "hra_only", what);
   Eigen::Index r = 0;
   Variant variant = Variant::chain;
@@ -345,11 +354,8 @@ AdapterFiles lora_adapter_files(const std::map<std::string, Layer*>& modules,
                                 const SaveOptions& options = {}) {
   using Scalar = typename Layer::Scalar;
   const char* what = "save_lora_adapters";
-  detail::check_layers(modules, what);
-  if (modules.empty()) detail::throw_invalid("peft: ", what, ": no modules to save");
+  AdapterFiles files = detail::begin_adapter_files(modules, what, "save");
   const safetensors::Dtype dtype = options.dtype.value_or(safetensors::natural_dtype<Scalar>());
-  AdapterFiles files;
-  files.weights.metadata()["format"] = "pt";
   const std::string bias = detail::bias_field(modules, "lora_only", what);
 
   std::vector<detail::LoraModuleShape> shapes;
