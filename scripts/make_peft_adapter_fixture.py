@@ -19,6 +19,10 @@ Three adapter directories, each with `adapter_config.json` and `adapter_model.sa
   hra_chain/  peft_type HRA, r = 4, apply_GS = false
   hra_gs/     peft_type HRA, r = 3, apply_GS = true (init_weights = false, as GS needs)
   lora/       peft_type LORA, r = 2, lora_alpha = 4, bias = "all" (trained biases saved)
+plus two directories of a small CNN (see make_conv below):
+  hra_conv/   peft_type HRA, r = 3, apply_GS = false, modules "net.conv" (nn.Conv2d) and
+              "net.fc" (nn.Linear)
+  lora_conv/  peft_type LORA, r = 2, lora_alpha = 4, the same two modules
 and beside each `<name>.expected.safetensors` (F64): for every module "<module>.weight" and
 "<module>.bias" (the base layer, the float32 values widened exactly), "<module>.merged_weight"
 (the merged weight computed in float64 from the float32 tensors of the adapter file), for LoRA
@@ -35,6 +39,14 @@ What is restated from PEFT (our own code, written from its source, not copied):
   huggingface/peft src/peft/tuners/lora/layer.py: merged W + scaling * B @ A with
     scaling = lora_alpha / r (lora_alpha / sqrt(r) with use_rslora), lora_A.weight (r, in),
     lora_B.weight (out, r).
+  huggingface/peft src/peft/tuners/hra/layer.py, HRAConv2d: hra_u (in_channels * kh * kw, r),
+    the kernel square; get_delta_weight builds H as for a linear layer and the merged weight is
+    (W.view(out, -1) @ H).view(W.shape); the forward is F.conv2d with that weight and the base
+    layer's bias, stride and padding.
+  huggingface/peft src/peft/tuners/lora/layer.py, Conv2d: lora_A a convolution
+    (in_channels -> r) with the base kernel, stride and padding, no bias, weight (r, C_in, kh,
+    kw); lora_B a 1x1 convolution (r -> out), weight (C_out, r, 1, 1); the unmerged forward
+    base(x) + lora_B(lora_A(dropout(x))) * scaling.
   huggingface/peft src/peft/utils/save_and_load.py, get_peft_model_state_dict: keys are the
     model's state_dict keys "base_model.model.<module>.hra_u.<adapter>" and
     "base_model.model.<module>.lora_A.<adapter>.weight" with ".<adapter>" removed; HRA goes
@@ -260,6 +272,96 @@ def make_lora(out_dir, name, r, alpha, seed):
     write_case(out_dir, name, lora_config(r, alpha, 0.1, "all"), adapter, expected)
 
 
+class ConvNet(torch.nn.Module):
+    """3 x 5 x 5 images -> conv 3 -> 4 channels, 3 x 3, padding 1 (with bias) -> flatten (C, H,
+    W order) -> fc 100 -> 3 (with bias): a kernel and geometry PEFT's HRA and LoRA conv layers
+    both accept."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = torch.nn.Conv2d(3, 4, 3, padding=1)
+        self.fc = torch.nn.Linear(100, 3)
+
+
+class ConvModel(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.net = ConvNet()
+
+
+def conv_forward(x, conv_weight, conv_bias, fc_weight, fc_bias):
+    """y = fc(flatten(conv(x))) for x (n, 3, 5, 5), all float64."""
+    h = torch.nn.functional.conv2d(x, conv_weight, conv_bias, padding=1)
+    return torch.nn.functional.linear(h.flatten(1), fc_weight, fc_bias)
+
+
+def make_conv(out_dir, seed):
+    """hra_conv/ and lora_conv/: the same base CNN, one HRA and one LoRA adapter on both layers.
+
+    Expected tensors: "<module>.weight" as weight.view(out, -1) (the conv's (4, 27)) and
+    "<module>.bias", "<module>.merged_weight" (the conv's as weight.view(4, -1) @ H, (4, 27)),
+    "x" (n, 75): n images in NCHW memory order, and "y" (n, 3)."""
+    torch.manual_seed(seed)
+    model = ConvModel()
+    conv, fc = model.net.conv, model.net.fc
+    base = {"net.conv": (conv.weight.detach().clone(), conv.bias.detach().clone()),
+            "net.fc": (fc.weight.detach().clone(), fc.bias.detach().clone())}
+    gen = torch.Generator().manual_seed(seed + 1)
+    x = torch.randn(2, 3, 5, 5, generator=gen, dtype=torch.float64)
+
+    def expected_base():
+        out = {"x": x.reshape(2, -1)}
+        for module, (weight, bias) in base.items():
+            out[module + ".weight"] = weight.double().reshape(weight.shape[0], -1)
+            out[module + ".bias"] = bias.double()
+        return out
+
+    # HRA, chain variant, r = 3 on both modules (HRAConfig has one r).
+    r = 3
+    adapter, expected, merged = {}, expected_base(), {}
+    for module, (weight, _) in base.items():
+        fan_in = weight[0].numel()
+        u = (torch.rand(fan_in, r, generator=gen) * 2.0 - 1.0) / math.sqrt(r)
+        u = (u + 0.5 * torch.randn(fan_in, r, generator=gen)).to(torch.float32)
+        adapter[PREFIX + module + ".hra_u"] = u
+        w = weight.double().reshape(weight.shape[0], -1) @ delta_weight(u.double(), False)
+        expected[module + ".merged_weight"] = w
+        merged[module] = w.reshape(weight.shape)
+    expected["y"] = conv_forward(x, merged["net.conv"], base["net.conv"][1].double(),
+                                 merged["net.fc"], base["net.fc"][1].double())
+    cfg = hra_config(r, False, init_weights=True)
+    cfg["target_modules"] = ["conv", "fc"]
+    write_case(out_dir, "hra_conv", cfg, adapter, expected)
+
+    # LoRA r = 2, alpha = 4 (scaling 2), computed as PEFT's unmerged forward.
+    r, alpha = 2, 4
+    scaling = alpha / r
+    adapter, expected = {}, expected_base()
+    a_conv = (0.3 * torch.randn(r, 3, 3, 3, generator=gen)).to(torch.float32)
+    b_conv = (0.3 * torch.randn(4, r, 1, 1, generator=gen)).to(torch.float32)
+    a_fc = (0.1 * torch.randn(r, 100, generator=gen)).to(torch.float32)
+    b_fc = (0.3 * torch.randn(3, r, generator=gen)).to(torch.float32)
+    adapter[PREFIX + "net.conv.lora_A.weight"] = a_conv
+    adapter[PREFIX + "net.conv.lora_B.weight"] = b_conv
+    adapter[PREFIX + "net.fc.lora_A.weight"] = a_fc
+    adapter[PREFIX + "net.fc.lora_B.weight"] = b_fc
+    (wc, bc), (wf, bf) = base["net.conv"], base["net.fc"]
+    f = torch.nn.functional
+    h = f.conv2d(x, wc.double(), bc.double(), padding=1)
+    h = h + f.conv2d(f.conv2d(x, a_conv.double(), None, padding=1), b_conv.double()) * scaling
+    h = h.flatten(1)
+    y = f.linear(h, wf.double(), bf.double())
+    y = y + f.linear(f.linear(h, a_fc.double()), b_fc.double()) * scaling
+    expected["y"] = y
+    expected["net.conv.merged_weight"] = (wc.double().reshape(4, -1) + scaling *
+                                          (b_conv.double().reshape(4, r) @
+                                           a_conv.double().reshape(r, -1)))
+    expected["net.fc.merged_weight"] = wf.double() + scaling * (b_fc.double() @ a_fc.double())
+    cfg = lora_config(r, alpha, 0.0, "none")
+    cfg["target_modules"] = ["conv", "fc"]
+    write_case(out_dir, "lora_conv", cfg, adapter, expected)
+
+
 def main():
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     out_dir = sys.argv[1] if len(sys.argv) > 1 else os.path.join(root, "tests", "fixtures",
@@ -268,6 +370,7 @@ def main():
     make_hra(out_dir, "hra_chain", r=4, apply_gs=False, seed=1234)
     make_hra(out_dir, "hra_gs", r=3, apply_gs=True, seed=2345)
     make_lora(out_dir, "lora", r=2, alpha=4, seed=3456)
+    make_conv(out_dir, seed=4567)
     print("wrote", out_dir)
 
 

@@ -9,6 +9,7 @@
 
 #include <Eigen/Core>
 #include <cstdint>
+#include <filesystem>
 #include <map>
 #include <stdexcept>
 #include <string>
@@ -263,5 +264,77 @@ TEST_CASE("conv adapter files: what PEFT cannot hold or the layer cannot take is
         },
         {"net.conv", "groups = 2"});
     CHECK(grouped.lora_a() == a);
+  }
+}
+
+// --- Directories written by PyTorch --------------------------------------------------------------
+
+namespace {
+
+// tests/fixtures/peft_adapter/{hra,lora}_conv: scripts/make_peft_adapter_fixture.py's CNN,
+// "net.conv" (3 -> 4 channels, 3x3, padding 1, on 3x5x5 images) and "net.fc" (100 -> 3).
+Conv2dGeometry fixture_geometry() {
+  return Conv2dGeometry(3, 5, 5, 4, 3, 3).padding(1);
+}
+
+struct ConvFixture {
+  explicit ConvFixture(const std::string& name)
+      : dir(std::filesystem::path(HRA_TEST_FIXTURES) / "peft_adapter" / name),
+        expected(st::load(std::filesystem::path(HRA_TEST_FIXTURES) / "peft_adapter" /
+                          (name + ".expected.safetensors"))) {}
+  MatD get(const std::string& tensor) const { return expected.get_matrix<double>(tensor); }
+  VecD bias(const std::string& module) const {
+    return expected.get_vector<double>(module + ".bias");
+  }
+  hra::WeightMatrix<double> weight(const std::string& module) const {
+    return hra::WeightMatrix<double>::owned(get(module + ".weight"));
+  }
+  std::filesystem::path dir;
+  st::TensorFile expected;
+};
+
+}  // namespace
+
+TEST_CASE(
+    "conv adapter files: PEFT-layout HRA and LoRA directories written by PyTorch compute "
+    "PyTorch's outputs",
+    "[adapter_files][conv][fixtures]") {
+  const Conv2dGeometry g = fixture_geometry();
+  REQUIRE(g.output_size() == 100);
+
+  SECTION("HRA: hra_u (27, 3) of the conv, (100, 3) of the linear layer") {
+    const ConvFixture f("hra_conv");
+    hra::HraConv2d<double> conv(g, f.weight("net.conv"), f.bias("net.conv"), hra_options(3, 1));
+    hra::HraLinear<double> fc(f.weight("net.fc"), f.bias("net.fc"), hra_options(3, 2));
+    const peft::AdapterConfig config = peft::load_hra_adapters(
+        f.dir, peft::HraLayerModules<double>{{"net.conv", &conv}, {"net.fc", &fc}});
+    CHECK(config.r == 3);
+    const MatD x = f.get("x").transpose();  // one NCHW image per column
+    const MatD y = fc.forward(conv.forward(x));
+    const double err = hra_test::rel_err(y, f.get("y").transpose());
+    INFO("relative error " << err);
+    CHECK(err < 1e-12);
+    conv.merge();
+    fc.merge();
+    CHECK(hra_test::rel_err(conv.weight(), f.get("net.conv.merged_weight")) < 1e-12);
+    CHECK(hra_test::rel_err(fc.weight(), f.get("net.fc.merged_weight")) < 1e-12);
+  }
+  SECTION(
+      "LoRA: lora_A (2, 3, 3, 3) and lora_B (4, 2, 1, 1) of the conv, PEFT's unmerged forward") {
+    const ConvFixture f("lora_conv");
+    hra::LoraConv2d<double> conv(g, f.weight("net.conv"), f.bias("net.conv"), lora_options(2, 4));
+    hra::LoraLinear<double> fc(f.weight("net.fc"), f.bias("net.fc"), lora_options(2, 4));
+    peft::load_lora_adapters(f.dir,
+                             peft::LoraLayerModules<double>{{"net.conv", &conv}, {"net.fc", &fc}});
+    REQUIRE(conv.lora_b().squaredNorm() > 0);
+    const MatD x = f.get("x").transpose();
+    const MatD y = fc.forward(conv.forward(x));
+    const double err = hra_test::rel_err(y, f.get("y").transpose());
+    INFO("relative error " << err);
+    CHECK(err < 1e-12);
+    conv.merge();
+    fc.merge();
+    CHECK(hra_test::rel_err(conv.weight(), f.get("net.conv.merged_weight")) < 1e-12);
+    CHECK(hra_test::rel_err(fc.weight(), f.get("net.fc.merged_weight")) < 1e-12);
   }
 }
