@@ -8,6 +8,7 @@
 #include <catch2/catch.hpp>
 
 #include <fcntl.h>
+#include <grp.h>
 #include <sys/file.h>
 #include <sys/mman.h>
 #include <sys/resource.h>
@@ -26,6 +27,7 @@
 #include <new>
 #include <optional>
 #include <random>
+#include <stdexcept>
 #include <string>
 #include <thread>
 #include <typeinfo>
@@ -635,18 +637,30 @@ TEST_CASE("adapter_files: a save that fails leaves the previous adapter loadable
                                  {(other / "..data").string(), "exists and is not a symlink"});
     CHECK(load_dir(tmp.path) == a.adapter);
   }
-  SECTION("permission denied") {
+  SECTION("permission denied: a read-only directory (as root, the save runs as user nobody)") {
     a.save(tmp.path);
-    if (::geteuid() == 0) {
-      WARN(
-          "running as root, where a read-only directory does not deny writes: the permission "
-          "case is checked by the ENOTDIR and entry-in-the-way cases only");
-      return;
-    }
-    fs::permissions(tmp.path, fs::perms::owner_read | fs::perms::owner_exec);
-    expect_error<peft::io_error>([&] { b.save(tmp.path); }, {"Permission denied"});
+    const fs::perms read_only = fs::perms::owner_read | fs::perms::owner_exec |
+                                fs::perms::group_read | fs::perms::group_exec |
+                                fs::perms::others_read | fs::perms::others_exec;
+    fs::permissions(tmp.path, read_only);
+    // Root is not denied by permission bits, so a root test drops to nobody (65534) in the
+    // child first; the parent keeps its identity and restores the bits.
+    const ChildResult r = in_child([&] {
+      if (::geteuid() == 0 &&
+          (::setgroups(0, nullptr) != 0 || ::setgid(65534) != 0 || ::setuid(65534) != 0))
+        throw std::runtime_error("cannot become user nobody");
+      b.save(tmp.path);
+    });
     fs::permissions(tmp.path, fs::perms::owner_all);
+    INFO("child: " << r.error);
+    CHECK(!r.returned);
+    CHECK_THAT(r.error, Catch::Matchers::Contains("hra4peft8io_error") &&
+                            Catch::Matchers::Contains(tmp.path.string()) &&
+                            Catch::Matchers::Contains("Permission denied"));
     CHECK(load_dir(tmp.path) == a.adapter);
+    b.save(tmp.path);  // with the bits restored the next save works
+    CHECK(load_dir(tmp.path) == b.adapter);
+    CHECK(stale_entries(tmp.path) == 0);
   }
 }
 
