@@ -113,12 +113,15 @@ class HraAdapterLayer : public AffineLayer<Scalar_> {
   };
 
   /// The exact LoRA form of adapters (SPEC §11): W H_a H_b ... = W + B A, A (R x D) and
-  /// B (rows x R), R the summed rank, for the current W.
-  struct LoraFactors {
-    Matrix a;                                          ///< R x D, the adapters' A stacked in order
-    Matrix b;                                          ///< rows x R
-    std::vector<std::pair<std::string, Index>> ranks;  ///< adapter names and ranks, in order
+  /// B (rows x R), R the summed rank, for the current W, in the scalar T they were computed in.
+  template <typename T>
+  struct BasicLoraFactors {
+    Eigen::Matrix<T, Eigen::Dynamic, Eigen::Dynamic>
+        a;  ///< R x D, the adapters' A stacked in order
+    Eigen::Matrix<T, Eigen::Dynamic, Eigen::Dynamic> b;  ///< rows x R
+    std::vector<std::pair<std::string, Index>> ranks;    ///< adapter names and ranks, in order
   };
+  using LoraFactors = BasicLoraFactors<Scalar>;
 
   // --- Adapters ------------------------------------------------------------------------------
 
@@ -348,9 +351,13 @@ class HraAdapterLayer : public AffineLayer<Scalar_> {
   /// W: W H_a H_b ... = W + B A (SPEC §11). Per adapter, with W_j the weight after the ones
   /// before it: chain A_j = U^T, B_j = -(W_j U) S^{-1} (S over the whole chain);
   /// Gram-Schmidt A_j = Q^T, B_j = -2 W_j Q; A and B stack them, so R = sum of the ranks.
-  /// B depends on W: the LoRA is exact for this base weight only. std::invalid_argument for an
-  /// unknown name, std::logic_error for a merged adapter or an empty list.
-  LoraFactors lora_factors(std::vector<std::string> names = {}) const {
+  /// B depends on W: the LoRA is exact for this base weight only. Computed in T from W and U as
+  /// stored (lora_factors<double>() of a float layer: the rounding of float arithmetic is then
+  /// not in the factors, only that of W and U). std::invalid_argument for an unknown name,
+  /// std::logic_error for a merged adapter or an empty list.
+  template <typename T = Scalar>
+  BasicLoraFactors<T> lora_factors(std::vector<std::string> names = {}) const {
+    using MatrixT = Eigen::Matrix<T, Eigen::Dynamic, Eigen::Dynamic>;
     if (names.empty())
       for (std::size_t i : applied()) names.push_back(adapters_[i].name_);
     if (names.empty())
@@ -371,28 +378,31 @@ class HraAdapterLayer : public AffineLayer<Scalar_> {
     std::sort(order.begin(), order.end());  // composed in stacking order
     Index total = 0;
     for (std::size_t i : order) total += adapters_[i].rank();
-    LoraFactors out;
+    BasicLoraFactors<T> out;
     out.a.resize(total, adapter_dim());
     out.b.resize(this->weight().rows(), total);
     Index at = 0;
     for (std::size_t i : order) {
-      const Chain& chain = adapters_[i].chain_;
+      const Chain& stored = adapters_[i].chain_;
+      const ReflectorChain<T> chain(stored.reflectors().template cast<T>(), stored.variant(),
+                                    stored.block_size());
       const Index r = chain.rank();
-      const typename Chain::Factors f = chain.factorize();
+      const typename ReflectorChain<T>::Factors f = chain.factorize();
       // W_j U with W_j = W + B_{<j} A_{<j}.
-      Matrix wu = this->weight() * (chain.variant() == Variant::chain ? chain.reflectors() : f.q);
+      MatrixT wu = this->weight().template cast<T>() *
+                   (chain.variant() == Variant::chain ? chain.reflectors() : f.q);
       if (at > 0)
         wu.noalias() +=
             out.b.leftCols(at) *
             (out.a.topRows(at) * (chain.variant() == Variant::chain ? chain.reflectors() : f.q));
       if (chain.variant() == Variant::chain) {
         out.a.middleRows(at, r) = chain.reflectors().transpose();
-        Matrix s = whole_chain_s(chain.reflectors());
+        MatrixT s = whole_chain_s(chain.reflectors());
         s.template triangularView<Eigen::Upper>().template solveInPlace<Eigen::OnTheRight>(wu);
         out.b.middleCols(at, r) = -wu;
       } else {
         out.a.middleRows(at, r) = f.q.transpose();
-        out.b.middleCols(at, r) = Scalar(-2) * wu;
+        out.b.middleCols(at, r) = T(-2) * wu;
       }
       out.ranks.emplace_back(adapters_[i].name_, r);
       at += r;
@@ -444,10 +454,11 @@ class HraAdapterLayer : public AffineLayer<Scalar_> {
 
  private:
   // S = striu(U^T U) + diag(U^T U) / 2 over all r columns (SPEC §2), upper triangular.
-  static Matrix whole_chain_s(const Matrix& u) {
-    Matrix s = Matrix::Zero(u.cols(), u.cols());
+  template <typename M>
+  static M whole_chain_s(const M& u) {
+    M s = M::Zero(u.cols(), u.cols());
     s.template triangularView<Eigen::Upper>() = u.transpose() * u;
-    s.diagonal() *= Scalar(0.5);
+    s.diagonal() *= typename M::Scalar(0.5);
     return s;
   }
 

@@ -195,8 +195,9 @@ namespace peft {
 /// For every module, the adapters chosen by `options.adapters` compose W H_a H_b ... = W + B A
 /// (HraAdapterLayer::lora_factors(), SPEC §11: A = U^T and B = -(W U) S^-1 per chain over the
 /// whole chain, A = Q^T and B = -2 W Q for Gram-Schmidt; stacked adapters give a LoRA of the
-/// summed rank R), computed in the layer's scalar from its current W, which must be the base
-/// weight: A (R x d_in) is stored as `<prefix><module>.lora_A.weight` (R, in_features), B as
+/// summed rank R), computed in double from the layer's current W, which must be the base weight,
+/// and U (so a float layer's F32 export is rounded once, when stored): A (R x d_in) is stored as
+/// `<prefix><module>.lora_A.weight` (R, in_features), B as
 /// `<prefix><module>.lora_B.weight` (out_features, R), PEFT's names and shapes. The config is
 /// a LoraConfig with lora_alpha = r for every module (rank_pattern / alpha_pattern when the
 /// modules' R differ), so PEFT's scale lora_alpha / r is 1, use_rslora false, dropout 0.
@@ -238,7 +239,7 @@ LoraExport lora_export_files(const std::map<std::string, Layer*>& modules,
     for (std::size_t i : order) chosen.push_back(layer->adapters()[i].name());
     const detail::PeftWeightShape shape = detail::peft_weight_shape(*layer);
     detail::expect_lora_representable(shape, where);
-    const auto factors = layer->lora_factors(chosen);
+    const auto factors = layer->template lora_factors<double>(chosen);
 
     LoraExportModule entry;
     entry.module = module;
