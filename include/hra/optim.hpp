@@ -137,11 +137,17 @@ void check_step(const std::vector<ParameterView<Scalar>>& params, const char* wh
   }
 }
 
-/// A hyperparameter must be finite and >= 0 (or > 0 with `positive`).
-inline void check_hyper(const char* who, const char* name, double value, bool positive = false) {
-  if (!std::isfinite(value) || value < 0 || (positive && value == 0))
-    throw_invalid(who, ": ", name, " must be finite and ", positive ? "> 0" : ">= 0", ", got ",
-                  value);
+/// Whether a hyperparameter such as lr or weight_decay is usable: finite and >= 0.
+inline bool finite_nonnegative(double value) {
+  return std::isfinite(value) && value >= 0;
+}
+
+/// std::invalid_argument "<who...>: <name> must be finite and >= 0, got <value>" unless
+/// finite_nonnegative(value); `who` is concatenated only when it throws.
+template <typename... Who>
+void check_hyper(double value, const char* name, const Who&... who) {
+  if (!finite_nonnegative(value))
+    throw_invalid(who..., ": ", name, " must be finite and >= 0, got ", value);
 }
 
 /// \brief What Sgd and Adam share (internal): the options, the learning rate, and the
@@ -153,7 +159,7 @@ class SlotOptimizer {
 
   /// Sets the learning rate (finite and >= 0, else std::invalid_argument and unchanged).
   void set_lr(double lr) {
-    check_hyper(concat(Options::optimizer, "::set_lr").c_str(), "lr", lr);
+    check_hyper(lr, "lr", Options::optimizer, "::set_lr");
     o_.lr = lr;
   }
   double lr() const { return o_.lr; }
@@ -191,8 +197,9 @@ struct SgdOptions {
 
   /// std::invalid_argument naming the values unless every hyperparameter is finite and >= 0.
   void validate() const {
-    const auto ok = [](double v) { return std::isfinite(v) && v >= 0; };
-    if (!ok(lr) || !ok(momentum) || !ok(weight_decay))
+    using detail::finite_nonnegative;
+    if (!finite_nonnegative(lr) || !finite_nonnegative(momentum) ||
+        !finite_nonnegative(weight_decay))
       detail::throw_invalid("Sgd: lr, momentum and weight_decay must be finite and >= 0, got lr=",
                             lr, " momentum=", momentum, " weight_decay=", weight_decay);
   }
@@ -254,9 +261,9 @@ struct AdamOptions {
 
   /// std::invalid_argument naming the values unless they are in the ranges above.
   void validate() const {
-    const auto finite_at_least = [](double v, double low) { return std::isfinite(v) && v >= low; };
-    if (!finite_at_least(lr, 0) || !(beta1 >= 0 && beta1 < 1) || !(beta2 >= 0 && beta2 < 1) ||
-        !finite_at_least(eps, 0) || eps == 0 || !finite_at_least(weight_decay, 0))
+    using detail::finite_nonnegative;
+    if (!finite_nonnegative(lr) || !(beta1 >= 0 && beta1 < 1) || !(beta2 >= 0 && beta2 < 1) ||
+        !(finite_nonnegative(eps) && eps > 0) || !finite_nonnegative(weight_decay))
       detail::throw_invalid(
           "Adam: need finite lr >= 0, 0 <= beta1, beta2 < 1, finite eps > 0 and "
           "finite weight_decay >= 0; got lr=",
