@@ -293,6 +293,21 @@ struct ConvFixture {
   st::TensorFile expected;
 };
 
+// The loaded layers compute the fixture's y = fc(flatten(conv(x))) (x: one NCHW image per
+// column) and, merged, its merged weights, to 1e-12 relative.
+template <typename Conv, typename Fc>
+void expect_pytorch_results(const ConvFixture& f, Conv& conv, Fc& fc) {
+  const MatD x = f.get("x").transpose();
+  const MatD y = fc.forward(conv.forward(x));
+  const double err = hra_test::rel_err(y, f.get("y").transpose());
+  INFO("relative error " << err);
+  CHECK(err < 1e-12);
+  conv.merge();
+  fc.merge();
+  CHECK(hra_test::rel_err(conv.weight(), f.get("net.conv.merged_weight")) < 1e-12);
+  CHECK(hra_test::rel_err(fc.weight(), f.get("net.fc.merged_weight")) < 1e-12);
+}
+
 }  // namespace
 
 TEST_CASE(
@@ -309,15 +324,7 @@ TEST_CASE(
     const peft::AdapterConfig config = peft::load_hra_adapters(
         f.dir, peft::HraLayerModules<double>{{"net.conv", &conv}, {"net.fc", &fc}});
     CHECK(config.r == 3);
-    const MatD x = f.get("x").transpose();  // one NCHW image per column
-    const MatD y = fc.forward(conv.forward(x));
-    const double err = hra_test::rel_err(y, f.get("y").transpose());
-    INFO("relative error " << err);
-    CHECK(err < 1e-12);
-    conv.merge();
-    fc.merge();
-    CHECK(hra_test::rel_err(conv.weight(), f.get("net.conv.merged_weight")) < 1e-12);
-    CHECK(hra_test::rel_err(fc.weight(), f.get("net.fc.merged_weight")) < 1e-12);
+    expect_pytorch_results(f, conv, fc);
   }
   SECTION(
       "LoRA: lora_A (2, 3, 3, 3) and lora_B (4, 2, 1, 1) of the conv, PEFT's unmerged forward") {
@@ -327,14 +334,6 @@ TEST_CASE(
     peft::load_lora_adapters(f.dir,
                              peft::LoraLayerModules<double>{{"net.conv", &conv}, {"net.fc", &fc}});
     REQUIRE(conv.lora_b().squaredNorm() > 0);
-    const MatD x = f.get("x").transpose();
-    const MatD y = fc.forward(conv.forward(x));
-    const double err = hra_test::rel_err(y, f.get("y").transpose());
-    INFO("relative error " << err);
-    CHECK(err < 1e-12);
-    conv.merge();
-    fc.merge();
-    CHECK(hra_test::rel_err(conv.weight(), f.get("net.conv.merged_weight")) < 1e-12);
-    CHECK(hra_test::rel_err(fc.weight(), f.get("net.fc.merged_weight")) < 1e-12);
+    expect_pytorch_results(f, conv, fc);
   }
 }
