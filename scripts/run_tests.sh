@@ -6,9 +6,9 @@
 #   2. a bounded libFuzzer run, under AddressSanitizer + UBSan, of the two loaders of untrusted
 #      bytes (safetensors files and PEFT adapter directories), seeded with valid files.
 #
-#   scripts/run_tests.sh          the above (about 34 minutes on 2 cores, most of it the
-#                                 build: each test program instantiates the layers for float
-#                                 and double, 1-5 minutes of GCC per file)
+#   scripts/run_tests.sh          the above (about 25 minutes on 2 cores, most of it the
+#                                 build: the float and double layers compile once
+#                                 (tests/support/instances_*.cpp), then 10-120 s of GCC per test)
 #   scripts/run_tests.sh --full   what CI runs (.ci/run): also the benchmarks in the -Werror
 #                                 build, every test program again under ASan + UBSan, and 60 s
 #                                 of fuzzing (about 75 minutes)
