@@ -33,6 +33,7 @@
 #include <algorithm>
 #include <chrono>
 #include <cmath>
+#include <csignal>
 #include <cstdint>
 #include <cstdio>
 #include <cstdlib>
@@ -113,6 +114,7 @@ struct Config {
   std::int64_t checkpoint_every = 0;  // steps between checkpoints (0: after each epoch)
   bool resume = false;
   std::int64_t stop_after_steps = 0;  // (testing) save a checkpoint and exit after N steps
+  std::int64_t kill_after_saves = 0;  // (testing) SIGKILL itself right after its Nth save
   bool mpi = false;                   // shard every batch over the MPI ranks
 };
 
@@ -328,6 +330,8 @@ std::optional<Config> parse_args(int argc, char** argv) {
       c.checkpoint_every = parse_int(flag, v, 0);
     } else if (flag == "--stop-after-steps") {  // for the resume test; not in --help
       c.stop_after_steps = parse_int(flag, v, 1);
+    } else if (flag == "--kill-after-save") {  // for the resume test; not in --help
+      c.kill_after_saves = parse_int(flag, v, 1);
     } else if (flag == "--cnn-channels") {
       const auto items = split_list(v);
       if (items.size() != 2)
@@ -343,9 +347,10 @@ std::optional<Config> parse_args(int argc, char** argv) {
     throw std::invalid_argument(
         "--target-train and --validation are for the single comparison; --sweep takes "
         "--sweep-sizes and --sweep-validation");
-  if (c.checkpoint_dir.empty() && (c.resume || c.stop_after_steps > 0 || c.checkpoint_every > 0))
+  if (c.checkpoint_dir.empty() &&
+      (c.resume || c.stop_after_steps > 0 || c.checkpoint_every > 0 || c.kill_after_saves > 0))
     throw std::invalid_argument(
-        "--resume, --checkpoint-every and --stop-after-steps need "
+        "--resume, --checkpoint-every, --stop-after-steps and --kill-after-save need "
         "--checkpoint DIR");
   if (c.sweep && (c.mpi || !c.checkpoint_dir.empty()))
     throw std::invalid_argument(
@@ -577,12 +582,8 @@ class CurveWriter {
   static constexpr const char* header = "method,seed,epoch,step,train_loss,eval_acc,elapsed_s\n";
   // `text`: rows written before (a resumed run), header included; empty: a new file.
   explicit CurveWriter(const std::string& path, std::string text = header)
-      : text_(std::move(text)) {
-    if (path.empty()) return;
-    out_.open(path);
-    if (!out_) throw std::runtime_error(path + ": cannot open for writing");
-    out_ << text_;
-    out_.flush();
+      : path_(path), text_(std::move(text)) {
+    rewrite();
   }
   void row(const std::string& method, std::uint64_t seed, int epoch, std::int64_t step, double loss,
            double acc, double seconds) {
@@ -602,7 +603,31 @@ class CurveWriter {
   }
   const std::string& text() const { return text_; }
 
+  // Removes the rows of `method` and writes the file again.
+  void remove_rows(const std::string& method) {
+    std::string kept;
+    for (std::size_t at = 0; at < text_.size();) {
+      const std::size_t end = std::min(text_.find('\n', at), text_.size() - 1) + 1;
+      if (at == 0 || text_.compare(at, method.size() + 1, method + ",") != 0)
+        kept.append(text_, at, end - at);
+      at = end;
+    }
+    if (kept.size() == text_.size()) return;
+    text_ = std::move(kept);
+    rewrite();
+  }
+
  private:
+  void rewrite() {
+    if (path_.empty()) return;
+    out_.close();
+    out_.open(path_, std::ios::trunc);
+    if (!out_) throw std::runtime_error(path_ + ": cannot open for writing");
+    out_ << text_;
+    out_.flush();
+  }
+
+  std::string path_;
   std::string text_;
   std::ofstream out_;
 };
@@ -668,6 +693,7 @@ class Checkpointer {
       : dir_(c.checkpoint_dir),
         every_(c.checkpoint_every),
         stop_after_(c.stop_after_steps),
+        kill_after_(c.kill_after_saves),
         settings_(settings_signature(c)) {
     state_ = {{"format", "hra-finetune-checkpoint"},
               {"version", 1},
@@ -701,6 +727,23 @@ class Checkpointer {
   }
 
   bool enabled() const { return !dir_.empty(); }
+
+  // Whether the checkpoint holds the training `key` (arch/method/seed) in progress.
+  bool in_progress(const std::string& key) const {
+    const json& t = state_["training"];
+    return !t.is_null() && t.at("key").get<std::string>() == key;
+  }
+
+  // Called after every file this run saves (checkpoints, the pretrained network): with
+  // --kill-after-save N the process kills itself with SIGKILL right after its Nth save, as a crash
+  // would, to test that every save leaves a state the run resumes from exactly.
+  void saved(const std::string& what) {
+    if (kill_after_ <= 0 || ++saves_ < kill_after_) return;
+    std::printf("--kill-after-save: SIGKILL after save %lld (%s)\n", static_cast<long long>(saves_),
+                what.c_str());
+    std::fflush(stdout);
+    std::raise(SIGKILL);
+  }
 
   // The curves written so far for `arch` (the header only when there are none).
   std::string curves(const std::string& arch) const {
@@ -739,8 +782,8 @@ class Checkpointer {
   bool restore(const std::string& key, Mlp<Scalar>& net, hra::Adam<Scalar>& body_adam,
                const std::vector<hra::ParameterView<Scalar>>& body, hra::Adam<Scalar>& head_adam,
                const std::vector<hra::ParameterView<Scalar>>& head, Progress& p) {
+    if (!in_progress(key)) return false;
     const json& t = state_["training"];
-    if (t.is_null() || t.at("key").get<std::string>() != key) return false;
     hra::examples::get_parameters(tensors_, "param.", t.at("parameters"), net.parameters());
     body_adam.set_state(body, hra::examples::get_optimizer_state<Scalar>(tensors_, "adam.body.",
                                                                          t.at("adam_body")));
@@ -759,17 +802,25 @@ class Checkpointer {
     return true;
   }
 
-  // After every optimiser step (end_of_epoch: after an epoch's evaluation, with `p` already at
-  // the next epoch): saves when due, and stops the program when --stop-after-steps is reached.
+  // When train() calls after_step().
+  enum class Point {
+    step,          // after an optimiser step
+    end_of_epoch,  // after an epoch's evaluation, with `p` already at the next epoch
+    end,           // after the last epoch (restoring it restores the trained network)
+  };
+
+  // Saves when due (at Point::end always), and stops the program when --stop-after-steps is
+  // reached.
   void after_step(const std::string& key, Mlp<Scalar>& net, const hra::Adam<Scalar>& body_adam,
                   const std::vector<hra::ParameterView<Scalar>>& body,
                   const hra::Adam<Scalar>& head_adam,
                   const std::vector<hra::ParameterView<Scalar>>& head, const Progress& p,
-                  bool end_of_epoch) {
+                  Point at) {
     if (!enabled()) return;
-    if (!end_of_epoch) ++steps_here_;
-    const bool stop = !end_of_epoch && stop_after_ > 0 && steps_here_ >= stop_after_;
-    const bool due = every_ > 0 ? !end_of_epoch && p.step % every_ == 0 : end_of_epoch;
+    if (at == Point::step) ++steps_here_;
+    const bool stop = at == Point::step && stop_after_ > 0 && steps_here_ >= stop_after_;
+    const bool due = at == Point::end || (every_ > 0 ? at == Point::step && p.step % every_ == 0
+                                                     : at == Point::end_of_epoch);
     if (!stop && !due) return;
     hra::safetensors::TensorFile tensors;
     json t = {{"key", key},
@@ -802,10 +853,14 @@ class Checkpointer {
     data.state = state_;
     data.tensors = tensors_;
     hra::examples::save_checkpoint(dir_, data);
+    const json& t = state_["training"];
+    saved("checkpoint, " + (t.is_null() ? std::string("no training in progress")
+                                        : t.at("key").get<std::string>() + " at step " +
+                                              std::to_string(t.at("step").get<std::int64_t>())));
   }
 
   std::string dir_;
-  std::int64_t every_ = 0, stop_after_ = 0, steps_here_ = 0;
+  std::int64_t every_ = 0, stop_after_ = 0, steps_here_ = 0, kill_after_ = 0, saves_ = 0;
   std::string settings_;
   json state_;
   hra::safetensors::TensorFile tensors_;
@@ -822,9 +877,11 @@ struct Runtime {
 // order depends only on the seed and the epoch, so every method sees the same batches (and a
 // resumed run derives it again). With several ranks each trains on its slice of every batch and
 // the gradients are averaged (GradientAverager), so all ranks take the same steps.
+// save_at_end: a checkpoint is saved after the last epoch too (the pretraining's: see
+// pretrained_network()). A run resumed from it only restores the network (final_loss is 0).
 TrainStats train(Mlp<Scalar>& net, const std::string& name, std::uint64_t seed, double lr,
                  double head_lr, int epochs, const Data& train, const Data& eval, const Config& c,
-                 CurveWriter& curves, Runtime& rt) {
+                 CurveWriter& curves, Runtime& rt, bool save_at_end = false) {
   const Index n = train.size();
   const Index steps_per_epoch = (n + c.batch - 1) / c.batch;
   const std::int64_t total = static_cast<std::int64_t>(steps_per_epoch) * epochs;
@@ -849,6 +906,12 @@ TrainStats train(Mlp<Scalar>& net, const std::string& name, std::uint64_t seed, 
   const std::int64_t log_every = std::max<std::int64_t>(1, steps_per_epoch / 4);
   TrainStats stats;
   Progress p;
+  using Point = Checkpointer::Point;
+  const auto checkpoint = [&](Point at) {
+    if (rt.checkpoint)
+      rt.checkpoint->after_step(key, net, adam, body_params(), head_adam,
+                                net.layer(head).parameters(), p, at);
+  };
   if (!rt.checkpoint || !rt.checkpoint->restore(key, net, adam, body_params(), head_adam,
                                                 net.layer(head).parameters(), p)) {
     const double acc0 = evaluate(net, eval);
@@ -856,11 +919,7 @@ TrainStats train(Mlp<Scalar>& net, const std::string& name, std::uint64_t seed, 
   }
   stats.seconds = p.seconds;
   stats.cpu_seconds = p.cpu_seconds;
-  const auto checkpoint = [&](bool end_of_epoch) {
-    if (rt.checkpoint)
-      rt.checkpoint->after_step(key, net, adam, body_params(), head_adam,
-                                net.layer(head).parameters(), p, end_of_epoch);
-  };
+  const bool restored_at_end = p.epoch > epochs;
 
   std::vector<Index> order(static_cast<std::size_t>(n));
   Matrix x(train.images.rows(), c.batch), grad;
@@ -921,7 +980,7 @@ TrainStats train(Mlp<Scalar>& net, const std::string& name, std::uint64_t seed, 
       p.seconds = elapsed();
       p.cpu_seconds =
           stats.cpu_seconds + static_cast<double>(std::clock() - cpu_start) / CLOCKS_PER_SEC;
-      checkpoint(false);
+      checkpoint(Point::step);
     }
     stats.seconds += std::chrono::duration<double>(Clock::now() - start).count();
     stats.cpu_seconds += static_cast<double>(std::clock() - cpu_start) / CLOCKS_PER_SEC;
@@ -942,10 +1001,11 @@ TrainStats train(Mlp<Scalar>& net, const std::string& name, std::uint64_t seed, 
     p.cpu_seconds = stats.cpu_seconds;
     if (p.epoch < epochs) {
       ++p.epoch;
-      checkpoint(true);
+      checkpoint(Point::end_of_epoch);
       --p.epoch;
     }
   }
+  if (save_at_end && !restored_at_end) checkpoint(Point::end);
   stats.allreduce_seconds = averager.seconds();
   stats.steps = p.step;
   stats.samples = n * epochs;
@@ -999,12 +1059,21 @@ Weights pretrained_network(const Config& c, const Tasks& t, CurveWriter& curves,
   const auto layers = network_layers(c);
   const std::string path = c.out_dir + "/pretrained_" + c.arch + ".safetensors";
   const std::string signature = pretrain_signature(c, t);
-  auto loaded = load_pretrained(path, signature, layers);
+  // A checkpoint taken during the pretraining continues it, even when the file exists. The last
+  // such checkpoint is saved after the last epoch, before the file: a run killed after it, before
+  // or after the file was written, restores the trained network from it (with every curves row)
+  // and writes the file if it is not there yet.
+  const bool resuming =
+      rt.checkpoint && rt.checkpoint->in_progress(c.arch + "/pretrain/" + std::to_string(c.seed));
+  auto loaded = resuming ? std::nullopt : load_pretrained(path, signature, layers);
   // With MPI every rank must take the same branch (pretraining is collective).
   if (rt.ranks.all(loaded.has_value())) {
     std::printf("Loaded the pretrained network from %s\n", path.c_str());
     return *loaded;
   }
+  // A fresh start writes the pretraining's rows anew (a resumed one continues its own): the
+  // checkpoint's curves may hold them when the file was removed after the pretraining.
+  if (!resuming) curves.remove_rows("pretrain");
   std::printf(
       "Pretraining %s on the source task (%ld images, %d epochs)\n",
       c.arch == "mlp"
@@ -1015,13 +1084,22 @@ Weights pretrained_network(const Config& c, const Tasks& t, CurveWriter& curves,
   Method full{"pretrain", "pretrain", Kind::full};
   Mlp<Scalar> net = build_network(w, layers, full, c.seed);
   const TrainStats s = train(net, "pretrain", c.seed, 1e-3, 1e-3, c.pretrain_epochs, t.source_train,
-                             t.source_test, c, curves, rt);
+                             t.source_test, c, curves, rt, /*save_at_end=*/true);
   for (std::size_t k = 0; k < w.weights.size(); ++k) {
     auto& layer = dynamic_cast<hra::AffineLayer<Scalar>&>(net.layer(k));
     w.weights[k] = layer.weight();
     w.biases[k] = *layer.bias();
   }
-  if (rt.ranks.root()) save_pretrained(path, w, signature, layers);
+  const auto same_as = [&](const std::optional<Weights>& other) {
+    if (!other) return false;
+    for (std::size_t k = 0; k < w.weights.size(); ++k)
+      if (other->weights[k] != w.weights[k] || other->biases[k] != w.biases[k]) return false;
+    return true;
+  };
+  if (rt.ranks.root() && !(resuming && same_as(load_pretrained(path, signature, layers)))) {
+    save_pretrained(path, w, signature, layers);
+    if (rt.checkpoint) rt.checkpoint->saved("pretrained file " + path);
+  }
   std::printf("Pretrained in %.1f s (%.1f s cpu); saved to %s\n", s.seconds, s.cpu_seconds,
               path.c_str());
   return w;
