@@ -9,6 +9,7 @@
 #include <optional>
 #include <stdexcept>
 #include <string>
+#include <type_traits>
 #include <utility>
 #include <vector>
 
@@ -381,6 +382,10 @@ class HraAdapterLayer : public AffineLayer<Scalar_> {
     BasicLoraFactors<T> out;
     out.a.resize(total, adapter_dim());
     out.b.resize(this->weight().rows(), total);
+    // W in T, converted once for all the adapters (for T = Scalar, a view of W itself).
+    const auto weight = this->weight();
+    const std::conditional_t<std::is_same<T, Scalar>::value, decltype(weight), MatrixT> w =
+        weight.template cast<T>();
     Index at = 0;
     for (std::size_t i : order) {
       const Chain& stored = adapters_[i].chain_;
@@ -389,8 +394,7 @@ class HraAdapterLayer : public AffineLayer<Scalar_> {
       const Index r = chain.rank();
       const typename ReflectorChain<T>::Factors f = chain.factorize();
       // W_j U with W_j = W + B_{<j} A_{<j}.
-      MatrixT wu = this->weight().template cast<T>() *
-                   (chain.variant() == Variant::chain ? chain.reflectors() : f.q);
+      MatrixT wu = w * (chain.variant() == Variant::chain ? chain.reflectors() : f.q);
       if (at > 0)
         wu.noalias() +=
             out.b.leftCols(at) *
