@@ -803,6 +803,33 @@ TEST_CASE(
                                                 "is not a usable U: ReflectorChain: reflector "
                                                 "column 0 is too large");
   }
+  SECTION("a column too small for 1/|u|^2 (1e-160 in double, 1e-21 in float)") {
+    // Not zero, so not caught as such: its squared norm (1e-320 in double, 1e-42 in float) is a
+    // positive subnormal whose inverse, which S^{-1} holds, overflows.
+    const auto tiny_column = [&](double scale) {
+      edit([&](DirEditor& e) {
+        Eigen::MatrixXd u = good.fc2.adapter().chain().reflectors();
+        u.col(1) = u.col(1).normalized() * scale;
+        e.weights.put_matrix("base_model.model.net.fc2.hra_u", u);
+      });
+    };
+    tiny_column(1e-160);
+    expect_hra_load_fails<peft::mismatch_error>(
+        dir,
+        "module 'net.fc2': tensor 'base_model.model.net.fc2.hra_u' is not a usable U: "
+        "ReflectorChain: reflector column 1 is too small");
+    tiny_column(1e-21);
+    auto f1 = make_hra<float>(6, 5, 3, 1);
+    auto f2 = make_hra<float>(5, 3, 3, 2);
+    const HraState<float> b1(f1), b2(f2);
+    expect_error<peft::mismatch_error>(
+        [&] {
+          peft::load_hra_adapters(dir, {{"net.fc1", &f1}, {"net.fc2", &f2}});
+        },
+        {"is not a usable U: ReflectorChain: reflector column 1 is too small"});
+    CHECK(HraState<float>(f1) == b1);
+    CHECK(HraState<float>(f2) == b2);
+  }
   SECTION("a zero column, and dependent columns for Gram-Schmidt") {
     edit([&](DirEditor& e) {
       Eigen::MatrixXd u = good.fc2.adapter().chain().reflectors();
