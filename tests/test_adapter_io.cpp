@@ -170,6 +170,22 @@ void expect_hra_load_fails(const fs::path& dir, const std::string& part,
   CHECK(target.state() == before);
 }
 
+/// Loading the HRA directory `dir` into a fresh float pair (6 -> 5 and 5 -> 3, r = 3) must throw
+/// E with `part` in its message and change nothing.
+template <typename E>
+void expect_float_hra_load_fails(const fs::path& dir, const std::string& part) {
+  auto f1 = make_hra<float>(6, 5, 3, 1);
+  auto f2 = make_hra<float>(5, 3, 3, 2);
+  const HraState<float> b1(f1), b2(f2);
+  expect_error<E>(
+      [&] {
+        peft::load_hra_adapters(dir, {{"net.fc1", &f1}, {"net.fc2", &f2}});
+      },
+      {part});
+  CHECK(HraState<float>(f1) == b1);
+  CHECK(HraState<float>(f2) == b2);
+}
+
 /// Loading the LoRA directory `dir` into a fresh pair ("net.fc1" 6 -> 5 of rank 2, "net.fc2"
 /// 5 -> 3 of rank `r2`) must throw E with `part` in its message and change nothing.
 template <typename E>
@@ -788,16 +804,7 @@ TEST_CASE(
       u(0, 0) = 1e300;
       e.weights.put_matrix("base_model.model.net.fc2.hra_u", u);
     });
-    auto f1 = make_hra<float>(6, 5, 3, 1);
-    auto f2 = make_hra<float>(5, 3, 3, 2);
-    const HraState<float> b1(f1), b2(f2);
-    expect_error<st::tensor_error>(
-        [&] {
-          peft::load_hra_adapters(dir, {{"net.fc1", &f1}, {"net.fc2", &f2}});
-        },
-        {"out of range of the requested type"});
-    CHECK(HraState<float>(f1) == b1);
-    CHECK(HraState<float>(f2) == b2);
+    expect_float_hra_load_fails<st::tensor_error>(dir, "out of range of the requested type");
     // In double its squared norm overflows: not a usable U.
     expect_hra_load_fails<peft::mismatch_error>(dir,
                                                 "is not a usable U: ReflectorChain: reflector "
@@ -819,16 +826,8 @@ TEST_CASE(
         "module 'net.fc2': tensor 'base_model.model.net.fc2.hra_u' is not a usable U: "
         "ReflectorChain: reflector column 1 is too small");
     tiny_column(1e-21);
-    auto f1 = make_hra<float>(6, 5, 3, 1);
-    auto f2 = make_hra<float>(5, 3, 3, 2);
-    const HraState<float> b1(f1), b2(f2);
-    expect_error<peft::mismatch_error>(
-        [&] {
-          peft::load_hra_adapters(dir, {{"net.fc1", &f1}, {"net.fc2", &f2}});
-        },
-        {"is not a usable U: ReflectorChain: reflector column 1 is too small"});
-    CHECK(HraState<float>(f1) == b1);
-    CHECK(HraState<float>(f2) == b2);
+    expect_float_hra_load_fails<peft::mismatch_error>(
+        dir, "is not a usable U: ReflectorChain: reflector column 1 is too small");
   }
   SECTION("a zero column, and dependent columns for Gram-Schmidt") {
     edit([&](DirEditor& e) {
