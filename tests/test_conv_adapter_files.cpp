@@ -53,9 +53,13 @@ hra::LoraOptions lora_options(Eigen::Index rank, double alpha) {
 Conv2dGeometry grouped_geometry() {
   return Conv2dGeometry(4, 6, 5, 6, 3, 2).stride(2, 1).padding(1).groups(2);
 }
-// 3 -> 4 channels, 3x2 kernel, stride (1, 2), padding (1, 0), dilation (2, 1): D = 18.
+// 3 -> 4 channels, 3x2 kernel, stride (1, 2), padding (1, 0): D = 18.
 Conv2dGeometry plain_geometry() {
-  return Conv2dGeometry(3, 7, 6, 4, 3, 2).stride(1, 2).padding(1, 0).dilation(2, 1);
+  return Conv2dGeometry(3, 7, 6, 4, 3, 2).stride(1, 2).padding(1, 0);
+}
+// The same with dilation (2, 1): HRA files hold it, PEFT's LoRA conv does not.
+Conv2dGeometry dilated_geometry() {
+  return plain_geometry().dilation(2, 1);
 }
 
 hra::HraConv2d<double> hra_conv(const Conv2dGeometry& g, Eigen::Index r, std::uint64_t seed) {
@@ -218,6 +222,36 @@ TEST_CASE("conv adapter files: what PEFT cannot hold or the layer cannot take is
         {"export_lora_adapters", "net.conv", "groups = 2"});
     CHECK_FALSE(std::filesystem::exists(tmp.path / "grouped"));
   }
+  SECTION("a dilated LoRA conv is not saved, nor exported as LoRA from HRA, but saves as HRA") {
+    auto lora = lora_conv(dilated_geometry(), 2, 102);
+    expect_error<std::invalid_argument>(
+        [&] {
+          peft::save_lora_adapters(tmp.path / "dilated",
+                                   peft::LoraLayerModules<double>{{"net.conv", &lora}});
+        },
+        {"net.conv", "dilation (2, 1)", "kernel 3x2", "no PEFT LoRA form", "save it as HRA"});
+    auto hra_layer = hra_conv(dilated_geometry(), 3, 104);
+    expect_error<std::invalid_argument>(
+        [&] {
+          peft::export_lora_adapters(tmp.path / "dilated",
+                                     peft::HraLayerModules<double>{{"net.conv", &hra_layer}});
+        },
+        {"export_lora_adapters", "net.conv", "dilation (2, 1)", "not its dilation"});
+    CHECK_FALSE(std::filesystem::exists(tmp.path / "dilated"));
+    peft::save_hra_adapters(tmp.path / "dilated",
+                            peft::HraLayerModules<double>{{"net.conv", &hra_layer}});
+    auto fresh = hra_conv(dilated_geometry(), 3, 106);
+    REQUIRE(u_of(fresh) != u_of(hra_layer));
+    peft::load_hra_adapters(tmp.path / "dilated",
+                            peft::HraLayerModules<double>{{"net.conv", &fresh}});
+    CHECK(u_of(fresh) == u_of(hra_layer));
+  }
+  SECTION("dilation along a 1-long kernel axis changes nothing and is not refused") {
+    auto lora = lora_conv(Conv2dGeometry(3, 7, 6, 4, 3, 1).dilation(1, 3), 2, 108);
+    peft::save_lora_adapters(tmp.path / "k3x1",
+                             peft::LoraLayerModules<double>{{"net.conv", &lora}});
+    CHECK(std::filesystem::exists(tmp.path / "k3x1" / peft::weights_file_name));
+  }
   SECTION("a linear layer's LoRA tensors do not load into a conv of the same fan-in") {
     // LoraLinear 4 x 18 saves lora_A (2, 18); the conv expects (2, 3, 3, 2).
     hra::LoraLinear<double> fc(hra::WeightMatrix<double>::owned(random_matrix(4, 18, 11)),
@@ -251,7 +285,7 @@ TEST_CASE("conv adapter files: what PEFT cannot hold or the layer cannot take is
         {"net.conv", "hra_u", "[18, 3]", "expected [27, 3]", "in_channels/groups*kh*kw"});
     CHECK(u_of(other) == u);
   }
-  SECTION("a LoRA file does not load into a grouped LoRA conv") {
+  SECTION("a LoRA file does not load into a grouped or dilated LoRA conv") {
     auto plain = lora_conv(Conv2dGeometry(4, 6, 5, 6, 3, 2).padding(1), 2, 150);  // D = 24
     peft::save_lora_adapters(tmp.path / "plain",
                              peft::LoraLayerModules<double>{{"net.conv", &plain}});
@@ -264,6 +298,15 @@ TEST_CASE("conv adapter files: what PEFT cannot hold or the layer cannot take is
         },
         {"net.conv", "groups = 2"});
     CHECK(grouped.lora_a() == a);
+    auto dilated = lora_conv(dilated_geometry(), 2, 170);
+    const MatD b = dilated.lora_b();
+    expect_error<peft::mismatch_error>(
+        [&] {
+          peft::load_lora_adapters(tmp.path / "plain",
+                                   peft::LoraLayerModules<double>{{"net.conv", &dilated}});
+        },
+        {"net.conv", "dilation (2, 1)"});
+    CHECK(dilated.lora_b() == b);
   }
 }
 

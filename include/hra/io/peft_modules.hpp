@@ -125,12 +125,23 @@ struct PeftWeightShape {
   const char* lora_a_name() const { return conv ? "(r, in_channels, kh, kw)" : "(r, in_features)"; }
   const char* lora_b_name() const { return conv ? "(out_channels, r, 1, 1)" : "(out_features, r)"; }
   /// Why PEFT's LoRA cannot hold this layer's factors, or "" when it can: a grouped
-  /// convolution (PEFT's lora_A is a convolution over all input channels).
+  /// convolution (PEFT's lora_A is a convolution over all input channels), or a dilated one
+  /// (dilation > 1 along an axis whose kernel is longer than 1: PEFT builds lora_A from the
+  /// base layer's kernel, stride and padding but not its dilation, so its unmerged forward
+  /// would convolve other patches than the base layer, or fail on the output size).
   std::string lora_refusal() const {
-    if (!conv || conv->groups() == 1) return "";
-    return concat("a convolution with groups = ", conv->groups(),
-                  " has no PEFT LoRA form (lora_A is a convolution over all ", conv->in_channels(),
-                  " input channels)");
+    if (!conv) return "";
+    if (conv->groups() != 1)
+      return concat("a convolution with groups = ", conv->groups(),
+                    " has no PEFT LoRA form (lora_A is a convolution over all ",
+                    conv->in_channels(), " input channels)");
+    if ((conv->dilation_h() > 1 && conv->kernel_h() > 1) ||
+        (conv->dilation_w() > 1 && conv->kernel_w() > 1))
+      return concat("a convolution with dilation (", conv->dilation_h(), ", ", conv->dilation_w(),
+                    ") and kernel ", conv->kernel_h(), "x", conv->kernel_w(),
+                    " has no PEFT LoRA form (PEFT's lora_A takes the base layer's kernel, stride "
+                    "and padding but not its dilation)");
+    return "";
   }
 };
 

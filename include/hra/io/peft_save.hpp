@@ -184,7 +184,7 @@ inline void reshape_tensor(safetensors::TensorFile& weights, const std::string& 
 }
 
 /// std::invalid_argument (starting with `where`) for a layer whose factors PEFT's LoRA cannot
-/// hold (PeftWeightShape::lora_refusal(): a grouped convolution).
+/// hold (PeftWeightShape::lora_refusal(): a grouped or dilated convolution).
 inline void expect_lora_representable(const PeftWeightShape& shape, const std::string& where) {
   const std::string refusal = shape.lora_refusal();
   if (!refusal.empty()) throw_invalid(where, refusal, "; save it as HRA instead");
