@@ -16,9 +16,11 @@ Steps:
      LoRA adapter in F64 by hra::peft::export_lora_adapters.
   2. This script reads both and writes expected.safetensors (F64), per module
      "<module>.lora_merged" = W + scaling * B @ A, PEFT's LoRA merge (scaling = lora_alpha / r,
-     the module's rank_pattern / alpha_pattern entry when it has one), and
+     the module's rank_pattern / alpha_pattern entry when it has one),
+     "<module>.llama_cpp_merged" = W + (lora_alpha / rank) * B @ A, llama.cpp's scale (one
+     lora_alpha for the whole adapter, the rank read from the tensor), and
      "<module>.peft_hra_merged" = W @ H_a @ H_b ... with PEFT's HRA get_delta_weight, as an
-     independent check; it fails if the two differ by more than 1e-12.
+     independent check; it fails if any two differ by more than 1e-12.
 The C++ test tests/test_lora_export.cpp compares both with the library's W H (merge()) to 1e-12;
 Python is not needed at test time.
 
@@ -31,6 +33,10 @@ What is restated from PEFT (our own code, written from its source, not copied):
     re.match(rf"(.*\\.)?({key})$", name).
   huggingface/peft src/peft/tuners/hra/layer.py, HRALinear.get_delta_weight (see
     scripts/make_peft_adapter_fixture.py for the chain and Gram-Schmidt forms).
+  ggml-org/llama.cpp convert_lora_to_gguf.py: adapter.lora.alpha = the config's top-level
+    lora_alpha (rank_pattern / alpha_pattern are not read); src/llama-adapter.h,
+    llama_adapter_lora_weight::get_scale: scale = alpha / rank, rank = the tensor's own
+    (b->ne[0]).
 """
 
 import json
@@ -99,16 +105,20 @@ def main():
         alpha = pattern_value(config["alpha_pattern"], module, config["lora_alpha"])
         assert a.shape == (r, w.shape[1]) and b.shape == (w.shape[0], r)
         lora_merged = w + (alpha / r) * (b @ a)
+        llama_cpp_merged = w + (config["lora_alpha"] / b.shape[1]) * (b @ a)
         h = torch.eye(w.shape[1], dtype=torch.float64)
         for item in adapters.split(","):
             name, variant = item.split(":")
             h = h @ delta_weight(hra[module + ".hra_u." + name].double(), variant == "gs")
         peft_hra = w @ h
-        diff = (lora_merged - peft_hra).abs().max().item() / peft_hra.abs().max().item()
-        print("%s: r = %d, lora_alpha = %g, max|W + s B A - W H| / max|W H| = %.3e"
-              % (module, r, alpha, diff))
-        assert diff < 1e-12, module
+        scale = peft_hra.abs().max().item()
+        diff = (lora_merged - peft_hra).abs().max().item() / scale
+        diff_llama = (llama_cpp_merged - peft_hra).abs().max().item() / scale
+        print("%s: r = %d, lora_alpha = %g, max|W + s B A - W H| / max|W H| = %.3e (PEFT), "
+              "%.3e (llama.cpp)" % (module, r, alpha, diff, diff_llama))
+        assert diff < 1e-12 and diff_llama < 1e-12, module
         expected[module + ".lora_merged"] = lora_merged
+        expected[module + ".llama_cpp_merged"] = llama_cpp_merged
         expected[module + ".peft_hra_merged"] = peft_hra
     write_bytes(os.path.join(out_dir, "expected.safetensors"), safetensors_bytes(expected, None))
     print("wrote", out_dir)

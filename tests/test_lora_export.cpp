@@ -11,6 +11,7 @@
 #include <cmath>
 #include <cstdint>
 #include <filesystem>
+#include <fstream>
 #include <limits>
 #include <memory>
 #include <optional>
@@ -81,13 +82,14 @@ MatD dense_adapted(const hra::HraLinear<T>& layer, const std::vector<std::string
   return to_double(layer.weight()) * h;
 }
 
-/// A LoRA layer over the HRA layer's W, scale 1, ready to load an export of rank r; its bias is
-/// the HRA layer's when frozen, zero when trainable (the loaded one must replace it).
+/// A LoRA layer over the HRA layer's W, scale alpha / r, ready to load an export of rank r
+/// whose lora_alpha is `alpha`; its bias is the HRA layer's when frozen, zero when trainable (the
+/// loaded one must replace it).
 template <typename T>
-hra::LoraLinear<T> lora_like(const hra::HraLinear<T>& layer, Index r) {
+hra::LoraLinear<T> lora_like(const hra::HraLinear<T>& layer, Index r, double alpha) {
   hra::LoraOptions o;
   o.rank = r;
-  o.alpha = static_cast<double>(r);
+  o.alpha = alpha;
   auto weight = hra::WeightMatrix<T>::owned(layer.weight());
   if (!layer.bias()) return hra::LoraLinear<T>(std::move(weight), std::nullopt, o);
   Vec<T> bias = *layer.bias();
@@ -146,13 +148,16 @@ TEMPLATE_TEST_CASE("an exported LoRA reloads into LoraLinear and computes the HR
     CHECK(exported.report[0].hra_numbers() == 9u * 5u);
     CHECK(exported.report[0].lora_numbers() == 5u * (9u + 7u));
 
-    auto lora1 = lora_like(model.fc1, 5);
-    auto lora2 = lora_like(model.fc2, 4);
+    // One lora_alpha, fc1's R = 5: fc2 (R = 4) is read with scale 5 / 4 and stores B 4 / 5.
+    CHECK(exported.report[0].scale == 1.0);
+    CHECK(exported.report[1].scale == 1.25);
+    auto lora1 = lora_like(model.fc1, 5, 5.0);
+    auto lora2 = lora_like(model.fc2, 4, 5.0);
     const peft::AdapterConfig config =
         peft::load_lora_adapters(tmp.path, {{"net.fc1", &lora1}, {"net.fc2", &lora2}});
     CHECK(config.peft_type == peft::PeftType::lora);
     CHECK(config.lora_scaling_for("net.fc1") == 1.0);
-    CHECK(config.lora_scaling_for("net.fc2") == 1.0);
+    CHECK(config.lora_scaling_for("net.fc2") == 1.25);
     CHECK(config.bias == "all");
 
     // The trained bias travels with the adapter.
@@ -167,13 +172,14 @@ TEMPLATE_TEST_CASE("an exported LoRA reloads into LoraLinear and computes the HR
     INFO("output rel error " << hra_test::sci(out_err));
     CHECK(out_err <= 16.0 * u);
 
-    // The report is the error of the stored tensors: W + B A from what the loader read, against
-    // W H from dense reflections.
+    // The report is the error of the stored tensors: W + s B A from what the loader read,
+    // against W H from dense reflections.
     for (const auto& [lora, hra_layer, entry] :
          {std::tuple{&lora1, &model.fc1, &exported.report[0]},
           std::tuple{&lora2, &model.fc2, &exported.report[1]}}) {
-      const MatD stored =
-          to_double(lora->weight()) + to_double(lora->lora_b()) * to_double(lora->lora_a());
+      const MatD stored = to_double(lora->weight()) + static_cast<double>(lora->scaling()) *
+                                                          to_double(lora->lora_b()) *
+                                                          to_double(lora->lora_a());
       const MatD wh = dense_adapted(*hra_layer);
       const double err = hra_test::max_abs(stored - wh);
       INFO(entry->module << ": report " << hra_test::sci(entry->max_weight_error) << ", measured "
@@ -187,7 +193,8 @@ TEMPLATE_TEST_CASE("an exported LoRA reloads into LoraLinear and computes the HR
   }
 }
 
-TEST_CASE("the exported config is a LoraConfig with scale 1 for every rank", "[export]") {
+TEST_CASE("the exported config is a LoraConfig with one lora_alpha, as llama.cpp reads it",
+          "[export]") {
   Model<float> model;
   const peft::LoraExport e = peft::lora_export_files(model.modules());
   const auto& c = e.files.config;
@@ -195,7 +202,18 @@ TEST_CASE("the exported config is a LoraConfig with scale 1 for every rank", "[e
   CHECK(c["r"] == 5);  // ties: the first module's
   CHECK(c["lora_alpha"] == 5);
   CHECK(c["rank_pattern"] == nlohmann::json{{"net\\.fc2", 4}});
-  CHECK(c["alpha_pattern"] == nlohmann::json{{"net\\.fc2", 4}});
+  // No alpha_pattern: llama.cpp's convert_lora_to_gguf.py takes the top-level lora_alpha for
+  // every tensor and scales by lora_alpha / the tensor's rank (llama_adapter_lora_weight::
+  // get_scale). What both PEFT and llama.cpp then compute, W + (5 / R) B A, is W H.
+  CHECK(c["alpha_pattern"].empty());
+  for (const auto& [module, layer] : model.modules()) {
+    const std::string prefix = "base_model.model." + module;
+    const MatD a = e.files.weights.get_matrix<double>(prefix + ".lora_A.weight");
+    const MatD b = e.files.weights.get_matrix<double>(prefix + ".lora_B.weight");
+    const double scale = 5.0 / static_cast<double>(a.rows());
+    INFO(module << ": R = " << a.rows());
+    CHECK(rel_err(to_double(layer->weight()) + scale * b * a, dense_adapted(*layer)) <= 1e-6);
+  }
   CHECK(c["target_modules"] == nlohmann::json{"net.fc1", "net.fc2"});
   CHECK(c["use_rslora"] == false);
   CHECK(c["use_dora"] == false);
@@ -266,8 +284,8 @@ TEST_CASE("which adapters are exported, and which bias", "[export]") {
   const peft::LoraExport f = peft::lora_export_files(frozen.modules());
   CHECK(f.files.config["bias"] == "none");
   CHECK(f.files.weights.size() == 4);
-  auto lora1 = lora_like(frozen.fc1, 5);
-  auto lora2 = lora_like(frozen.fc2, 4);
+  auto lora1 = lora_like(frozen.fc1, 5, 5.0);
+  auto lora2 = lora_like(frozen.fc2, 4, 5.0);
   peft::load_lora_adapters(peft::parse_config(f.files.config_text()), f.files.weights,
                            {{"net.fc1", &lora1}, {"net.fc2", &lora2}});
   Mat<double> y_hra, y_lora;
@@ -392,9 +410,11 @@ TEST_CASE("export refuses what would not be the HRA layers' LoRA", "[export][err
 // tests/fixtures/lora_export/hra.safetensors (F64) holds, per module, "<module>.weight" and
 // "<module>.hra_u.<adapter>" (metadata "<module>": the adapters in stacking order as
 // "name:chain" / "name:gs", comma-separated); lora/ is the F64 LoRA export of those layers;
-// expected.safetensors holds "<module>.lora_merged" = W + (lora_alpha / r) B A, computed by
-// scripts/make_lora_export_fixture.py in torch float64 from lora/, and "<module>.peft_hra_merged"
-// = W @ H with PEFT's HRA get_delta_weight.
+// expected.safetensors holds "<module>.lora_merged" = W + (lora_alpha / r) B A (PEFT's scale,
+// with rank_pattern / alpha_pattern), "<module>.llama_cpp_merged" = W + (lora_alpha / rank) B A
+// (llama.cpp's: the top-level lora_alpha, the tensor's rank), computed by
+// scripts/make_lora_export_fixture.py in torch float64 from lora/, and
+// "<module>.peft_hra_merged" = W @ H with PEFT's HRA get_delta_weight.
 
 namespace {
 
@@ -452,16 +472,20 @@ TEST_CASE("PEFT's LoRA formula on an exported file gives the library's W H (Pyth
     const std::string& module = model.names[i];
     hra::HraLinear<double>& layer = *model.layers[i];
     const MatD lora_merged = expected.get_matrix<double>(module + ".lora_merged");
+    const MatD llama_cpp = expected.get_matrix<double>(module + ".llama_cpp_merged");
     const MatD peft_hra = expected.get_matrix<double>(module + ".peft_hra_merged");
     const MatD base = layer.weight();
     layer.merge();  // the library's W H (SPEC §7), not the export
     const MatD wh = layer.weight();
     layer.unmerge_all();
     const double vs_lora = rel_err(lora_merged, wh);
+    const double vs_llama = rel_err(llama_cpp, wh);
     const double vs_peft = rel_err(peft_hra, wh);
-    INFO(module << ": Python W + B A vs library W H " << hra_test::sci(vs_lora)
-                << ", PEFT's dense W @ H vs library W H " << hra_test::sci(vs_peft));
+    INFO(module << ": Python W + s B A vs library W H " << hra_test::sci(vs_lora) << " (PEFT's s), "
+                << hra_test::sci(vs_llama) << " (llama.cpp's s), PEFT's dense W @ H vs library W H "
+                << hra_test::sci(vs_peft));
     CHECK(vs_lora <= 1e-12);
+    CHECK(vs_llama <= 1e-12);
     CHECK(vs_peft <= 1e-12);
     CHECK(rel_err(lora_merged, base) > 1e-2);  // the adapters change W: the check can fail
   }
@@ -473,7 +497,10 @@ TEST_CASE("PEFT's LoRA formula on an exported file gives the library's W H (Pyth
     CHECK(rel_err(again.files.weights.get_matrix<double>(name),
                   committed.get_matrix<double>(name)) <= 1e-13);
   const peft::AdapterConfig config = peft::read_config(fixture_dir / "lora");
-  for (const auto& module : model.names) CHECK(config.lora_scaling_for(module) == 1.0);
+  CHECK(config.alpha_pattern.empty());
+  for (std::size_t i = 0; i < model.names.size(); ++i)
+    CHECK(config.lora_scaling_for(model.names[i]) ==
+          config.lora_alpha / static_cast<double>(again.report[i].rank));
 }
 
 // Run by scripts/make_lora_export_fixture.py (hidden: not part of the test run). Writes
@@ -498,7 +525,12 @@ TEST_CASE("write the LoRA-export fixture", "[.make_lora_export_fixture]") {
   st::save(fixture_dir / "hra.safetensors", hra_file);
   peft::LoraExportOptions o;
   o.dtype = st::Dtype::F64;
-  const peft::LoraExport e =
-      peft::export_lora_adapters(fixture_dir / "lora", {{"net.fc1", &fc1}, {"net.fc2", &fc2}}, o);
+  const peft::LoraExport e = peft::lora_export_files({{"net.fc1", &fc1}, {"net.fc2", &fc2}}, o);
   CHECK(e.max_relative_weight_error() <= 1e-14);
+  // Plain files, as committed (export_lora_adapters() would write its symlinked layout).
+  const std::filesystem::path lora_dir = fixture_dir / "lora";
+  std::filesystem::remove_all(lora_dir);
+  std::filesystem::create_directories(lora_dir);
+  st::save(lora_dir / peft::weights_file_name, e.files.weights);
+  std::ofstream(lora_dir / peft::config_file_name, std::ios::binary) << e.files.config_text();
 }

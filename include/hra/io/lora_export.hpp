@@ -51,8 +51,11 @@ struct LoraExportModule {
   Eigen::Index rank = 0;              ///< R, the summed rank of those adapters (the LoRA's r)
   Eigen::Index input_dim = 0;         ///< d_in (a convolution: its fan-in C_in/groups * kh * kw)
   Eigen::Index output_dim = 0;        ///< d_out (a convolution: C_out)
-  /// max_ij |(W + B A)_ij - (W H)_ij| in double, with B and A as stored (rounded to the dtype),
-  /// W H = W H_a H_b ... computed in double from the layer's W and U.
+  /// The scale a consumer applies, lora_alpha / R (PEFT, llama.cpp): 1 unless R differs from
+  /// the export's common rank (the stored B is then the exact B divided by it).
+  double scale = 1;
+  /// max_ij |(W + scale B A)_ij - (W H)_ij| in double, with B and A as stored (rounded to the
+  /// dtype), W H = W H_a H_b ... computed in double from the layer's W and U.
   double max_weight_error = 0;
   double max_weight = 0;  ///< max_ij |(W H)_ij|, to read max_weight_error relatively
   /// Numbers the HRA adapters store, sum of d_in r_i (= d_in R).
@@ -199,8 +202,12 @@ namespace peft {
 /// and U (so a float layer's F32 export is rounded once, when stored): A (R x d_in) is stored as
 /// `<prefix><module>.lora_A.weight` (R, in_features), B as
 /// `<prefix><module>.lora_B.weight` (out_features, R), PEFT's names and shapes. The config is
-/// a LoraConfig with lora_alpha = r for every module (rank_pattern / alpha_pattern when the
-/// modules' R differ), so PEFT's scale lora_alpha / r is 1, use_rslora false, dropout 0.
+/// a LoraConfig with use_rslora false, dropout 0 and one lora_alpha, the most common R (the
+/// first module's on ties), with no alpha_pattern: llama.cpp's convert_lora_to_gguf.py reads
+/// only the top-level lora_alpha and scales every tensor by lora_alpha / its own rank, as PEFT
+/// does without alpha_pattern. A module whose R is another (listed in rank_pattern) stores
+/// B R / lora_alpha instead of B, so that both apply (lora_alpha / R) (B R / lora_alpha) A = B A;
+/// modules of the common R have scale 1 and store B itself.
 ///
 /// Bias: a frozen bias (BiasMode::none) belongs to the base model and is not written. A
 /// trainable one is the trained bias, written as `<prefix><module>.base_layer.bias` with the
@@ -229,12 +236,24 @@ LoraExport lora_export_files(const std::map<std::string, Layer*>& modules,
   AdapterFiles& files = out.files;
   const std::string bias = detail::bias_field(modules, "lora_only", what);
 
+  // Every module's adapters and summed rank first: the common rank is the one lora_alpha.
+  std::vector<std::vector<std::size_t>> orders;
   std::vector<detail::LoraModuleShape> shapes;
-  std::vector<std::string> names;
   for (const auto& [module, layer] : modules) {
     const std::string where = detail::concat("peft: ", what, ": module '", module, "': ");
-    const std::vector<std::size_t> order =
-        detail::adapters_to_export(*layer, options.adapters, where);
+    orders.push_back(detail::adapters_to_export(*layer, options.adapters, where));
+    Eigen::Index rank = 0;
+    for (std::size_t i : orders.back()) rank += layer->adapters()[i].chain().rank();
+    shapes.push_back({module, rank, 0.0});
+  }
+  const double alpha = static_cast<double>(detail::lora_patterns(shapes).r);
+  for (auto& s : shapes) s.alpha = alpha;
+
+  std::vector<std::string> names;
+  std::size_t index = 0;
+  for (const auto& [module, layer] : modules) {
+    const std::string where = detail::concat("peft: ", what, ": module '", module, "': ");
+    const std::vector<std::size_t>& order = orders[index++];
     std::vector<std::string> chosen;
     for (std::size_t i : order) chosen.push_back(layer->adapters()[i].name());
     const detail::PeftWeightShape shape = detail::peft_weight_shape(*layer);
@@ -249,10 +268,13 @@ LoraExport lora_export_files(const std::map<std::string, Layer*>& modules,
     entry.output_dim = static_cast<Eigen::Index>(shape.rows);
     const std::string name_a = options.prefix + module + ".lora_A.weight";
     const std::string name_b = options.prefix + module + ".lora_B.weight";
+    // The consumer's scale alpha / R, undone in B (exactly 1 for the common rank).
+    const double scale = entry.scale = alpha / static_cast<double>(entry.rank);
     const Eigen::MatrixXd a =
         detail::put_representable(files.weights, name_a, factors.a, out.dtype, where);
-    const Eigen::MatrixXd b =
-        detail::put_representable(files.weights, name_b, factors.b, out.dtype, where);
+    const Eigen::MatrixXd b = detail::put_representable(
+        files.weights, name_b, scale == 1.0 ? factors.b : Eigen::MatrixXd(factors.b / scale),
+        out.dtype, where);
     if (shape.conv) {
       detail::reshape_tensor(files.weights, name_a, shape.lora_a(entry.rank));
       detail::reshape_tensor(files.weights, name_b, shape.lora_b(entry.rank));
@@ -262,12 +284,9 @@ LoraExport lora_export_files(const std::map<std::string, Layer*>& modules,
                                 *layer->bias(), out.dtype, where, /*vector=*/true);
     Eigen::MatrixXd wh = detail::adapted_weight(*layer, order);
     entry.max_weight = wh.size() ? wh.cwiseAbs().maxCoeff() : 0.0;
-    wh.noalias() -= b * a;
+    wh.noalias() -= scale * (b * a);
     wh -= layer->weight().template cast<double>();
     entry.max_weight_error = wh.size() ? wh.cwiseAbs().maxCoeff() : 0.0;
-
-    // lora_alpha = r: PEFT's scale alpha / r is 1.
-    shapes.push_back({module, entry.rank, static_cast<double>(entry.rank)});
     names.push_back(module);
     out.report.push_back(std::move(entry));
   }
