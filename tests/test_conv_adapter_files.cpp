@@ -202,42 +202,37 @@ TEST_CASE("conv adapter files: an HRA conv exports as PEFT's LoRA conv, exactly"
 TEST_CASE("conv adapter files: what PEFT cannot hold or the layer cannot take is refused",
           "[adapter_files][conv][errors]") {
   TempDir tmp("conv_refusals");
-  SECTION("a grouped LoRA conv is not saved, and no directory appears") {
-    auto grouped = lora_conv(grouped_geometry(), 2, 100);
-    expect_error<std::invalid_argument>(
-        [&] {
-          peft::save_lora_adapters(tmp.path / "grouped",
-                                   peft::LoraLayerModules<double>{{"net.conv", &grouped}});
-        },
-        {"net.conv", "groups = 2", "no PEFT LoRA form", "save it as HRA"});
-    CHECK_FALSE(std::filesystem::exists(tmp.path / "grouped"));
+  // Grouped, or dilated along a kernel axis longer than 1: PEFT's LoRA conv has no such form.
+  const std::vector<std::pair<Conv2dGeometry, std::vector<std::string>>> refused = {
+      {grouped_geometry(), {"groups = 2"}},
+      {dilated_geometry(), {"dilation (2, 1)", "kernel 3x2", "not its dilation"}}};
+  SECTION(
+      "a grouped or dilated LoRA conv is not saved nor exported from HRA, no directory appears") {
+    for (const auto& [geometry, values] : refused) {
+      INFO(values.front());
+      auto lora = lora_conv(geometry, 2, 100);
+      auto hra_layer = hra_conv(geometry, 3, 110);
+      std::vector<std::string> save_message = {"net.conv", "no PEFT LoRA form", "save it as HRA"};
+      std::vector<std::string> export_message = {"export_lora_adapters", "net.conv"};
+      save_message.insert(save_message.end(), values.begin(), values.end());
+      export_message.insert(export_message.end(), values.begin(), values.end());
+      expect_error<std::invalid_argument>(
+          [&] {
+            peft::save_lora_adapters(tmp.path / "refused",
+                                     peft::LoraLayerModules<double>{{"net.conv", &lora}});
+          },
+          save_message);
+      expect_error<std::invalid_argument>(
+          [&] {
+            peft::export_lora_adapters(tmp.path / "refused",
+                                       peft::HraLayerModules<double>{{"net.conv", &hra_layer}});
+          },
+          export_message);
+      CHECK_FALSE(std::filesystem::exists(tmp.path / "refused"));
+    }
   }
-  SECTION("a grouped HRA conv is not exported as LoRA") {
-    auto grouped = hra_conv(grouped_geometry(), 3, 110);
-    expect_error<std::invalid_argument>(
-        [&] {
-          peft::export_lora_adapters(tmp.path / "grouped",
-                                     peft::HraLayerModules<double>{{"net.conv", &grouped}});
-        },
-        {"export_lora_adapters", "net.conv", "groups = 2"});
-    CHECK_FALSE(std::filesystem::exists(tmp.path / "grouped"));
-  }
-  SECTION("a dilated LoRA conv is not saved, nor exported as LoRA from HRA, but saves as HRA") {
-    auto lora = lora_conv(dilated_geometry(), 2, 102);
-    expect_error<std::invalid_argument>(
-        [&] {
-          peft::save_lora_adapters(tmp.path / "dilated",
-                                   peft::LoraLayerModules<double>{{"net.conv", &lora}});
-        },
-        {"net.conv", "dilation (2, 1)", "kernel 3x2", "no PEFT LoRA form", "save it as HRA"});
+  SECTION("a dilated HRA conv saves and loads as HRA") {
     auto hra_layer = hra_conv(dilated_geometry(), 3, 104);
-    expect_error<std::invalid_argument>(
-        [&] {
-          peft::export_lora_adapters(tmp.path / "dilated",
-                                     peft::HraLayerModules<double>{{"net.conv", &hra_layer}});
-        },
-        {"export_lora_adapters", "net.conv", "dilation (2, 1)", "not its dilation"});
-    CHECK_FALSE(std::filesystem::exists(tmp.path / "dilated"));
     peft::save_hra_adapters(tmp.path / "dilated",
                             peft::HraLayerModules<double>{{"net.conv", &hra_layer}});
     auto fresh = hra_conv(dilated_geometry(), 3, 106);
@@ -289,24 +284,19 @@ TEST_CASE("conv adapter files: what PEFT cannot hold or the layer cannot take is
     auto plain = lora_conv(Conv2dGeometry(4, 6, 5, 6, 3, 2).padding(1), 2, 150);  // D = 24
     peft::save_lora_adapters(tmp.path / "plain",
                              peft::LoraLayerModules<double>{{"net.conv", &plain}});
-    auto grouped = lora_conv(grouped_geometry(), 2, 160);
-    const MatD a = grouped.lora_a();
-    expect_error<peft::mismatch_error>(
-        [&] {
-          peft::load_lora_adapters(tmp.path / "plain",
-                                   peft::LoraLayerModules<double>{{"net.conv", &grouped}});
-        },
-        {"net.conv", "groups = 2"});
-    CHECK(grouped.lora_a() == a);
-    auto dilated = lora_conv(dilated_geometry(), 2, 170);
-    const MatD b = dilated.lora_b();
-    expect_error<peft::mismatch_error>(
-        [&] {
-          peft::load_lora_adapters(tmp.path / "plain",
-                                   peft::LoraLayerModules<double>{{"net.conv", &dilated}});
-        },
-        {"net.conv", "dilation (2, 1)"});
-    CHECK(dilated.lora_b() == b);
+    for (const auto& [geometry, refusal] : {std::pair{grouped_geometry(), "groups = 2"},
+                                            std::pair{dilated_geometry(), "dilation (2, 1)"}}) {
+      auto layer = lora_conv(geometry, 2, 160);
+      const MatD a = layer.lora_a(), b = layer.lora_b();
+      expect_error<peft::mismatch_error>(
+          [&] {
+            peft::load_lora_adapters(tmp.path / "plain",
+                                     peft::LoraLayerModules<double>{{"net.conv", &layer}});
+          },
+          {"net.conv", refusal});
+      CHECK(layer.lora_a() == a);
+      CHECK(layer.lora_b() == b);
+    }
   }
 }
 
