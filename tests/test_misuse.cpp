@@ -51,31 +51,35 @@ HraOptions hra_options(Index rank, Variant variant = Variant::chain) {
   return o;
 }
 
-// The layer kinds under test, each with a bias, for d_out x d_in.
+// The layer kinds under test, each with a bias (trained, except the frozen Linear's), for
+// d_out x d_in.
 template <typename T>
 std::vector<std::pair<std::string, std::function<std::unique_ptr<hra::AffineLayer<T>>()>>>
 layer_kinds(Index d_out, Index d_in) {
   using Ptr = std::unique_ptr<hra::AffineLayer<T>>;
   auto w = [=] { return hra::WeightMatrix<T>::owned(random_as<T>(d_out, d_in, 1)); };
   auto b = [=] { return random_vec<T>(d_out, 2); };
-  return {{"HraLinear chain",
-           [=] { return Ptr(new hra::HraLinear<T>(w(), b(), hra_options(3), BiasMode::all)); }},
-          {"HraLinear gram_schmidt",
-           [=] {
-             return Ptr(new hra::HraLinear<T>(w(), b(), hra_options(3, Variant::gram_schmidt),
-                                              BiasMode::all));
-           }},
-          {"LoraLinear",
-           [=] {
-             LoraOptions o;
-             o.rank = 2;
-             auto l = new hra::LoraLinear<T>(w(), b(), o, BiasMode::all);
-             l->set_lora_weights(l->lora_a(), random_as<T>(d_out, 2, 4));
-             return Ptr(l);
-           }},
-          {"Linear", [=] {
-             return Ptr(new hra::Linear<T>(w(), b(), hra::LinearOptions{true}, BiasMode::all));
-           }}};
+  return {
+      {"HraLinear chain",
+       [=] { return Ptr(new hra::HraLinear<T>(w(), b(), hra_options(3), BiasMode::all)); }},
+      {"HraLinear gram_schmidt",
+       [=] {
+         return Ptr(
+             new hra::HraLinear<T>(w(), b(), hra_options(3, Variant::gram_schmidt), BiasMode::all));
+       }},
+      {"LoraLinear",
+       [=] {
+         LoraOptions o;
+         o.rank = 2;
+         auto l = new hra::LoraLinear<T>(w(), b(), o, BiasMode::all);
+         l->set_lora_weights(l->lora_a(), random_as<T>(d_out, 2, 4));
+         return Ptr(l);
+       }},
+      {"Linear",
+       [=] { return Ptr(new hra::Linear<T>(w(), b(), hra::LinearOptions{true}, BiasMode::all)); }},
+      {"Linear frozen", [=] {
+         return Ptr(new hra::Linear<T>(w(), b(), hra::LinearOptions{false}, BiasMode::none));
+       }}};
 }
 
 template <typename T>
