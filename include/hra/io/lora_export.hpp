@@ -268,13 +268,12 @@ LoraExport lora_export_files(const std::map<std::string, Layer*>& modules,
     entry.output_dim = static_cast<Eigen::Index>(shape.rows);
     const std::string name_a = options.prefix + module + ".lora_A.weight";
     const std::string name_b = options.prefix + module + ".lora_B.weight";
-    // The consumer's scale alpha / R, undone in B (exactly 1 for the common rank).
-    const double scale = entry.scale = alpha / static_cast<double>(entry.rank);
+    // The consumer's scale alpha / R, undone in B (exactly 1, so B itself, for the common rank).
+    entry.scale = alpha / static_cast<double>(entry.rank);
     const Eigen::MatrixXd a =
         detail::put_representable(files.weights, name_a, factors.a, out.dtype, where);
-    const Eigen::MatrixXd b = detail::put_representable(
-        files.weights, name_b, scale == 1.0 ? factors.b : Eigen::MatrixXd(factors.b / scale),
-        out.dtype, where);
+    const Eigen::MatrixXd b =
+        detail::put_representable(files.weights, name_b, factors.b / entry.scale, out.dtype, where);
     if (shape.conv) {
       detail::reshape_tensor(files.weights, name_a, shape.lora_a(entry.rank));
       detail::reshape_tensor(files.weights, name_b, shape.lora_b(entry.rank));
@@ -284,7 +283,7 @@ LoraExport lora_export_files(const std::map<std::string, Layer*>& modules,
                                 *layer->bias(), out.dtype, where, /*vector=*/true);
     Eigen::MatrixXd wh = detail::adapted_weight(*layer, order);
     entry.max_weight = wh.size() ? wh.cwiseAbs().maxCoeff() : 0.0;
-    wh.noalias() -= scale * (b * a);
+    wh.noalias() -= entry.scale * (b * a);
     wh -= layer->weight().template cast<double>();
     entry.max_weight_error = wh.size() ? wh.cwiseAbs().maxCoeff() : 0.0;
     names.push_back(module);
