@@ -111,9 +111,9 @@ def main():
             name, variant = item.split(":")
             h = h @ delta_weight(hra[module + ".hra_u." + name].double(), variant == "gs")
         peft_hra = w @ h
-        scale = peft_hra.abs().max().item()
-        diff = (lora_merged - peft_hra).abs().max().item() / scale
-        diff_llama = (llama_cpp_merged - peft_hra).abs().max().item() / scale
+        max_wh = peft_hra.abs().max().item()
+        diff = (lora_merged - peft_hra).abs().max().item() / max_wh
+        diff_llama = (llama_cpp_merged - peft_hra).abs().max().item() / max_wh
         print("%s: r = %d, lora_alpha = %g, max|W + s B A - W H| / max|W H| = %.3e (PEFT), "
               "%.3e (llama.cpp)" % (module, r, alpha, diff, diff_llama))
         assert diff < 1e-12 and diff_llama < 1e-12, module
