@@ -12,6 +12,7 @@
 #include <filesystem>
 #include <functional>
 #include <limits>
+#include <map>
 #include <optional>
 #include <string>
 #include <vector>
@@ -170,20 +171,28 @@ void expect_hra_load_fails(const fs::path& dir, const std::string& part,
   CHECK(target.state() == before);
 }
 
+/// `load(modules)` with the map {"net.fc1": &l1, "net.fc2": &l2} must throw E with `part` in its
+/// message and leave both layers as they were (State: their snapshot, HraState or LoraState).
+template <typename E, typename State, typename Layer, typename Load>
+void expect_pair_load_fails(Layer& l1, Layer& l2, Load&& load, const std::string& part) {
+  const State b1(l1), b2(l2);
+  expect_error<E>(
+      [&] {
+        load(std::map<std::string, Layer*>{{"net.fc1", &l1}, {"net.fc2", &l2}});
+      },
+      {part});
+  CHECK(State(l1) == b1);
+  CHECK(State(l2) == b2);
+}
+
 /// Loading the HRA directory `dir` into a fresh float pair (6 -> 5 and 5 -> 3, r = 3) must throw
 /// E with `part` in its message and change nothing.
 template <typename E>
 void expect_float_hra_load_fails(const fs::path& dir, const std::string& part) {
   auto f1 = make_hra<float>(6, 5, 3, 1);
   auto f2 = make_hra<float>(5, 3, 3, 2);
-  const HraState<float> b1(f1), b2(f2);
-  expect_error<E>(
-      [&] {
-        peft::load_hra_adapters(dir, {{"net.fc1", &f1}, {"net.fc2", &f2}});
-      },
-      {part});
-  CHECK(HraState<float>(f1) == b1);
-  CHECK(HraState<float>(f2) == b2);
+  expect_pair_load_fails<E, HraState<float>>(
+      f1, f2, [&](const auto& modules) { peft::load_hra_adapters(dir, modules); }, part);
 }
 
 /// Loading the LoRA directory `dir` into a fresh pair ("net.fc1" 6 -> 5 of rank 2, "net.fc2"
@@ -192,14 +201,8 @@ template <typename E>
 void expect_lora_load_fails(const fs::path& dir, const std::string& part, Eigen::Index r2 = 2) {
   auto t1 = make_lora<double>(6, 5, 2, 4.0, 11);
   auto t2 = make_lora<double>(5, 3, r2, 2.0 * static_cast<double>(r2), 12);
-  const LoraState<double> b1(t1), b2(t2);
-  expect_error<E>(
-      [&] {
-        peft::load_lora_adapters(dir, {{"net.fc1", &t1}, {"net.fc2", &t2}});
-      },
-      {part});
-  CHECK(LoraState<double>(t1) == b1);
-  CHECK(LoraState<double>(t2) == b2);
+  expect_pair_load_fails<E, LoraState<double>>(
+      t1, t2, [&](const auto& modules) { peft::load_lora_adapters(dir, modules); }, part);
 }
 
 }  // namespace
