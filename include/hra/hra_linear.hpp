@@ -1,13 +1,12 @@
 // A frozen linear layer adapted by Householder reflections: y = W H x + b.
 #pragma once
 
-#include <Eigen/Core>
-#include <optional>
 #include <string>
 #include <utility>
 #include <vector>
 
 #include "hra_adapter_layer.hpp"
+#include "linear_adapter.hpp"
 #include "parallel.hpp"
 
 namespace hra {
@@ -23,24 +22,17 @@ namespace hra {
 /// predict_mixed() serves a batch whose columns use different adapters over one frozen product.
 /// The products with W run on hra's thread pool when large (see hra/parallel.hpp).
 template <typename Scalar_>
-class HraLinear final : public HraAdapterLayer<Scalar_> {
-  using Base = HraAdapterLayer<Scalar_>;
+class HraLinear final : public detail::LinearAdapter<HraAdapterLayer<Scalar_>> {
+  using Base = detail::LinearAdapter<HraAdapterLayer<Scalar_>>;
 
  public:
   using typename Base::Adapter;
   using typename Base::Chain;
   HRA_LAYER_TYPES(Base);
 
-  /// Wraps W (and the optional bias b, d_out) with one adapter "default" made from `options`.
-  /// Throws std::invalid_argument for a non-finite W or b, a bias of the wrong length, or bad
-  /// adapter options (r = 0, r > d_in, odd r with symmetric init, ...).
-  HraLinear(WeightMatrix<Scalar> weight, std::optional<Vector> bias, const HraOptions& options,
-            BiasMode bias_mode = BiasMode::none)
-      : Base(std::move(weight), std::move(bias), options, bias_mode, "HraLinear") {}
-
-  /// Convenience: own a copy of W.
-  HraLinear(Matrix weight, const HraOptions& options)
-      : HraLinear(WeightMatrix<Scalar>::owned(std::move(weight)), std::nullopt, options) {}
+  /// HraLinear(weight, bias, options, bias_mode = BiasMode::none) and HraLinear(W, options):
+  /// see detail::LinearAdapter.
+  using Base::Base;
 
   /// Y = W H X + b for X (d_in x n).
   const Matrix& forward(const ConstRef& x) override {

@@ -2,9 +2,8 @@
 #pragma once
 
 #include <Eigen/Core>
-#include <optional>
-#include <utility>
 
+#include "linear_adapter.hpp"
 #include "lora_adapter_layer.hpp"
 #include "parallel.hpp"
 
@@ -17,18 +16,15 @@ namespace hra {
 /// (d_in x n; the input when dropout is 0), A D(x) (r x n), Y, and with dropout the d_in x n keep
 /// mask (one byte per entry).
 template <typename Scalar_>
-class LoraLinear final : public LoraAdapterLayer<Scalar_> {
-  using Base = LoraAdapterLayer<Scalar_>;
+class LoraLinear final : public detail::LinearAdapter<LoraAdapterLayer<Scalar_>> {
+  using Base = detail::LinearAdapter<LoraAdapterLayer<Scalar_>>;
 
  public:
   HRA_LAYER_TYPES(Base);
 
-  LoraLinear(WeightMatrix<Scalar> weight, std::optional<Vector> bias, const LoraOptions& options,
-             BiasMode bias_mode = BiasMode::none)
-      : Base(std::move(weight), std::move(bias), options, bias_mode, "LoraLinear") {}
-
-  LoraLinear(Matrix weight, const LoraOptions& options)
-      : LoraLinear(WeightMatrix<Scalar>::owned(std::move(weight)), std::nullopt, options) {}
+  /// LoraLinear(weight, bias, options, bias_mode = BiasMode::none) and LoraLinear(W, options):
+  /// see detail::LinearAdapter.
+  using Base::Base;
 
   const Matrix& forward(const ConstRef& x) override {
     this->check_input(x, "forward");
