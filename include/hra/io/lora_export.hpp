@@ -229,12 +229,12 @@ namespace peft {
 template <typename Layer, detail::IfLayerOf<Layer, HraAdapterLayer> = 0>
 LoraExport lora_export_files(const std::map<std::string, Layer*>& modules,
                              const LoraExportOptions& options = {}) {
-  const char* what = "export_lora_adapters";
-  LoraExport out;
-  out.files = detail::begin_adapter_files(modules, what, "export");
-  out.dtype = options.dtype.value_or(safetensors::natural_dtype<typename Layer::Scalar>());
+  detail::FilesStart start =
+      detail::start_files(modules, options, "export_lora_adapters", "export", "lora_only");
+  LoraExport out{std::move(start.files), start.dtype, {}};
   AdapterFiles& files = out.files;
-  const std::string bias = detail::bias_field(modules, "lora_only", what);
+  const std::string& bias = start.bias;
+  const char* what = start.what;
 
   // Every module's adapters and summed rank first: the common rank is the one lora_alpha.
   std::vector<std::vector<std::size_t>> orders;

@@ -109,18 +109,6 @@ inline nlohmann::json common_config(const char* peft_type, const std::vector<std
   return c;
 }
 
-/// Where every writer of adapter files starts: std::invalid_argument naming `what` for an empty
-/// module name, a null layer or no modules (nothing to `verb`), then the empty files, the
-/// weights tagged as PEFT's save_pretrained tags them.
-template <typename Modules>
-peft::AdapterFiles begin_adapter_files(const Modules& modules, const char* what, const char* verb) {
-  check_layers(modules, what);
-  if (modules.empty()) throw_invalid("peft: ", what, ": no modules to ", verb);
-  peft::AdapterFiles files;
-  files.weights.metadata()["format"] = "pt";
-  return files;
-}
-
 inline const char* bias_mode_name(BiasMode mode) {
   return mode == BiasMode::none  ? "BiasMode::none"
          : mode == BiasMode::all ? "BiasMode::all"
@@ -145,6 +133,30 @@ std::string bias_field(const Modules& modules, const char* adapter_only, const c
   }
   if (!mode || *mode == BiasMode::none) return "none";
   return *mode == BiasMode::all ? "all" : adapter_only;
+}
+
+/// Where every writer of adapter files starts: the empty files (the weights tagged as PEFT's
+/// save_pretrained tags them), the tensors' dtype, PEFT's bias field, and the name the writer's
+/// errors give.
+struct FilesStart {
+  peft::AdapterFiles files;
+  safetensors::Dtype dtype;  ///< options.dtype if given, else the layers' natural one (F32 or F64)
+  std::string bias;          ///< see bias_field()
+  const char* what;          ///< the public function, e.g. "save_hra_adapters"
+};
+
+/// Checks the modules first: std::invalid_argument naming `what` for an empty module name, a
+/// null layer or no modules (nothing to `verb`), then for biases trained differently.
+template <typename Layer, typename Options>
+FilesStart start_files(const std::map<std::string, Layer*>& modules, const Options& options,
+                       const char* what, const char* verb, const char* adapter_only) {
+  check_layers(modules, what);
+  if (modules.empty()) throw_invalid("peft: ", what, ": no modules to ", verb);
+  FilesStart start{peft::AdapterFiles(),
+                   options.dtype.value_or(safetensors::natural_dtype<typename Layer::Scalar>()),
+                   bias_field(modules, adapter_only, what), what};
+  start.files.weights.metadata()["format"] = "pt";
+  return start;
 }
 
 /// A JSON number for a count or alpha, as Python writes it: an integer when it is one.
@@ -290,11 +302,8 @@ namespace peft {
 template <typename Layer, detail::IfLayerOf<Layer, HraAdapterLayer> = 0>
 AdapterFiles hra_adapter_files(const std::map<std::string, Layer*>& modules,
                                const SaveOptions& options = {}) {
-  using Scalar = typename Layer::Scalar;
-  const char* what = "save_hra_adapters";
-  AdapterFiles files = detail::begin_adapter_files(modules, what, "save");
-  const safetensors::Dtype dtype = options.dtype.value_or(safetensors::natural_dtype<Scalar>());
-  const std::string bias = detail::bias_field(modules, "hra_only", what);
+  auto [files, dtype, bias, what] =
+      detail::start_files(modules, options, "save_hra_adapters", "save", "hra_only");
   Eigen::Index r = 0;
   Variant variant = Variant::chain;
   std::string first;
@@ -335,7 +344,7 @@ AdapterFiles hra_adapter_files(const std::map<std::string, Layer*>& modules,
   files.config["init_weights"] = symmetric;
   files.config["r"] = r;
   detail::add_extra_config(files.config, options, what);
-  return files;
+  return std::move(files);  // a structured binding: not moved implicitly
 }
 
 /// \brief The files that save_lora_adapters() writes, in memory (the memory-level entry point).
@@ -352,11 +361,8 @@ AdapterFiles hra_adapter_files(const std::map<std::string, Layer*>& modules,
 template <typename Layer, detail::IfLayerOf<Layer, LoraAdapterLayer> = 0>
 AdapterFiles lora_adapter_files(const std::map<std::string, Layer*>& modules,
                                 const SaveOptions& options = {}) {
-  using Scalar = typename Layer::Scalar;
-  const char* what = "save_lora_adapters";
-  AdapterFiles files = detail::begin_adapter_files(modules, what, "save");
-  const safetensors::Dtype dtype = options.dtype.value_or(safetensors::natural_dtype<Scalar>());
-  const std::string bias = detail::bias_field(modules, "lora_only", what);
+  auto [files, dtype, bias, what] =
+      detail::start_files(modules, options, "save_lora_adapters", "save", "lora_only");
 
   std::vector<detail::LoraModuleShape> shapes;
   for (const auto& [module, layer] : modules)
@@ -390,7 +396,7 @@ AdapterFiles lora_adapter_files(const std::map<std::string, Layer*>& modules,
   detail::add_lora_fields(files.config, patterns, dropout);
   detail::add_extra_config(files.config, options, what);
   detail::check_lora_patterns(files, shapes, what);
-  return files;
+  return std::move(files);
 }
 
 /// \brief Writes `files` into the directory `dir` (created if needed) as
