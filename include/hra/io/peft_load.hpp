@@ -339,30 +339,7 @@ void load_lora_adapters(const AdapterConfig& config, const safetensors::TensorFi
                               plan);
 }
 
-/// \brief Loads the PEFT HRA adapter directory `dir` into the mapped layers and returns its
-/// config. Reads adapter_config.json (io_error / config_error), then adapter_model.safetensors
-/// (safetensors::error), then validates and assigns as the memory-level load_hra_adapters().
-template <typename Layer, detail::IfLayerOf<Layer, HraAdapterLayer> = 0>
-AdapterConfig load_hra_adapters(const std::filesystem::path& dir,
-                                const std::map<std::string, Layer*>& modules,
-                                const LoadOptions& options = {}) {
-  const auto [config, weights] = detail::read_adapter_dir(dir, PeftType::hra, options.read);
-  load_hra_adapters(config, weights, modules, options);
-  return config;
-}
-
-/// \brief Loads the PEFT LoRA adapter directory `dir` into the mapped layers and returns its
-/// config (see load_hra_adapters(dir, ...)).
-template <typename Layer, detail::IfLayerOf<Layer, LoraAdapterLayer> = 0>
-AdapterConfig load_lora_adapters(const std::filesystem::path& dir,
-                                 const std::map<std::string, Layer*>& modules,
-                                 const LoadOptions& options = {}) {
-  const auto [config, weights] = detail::read_adapter_dir(dir, PeftType::lora, options.read);
-  load_lora_adapters(config, weights, modules, options);
-  return config;
-}
-
-// The same four for a braced list of float or double layers (see ModuleList).
+// The same two for a braced list of float or double layers (see ModuleList).
 
 /// load_hra_adapters(config, weights, modules, options) for a braced list.
 template <int N = 0>
@@ -379,12 +356,55 @@ void load_lora_adapters(const AdapterConfig& config, const safetensors::TensorFi
   modules.visit([&](const auto& map) { load_lora_adapters(config, weights, map, options); });
 }
 
+}  // namespace peft
+
+namespace detail {
+
+/// What every directory loader does: reads `dir` (read_adapter_dir(): the config must say
+/// `Type`), loads it into `modules` (a map or a braced list) with the memory-level
+/// load_hra_adapters() or load_lora_adapters(), and returns the config.
+template <peft::PeftType Type, typename Modules>
+peft::AdapterConfig load_adapter_dir(const std::filesystem::path& dir, const Modules& modules,
+                                     const peft::LoadOptions& options) {
+  auto [config, weights] = read_adapter_dir(dir, Type, options.read);
+  if constexpr (Type == peft::PeftType::hra)
+    peft::load_hra_adapters(config, weights, modules, options);
+  else
+    peft::load_lora_adapters(config, weights, modules, options);
+  return std::move(config);  // a structured binding: not moved implicitly
+}
+
+}  // namespace detail
+
+namespace peft {
+
+/// \brief Loads the PEFT HRA adapter directory `dir` into the mapped layers and returns its
+/// config. Reads adapter_config.json (io_error / config_error), then adapter_model.safetensors
+/// (safetensors::error), then validates and assigns as the memory-level load_hra_adapters().
+template <typename Layer, detail::IfLayerOf<Layer, HraAdapterLayer> = 0>
+AdapterConfig load_hra_adapters(const std::filesystem::path& dir,
+                                const std::map<std::string, Layer*>& modules,
+                                const LoadOptions& options = {}) {
+  return detail::load_adapter_dir<PeftType::hra>(dir, modules, options);
+}
+
+/// \brief Loads the PEFT LoRA adapter directory `dir` into the mapped layers and returns its
+/// config (see load_hra_adapters(dir, ...)).
+template <typename Layer, detail::IfLayerOf<Layer, LoraAdapterLayer> = 0>
+AdapterConfig load_lora_adapters(const std::filesystem::path& dir,
+                                 const std::map<std::string, Layer*>& modules,
+                                 const LoadOptions& options = {}) {
+  return detail::load_adapter_dir<PeftType::lora>(dir, modules, options);
+}
+
+// The directory loaders for a braced list (see ModuleList).
+
 /// load_hra_adapters(dir, modules, options) for a braced list.
 template <int N = 0>
 AdapterConfig load_hra_adapters(const std::filesystem::path& dir,
                                 const LazyList<N, HraModuleList>& modules,
                                 const LoadOptions& options = {}) {
-  return modules.visit([&](const auto& map) { return load_hra_adapters(dir, map, options); });
+  return detail::load_adapter_dir<PeftType::hra>(dir, modules, options);
 }
 
 /// load_lora_adapters(dir, modules, options) for a braced list.
@@ -392,7 +412,7 @@ template <int N = 0>
 AdapterConfig load_lora_adapters(const std::filesystem::path& dir,
                                  const LazyList<N, LoraModuleList>& modules,
                                  const LoadOptions& options = {}) {
-  return modules.visit([&](const auto& map) { return load_lora_adapters(dir, map, options); });
+  return detail::load_adapter_dir<PeftType::lora>(dir, modules, options);
 }
 
 }  // namespace peft
