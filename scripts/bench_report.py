@@ -3,6 +3,8 @@
 
 Reads, in --results:
   cpp_<build>.json  Google Benchmark output of build/bench-<build>/bench/hra_bench, one per build
+  cells_<build>.json  the same program's HRA, LoRA and frozen fwd+bwd at issue #11's 24 cells,
+                    medians of interleaved repetitions (optional)
   torch.json        bench/torch_reference.py --json output (optional)
   loadavg.txt       load averages around every run (optional)
 
@@ -21,25 +23,42 @@ measured minutes apart.
 import argparse
 import collections
 import json
+import math
 import os
 import pathlib
 import re
 import sys
 
-# Goals at the headline layer: column, target, numerator, denominator, r, comparison, goal.
-# A case is "method pass" ("torch:" for torch.json; several passes pair up with the
-# denominator's); r is a rank or "≥R" (every rank from R up: the least ratio is compared).
+# Goals at the headline layer: column, target, numerator, denominator, r, comparison, goal,
+# issue. A case is "method pass" ("torch:" for torch.json; several passes pair up with the
+# denominator's; "merge_bound op" is the time merge's 4 d_out d_in r flops take at the frozen
+# forward's rate of the same run); r is a rank or "≥R" (every rank from R up: the least ratio is
+# compared). Comparison "report" has no goal: the value is shown.
 GOALS = [
-    ("HRA÷frozen", "HRA fwd+bwd ÷ frozen fwd+bwd", "hra fwdbwd", "frozen fwdbwd", 8, "≤", 1.05),
-    ("HRA÷LoRA", "HRA fwd+bwd ÷ LoRA fwd+bwd", "hra fwdbwd", "lora fwdbwd", 8, "≤", 1.0),
+    ("HRA÷frozen", "HRA fwd+bwd ÷ frozen fwd+bwd", "hra fwdbwd", "frozen fwdbwd", 8, "≤", 1.03,
+     11),
+    ("HRA÷LoRA", "HRA fwd+bwd ÷ LoRA fwd+bwd", "hra fwdbwd", "lora fwdbwd", 8, "≤", 1.0, 11),
+    ("HRA÷PyTorch LoRA", "HRA fwd+bwd in C++ ÷ LoRA fwd+bwd in PyTorch", "hra fwdbwd",
+     "torch:lora fwdbwd", 8, "report", None, 11),
     ("PEFT÷HRA r=8", "PEFT's HRA in PyTorch ÷ HRA, fwd+bwd", "torch:peft_hra fwdbwd",
-     "hra fwdbwd", 8, "≥", 25),
+     "hra fwdbwd", 8, "≥", 25, 4),
     ("PEFT÷HRA r=32", "PEFT's HRA in PyTorch ÷ HRA, fwd+bwd", "torch:peft_hra fwdbwd",
-     "hra fwdbwd", 32, "≥", 60),
-    ("merge÷frozen fwd", "merge ÷ one frozen forward", "merge op", "frozen fwd", 8, "≤", 0.05),
+     "hra fwdbwd", 32, "≥", 60, 4),
+    ("merge÷copy", "merge ÷ a copy of W", "merge op", "copy op", 8, "≤", 2.0, 11),
+    ("unmerge÷copy", "unmerge ÷ a copy of W", "unmerge op", "copy op", 8, "≤", 2.0, 11),
+    ("merge÷flops", "merge ÷ its flops at the frozen forward's rate", "merge op",
+     "merge_bound op", 32, "≤", 1.3, 11),
+    ("unmerge÷flops", "unmerge ÷ its flops at the frozen forward's rate", "unmerge op",
+     "merge_bound op", 32, "≤", 1.3, 11),
+    ("merge÷frozen fwd", "merge ÷ one frozen forward", "merge op", "frozen fwd", 8, "≤", 0.05, 4),
     ("one-at-a-time÷WY", "one reflection at a time ÷ compact WY, fwd and fwd+bwd",
-     "one_at_a_time fwd fwdbwd", "hra fwd fwdbwd", "≥8", ">", 1.0),
+     "one_at_a_time fwd fwdbwd", "hra fwd fwdbwd", "≥8", ">", 1.0, 4),
 ]
+
+# The cells of issue #11's HRA-against-LoRA goal (cells_<build>.json: fwd+bwd, float, medians of
+# interleaved repetitions): every layer of the sweep at these ranks and batch sizes.
+CELL_RANKS, CELL_BATCHES = (2, 8, 32), (64, 512)
+CELL_GOALS = (("geometric mean", 1.0), ("worst cell", 1.05))  # HRA ÷ LoRA
 
 # The ratio table (headline batch size, every layer and rank): header, numerator, denominator,
 # and "×" for a factor (printed as 12.3×).
@@ -119,8 +138,9 @@ def load_torch(path):
 
 
 class Report:
-    def __init__(self, runs, primary, torch, loads):
+    def __init__(self, runs, primary, torch, loads, cells):
         self.runs, self.primary, self.torch, self.loads = runs, primary, torch, loads
+        self.cells = cells  # build -> Cases of cells_<build>.json
         self.run = runs[primary]
         keys = self.run.cases
         self.head = headline(self.run)
@@ -137,8 +157,11 @@ class Report:
             return self.torch.get(spec[6:], pas, "float", *layer, r, n)  # PyTorch runs float32
         return (run or self.run).get(spec, pas, self.head["scalar"], *layer, r, n)
 
-    def value(self, *args):
-        return self.case(*args).get("ms")
+    def value(self, spec, pas, layer, r, n, run=None):
+        if spec == "merge_bound":  # 4 d_out d_in r flops at the frozen forward's 2 d_out d_in n
+            fwd = self.value("frozen", "fwd", layer, r, self.head["n"], run)
+            return None if fwd is None else fwd * 2 * r / self.head["n"]
+        return self.case(spec, pas, layer, r, n, run).get("ms")
 
     def ratio(self, num, den, layer, r, n, run=None):
         """(ratio, numerator ms, denominator ms) of two "method pass" specs."""
@@ -148,7 +171,7 @@ class Report:
 
     def goal(self, goal, run=None):
         """Measured ratios of a GOALS entry: [(ratio, r, pass, numerator ms, denominator ms)]."""
-        _, _, num, den, r, _, _ = goal
+        _, _, num, den, r, _, _, _ = goal
         ranks = [r] if isinstance(r, int) else [x for x in self.ranks if x >= int(r[1:])]
         (nm, *nps), (dm, *dps) = num.split(), den.split()
         found = [(self.ratio(f"{nm} {p}", f"{dm} {q}", self.head["layer"], rr, self.head["n"], run),
@@ -196,7 +219,7 @@ class Report:
     def section_headline(self):
         rows = []
         for g in GOALS:
-            _, target, _, _, r, op, goal = g
+            _, target, _, _, r, op, goal, issue = g
             found = sorted(self.goal(g), key=lambda z: z[1:3])
             v, bound = (min(found)[0] if found else None), fmt_goal(op, goal, True)
             if len(found) == 1:
@@ -204,11 +227,61 @@ class Report:
             else:
                 detail = ", ".join(f"r={rr} {p.replace('fwdbwd', 'fwd+bwd')}: {fmt_goal(op, x)}"
                                    for x, rr, p, _, _ in found)
-            vs = "–" if v is None else \
-                f"{fmt_goal(op, v)} {'<' if v < goal else '>' if v > goal else '='} {bound}"
             rows.append([target, f"r = {r}" if isinstance(r, int) else f"r {r[0]} {r[1:]}",
-                         f"{op} {bound}", detail or "–", vs])
-        return table(["target", "rank", "goal", "measured", "measured vs goal"], rows)
+                         "–" if goal is None else f"{op} {bound}", detail or "–",
+                         compare(op, v, goal), f"#{issue}"])
+        cells = self.cell_ratios(self.primary)
+        if cells:
+            ratios = [c[-2] for c in cells]
+            worst = max(cells, key=lambda c: c[-2])
+            for (what, goal), v, detail in zip(CELL_GOALS, (geomean(ratios), worst[-2]), (
+                    f"{len(ratios)} cells", f"{shape(worst[0])}, r = {worst[1]}, n = {worst[2]}")):
+                rows.append([f"HRA fwd+bwd ÷ LoRA fwd+bwd, {what}", "r ∈ {2, 8, 32}",
+                             f"≤ {goal:g}", f"{fr(v)} ({detail})", compare("≤", v, goal), "#11"])
+        best = self.fastest_build()
+        if best and best != self.primary:
+            a, b = (self.value("hra", "fwdbwd", self.head["layer"], 8, self.head["n"],
+                               self.runs[x]) for x in (self.primary, best))
+            v = a / b if a and b else None
+            rows.append([f"HRA fwd+bwd, build `{self.primary}` ÷ the fastest build `{best}`",
+                         "r = 8", "≤ 1.1", f"{fr(v)} ({fms(a)} ms ÷ {fms(b)} ms)",
+                         compare("≤", v, 1.1), "#11"])
+        return table(["target", "rank", "goal", "measured", "measured vs goal", "issue"], rows)
+
+    def fastest_build(self):
+        """The build with the least HRA fwd+bwd time at the headline layer, r = 8."""
+        times = {b: self.value("hra", "fwdbwd", self.head["layer"], 8, self.head["n"], run)
+                 for b, run in self.runs.items()}
+        times = {b: t for b, t in times.items() if t}
+        return min(times, key=times.get) if times else None
+
+    def cell_ratios(self, build):
+        """[(layer, r, n, frozen ms, LoRA ms, HRA ms, HRA÷LoRA, HRA÷frozen)] of cells_<build>."""
+        run = self.cells.get(build)
+        if not run:
+            return []
+        out = []
+        for layer in self.layers:
+            for r in CELL_RANKS:
+                for n in CELL_BATCHES:
+                    f, lo, h = (run.get(m, "fwdbwd", "float", *layer, r if m != "frozen" else 0,
+                                        n).get("ms") for m in ("frozen", "lora", "hra"))
+                    if f and lo and h:
+                        out.append((layer, r, n, f, lo, h, h / lo, h / f))
+        return out
+
+    def section_cells(self):
+        cells = self.cell_ratios(self.primary)
+        if not cells:
+            return [f"(no cells_{self.primary}.json in the results)"]
+        reps = max(self.cells[self.primary].repeated.values() or [1])
+        rows = [[shape(l), str(r), str(n), fms(f), fms(lo), fms(h), fr(q), fr(hf)]
+                for l, r, n, f, lo, h, q, hf in cells]
+        return table(["layer", "r", "n", "frozen ms", "LoRA ms", "HRA ms", "HRA÷LoRA",
+                      "HRA÷frozen"], rows) + ["", f"Build `{self.primary}`, medians of {reps} "
+                                              "interleaved repetitions per cell; geometric mean "
+                                              f"of HRA÷LoRA {fr(geomean([c[6] for c in cells]))}"
+                                              f", of HRA÷frozen {fr(geomean([c[7] for c in cells]))}."]
 
     def section_ratios(self):
         rows = []
@@ -325,10 +398,23 @@ def fx(x):
 
 
 def fmt_goal(op, x, goal=False):
-    """A value compared by `op`: ≤ bounds a ratio (1.063), ≥ and > a factor (47.5×)."""
+    """A value compared by `op`: ≤ bounds a ratio (1.063), ≥ and > a factor (47.5×); "report"
+    shows a ratio without a goal."""
     if goal:
-        return f"{x:g}" + ("" if op == "≤" else "×")
-    return fr(x) if op == "≤" else fx(x)
+        return "–" if x is None else f"{x:g}" + ("" if op == "≤" else "×")
+    return fr(x) if op in ("≤", "report") else fx(x)
+
+
+def compare(op, v, goal):
+    """"1.063 > 1.05": the measured value against its goal ("–" without either)."""
+    if v is None or goal is None:
+        return "–"
+    return f"{fmt_goal(op, v)} {'<' if v < goal else '>' if v > goal else '='} " \
+        f"{fmt_goal(op, goal, True)}"
+
+
+def geomean(xs):
+    return math.exp(sum(math.log(x) for x in xs) / len(xs)) if xs else None
 
 
 def fms(x):
@@ -421,9 +507,10 @@ def main():
             if (results / "loadavg.txt").exists() else []:
         if line.split():  # <build or torch> before|after <1, 5, 15 min load averages>
             loads[line.split()[0]].append(" ".join(line.split()[2:]))
-    rep = Report(runs, primary, load_torch(results / "torch.json"), loads)
+    cells = {f.stem[6:]: load_cpp(f) for f in sorted(results.glob("cells_*.json"))}
+    rep = Report(runs, primary, load_torch(results / "torch.json"), loads, cells)
 
-    names = ["run", "headline", "ratios", "batch", "memory", "builds", "cpp", "torch"]
+    names = ["run", "headline", "cells", "ratios", "batch", "memory", "builds", "cpp", "torch"]
     sections = {s: getattr(rep, "section_" + s)() for s in names}
     out = pathlib.Path(args.output)
     text = out.read_text(encoding="utf-8") if out.exists() else ""

@@ -67,6 +67,7 @@ primary=default
 # Case filters (see bench/bench_hra.cpp for the naming scheme).
 headline='^[a-z_]+/[a-z]+/float/d_in:4096/d_out:4096/r:(0|8|32)/n:(0|512)/'
 small='^[a-z_]+/[a-z]+/float/d_in:256/d_out:256/r:(0|8)/n:(0|64)/'
+cells='^(frozen|lora|hra)/fwdbwd/float/d_in:[0-9]+/d_out:[0-9]+/r:(0|2|8|32)/n:(64|512)/'
 if [ "$quick" = 1 ]; then
   primary_filter="^[a-z_]+/[a-z]+/float/d_in:4096/d_out:4096/r:(0|8)/n:(0|512)/|$small"
   primary_args=(--reps=3 --no-double)
@@ -106,6 +107,18 @@ if [ "$report_only" = 0 ]; then
       --benchmark_filter="$filter" --benchmark_min_time=0.2 \
       --benchmark_enable_random_interleaving=true \
       --benchmark_out="$out/cpp_$name.json" --benchmark_out_format=json
+    if [ "$name" = "$primary" ] && [ "$quick" = 0 ]; then
+      # Issue #11's 24 cells again (HRA, LoRA and frozen fwd+bwd at r in {2, 8, 32}, n in
+      # {64, 512}, every layer), as medians of 5 interleaved repetitions: the sweep above
+      # times most of them once.
+      # shellcheck disable=SC2086
+      HRA_NUM_THREADS=$threads OMP_NUM_THREADS=$threads OPENBLAS_NUM_THREADS=$threads \
+        "$dir/bench/hra_bench" $bench_args --no-double --no-check \
+        --benchmark_filter="$cells" --benchmark_min_time=0.2 \
+        --benchmark_repetitions=5 --benchmark_report_aggregates_only=true \
+        --benchmark_enable_random_interleaving=true \
+        --benchmark_out="$out/cells_$name.json" --benchmark_out_format=json
+    fi
     echo "$name after $(loadavg)" >>"$out/loadavg.txt"
   done
 
