@@ -37,7 +37,8 @@ inline int conv_workers(Eigen::Index n, int requested) {
 
 /// Calls f(chunk, image) for every image in [0, n), chunk w taking the w-th of `workers`
 /// contiguous ranges (in order); the chunks run concurrently on hra's pool, whose threads run
-/// Eigen's products single-threaded. `f` must not throw.
+/// Eigen's products single-threaded (in an OpenMP build, one after the other, each product on
+/// Eigen's threads: see ThreadPool). `f` must not throw.
 template <typename F>
 void for_each_image(Eigen::Index n, int workers, F&& f) {
   ThreadPool::instance().run(workers, [&](std::int64_t w) {
