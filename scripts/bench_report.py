@@ -244,7 +244,8 @@ class Report:
                                self.head["n"], self.runs[x]) for x in (self.primary, best))
             v = a / b if a and b else None
             rows.append([f"HRA fwd+bwd, build `{self.primary}` ÷ the fastest build `{best}`",
-                         f"r = {self.head['ranks'][0]}", "≤ 1.1", f"{fr(v)} ({fms(a)} ms ÷ {fms(b)} ms)",
+                         f"r = {self.head['ranks'][0]}", "≤ 1.1",
+                         f"{fr(v)} ({fms(a)} ms ÷ {fms(b)} ms)",
                          compare("≤", v, 1.1), "#11"])
         return table(["target", "rank", "goal", "measured", "measured vs goal", "issue"], rows)
 
