@@ -305,7 +305,7 @@ class HraAdapterLayer : public AffineLayer<Scalar_> {
     if (safe) {
       Matrix w = this->weight();
       fold(w);
-      if (!w.allFinite())
+      if (!detail::all_finite(w))
         throw std::runtime_error(detail::concat(
             this->layer_name(),
             "::merge: the merged weight has non-finite values; W is left unchanged"));

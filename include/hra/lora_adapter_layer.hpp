@@ -88,7 +88,7 @@ class LoraAdapterLayer : public AffineLayer<Scalar_> {
     const Matrix delta = (scaling() * b_) * a_;
     if (safe) {
       Matrix w = this->weight() + delta;
-      if (!w.allFinite())
+      if (!detail::all_finite(w))
         throw std::runtime_error(
             name + "::merge: the merged weight has non-finite values; W is left unchanged");
       this->weight_storage().map() = w;

@@ -128,7 +128,7 @@ void check_step(const std::vector<ParameterView<Scalar>>& params, const char* wh
     if (p.grad.rows() != p.value.rows() || p.grad.cols() != p.value.cols())
       throw_invalid(who, ": parameter '", p.name, "' has a ", shape(p.value.rows(), p.value.cols()),
                     " value but a ", shape(p.grad.rows(), p.grad.cols()), " gradient");
-    if (!p.grad.allFinite())
+    if (!detail::all_finite(p.grad))
       throw_invalid(who, ": parameter '", p.name,
                     "' has a non-finite gradient (nothing was updated)");
     if (p.value.size() > 0 && !seen.insert(p.value.data()).second)
