@@ -3,6 +3,7 @@
 #include <catch2/catch.hpp>
 
 #include <Eigen/Core>
+#include <Eigen/QR>
 #include <array>
 #include <atomic>
 #include <cstdint>
@@ -123,5 +124,53 @@ TEMPLATE_TEST_CASE("Threads: layers give the same bits on 1, 2 and 3 threads", "
     CHECK(bitwise_equal(r.lora_dx, one.lora_dx));
     CHECK(bitwise_equal(r.lin_y, one.lin_y));
     CHECK(bitwise_equal(r.lin_dx, one.lin_dx));
+  }
+}
+
+// merge / unmerge (ReflectorChain::apply_right, detail::RightUpdate) split W's rows over the
+// pool once W V has 64 Mi multiply-adds: the same bits on 1, 2 and 3 threads, equal to W H
+// computed as a plain product, also on a block of a larger matrix (outer stride != rows) whose
+// row count is not a multiple of the kernel's row chunk.
+TEMPLATE_TEST_CASE("Threads: merge gives the same bits on 1, 2 and 3 threads", "[parallel]", float,
+                   double) {
+  using T = TestType;
+  ThreadCount restore;
+  const Index rows = 2051, d = 2048;  // 2 rows d r = 67.2M multiply-adds at r = 8
+  const Mat<T> big = hra_test::random_as<T>(rows + 5, d + 1, 7);
+  for (const hra::Variant v : {hra::Variant::chain, hra::Variant::gram_schmidt}) {
+    for (const Index r : {Index(8), Index(13)}) {
+      INFO(hra::to_string(v) << " r=" << r);
+      const hra::ReflectorChain<T> chain(hra_test::random_as<T>(d, r, 8 + r), v, 8);
+      const auto f = chain.factorize();
+      const auto run = [&](int threads, hra::Apply op) {
+        hra::set_num_threads(threads);
+        Mat<T> w = big;
+        chain.apply_right(f, w.block(2, 0, rows, d), op);
+        return w;
+      };
+      const Mat<T> one = run(1, hra::Apply::h), back = run(1, hra::Apply::transpose);
+      for (int threads : {2, 3}) {
+        CHECK(bitwise_equal(run(threads, hra::Apply::h), one));
+        CHECK(bitwise_equal(run(threads, hra::Apply::transpose), back));
+      }
+      // Against W H in double, one reflection at a time (chain: W H_1 ... H_r) or with Q from
+      // Eigen's Householder QR (Gram-Schmidt: W - 2 W Q Q^T); untouched rows and column included.
+      const Eigen::MatrixXd u = chain.reflectors().template cast<double>();
+      Eigen::MatrixXd expected = big.template cast<double>();
+      auto wb = expected.block(2, 0, rows, d);
+      if (v == hra::Variant::chain) {
+        for (Index i = 0; i < r; ++i)
+          wb -= (2.0 / u.col(i).squaredNorm()) * (wb * u.col(i)) * u.col(i).transpose();
+      } else {
+        const Eigen::MatrixXd q = Eigen::HouseholderQR<Eigen::MatrixXd>(u).householderQ() *
+                                  Eigen::MatrixXd::Identity(d, r);
+        wb -= 2.0 * (wb * q) * q.transpose();
+      }
+      const double scale = expected.cwiseAbs().maxCoeff();
+      const double tol = std::is_same<T, float>::value ? 1e-5 : 1e-13;
+      CHECK((one.template cast<double>() - expected).cwiseAbs().maxCoeff() <= tol * scale);
+      CHECK(bitwise_equal(Mat<T>(one.topRows(2)), Mat<T>(big.topRows(2))));
+      CHECK(bitwise_equal(Mat<T>(one.col(d)), Mat<T>(big.col(d))));
+    }
   }
 }

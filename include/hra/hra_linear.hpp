@@ -67,16 +67,18 @@ class HraLinear final : public detail::LinearAdapter<HraAdapterLayer<Scalar_>> {
       for (std::size_t i : applied) {
         auto& a = adapters[i];
         a.chain().backward_through(this->cache(a).factors, this->cache(a).coeffs, this->weight(), g,
-                                   hx_, this->gradient(a));
+                                   hx_, this->gradient(a), /*restore_input=*/false);
       }
       empty_.resize(0, 0);
       return empty_;
     }
     detail::product(dx_, this->weight().transpose(), g, Scalar(1));
-    for (std::size_t i : applied) {
-      auto& a = adapters[i];
+    // hx_ is walked back from H X through every adapter's input; the input X itself is never
+    // needed, which saves the last adapter's d_in x n x r rebuild.
+    for (std::size_t k = 0; k < applied.size(); ++k) {
+      auto& a = adapters[applied[k]];
       a.chain().backward(this->cache(a).factors, this->cache(a).coeffs, hx_, dx_, this->gradient(a),
-                         Chain::State::output);
+                         Chain::State::output, /*restore_input=*/k + 1 < applied.size());
     }
     if (!compute_input_gradient) {
       empty_.resize(0, 0);

@@ -11,9 +11,32 @@
 
 #include "detail/checks.hpp"
 #include "detail/random.hpp"
+#include "detail/right_update.hpp"
 #include "parallel.hpp"
 
 namespace hra {
+
+namespace detail {
+
+/// T = S^{-1} for an upper-triangular S with a non-zero diagonal (T is upper triangular, zero
+/// below the diagonal), column by column as LAPACK's dlarft builds its T factor:
+/// T(0:j, j) = -T(0:j, 0:j) S(0:j, j) / S(j, j), T(j, j) = 1 / S(j, j). O(b^3 / 3).
+template <typename Matrix>
+Matrix upper_inverse(const Matrix& s) {
+  using Scalar = typename Matrix::Scalar;
+  const Eigen::Index b = s.rows();
+  Matrix t = Matrix::Zero(b, b);
+  for (Eigen::Index j = 0; j < b; ++j) {
+    t(j, j) = Scalar(1) / s(j, j);
+    if (j == 0) continue;
+    t.col(j).head(j).noalias() =
+        t.topLeftCorner(j, j).template triangularView<Eigen::Upper>() * s.col(j).head(j);
+    t.col(j).head(j) *= -t(j, j);
+  }
+  return t;
+}
+
+}  // namespace detail
 
 /// How the reflector columns U become an orthogonal matrix.
 enum class Variant {
@@ -40,7 +63,11 @@ inline const char* to_string(Variant v) {
 /// forming H, in the compact WY / UT form  H = I - U S^{-1} U^T  with
 /// S = striu(U^T U) + diag(U^T U)/2 (S^{-1} is LAPACK's dlarft T factor for tau_i = 2/|u_i|^2).
 /// Columns are processed in blocks of `block_size` (each block has its own S), as in dlarfb, so
-/// the r^2 d term and the r x r solve stay small for large r.
+/// the r^2 d term and the r x r factor stay small for large r. As LAPACK does (dlarft, then
+/// dlarfb's TRMM), each block's T = S^{-1} is formed once per factorisation (O(b^3/3)) by the
+/// triangular recurrence and applied by products: for r x n coefficients a small product is
+/// several times faster than a triangular solve (Eigen's TRSM at r = 32, n = 64: 5.6 and 11 us
+/// against 1-2 us for the product).
 ///
 /// Gram-Schmidt variant: H = I - 2 Q Q^T with Q R = U the thin QR with positive diag(R).
 ///
@@ -72,13 +99,15 @@ class ReflectorChain : public detail::ScalarTypes<Scalar_> {
     friend bool operator!=(const Layout& a, const Layout& b) { return !(a == b); }
   };
 
-  /// Quantities derived from U by factorize(): one upper-triangular S per column block (chain),
+  /// Quantities derived from U by factorize(): one upper-triangular T = S^{-1} per column block
+  /// (chain),
   /// or Q (d x r) and R (r x r) (Gram-Schmidt), and the layout they were made for.
   struct Factors {
     Layout layout;
-    std::vector<Matrix> blocks;  ///< S_j, b_j x b_j, block j = columns [j*b, j*b + b_j)
-    Matrix q;                    ///< Gram-Schmidt only
-    Matrix r;                    ///< Gram-Schmidt only, upper triangular with positive diagonal
+    /// T_j = S_j^{-1}, b_j x b_j (zero below the diagonal), block j = columns [j*b, j*b + b_j)
+    std::vector<Matrix> blocks;
+    Matrix q;  ///< Gram-Schmidt only
+    Matrix r;  ///< Gram-Schmidt only, upper triangular with positive diagonal
   };
 
   /// What forward() keeps for backward(): r x n coefficients plus the factors of U.
@@ -178,8 +207,7 @@ class ReflectorChain : public detail::ScalarTypes<Scalar_> {
           check_norm2(s(i, i), c0 + i);
           s(i, i) *= Scalar(0.5);
         }
-        s.template triangularView<Eigen::StrictlyLower>().setZero();
-        f.blocks.push_back(std::move(s));
+        f.blocks.push_back(detail::upper_inverse(s));
       }
     } else {
       gram_schmidt(f.q, f.r);
@@ -255,8 +283,8 @@ class ReflectorChain : public detail::ScalarTypes<Scalar_> {
   /// Training backward for Y = H X. Given the forward input X and G = dL/dY (both d x n) and the
   /// cache of that forward, *assigns* dX = dL/dX = H^T G (d x n) and dU = dL/dU (d x r).
   /// dU already accounts for the normalisation of every column, so u_i^T dU_i = 0.
-  /// Built on the in-place backward: it starts from X itself (with several column blocks, from
-  /// the input of the first block, one product with the other blocks' coefficients).
+  /// Built on the in-place backward: it starts from the output Y = X - U K (one product with the
+  /// coefficients of every block).
   void backward(const ConstRef& x, const ConstRef& g, const ForwardCache& cache, Matrix& dx,
                 Matrix& du) const {
     detail::check_shape(x, dim(), x.cols(), "ReflectorChain::backward input X");
@@ -264,7 +292,7 @@ class ReflectorChain : public detail::ScalarTypes<Scalar_> {
     check_cache(cache, x.cols());
     Matrix state = x;
     dx = g;
-    backward(cache.factors, cache.coeffs, state, dx, du, State::input);
+    backward(cache.factors, cache.coeffs, state, dx, du, State::input, /*restore_input=*/false);
   }
 
   /// Backward from the forward *output*, without any d x n copy: on entry `y` holds Y = H X and
@@ -314,45 +342,42 @@ class ReflectorChain : public detail::ScalarTypes<Scalar_> {
     // H = B_1 ... B_m: H X applies the last block first, H^T X = B_m^T ... B_1^T X the first.
     if (coeffs) coeffs->resize(rank(), x.cols());
     const Index m = static_cast<Index>(f.blocks.size());
-    Matrix k;
+    Matrix p, k;
     for (Index step = 0; step < m; ++step) {
       const Index j = op == Apply::h ? m - 1 - step : step;
-      const auto& s = f.blocks[static_cast<std::size_t>(j)];
-      const auto ub = u_.middleCols(j * block_size_, s.rows());
-      k.noalias() = ub.transpose() * x;
+      const auto& t = f.blocks[static_cast<std::size_t>(j)];
+      const auto ub = u_.middleCols(j * block_size_, t.rows());
+      p.noalias() = ub.transpose() * x;
       if (op == Apply::h)
-        s.template triangularView<Eigen::Upper>().solveInPlace(k);
+        k.noalias() = t * p;
       else
-        s.transpose().template triangularView<Eigen::Lower>().solveInPlace(k);
+        k.noalias() = t.transpose() * p;
       x.noalias() -= ub * k;
-      if (coeffs) coeffs->middleRows(j * block_size_, s.rows()) = k;
+      if (coeffs) coeffs->middleRows(j * block_size_, t.rows()) = k;
     }
   }
 
   /// W <- W H (op h: first block first) or W H^T (op transpose: last block first) with the
-  /// factors `f`; W has d columns. O(rows(W) d r). Rows of W are independent, so W is processed
-  /// in blocks of rows small enough to stay in the last-level cache between W U and the update:
-  /// W is read from memory and written once, as by a copy, instead of once per product. Blocks
-  /// run on hra's thread pool (the result does not depend on the thread count).
+  /// factors `f`; W has d columns. O(rows(W) d r). Per block, W <- W - (W U_j) T_j U_j^T (T_j^T
+  /// for op transpose; Gram-Schmidt: W - 2 (W Q) Q^T) by detail::RightUpdate, which reads and
+  /// writes W in two streamed passes per block on hra's thread pool (the result does not depend
+  /// on the thread count).
   void apply_right(const Factors& f, Eigen::Ref<Matrix> w, Apply op) const {
     HRA_ASSERT(f.layout == layout() && w.cols() == dim());
-    // W is column-major, so a block of R rows is d runs of R contiguous scalars: about 4 MiB per
-    // block, but never under 1 KiB per run (short runs waste cache lines and touch one page per
-    // column: with 8-row blocks, merging a 4096^2 float W at r = 8 took 116 ms, now ~20 ms).
-    const Index scalar_bytes = static_cast<Index>(sizeof(Scalar));
-    const Index rows_per_block =
-        std::max<Index>(Index{1024} / scalar_bytes, (Index{4} << 20) / (scalar_bytes * dim()));
-    const Index count = (w.rows() + rows_per_block - 1) / rows_per_block;
-    const double madds = 2.0 * static_cast<double>(w.rows()) * static_cast<double>(dim()) *
-                         static_cast<double>(rank());
-    const auto run_block = [&](std::int64_t b) {
-      const Index r0 = static_cast<Index>(b) * rows_per_block;
-      apply_right_rows(f, w.middleRows(r0, std::min(rows_per_block, w.rows() - r0)), op);
-    };
-    if (madds < detail::parallel_product_min_madds) {
-      for (Index b = 0; b < count; ++b) run_block(b);
-    } else {
-      detail::ThreadPool::instance().run(count, run_block);
+    if (variant_ == Variant::gram_schmidt) {
+      detail::RightUpdate<Scalar>::run(w, f.q,
+                                       Matrix(Scalar(2) * Matrix::Identity(rank(), rank())));
+      return;
+    }
+    const Index m = static_cast<Index>(f.blocks.size());
+    for (Index step = 0; step < m; ++step) {
+      const Index j = op == Apply::transpose ? m - 1 - step : step;
+      const Matrix& t = f.blocks[static_cast<std::size_t>(j)];
+      const auto ub = u_.middleCols(j * block_size_, t.rows());
+      if (op == Apply::transpose)
+        detail::RightUpdate<Scalar>::run(w, ub, t.transpose());
+      else
+        detail::RightUpdate<Scalar>::run(w, ub, t);
     }
   }
 
@@ -363,30 +388,33 @@ class ReflectorChain : public detail::ScalarTypes<Scalar_> {
   };
 
   /// Backward with the factors and coefficients of a forward of this chain: on entry `g` is
-  /// dL/dY and `x` is what `state` says (both d x n); on return `g` holds dL/dX = H^T G, `x` the
-  /// input X (up to rounding), and dU (d x r) is assigned.
+  /// dL/dY and `x` is what `state` says (both d x n); on return `g` holds dL/dX = H^T G and dU
+  /// (d x r) is assigned. With `restore_input`, `x` holds the input X on return (up to
+  /// rounding); without it, `x` is left in an unspecified state and one d x n x r product is
+  /// saved (a layer that keeps only H X for its backward passes false).
   void backward(const Factors& f, const Matrix& coeffs, Matrix& x, Matrix& g, Matrix& du,
-                State state) const {
+                State state, bool restore_input = true) const {
     HRA_ASSERT(f.layout == layout() && x.rows() == dim() && g.rows() == dim());
     HRA_ASSERT(g.cols() == x.cols() && coeffs.rows() == rank() && coeffs.cols() == x.cols());
     du.resize(dim(), rank());
     if (variant_ == Variant::chain)
-      backward_chain(f, coeffs, x, g, du, state);
+      backward_chain(f, coeffs, x, g, du, state, restore_input);
     else
-      backward_gram_schmidt(f, coeffs, x, g, du, state);
+      backward_gram_schmidt(f, coeffs, x, g, du, state, restore_input);
   }
 
-  /// backward_through() with the factors and coefficients of a forward of this chain.
+  /// backward_through() with the factors and coefficients of a forward of this chain;
+  /// `restore_input` as in backward().
   void backward_through(const Factors& f, const Matrix& coeffs, const ConstRef& w,
-                        const ConstRef& e, Matrix& y, Matrix& du) const {
+                        const ConstRef& e, Matrix& y, Matrix& du, bool restore_input = true) const {
     HRA_ASSERT(f.layout == layout() && y.rows() == dim() && w.cols() == dim());
     HRA_ASSERT(e.rows() == w.rows() && e.cols() == y.cols());
     HRA_ASSERT(coeffs.rows() == rank() && coeffs.cols() == y.cols());
     du.resize(dim(), rank());
     if (variant_ == Variant::chain)
-      backward_chain_through(f, coeffs, w, e, y, du);
+      backward_chain_through(f, coeffs, w, e, y, du, restore_input);
     else
-      backward_gram_schmidt_through(f, coeffs, w, e, y, du);
+      backward_gram_schmidt_through(f, coeffs, w, e, y, du, restore_input);
   }
 
   /// Relative threshold under which a Gram-Schmidt pivot R_ii / |u_i| counts as dependent.
@@ -475,31 +503,6 @@ class ReflectorChain : public detail::ScalarTypes<Scalar_> {
           "size");
   }
 
-  // apply_right() on a block of W's rows.
-  template <typename Rows>
-  void apply_right_rows(const Factors& f, Rows w, Apply op) const {
-    Matrix t;
-    if (variant_ == Variant::gram_schmidt) {
-      t.noalias() = w * f.q;
-      w.noalias() -= Scalar(2) * t * f.q.transpose();
-      return;
-    }
-    const Index m = static_cast<Index>(f.blocks.size());
-    for (Index step = 0; step < m; ++step) {
-      const Index j = op == Apply::transpose ? m - 1 - step : step;
-      const auto& s = f.blocks[static_cast<std::size_t>(j)];
-      const auto ub = u_.middleCols(j * block_size_, s.rows());
-      t.noalias() = w * ub;
-      if (op == Apply::transpose)
-        s.transpose()
-            .template triangularView<Eigen::Lower>()
-            .template solveInPlace<Eigen::OnTheRight>(t);
-      else
-        s.template triangularView<Eigen::Upper>().template solveInPlace<Eigen::OnTheRight>(t);
-      w.noalias() -= t * ub.transpose();
-    }
-  }
-
   // Modified Gram-Schmidt with one re-orthogonalisation pass ("twice is enough"), so Q stays
   // orthonormal to working precision even for ill-conditioned U.
   void gram_schmidt(Matrix& q, Matrix& r) const {
@@ -528,30 +531,29 @@ class ReflectorChain : public detail::ScalarTypes<Scalar_> {
     }
   }
 
-  // Per block j (from the output side, j = 1..m) with block input X_j, K_j and G_j:
+  // Per block j (from the output side, j = 1..m) with block output Y_j (Y_1 = Y), K_j, G_j:
   //   Z = S^{-T} U^T G,  M = Z K^T,  G_{j+1} = G - U Z,
-  //   dU_j = -G K^T - X_j Z^T + U (striu(M) + striu(M)^T + diag(M)).
-  // Block inputs come from the output: X_1 = Y + U_1 K_1, X_{j+1} = X_j + U_{j+1} K_{j+1}; from
-  // the input X, X_1 = X - (U K without block 1) and the loop then proceeds the same way.
+  //   dU_j = -G K^T - X_j Z^T + U (striu(M) + striu(M)^T + diag(M))
+  //        = -G K^T - Y_j Z^T + U (striu(M) - striu(M^T)),
+  // since the block input is X_j = Y_j + U K and (U K) Z^T = U M^T. So X_j is only needed as
+  // the next block's output, Y_{j+1} = X_j: the last block's input is rebuilt only on request.
+  // From the input X, Y = X - U K (every block) first.
   // G enters dU_j only through U_j^T G_j and G_j K_j^T; block_gradient() takes those two.
   void backward_chain(const Factors& f, const Matrix& coeffs, Matrix& x, Matrix& g, Matrix& du,
-                      State state) const {
+                      State state, bool restore_input) const {
     const auto& blocks = f.blocks;
-    if (state == State::input && blocks.size() > 1) {
-      const Index b0 = blocks.front().rows();
-      x.noalias() -= u_.rightCols(rank() - b0) * coeffs.bottomRows(rank() - b0);
-    }
+    if (state == State::input) x.noalias() -= u_ * coeffs;
     Matrix z, gk;
     for (std::size_t j = 0; j < blocks.size(); ++j) {
       const Index c0 = static_cast<Index>(j) * block_size_;
       const Index b = blocks[j].rows();
       const auto ub = u_.middleCols(c0, b);
       const auto kb = coeffs.middleRows(c0, b);
-      if (state == State::output || j > 0) x.noalias() += ub * kb;
       z.noalias() = ub.transpose() * g;
       gk.noalias() = g * kb.transpose();
       block_gradient(blocks[j], c0, kb, x, z, gk, du);
       g.noalias() -= ub * z;
+      if (restore_input || j + 1 < blocks.size()) x.noalias() += ub * kb;
     }
   }
 
@@ -559,7 +561,7 @@ class ReflectorChain : public detail::ScalarTypes<Scalar_> {
   //   G_j = G_1 - U_{<j} Z_{<j}, so  U_j^T G_j = (W U_j)^T E - U_j^T U_{<j} Z_{<j}  and
   //   G_j K_j^T = W^T (E K_j^T) - U_{<j} (Z_{<j} K_j^T).
   void backward_chain_through(const Factors& f, const Matrix& coeffs, const ConstRef& w,
-                              const ConstRef& e, Matrix& x, Matrix& du) const {
+                              const ConstRef& e, Matrix& x, Matrix& du, bool restore_input) const {
     const auto& blocks = f.blocks;
     // U^T G_1 and G_1 K^T for all blocks at once: W is read twice, whatever the block count.
     Matrix ug, gk_all;
@@ -576,7 +578,6 @@ class ReflectorChain : public detail::ScalarTypes<Scalar_> {
       const Index b = blocks[j].rows();
       const auto ub = u_.middleCols(c0, b);
       const auto kb = coeffs.middleRows(c0, b);
-      x.noalias() += ub * kb;
       z = ug.middleRows(c0, b);
       gk = gk_all.middleCols(c0, b);
       if (c0 > 0) {
@@ -587,57 +588,63 @@ class ReflectorChain : public detail::ScalarTypes<Scalar_> {
       }
       block_gradient(blocks[j], c0, kb, x, z, gk, du);
       zs.middleRows(c0, b) = z;
+      if (restore_input || j + 1 < blocks.size()) x.noalias() += ub * kb;
     }
   }
 
-  // One block's dU from its input X_j, Z <- S^{-T} U_j^T G_j (on entry U_j^T G_j) and
-  // GK = G_j K_j^T.
+  // One block's dU from its output Y_j, Z <- T^T U_j^T G_j = S^{-T} U_j^T G_j (on entry
+  // U_j^T G_j) and
+  // GK = G_j K_j^T: dU_j = U (striu(M) - striu(M^T)) - GK - Y_j Z^T with M = Z K^T.
   template <typename Coeffs>
-  void block_gradient(const Matrix& s, Index c0, const Coeffs& kb, const Matrix& x, Matrix& z,
+  void block_gradient(const Matrix& t, Index c0, const Coeffs& kb, const Matrix& y, Matrix& z,
                       const Matrix& gk, Matrix& du) const {
-    const Index b = s.rows();
+    const Index b = t.rows();
     const auto ub = u_.middleCols(c0, b);
-    s.transpose().template triangularView<Eigen::Lower>().solveInPlace(z);
-    Matrix mm, sym;
+    const Matrix ug = std::move(z);
+    z.noalias() = t.transpose() * ug;
+    Matrix mm;
     mm.noalias() = z * kb.transpose();
-    sym = mm.template triangularView<Eigen::StrictlyUpper>();
-    sym += mm.template triangularView<Eigen::StrictlyUpper>().transpose();
-    sym.diagonal() = mm.diagonal();
+    Matrix skew = mm.template triangularView<Eigen::StrictlyUpper>();
+    skew -= mm.transpose().template triangularView<Eigen::StrictlyUpper>();
     auto dub = du.middleCols(c0, b);
-    dub.noalias() = ub * sym;
+    dub.noalias() = ub * skew;
     dub -= gk;
-    dub.noalias() -= x * z.transpose();
+    dub.noalias() -= y * z.transpose();
   }
 
   // X = Y + 2 Q P with P = Q^T X; dQ = -2 (G P^T + X (Q^T G)^T); through the QR:
-  // dU = (dQ - Q sym(Q^T dQ)) R^{-T}, sym(M) = triu(M) + striu(M)^T.
+  // dU = (dQ - Q sym(Q^T dQ)) R^{-T}, sym(M) = triu(M) + striu(M)^T. X (Q^T G)^T is computed
+  // as Y (Q^T G)^T + 2 Q (P (Q^T G)^T), so X itself is only rebuilt on request.
   void backward_gram_schmidt(const Factors& f, const Matrix& coeffs, Matrix& x, Matrix& g,
-                             Matrix& du, State state) const {
-    if (state == State::output) x.noalias() += Scalar(2) * f.q * coeffs;
+                             Matrix& du, State state, bool restore_input) const {
+    if (state == State::input) x.noalias() -= Scalar(2) * f.q * coeffs;
     Matrix qg, gp;
     qg.noalias() = f.q.transpose() * g;
     gp.noalias() = g * coeffs.transpose();
     g.noalias() -= Scalar(2) * f.q * qg;
-    gram_schmidt_gradient(f, x, qg, gp, du);
+    gram_schmidt_gradient(f, coeffs, x, qg, gp, du);
+    if (restore_input) x.noalias() += Scalar(2) * f.q * coeffs;
   }
 
   // As backward_gram_schmidt for G = W^T E: Q^T G = (W Q)^T E and G P^T = W^T (E P^T).
   void backward_gram_schmidt_through(const Factors& f, const Matrix& coeffs, const ConstRef& w,
-                                     const ConstRef& e, Matrix& x, Matrix& du) const {
-    x.noalias() += Scalar(2) * f.q * coeffs;
+                                     const ConstRef& e, Matrix& x, Matrix& du,
+                                     bool restore_input) const {
     Matrix wq, qg, ep, gp;
     wq.noalias() = w * f.q;
     qg.noalias() = wq.transpose() * e;
     ep.noalias() = e * coeffs.transpose();
     gp.noalias() = w.transpose() * ep;
-    gram_schmidt_gradient(f, x, qg, gp, du);
+    gram_schmidt_gradient(f, coeffs, x, qg, gp, du);
+    if (restore_input) x.noalias() += Scalar(2) * f.q * coeffs;
   }
 
-  // dU from the input X, Q^T G and G P^T.
-  void gram_schmidt_gradient(const Factors& f, const Matrix& x, const Matrix& qg, const Matrix& gp,
-                             Matrix& du) const {
+  // dU from the output Y, P, Q^T G and G P^T.
+  void gram_schmidt_gradient(const Factors& f, const Matrix& p, const Matrix& y, const Matrix& qg,
+                             const Matrix& gp, Matrix& du) const {
     du.noalias() = Scalar(-2) * gp;
-    du.noalias() -= Scalar(2) * x * qg.transpose();
+    du.noalias() -= Scalar(2) * y * qg.transpose();
+    du.noalias() -= Scalar(4) * f.q * (p * qg.transpose());
     Matrix mm;
     mm.noalias() = f.q.transpose() * du;
     Matrix sym = mm.template triangularView<Eigen::Upper>();

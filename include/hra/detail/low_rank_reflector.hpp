@@ -46,9 +46,10 @@ class LowRankReflector : ScalarCheck<Scalar> {
       return;
     }
     v_ = chain.reflectors();
-    s_.setZero(v_.cols(), v_.cols());
-    s_.template triangularView<Eigen::Upper>() = v_.transpose() * v_;
-    s_.diagonal() *= Scalar(0.5);
+    Matrix s = Matrix::Zero(v_.cols(), v_.cols());
+    s.template triangularView<Eigen::Upper>() = v_.transpose() * v_;
+    s.diagonal() *= Scalar(0.5);
+    t_ = upper_inverse(s);
   }
 
   Variant variant() const { return variant_; }
@@ -57,13 +58,16 @@ class LowRankReflector : ScalarCheck<Scalar> {
   /// V: U (chain) or Q (Gram-Schmidt), d x r.
   const Matrix& v() const { return v_; }
 
+  // C = S^{-1} is held as T (detail::upper_inverse) and applied by products, which are several
+  // times faster than triangular solves for r x n blocks (see ReflectorChain).
+
   /// k <- C k (k: r x m), e.g. K = C (V^T X).
   template <typename M>
   void apply_c(M&& k) const {
     if (variant_ == Variant::gram_schmidt)
       k *= Scalar(2);
     else
-      s_.template triangularView<Eigen::Upper>().solveInPlace(k);
+      k = t_ * k;
   }
   /// z <- C^T z (z: r x m), e.g. Z = C^T ((W V)^T dY).
   template <typename M>
@@ -71,7 +75,7 @@ class LowRankReflector : ScalarCheck<Scalar> {
     if (variant_ == Variant::gram_schmidt)
       z *= Scalar(2);
     else
-      s_.transpose().template triangularView<Eigen::Lower>().solveInPlace(z);
+      z = t_.transpose() * z;
   }
   /// kt <- kt C^T (kt: m x r), e.g. K^T = (T V) C^T for patches stored as rows.
   template <typename M>
@@ -79,9 +83,7 @@ class LowRankReflector : ScalarCheck<Scalar> {
     if (variant_ == Variant::gram_schmidt)
       kt *= Scalar(2);
     else
-      s_.transpose()
-          .template triangularView<Eigen::Lower>()
-          .template solveInPlace<Eigen::OnTheRight>(kt);
+      kt = kt * t_.transpose();
   }
   /// zt <- zt C (zt: m x r), e.g. Z^T = (dY^T W V) C.
   template <typename M>
@@ -89,7 +91,7 @@ class LowRankReflector : ScalarCheck<Scalar> {
     if (variant_ == Variant::gram_schmidt)
       zt *= Scalar(2);
     else
-      s_.template triangularView<Eigen::Upper>().template solveInPlace<Eigen::OnTheRight>(zt);
+      zt = zt * t_;
   }
 
   /// *Assigns* dU (d x r) from the sums gk = G K^T (d x r), xz = X Z^T (d x r) and zk = Z K^T
@@ -119,15 +121,15 @@ class LowRankReflector : ScalarCheck<Scalar> {
     du -= xz;
   }
 
-  /// Bytes held: V, and S or R.
+  /// Bytes held: V, and T or R.
   std::size_t bytes() const {
-    return static_cast<std::size_t>(v_.size() + s_.size() + r_.size()) * sizeof(Scalar);
+    return static_cast<std::size_t>(v_.size() + t_.size() + r_.size()) * sizeof(Scalar);
   }
 
  private:
   Variant variant_ = Variant::chain;
   Matrix v_;  // U or Q
-  Matrix s_;  // chain: the whole chain's S (upper triangular)
+  Matrix t_;  // chain: T = S^{-1} for the whole chain's S (upper triangular)
   Matrix r_;  // Gram-Schmidt: R (upper triangular, positive diagonal)
 };
 
