@@ -365,6 +365,148 @@ TEST_CASE("Layers: HRA backward without the input gradient skips W^T dY, same dU
   }
 }
 
+// --- HraLinear's two forms ---------------------------------------------------------------------
+
+// The low-rank form W X - (W V) K (SPEC 10) against central differences, and against the chain
+// form: the same outputs, dX and dU up to rounding, for both variants, with and without dX.
+TEST_CASE("Layers: HRA low-rank form matches central differences and the chain form",
+          "[layers][gradient][form]") {
+  for (const Variant v : {Variant::chain, Variant::gram_schmidt}) {
+    const std::string tag = v == Variant::chain ? "chain" : "gs";
+    for (const Index block : {Index(32), Index(2)}) {
+      INFO(tag << " block " << block);
+      auto o = hra_options(5, v, Init::random, 7, 0.25);
+      o.block_size = block;
+      auto low = make_hra<double>(o, BiasMode::all);
+      low.set_form(hra::HraLinearForm::low_rank);
+      gradcheck("hra_" + tag + "_low_rank_block" + std::to_string(block), low,
+                {"hra_u.default", "bias"});
+      CHECK(low.last_form() == hra::HraLinearForm::low_rank);
+
+      auto chain = make_hra<double>(o, BiasMode::all);
+      chain.set_form(hra::HraLinearForm::chain);
+      const MatD x = random_matrix(kIn, 7, 61), g = random_matrix(kOut, 7, 62);
+      for (const bool with_dx : {true, false}) {
+        INFO("input gradient " << with_dx);
+        const MatD y_low = low.forward(x);
+        const MatD dx_low = low.backward(g, with_dx);
+        const MatD du_low = low.adapter().gradient();
+        const MatD y_chain = chain.forward(x);
+        const MatD dx_chain = chain.backward(g, with_dx);
+        CHECK(chain.last_form() == hra::HraLinearForm::chain);
+        CHECK(rel_err(y_low, y_chain) <= 1e-13);
+        CHECK(dx_low.size() == (with_dx ? kIn * 7 : 0));
+        if (with_dx) CHECK(rel_err(dx_low, dx_chain) <= 1e-13);
+        CHECK(rel_err(du_low, chain.adapter().gradient()) <= 1e-12);
+        // Defined independently: the dense W H.
+        const MatD wh = low.weight() * explicit_h(low.adapter().chain().reflectors(), v);
+        CHECK(rel_err(y_low, affine<double>(wh, x, *low.bias())) <= 1e-13);
+      }
+      // predict() (always the chain form) agrees with the low-rank forward.
+      MatD y_pred;
+      low.predict(x, y_pred);
+      CHECK(rel_err(y_pred, low.forward(x)) <= 1e-13);
+    }
+  }
+}
+
+TEST_CASE("Layers: float low-rank HRA gradients match the double analytic ones",
+          "[layers][gradient][form]") {
+  constexpr Index d_out = 12, d_in = 16, n = 5;
+  for (const Variant v : {Variant::chain, Variant::gram_schmidt}) {
+    INFO(hra::to_string(v));
+    const auto o = hra_options(6, v, Init::random, 3);
+    auto ld = make_hra<double>(o, BiasMode::all, true, d_out, d_in);
+    auto lf = make_hra<float>(o, BiasMode::all, true, d_out, d_in);
+    lf.set_reflectors("default", ld.adapter().chain().reflectors().cast<float>());
+    ld.set_form(hra::HraLinearForm::low_rank);
+    lf.set_form(hra::HraLinearForm::low_rank);
+    const MatD x = random_matrix(d_in, n, 71), g = random_matrix(d_out, n, 72);
+    ld.forward(x);
+    const MatD dx_d = ld.backward(g);
+    lf.forward(x.cast<float>());
+    const MatD dx_f = to_double(lf.backward(g.cast<float>()));
+    const double e_u = rel_err(to_double(lf.adapter().gradient()), ld.adapter().gradient());
+    const double e_x = rel_err(dx_f, dx_d);
+    WARN("FLOAT_VS_DOUBLE hra_low_rank_" << hra::to_string(v) << " dU " << hra_test::sci(e_u)
+                                         << " dX " << hra_test::sci(e_x));
+    CHECK(e_u < 1e-4);
+    CHECK(e_x < 1e-4);
+  }
+}
+
+TEST_CASE("Layers: HRA picks its form by the cost model and says which", "[layers][form]") {
+  auto check_model = [](hra::HraLineard& layer, Index n) {
+    const double din = double(layer.weight().cols()), dout = double(layer.weight().rows());
+    const double r = double(layer.adapter().rank()), nn = double(n);
+    const double common = 6 * r * r * nn + 3 * din * r * r;
+    CHECK(layer.estimated_flops(hra::HraLinearForm::chain, n) == common + 12 * r * din * nn);
+    CHECK(layer.estimated_flops(hra::HraLinearForm::low_rank, n) ==
+          common + 4 * din * dout * r + 6 * r * nn * (din + dout));
+  };
+  // 64 -> 8: the low-rank form wins once 3 n (64 - 8) > 2 * 64 * 8, i.e. for n >= 7.
+  hra::HraLineard narrow(Weight<double>::owned(random_matrix(8, 64, 81)), std::nullopt,
+                         hra_options(4), BiasMode::none);
+  check_model(narrow, 6);
+  check_model(narrow, 7);
+  CHECK(narrow.form() == hra::HraLinearForm::automatic);
+  CHECK(narrow.form_for_batch(6) == hra::HraLinearForm::chain);
+  CHECK(narrow.form_for_batch(7) == hra::HraLinearForm::low_rank);
+  narrow.forward(random_matrix(64, 6, 82));
+  CHECK(narrow.last_form() == hra::HraLinearForm::chain);
+  narrow.forward(random_matrix(64, 50, 83));
+  CHECK(narrow.last_form() == hra::HraLinearForm::low_rank);
+  CHECK(narrow.estimated_flops(hra::HraLinearForm::automatic, 50) ==
+        narrow.estimated_flops(hra::HraLinearForm::low_rank, 50));
+  // A square layer never prefers it (d_in - d_out = 0).
+  auto square = make_hra<double>(hra_options(4), BiasMode::none, false, kIn, kIn);
+  CHECK(square.form_for_batch(100000) == hra::HraLinearForm::chain);
+  // Forced: chain stays chain; low-rank serves one adapter, so two stacked ones fall back.
+  narrow.set_form(hra::HraLinearForm::chain);
+  CHECK(narrow.form_for_batch(50) == hra::HraLinearForm::chain);
+  narrow.set_form(hra::HraLinearForm::low_rank);
+  CHECK(narrow.form_for_batch(1) == hra::HraLinearForm::low_rank);
+  narrow.add_adapter("second", hra_options(2, Variant::gram_schmidt));
+  CHECK(narrow.form_for_batch(50) == hra::HraLinearForm::chain);
+  CHECK(std::isinf(narrow.estimated_flops(hra::HraLinearForm::low_rank, 50)));
+  narrow.forward(random_matrix(64, 50, 84));
+  CHECK(narrow.last_form() == hra::HraLinearForm::chain);
+  // set_form() forgets the pending forward, as every verb that changes what forward computes.
+  expect_error<std::logic_error>(
+      [&] {
+        narrow.set_form(hra::HraLinearForm::automatic);
+        narrow.backward(random_matrix(8, 50, 85));
+      },
+      {"HraLinear::backward", "no forward()"});
+  CHECK(std::string(hra::to_string(hra::HraLinearForm::low_rank)) == "low_rank");
+}
+
+// The low-rank form given its own output back as input (d_in = d_out) and its own dX as dY.
+TEST_CASE("Layers: HRA low-rank form is alias-safe", "[layers][form][misuse]") {
+  for (const Variant v : {Variant::chain, Variant::gram_schmidt}) {
+    auto a = make_hra<double>(hra_options(4, v), BiasMode::all, true, kIn, kIn);
+    auto b = make_hra<double>(hra_options(4, v), BiasMode::all, true, kIn, kIn);
+    a.set_form(hra::HraLinearForm::low_rank);
+    b.set_form(hra::HraLinearForm::low_rank);
+    const MatD x = random_matrix(kIn, 5, 91);
+    const MatD y1 = a.forward(x);
+    b.forward(x);
+    const MatD expected = b.forward(y1);      // a fresh copy as input
+    const MatD y2 = a.forward(a.forward(x));  // the layer's own buffer as input
+    CHECK(rel_err(y2, expected) <= 1e-15);
+    const MatD g = random_matrix(kIn, 5, 92);
+    const MatD dx_expected = b.backward(g);
+    a.backward(g);
+    a.forward(y1);
+    const MatD& own = a.backward(g);
+    CHECK(rel_err(own, dx_expected) <= 1e-15);
+    a.forward(y1);
+    const MatD dx_again = a.backward(own);  // its own dX as dY
+    b.forward(y1);
+    CHECK(rel_err(dx_again, b.backward(dx_expected)) <= 1e-15);
+  }
+}
+
 TEST_CASE("Layers: backward without the input gradient assigns the same parameter gradients",
           "[layers][gradient]") {
   const MatD x = random_matrix(kIn, 4, 31), g = random_matrix(kOut, 4, 32);

@@ -1,24 +1,57 @@
 // A frozen linear layer adapted by Householder reflections: y = W H x + b.
 #pragma once
 
+#include <limits>
 #include <string>
 #include <utility>
 #include <vector>
 
+#include "detail/low_rank_reflector.hpp"
 #include "hra_adapter_layer.hpp"
 #include "linear_adapter.hpp"
 #include "parallel.hpp"
 
 namespace hra {
 
+/// How HraLinear applies H in training (see HraLinear's class comment for the cost of each).
+enum class HraLinearForm {
+  automatic,  ///< the cheaper of the two below by HraLinear::estimated_flops, per batch size
+  chain,      ///< H applied to the batch (SPEC 2-3): X' = H X, then the frozen product
+  low_rank    ///< W H X = W X - (W U) K (SPEC 10), the shape of LoRA's work; one adapter only
+};
+
+inline const char* to_string(HraLinearForm f) {
+  static constexpr const char* names[] = {"automatic", "chain", "low_rank"};
+  return detail::enum_name(f, names);
+}
+
 /// \brief y = W (H_1 ... H_k) x + b: a frozen linear layer with a stack of HRA adapters.
 ///
 /// W is d_out x d_in (owned or viewed, see WeightMatrix), b an optional d_out vector; the
 /// adapters, merge and unmerge are HraAdapterLayer's (D = d_in).
 ///
-/// Kept between forward and backward: H x (d_in x n, needed for W H x anyway), Y (d_out x n,
-/// the returned output), and per adapter r x n coefficients plus the factors of U (O(r d)).
-/// backward() rebuilds every adapter's input from those, so nothing d x d is ever formed.
+/// Training applies H in one of two forms (both agree to rounding; the tests check it). Per
+/// step (forward + backward with dX) with one adapter of rank r and a batch of n, their extra
+/// flops over the frozen layer, the model estimated_flops() implements, are:
+///
+///   chain     X' = H X (SPEC 2), Y = W X'; backward from X' and G = W^T dY (SPEC 3):
+///             12 r d_in n + 6 r^2 n + 3 d_in r^2.
+///   low_rank  Y = W X - (W V) K, dX = W^T dY - V Z, dU from W^T (dY K^T), X Z^T, Z K^T
+///             (SPEC 10; V = U, or Q for Gram-Schmidt), W V once per step:
+///             4 d_in d_out r + 6 r n (d_in + d_out) + 6 r^2 n + 3 d_in r^2.
+///
+/// So the chain form is cheaper unless 3 n (d_in - d_out) > 2 d_in d_out: only a layer that
+/// narrows (d_in > d_out) with a batch larger than about (2/3) d_in d_out / (d_in - d_out)
+/// (910 at 4096 -> 1024) prefers the low-rank form, which then does LoRA's work plus two
+/// d_out x d_in x r products. HraLinearForm::automatic (the default) picks per batch;
+/// set_form() forces one; last_form() says which the last forward() used. The low-rank form
+/// serves one applied adapter (stacked ones use the chain form); predict() always uses the
+/// chain form (its W U would cost more than the chain at any batch a merge does not serve
+/// better).
+///
+/// Kept between forward and backward: chain form H x (d_in x n, needed for W H x anyway) and
+/// per adapter r x n coefficients; low-rank form x and W V (d_out x r); both Y (d_out x n, the
+/// returned output) and the factors of U (O(r d)). Nothing d x d is ever formed.
 /// predict_mixed() serves a batch whose columns use different adapters over one frozen product.
 /// The products with W run on hra's thread pool when large (see hra/parallel.hpp).
 template <typename Scalar_>
@@ -34,6 +67,45 @@ class HraLinear final : public detail::LinearAdapter<HraAdapterLayer<Scalar_>> {
   /// see detail::LinearAdapter.
   using Base::Base;
 
+  /// The form of the next forward() (automatic: chosen per batch size).
+  void set_form(HraLinearForm form) {
+    form_ = form;
+    this->forget_forward();
+  }
+  HraLinearForm form() const { return form_; }
+  /// The form a forward() with a batch of n uses (never automatic).
+  HraLinearForm form_for_batch(Index n) const {
+    if (form_ != HraLinearForm::automatic) return this->unmerged_count() == 1 ? form_ : chain_form;
+    return estimated_flops(HraLinearForm::low_rank, n) < estimated_flops(chain_form, n)
+               ? HraLinearForm::low_rank
+               : chain_form;
+  }
+  /// The form the last forward() used.
+  HraLinearForm last_form() const { return last_form_; }
+
+  /// The cost model of the class comment: extra flops of one training step with a batch of n in
+  /// `form` (automatic: the form form_for_batch() picks) over the frozen layer, summed over the
+  /// applied adapters (0 when there are none). The low-rank form serves one adapter: with
+  /// several it is not available and its cost is infinite.
+  double estimated_flops(HraLinearForm form, Index n) const {
+    if (form == HraLinearForm::automatic) form = form_for_batch(n);
+    const std::vector<std::size_t> applied = this->applied();
+    if (form == HraLinearForm::low_rank && applied.size() > 1)
+      return std::numeric_limits<double>::infinity();
+    const double din = double(this->weight().cols()), dout = double(this->weight().rows());
+    const double nn = double(n);
+    double total = 0;
+    for (std::size_t i : applied) {
+      const double r = double(this->adapters()[i].rank());
+      total += 6 * r * r * nn + 3 * din * r * r;
+      if (form == HraLinearForm::low_rank)
+        total += 4 * din * dout * r + 6 * r * nn * (din + dout);
+      else
+        total += 12 * r * din * nn;
+    }
+    return total;
+  }
+
   /// Y = W H X + b for X (d_in x n).
   const Matrix& forward(const ConstRef& x) override {
     this->check_input(x, "forward");
@@ -43,6 +115,22 @@ class HraLinear final : public detail::LinearAdapter<HraAdapterLayer<Scalar_>> {
     std::vector<typename Chain::Factors> factors = this->factorize_applied();
     const std::vector<std::size_t> applied = this->applied();
     auto& adapters = this->adapter_list();
+    last_form_ = form_for_batch(x.cols());
+    if (last_form_ == HraLinearForm::low_rank) {
+      // Y = W X - (W V) K with K = C V^T X (SPEC 10); x is copied first (it may alias y_).
+      auto& a = adapters[applied.front()];
+      auto& cache = this->cache(a);
+      low_rank_ = detail::LowRankReflector<Scalar>(a.chain(), factors[applied.front()]);
+      hx_ = x;
+      detail::product(wv_, this->weight(), low_rank_.v(), Scalar(1));
+      cache.coeffs.noalias() = low_rank_.v().transpose() * hx_;
+      low_rank_.apply_c(cache.coeffs);
+      cache.factors = std::move(factors[applied.front()]);
+      detail::product(y_, this->weight(), hx_, Scalar(1));
+      y_.noalias() -= wv_ * cache.coeffs;
+      return this->finish_forward(y_, x.cols());
+    }
+    wv_.resize(0, 0);
     hx_ = x;
     for (auto it = applied.rbegin(); it != applied.rend(); ++it) {
       auto& cache = this->cache(adapters[*it]);
@@ -61,6 +149,10 @@ class HraLinear final : public detail::LinearAdapter<HraAdapterLayer<Scalar_>> {
     const ConstRef g = this->begin_dense_backward(dy, dx_, dy_copy_);  // dY may be the last dX
     auto& adapters = this->adapter_list();
     const std::vector<std::size_t> applied = this->applied();
+    if (last_form_ == HraLinearForm::low_rank) {
+      low_rank_backward(g, adapters[applied.front()], compute_input_gradient);
+      return compute_input_gradient ? dx_ : empty_;
+    }
     if (!compute_input_gradient && applied.size() <= 1) {
       // No dX wanted and at most one chain: dU needs W^T dY only through r-dimensional
       // projections, so the d_in x n product W^T dY (as costly as the forward) is skipped.
@@ -153,13 +245,39 @@ class HraLinear final : public detail::LinearAdapter<HraAdapterLayer<Scalar_>> {
   }
 
   std::size_t saved_bytes() const override {
-    std::size_t bytes = static_cast<std::size_t>(hx_.size() + y_.size()) * sizeof(Scalar);
+    std::size_t bytes =
+        static_cast<std::size_t>(hx_.size() + y_.size() + wv_.size()) * sizeof(Scalar);
     for (std::size_t i : this->applied()) bytes += this->cache(this->adapters()[i]).bytes();
     return bytes;
   }
 
  private:
+  // The form automatic compares the low-rank form with.
+  static constexpr HraLinearForm chain_form = HraLinearForm::chain;
+
+  // Backward of the low-rank form (SPEC 10), hx_ holding X: Z = C^T (W V)^T dY, dX = W^T dY -
+  // V Z, and dU from the sums G K^T = W^T (dY K^T), X Z^T and Z K^T.
+  void low_rank_backward(const ConstRef& g, Adapter& a, bool compute_input_gradient) {
+    const Matrix& k = this->cache(a).coeffs;
+    Matrix z, ek, gk, xz, zk;
+    z.noalias() = wv_.transpose() * g;
+    low_rank_.apply_ct(z);
+    ek.noalias() = g * k.transpose();
+    detail::product(gk, this->weight().transpose(), ek, Scalar(1));
+    xz.noalias() = hx_ * z.transpose();
+    zk.noalias() = z * k.transpose();
+    low_rank_.gradient(gk, xz, zk, this->gradient(a));
+    empty_.resize(0, 0);
+    if (!compute_input_gradient) return;
+    detail::product(dx_, this->weight().transpose(), g, Scalar(1));
+    dx_.noalias() -= low_rank_.v() * z;
+  }
+
   Matrix hx_, y_, dx_, dy_copy_, empty_;
+  Matrix wv_;                                  // low-rank form: W V (d_out x r)
+  detail::LowRankReflector<Scalar> low_rank_;  // low-rank form: V and C of the adapter
+  HraLinearForm form_ = HraLinearForm::automatic;
+  HraLinearForm last_form_ = HraLinearForm::chain;
 };
 
 using HraLinearf = HraLinear<float>;
