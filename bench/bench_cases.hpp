@@ -96,6 +96,17 @@ void bm_hra(benchmark::State& state, Shape s, bool backward, hra::Variant varian
   time_layer<Scalar>(state, layer, s, backward, hra_flops(s, backward));
 }
 
+// HraLinear with its form forced (hra::HraLinearForm::chain or low_rank); "hra" is automatic.
+template <typename Scalar>
+void bm_hra_form(benchmark::State& state, Shape s, bool backward, hra::HraLinearForm form) {
+  hra::HraLinear<Scalar> layer(frozen_view<Scalar>(s), std::nullopt,
+                               hra_options<Scalar>(s, hra::Variant::chain));
+  layer.set_reflectors("default", Operands<Scalar>::reflectors(s.d_in, s.r));
+  layer.set_form(form);
+  time_layer<Scalar>(state, layer, s, backward, hra_flops(s, backward));
+  state.SetLabel(hra::to_string(layer.last_form()));
+}
+
 // The chain applied one reflection at a time (hra::reference::apply_one_at_a_time), then the
 // frozen product; backward: W^T dY, then one_at_a_time_backward.
 template <typename Scalar>
@@ -276,6 +287,30 @@ void register_shape(const Config& cfg, Index d_in, Index d_out, const std::vecto
                 [m](benchmark::State& st) { bm_merge<Scalar>(st, m, false); });
     add<Scalar>(cfg, "unmerge", "op", m,
                 [m](benchmark::State& st) { bm_merge<Scalar>(st, m, true); });
+  }
+}
+
+/// HraLinear's two forms (SPEC 10, #11) where the cost model switches: a narrowing layer
+/// 4096 -> 1024 at r = 8, n = 512 (chain form cheaper) and n = 2048 (low-rank form cheaper,
+/// from n > 910), fwd+bwd: frozen, LoRA, HRA automatic and both forms forced.
+template <typename Scalar>
+void register_forms(const Config& cfg) {
+  for (Index n : {512, 2048}) {
+    const Shape f{4096, 1024, 0, n}, s{4096, 1024, 8, n};
+    if (n != 512) {  // the sweep has these at n = 512
+      add<Scalar>(cfg, "frozen", "fwdbwd", f,
+                  [f](benchmark::State& st) { bm_frozen<Scalar>(st, f, true); });
+      add<Scalar>(cfg, "lora", "fwdbwd", s,
+                  [s](benchmark::State& st) { bm_lora<Scalar>(st, s, true); });
+      add<Scalar>(cfg, "hra", "fwdbwd", s,
+                  [s](benchmark::State& st) { bm_hra<Scalar>(st, s, true, hra::Variant::chain); });
+    }
+    add<Scalar>(cfg, "hra_chain", "fwdbwd", s, [s](benchmark::State& st) {
+      bm_hra_form<Scalar>(st, s, true, hra::HraLinearForm::chain);
+    });
+    add<Scalar>(cfg, "hra_low_rank", "fwdbwd", s, [s](benchmark::State& st) {
+      bm_hra_form<Scalar>(st, s, true, hra::HraLinearForm::low_rank);
+    });
   }
 }
 

@@ -15,6 +15,8 @@
 //   --reps=N          repetitions of the headline cases (median reported); default 5
 //   --no-double       register the float cases only
 //   --no-check        skip the start-up check of the naive backward passes
+//   --forms           instead of the sweep, HraLinear's chain and low-rank forms where the
+//                     cost model switches (register_forms in bench_cases.hpp)
 #include <benchmark/benchmark.h>
 
 #include <Eigen/Core>
@@ -100,6 +102,7 @@ int main(int argc, char** argv) {
   if (take_flag(argc, argv, "--reps=", &value)) cfg.reps = std::atoi(value.c_str());
   if (take_flag(argc, argv, "--no-double", nullptr)) cfg.with_double = false;
   if (take_flag(argc, argv, "--no-check", nullptr)) cfg.check = false;
+  const bool forms = take_flag(argc, argv, "--forms", nullptr);
   if (cfg.blas_threads == 0) cfg.blas_threads = cfg.threads;
   if (cfg.threads < 1 || cfg.blas_threads < 1 || cfg.reps < 1) {
     std::fprintf(stderr, "hra_bench: --threads, --blas-threads and --reps must be >= 1\n");
@@ -113,8 +116,12 @@ int main(int argc, char** argv) {
   openblas_set_num_threads(cfg.blas_threads);
 #endif
   if (cfg.check) check_naive_backward();
-  register_float(cfg);
-  if (cfg.with_double) register_double(cfg);
+  if (forms) {
+    register_forms<float>(cfg);
+  } else {
+    register_float(cfg);
+    if (cfg.with_double) register_double(cfg);
+  }
 
   benchmark::Initialize(&argc, argv);
   if (benchmark::ReportUnrecognizedArguments(argc, argv)) return 2;

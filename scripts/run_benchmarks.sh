@@ -118,6 +118,14 @@ if [ "$report_only" = 0 ]; then
         --benchmark_repetitions=5 --benchmark_report_aggregates_only=true \
         --benchmark_enable_random_interleaving=true \
         --benchmark_out="$out/cells_$name.json" --benchmark_out_format=json
+      # HraLinear's chain and low-rank forms where its cost model switches (4096 -> 1024, r = 8,
+      # n = 512 and 2048; BENCHMARKS.md quotes it by hand).
+      # shellcheck disable=SC2086
+      HRA_NUM_THREADS=$threads OMP_NUM_THREADS=$threads OPENBLAS_NUM_THREADS=$threads \
+        "$dir/bench/hra_bench" $bench_args --forms --no-check --benchmark_min_time=0.2 \
+        --benchmark_repetitions=5 --benchmark_report_aggregates_only=true \
+        --benchmark_enable_random_interleaving=true \
+        --benchmark_out="$out/forms_$name.json" --benchmark_out_format=json
     fi
     echo "$name after $(loadavg)" >>"$out/loadavg.txt"
   done
