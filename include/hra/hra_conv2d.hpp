@@ -11,6 +11,7 @@
 #include "conv_geometry.hpp"
 #include "detail/conv_ops.hpp"
 #include "detail/low_rank_reflector.hpp"
+#include "detail/thin_kernels.hpp"
 #include "hra_adapter_layer.hpp"
 
 namespace hra {
@@ -243,9 +244,12 @@ class HraConv2d final : public HraAdapterLayer<Scalar_> {
  private:
   using LowRank = detail::LowRankReflector<Scalar>;
 
-  // Per-worker buffers and partial sums of the per-image loops.
+  using Thin = detail::ThinKernels<Scalar>;
+
+  // Per-worker buffers and partial sums of the per-image loops (kp: T V with the columns of V
+  // padded to whole register blocks of the thin kernel, Thin::padded(r)).
   struct Workspace {
-    Matrix patches, patch_grad, kt, zt, e;
+    Matrix patches, patch_grad, kt, kp, zt, e;
     std::vector<Matrix> ek, xz, zk;  // per adapter: sum dY K^T (C x r), P Z^T (D x r), Z K^T
   };
 
@@ -280,13 +284,20 @@ class HraConv2d final : public HraAdapterLayer<Scalar_> {
     if (t.data() != ws.patches.data()) ws.patches = t;
   }
 
-  // K^T (G L x r, rows g L + l) of one adapter from the patches T (L x G D): K_g^T = T_g V C^T.
-  void coefficients(const detail::ConvBlockRef<Scalar>& t, const LowRank& lr, Matrix& kt) const {
+  // K^T (G L x r, rows g L + l) of one adapter from the patches T (L x G D): K_g^T = T_g V C^T,
+  // T_g V streamed over the patches by the thin kernel (Eigen's GEMM would pack T_g first).
+  void coefficients(const detail::ConvBlockRef<Scalar>& t, const LowRank& lr, Matrix& kt,
+                    Matrix& kp) const {
     const Conv2dGeometry& g = geometry_;
-    const Index l = g.out_positions(), d = g.fan_in();
-    kt.resize(g.groups() * l, lr.rank());
+    const Index l = g.out_positions(), d = g.fan_in(), gl = g.groups() * l;
+    const typename Thin::RowMajor vt = Thin::row_major(lr.v());
+    const Index bp = vt.cols();
+    kp.setZero(gl, bp);
     for (Index k = 0; k < g.groups(); ++k)
-      kt.middleRows(k * l, l).noalias() = t.middleCols(k * d, d) * lr.v();
+      for (Index j0 = 0; j0 < d; j0 += Thin::KC)
+        Thin::project(t.data() + (k * d + j0) * t.outerStride(), t.outerStride(), l,
+                      std::min(Thin::KC, d - j0), vt.data() + j0 * bp, bp, kp.data() + k * l, gl);
+    kt = kp.leftCols(lr.rank());
     lr.apply_ct_right(kt);
   }
 
@@ -341,7 +352,7 @@ class HraConv2d final : public HraAdapterLayer<Scalar_> {
       detail::grouped_product<Scalar>(g, t, w, yt);
       // The last adapter touches the patches first.
       for (std::size_t jj = k; jj-- > 0;) {
-        coefficients(t, lr[jj], ws.kt);
+        coefficients(t, lr[jj], ws.kt, ws.kp);
         for (Index q = 0; q < g.groups(); ++q)
           yt.middleCols(q * cg, cg).noalias() -=
               ws.kt.middleRows(q * l, l) * wv[jj].middleRows(q * cg, cg).transpose();
@@ -436,24 +447,25 @@ class HraConv2d final : public HraAdapterLayer<Scalar_> {
           detail::grouped_patch_gradient<Scalar>(g, dyt, weff_, ws.patch_grad);
       }
       for (std::size_t jj = k; jj-- > 0;) {
-        const Index r = lr[jj].rank();
-        if (!patch_form) coefficients(t, lr[jj], ws.kt);
-        const Eigen::Map<const Matrix> kt(patch_form ? kept[jj]->col(b).data() : ws.kt.data(),
-                                          groups * l, r);
-        ws.zt.resize(groups * l, r);
+        const Index r = lr[jj].rank(), gl = groups * l;
+        if (!patch_form) coefficients(t, lr[jj], ws.kt, ws.kp);
+        const Eigen::Map<const Matrix> kt(patch_form ? kept[jj]->col(b).data() : ws.kt.data(), gl,
+                                          r);
+        ws.zt.resize(gl, r);
+        const auto zt = ws.zt.leftCols(r);
         for (Index q = 0; q < groups; ++q) {
           const auto dyq = dyt.middleCols(q * cg, cg);
           const auto kq = kt.middleRows(q * l, l);
-          ws.zt.middleRows(q * l, l).noalias() = dyq * ac[jj].middleRows(q * cg, cg);
+          ws.zt.middleRows(q * l, l).leftCols(r).noalias() = dyq * ac[jj].middleRows(q * cg, cg);
           ws.ek[jj].middleRows(q * cg, cg).noalias() += dyq.transpose() * kq;
         }
         for (Index q = 0; q < groups; ++q)
-          ws.xz[jj].noalias() += t.middleCols(q * d, d).transpose() * ws.zt.middleRows(q * l, l);
-        ws.zk[jj].noalias() += ws.zt.transpose() * kt;
+          ws.xz[jj].noalias() += t.middleCols(q * d, d).transpose() * zt.middleRows(q * l, l);
+        ws.zk[jj].noalias() += zt.transpose() * kt;
         if (want_dx && patch_form)
           for (Index q = 0; q < groups; ++q)
             ws.patch_grad.middleCols(q * d, d).noalias() -=
-                ws.zt.middleRows(q * l, l) * lr[jj].v().transpose();
+                zt.middleRows(q * l, l) * lr[jj].v().transpose();
         if (jj > 0) reflect_patches(ws.patches, lr[jj], kt);
       }
       if (want_dx) detail::col2im(g, ws.patch_grad.data(), dx_.col(b).data());
