@@ -400,18 +400,24 @@ KillCounts kill_test(Saved& a, Saved& b, int wanted_kills, std::uint64_t seed) {
   int live = 0;  // the adapter of the last completed save
   std::mt19937_64 gen(seed);
   std::uniform_real_distribution<double> delay(0.0, 3.0 * save_us + 200.0);
-  SharedCounter done;
+  SharedCounter done, started;
   KillCounts c;
   c.place = remove_shm.path.empty() ? "temp dir" : "tmpfs";
-  for (int round = 0; c.kills < wanted_kills && round < 4 * wanted_kills; ++round) {
+  // A kill lands between a save's commit and the child's count of it ("new") in 1-4 % of the
+  // rounds here, so the test goes on past `wanted_kills` until it has seen one (at most 10x).
+  for (int round = 0; (c.kills < wanted_kills || (c.new_ == 0 && c.kills < 10 * wanted_kills)) &&
+                      round < 40 * wanted_kills;
+       ++round) {
     if (round % 10 == 9) {
       fs::remove_all(dir);
       both[live]->save_plain(dir);
     }
     done.value->store(0);
+    started.value->store(0);
     const pid_t pid = ::fork();
     REQUIRE(pid >= 0);
     if (pid == 0) {
+      started.value->store(1);
       try {
         for (long i = 0;; ++i) {
           both[(live + 1 + i) % 2]->save(dir);
@@ -421,6 +427,12 @@ KillCounts kill_test(Saved& a, Saved& b, int wanted_kills, std::uint64_t seed) {
         ::_exit(3);
       }
     }
+    // The delay counts from the child's first instruction: a fork can take longer than a save
+    // (0.5-1 ms in some sandboxes against 0.2 ms for a save on tmpfs), and a delay counted from
+    // the fork would kill every child before it wrote anything.
+    const auto give_up = std::chrono::steady_clock::now() + std::chrono::seconds(10);
+    while (started.value->load() == 0 && std::chrono::steady_clock::now() < give_up)
+      std::this_thread::sleep_for(std::chrono::microseconds(20));
     std::this_thread::sleep_for(std::chrono::duration<double, std::micro>(delay(gen)));
     ::kill(pid, SIGKILL);
     int status = 0;
