@@ -334,8 +334,8 @@ class ReflectorChain : public detail::ScalarTypes<Scalar_> {
     HRA_ASSERT(coeffs == nullptr || op == Apply::h);
     if (variant_ == Variant::gram_schmidt) {  // symmetric: H^T = H
       Matrix p;
-      p.noalias() = f.q.transpose() * x;
-      x.noalias() -= Scalar(2) * f.q * p;
+      detail::thin_product(p, f.q.transpose(), x, Scalar(1));
+      detail::thin_product(x, f.q, p, Scalar(-2), true);
       if (coeffs) *coeffs = std::move(p);
       return;
     }
@@ -347,12 +347,12 @@ class ReflectorChain : public detail::ScalarTypes<Scalar_> {
       const Index j = op == Apply::h ? m - 1 - step : step;
       const auto& t = f.blocks[static_cast<std::size_t>(j)];
       const auto ub = u_.middleCols(j * block_size_, t.rows());
-      p.noalias() = ub.transpose() * x;
+      detail::thin_product(p, ub.transpose(), x, Scalar(1));
       if (op == Apply::h)
         k.noalias() = t * p;
       else
         k.noalias() = t.transpose() * p;
-      x.noalias() -= ub * k;
+      detail::thin_product(x, ub, k, Scalar(-1), true);
       if (coeffs) coeffs->middleRows(j * block_size_, t.rows()) = k;
     }
   }
@@ -542,18 +542,18 @@ class ReflectorChain : public detail::ScalarTypes<Scalar_> {
   void backward_chain(const Factors& f, const Matrix& coeffs, Matrix& x, Matrix& g, Matrix& du,
                       State state, bool restore_input) const {
     const auto& blocks = f.blocks;
-    if (state == State::input) x.noalias() -= u_ * coeffs;
+    if (state == State::input) detail::thin_product(x, u_, coeffs, Scalar(-1), true);
     Matrix z, gk;
     for (std::size_t j = 0; j < blocks.size(); ++j) {
       const Index c0 = static_cast<Index>(j) * block_size_;
       const Index b = blocks[j].rows();
       const auto ub = u_.middleCols(c0, b);
       const auto kb = coeffs.middleRows(c0, b);
-      z.noalias() = ub.transpose() * g;
-      gk.noalias() = g * kb.transpose();
+      detail::thin_product(z, ub.transpose(), g, Scalar(1));
+      detail::thin_product(gk, g, kb.transpose(), Scalar(1));
       block_gradient(blocks[j], c0, kb, x, z, gk, du);
-      g.noalias() -= ub * z;
-      if (restore_input || j + 1 < blocks.size()) x.noalias() += ub * kb;
+      detail::thin_product(g, ub, z, Scalar(-1), true);
+      if (restore_input || j + 1 < blocks.size()) detail::thin_product(x, ub, kb, Scalar(1), true);
     }
   }
 
@@ -609,7 +609,7 @@ class ReflectorChain : public detail::ScalarTypes<Scalar_> {
     auto dub = du.middleCols(c0, b);
     dub.noalias() = ub * skew;
     dub -= gk;
-    dub.noalias() -= y * z.transpose();
+    detail::thin_product(dub, y, z.transpose(), Scalar(-1), true);
   }
 
   // X = Y + 2 Q P with P = Q^T X; dQ = -2 (G P^T + X (Q^T G)^T); through the QR:
@@ -617,11 +617,11 @@ class ReflectorChain : public detail::ScalarTypes<Scalar_> {
   // as Y (Q^T G)^T + 2 Q (P (Q^T G)^T), so X itself is only rebuilt on request.
   void backward_gram_schmidt(const Factors& f, const Matrix& coeffs, Matrix& x, Matrix& g,
                              Matrix& du, State state, bool restore_input) const {
-    if (state == State::input) x.noalias() -= Scalar(2) * f.q * coeffs;
+    if (state == State::input) detail::thin_product(x, f.q, coeffs, Scalar(-2), true);
     Matrix qg, gp;
-    qg.noalias() = f.q.transpose() * g;
-    gp.noalias() = g * coeffs.transpose();
-    g.noalias() -= Scalar(2) * f.q * qg;
+    detail::thin_product(qg, f.q.transpose(), g, Scalar(1));
+    detail::thin_product(gp, g, coeffs.transpose(), Scalar(1));
+    detail::thin_product(g, f.q, qg, Scalar(-2), true);
     gram_schmidt_gradient(f, coeffs, x, qg, gp, du);
     if (restore_input) x.noalias() += Scalar(2) * f.q * coeffs;
   }
@@ -643,7 +643,7 @@ class ReflectorChain : public detail::ScalarTypes<Scalar_> {
   void gram_schmidt_gradient(const Factors& f, const Matrix& p, const Matrix& y, const Matrix& qg,
                              const Matrix& gp, Matrix& du) const {
     du.noalias() = Scalar(-2) * gp;
-    du.noalias() -= Scalar(2) * y * qg.transpose();
+    detail::thin_product(du, y, qg.transpose(), Scalar(-2), true);
     du.noalias() -= Scalar(4) * f.q * (p * qg.transpose());
     Matrix mm;
     mm.noalias() = f.q.transpose() * du;
