@@ -127,42 +127,47 @@ TEMPLATE_TEST_CASE("Threads: layers give the same bits on 1, 2 and 3 threads", "
   }
 }
 
-TEMPLATE_TEST_CASE("Threads: the chain's thin products give the same bits on 1, 2 and 3 threads",
+TEMPLATE_TEST_CASE("Threads: the adapters' thin products give the same bits on 1, 2 and 3 threads",
                    "[parallel]", float, double) {
   using T = TestType;
   ThreadCount restore;
-  // d_in r n = 4096 x 8 x 512 = 16 Mi multiply-adds: U^T X, U K, G K^T and Y Z^T are split
-  // (detail::thin_product), by columns for the r x n projections and by rows for the d_in x n
-  // updates; a narrow W (16 x 4096) keeps the frozen products small.
-  const Index d_in = 4096, d_out = 16, n = 512, r = 8;
+  // d_in r n = 4096 x 8 x 512 = 16 Mi multiply-adds: the chain form's U^T X, U K, G K^T and
+  // Y Z^T and the low-rank form's V^T X, X Z^T and W^T (dY K^T) are split
+  // (detail::thin_product), by columns for the r x n projections and by rows for the tall
+  // results; W V (256 x 4096 x 8 = 8 Mi) too. A narrow W keeps the frozen products small.
+  const Index d_in = 4096, d_out = 256, n = 512, r = 8;
   REQUIRE(double(d_in) * double(r) * double(n) >= hra::detail::parallel_thin_min_madds);
+  REQUIRE(double(d_out) * double(d_in) * double(r) >= hra::detail::parallel_thin_min_madds);
   const Mat<T> w = hra_test::random_as<T>(d_out, d_in, 7), x = hra_test::random_as<T>(d_in, n, 8),
                dy = hra_test::random_as<T>(d_out, n, 9);
-  for (const hra::Variant variant : {hra::Variant::chain, hra::Variant::gram_schmidt}) {
-    INFO("variant " << (variant == hra::Variant::chain ? "chain" : "gram_schmidt"));
-    const auto run = [&](int threads) {
-      hra::set_num_threads(threads);
-      hra::HraOptions ho;
-      ho.rank = r;
-      ho.variant = variant;
-      ho.init = hra::Init::random;
-      ho.block_size = 4;  // two blocks, so the chain's loop over blocks is split too
-      hra::HraLinear<T> h(w, ho);
-      h.set_form(hra::HraLinearForm::chain);
-      std::array<Mat<T>, 3> out;
-      out[0] = h.forward(x);
-      out[1] = h.backward(dy);
-      out[2] = h.adapter().gradient();
-      return out;
-    };
-    const std::array<Mat<T>, 3> one = run(1);
-    for (int threads : {2, 3}) {
-      const std::array<Mat<T>, 3> got = run(threads);
-      CHECK(bitwise_equal(got[0], one[0]));
-      CHECK(bitwise_equal(got[1], one[1]));
-      CHECK(bitwise_equal(got[2], one[2]));
+  for (const hra::HraLinearForm form : {hra::HraLinearForm::chain, hra::HraLinearForm::low_rank})
+    for (const hra::Variant variant : {hra::Variant::chain, hra::Variant::gram_schmidt}) {
+      INFO("form " << hra::to_string(form) << ", variant "
+                   << (variant == hra::Variant::chain ? "chain" : "gram_schmidt"));
+      const auto run = [&](int threads) {
+        hra::set_num_threads(threads);
+        hra::HraOptions ho;
+        ho.rank = r;
+        ho.variant = variant;
+        ho.init = hra::Init::random;
+        ho.block_size = 4;  // two blocks, so the chain's loop over blocks is split too
+        hra::HraLinear<T> h(w, ho);
+        h.set_form(form);
+        std::array<Mat<T>, 3> out;
+        out[0] = h.forward(x);
+        REQUIRE(h.last_form() == form);
+        out[1] = h.backward(dy);
+        out[2] = h.adapter().gradient();
+        return out;
+      };
+      const std::array<Mat<T>, 3> one = run(1);
+      for (int threads : {2, 3}) {
+        const std::array<Mat<T>, 3> got = run(threads);
+        CHECK(bitwise_equal(got[0], one[0]));
+        CHECK(bitwise_equal(got[1], one[1]));
+        CHECK(bitwise_equal(got[2], one[2]));
+      }
     }
-  }
 }
 
 // merge / unmerge (ReflectorChain::apply_right, detail::RightUpdate) split W's rows over the

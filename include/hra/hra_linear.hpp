@@ -122,12 +122,12 @@ class HraLinear final : public detail::LinearAdapter<HraAdapterLayer<Scalar_>> {
       auto& cache = this->cache(a);
       low_rank_ = detail::LowRankReflector<Scalar>(a.chain(), factors[applied.front()]);
       hx_ = x;
-      detail::product(wv_, this->weight(), low_rank_.v(), Scalar(1));
-      cache.coeffs.noalias() = low_rank_.v().transpose() * hx_;
+      detail::thin_product(wv_, this->weight(), low_rank_.v(), Scalar(1));
+      detail::thin_product(cache.coeffs, low_rank_.v().transpose(), hx_, Scalar(1));
       low_rank_.apply_c(cache.coeffs);
       cache.factors = std::move(factors[applied.front()]);
       detail::product(y_, this->weight(), hx_, Scalar(1));
-      y_.noalias() -= wv_ * cache.coeffs;
+      detail::thin_product(y_, wv_, cache.coeffs, Scalar(-1), true);
       return this->finish_forward(y_, x.cols());
     }
     wv_.resize(0, 0);
@@ -260,17 +260,17 @@ class HraLinear final : public detail::LinearAdapter<HraAdapterLayer<Scalar_>> {
   void low_rank_backward(const ConstRef& g, Adapter& a, bool compute_input_gradient) {
     const Matrix& k = this->cache(a).coeffs;
     Matrix z, ek, gk, xz, zk;
-    z.noalias() = wv_.transpose() * g;
+    detail::thin_product(z, wv_.transpose(), g, Scalar(1));
     low_rank_.apply_ct(z);
-    ek.noalias() = g * k.transpose();
-    detail::product(gk, this->weight().transpose(), ek, Scalar(1));
-    xz.noalias() = hx_ * z.transpose();
+    detail::thin_product(ek, g, k.transpose(), Scalar(1));
+    detail::thin_product(gk, this->weight().transpose(), ek, Scalar(1));
+    detail::thin_product(xz, hx_, z.transpose(), Scalar(1));
     zk.noalias() = z * k.transpose();
     low_rank_.gradient(gk, xz, zk, this->gradient(a));
     empty_.resize(0, 0);
     if (!compute_input_gradient) return;
     detail::product(dx_, this->weight().transpose(), g, Scalar(1));
-    dx_.noalias() -= low_rank_.v() * z;
+    detail::thin_product(dx_, low_rank_.v(), z, Scalar(-1), true);
   }
 
   Matrix hx_, y_, dx_, dy_copy_, empty_;
