@@ -15,8 +15,9 @@ pass and the forward+backward pass of
             (gradients to hra_u and x)
 
 at the shapes of bench/bench_conv.cpp: ResNet-like 64->64 3x3 on 56x56 and 256->256 3x3 on
-14x14 (n = 32), and the main job's CNN on 28x28 images (1->16 3x3, 16->32 3x3 stride 2,
-32->32 3x3 stride 2 on 14x14; n = 128), padding 1, r = 8. "fwd" runs under torch.no_grad().
+14x14 (n = 32), a small CNN on 28x28 images (1->16 3x3, 16->32 3x3 stride 2, 32->32 3x3
+stride 2 on 14x14; n = 128) and the main job's CNN (1->8 3x3 stride 2 on 28x28, 8->16 3x3
+stride 2 on 14x14; n = 128), padding 1, r = 8. "fwd" runs under torch.no_grad().
 Each case is warmed up once, then repeated until --min-time seconds and --min-iters
 iterations have passed; the median is reported.
 
@@ -59,6 +60,8 @@ SHAPES = (
     (1, 28, 16, 3, 1, 128),
     (16, 28, 32, 3, 2, 128),
     (32, 14, 32, 3, 2, 128),
+    (1, 28, 8, 3, 2, 128),
+    (8, 14, 16, 3, 2, 128),
 )
 METHODS = ("frozen", "full", "lora", "peft_hra")
 RANK = 8
@@ -145,7 +148,7 @@ def main(argv=None):
     p.add_argument("--min-time", type=float, default=1.0, help="seconds per case (default 1)")
     p.add_argument("--min-iters", type=int, default=3, help="iterations per case (default 3)")
     p.add_argument("--methods", default=",".join(METHODS), help="comma-separated subset")
-    p.add_argument("--shapes", help="comma-separated indices into the shape list (0-4)")
+    p.add_argument("--shapes", help="comma-separated indices into the shape list (0-6)")
     p.add_argument("--json", help="write the records to this file")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
