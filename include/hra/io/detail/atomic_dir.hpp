@@ -113,6 +113,31 @@ struct NamedBytes {
   std::string_view bytes;  ///< its new content
 };
 
+/// The steps of replace_directory_files(), in order, at which a fault-injection test can stop a
+/// save (see atomic_dir_test_hook). `migrated` is reached only when plain files were migrated.
+enum class AtomicDirStep {
+  locked,           ///< the lock is held; nothing has changed yet
+  cleaned,          ///< leftovers of interrupted saves removed
+  link_replaced,    ///< migration: one plain file replaced by its link (once per file)
+  migrated,         ///< plain files copied into a version, ..data and the links point at it
+  file_written,     ///< one file of the new version written and fsynced (once per file)
+  version_written,  ///< the new version's files and directory are written and fsynced
+  committed,        ///< ..data names the new version (the atomic step)
+  synced,           ///< the directory is fsynced
+  done              ///< the previous version is removed
+};
+
+/// \brief Called, when set, after each step of every replace_directory_files() in the process:
+/// a test that kills its own process there (raise(SIGKILL)) shows what a kill at that exact
+/// step leaves, without depending on timing. Not for production use; null by default, and
+/// then costs one comparison per step.
+inline void (*atomic_dir_test_hook)(AtomicDirStep) = nullptr;
+
+/// Calls atomic_dir_test_hook, if set.
+inline void atomic_dir_step(AtomicDirStep step) {
+  if (atomic_dir_test_hook != nullptr) atomic_dir_test_hook(step);
+}
+
 #if HRA_ATOMIC_DIR_POSIX
 /// fsync of the file or directory at `path`; 0 or the errno.
 inline int fsync_path(const std::filesystem::path& path) {
@@ -278,6 +303,7 @@ void replace_directory_files(const std::filesystem::path& dir, const std::vector
           concat(prefix, lock_path.string(), ": cannot lock: ", std::strerror(errno), unchanged));
   }
 #endif
+  atomic_dir_step(AtomicDirStep::locked);
 
   // Entries in the way, before anything changes.
   const fs::file_status data_status = fs::symlink_status(dir / data_link_name, ec);
@@ -310,6 +336,7 @@ void replace_directory_files(const std::filesystem::path& dir, const std::vector
       fs::remove_all(it->path(), ignored);
     }
   }
+  atomic_dir_step(AtomicDirStep::cleaned);
 
   const auto fail_at = [&](const fs::path& path, const std::string& what, int err,
                            const std::optional<fs::path>& remove) {
@@ -344,29 +371,37 @@ void replace_directory_files(const std::filesystem::path& dir, const std::vector
         fail_at(dir / f.name,
                 "cannot replace the file by its link to " + std::string(data_link_name), err,
                 std::nullopt);
+      atomic_dir_step(AtomicDirStep::link_replaced);
     }
     if (const int err = fsync_path(dir)) fail_at(dir, "fsync failed", err, std::nullopt);
+    atomic_dir_step(AtomicDirStep::migrated);
   }
 
   const std::optional<fs::path> previous = live_version(dir);
   const fs::path version = make_version_dir(
       dir, [&](const std::string& what, int err) { fail_at(dir, what, err, std::nullopt); });
-  for (const NamedBytes& f : files)
+  for (const NamedBytes& f : files) {
     if (const int err = write_new_file(dir / version / f.name, f.bytes))
       fail_at(dir / f.name, concat("write failed (new version in ", (dir / version).string(), ")"),
               err, version);
+    atomic_dir_step(AtomicDirStep::file_written);
+  }
   if (const int err = fsync_path(dir / version))
     fail_at(dir / version, "fsync failed", err, version);
+  atomic_dir_step(AtomicDirStep::version_written);
   if (const int err = swap_symlink(dir, data_link_name, version))
     fail_at(dir / data_link_name, "cannot point the link at the new version", err, version);
+  atomic_dir_step(AtomicDirStep::committed);
   // The new version is live; a failure to make that durable or to tidy up is not reported
   // (the next save removes what is left).
   (void)fsync_path(dir);
+  atomic_dir_step(AtomicDirStep::synced);
   for (const std::optional<fs::path>& old : {live, previous}) {
     if (!old || *old == version || old->is_absolute() || old->has_parent_path()) continue;
     std::error_code ignored;
     fs::remove_all(dir / *old, ignored);
   }
+  atomic_dir_step(AtomicDirStep::done);
 }
 
 }  // namespace detail
