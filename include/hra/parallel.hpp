@@ -185,11 +185,12 @@ inline thread_local bool ThreadPool::in_run_ = false;
 inline constexpr double parallel_product_min_madds = 64.0 * 1024 * 1024;
 /// Rows or columns per task (at least): narrow slices would change Eigen's kernels.
 inline constexpr Eigen::Index parallel_product_min_cols = 64;
-/// The threshold of thin_product(): the chain's products of U (d x r) with a d x n batch stream
-/// the batch with few flops per byte and gain from a second thread at a lower size (at 4096 x
-/// 512, r = 8, 16 Mi multiply-adds each, the headline layer's HRA overhead over the frozen
-/// layer went from 8 ms, 1.069x, to 6 ms, 1.044x, with them split). Below it, as above, no task
-/// is ever waited for.
+/// The threshold of thin_product(): products with one dimension of r (the chain's U, d x r, with a
+/// d x n batch; HraLinear's low-rank form's W V, V and K with a batch) stream the large operand
+/// with few flops per byte and gain from a second thread at a lower size (at 4096 x 512, r = 8,
+/// 16 Mi multiply-adds each, the headline layer's HRA overhead over the frozen layer went from
+/// 8 ms, 1.069x, to 6 ms, 1.044x, with them split). Below it, as above, no task is ever waited
+/// for.
 inline constexpr double parallel_thin_min_madds = 8.0 * 1024 * 1024;
 
 /// \brief dst = alpha * lhs * rhs, or dst += alpha * lhs * rhs with `accumulate`; `dst` must not
@@ -243,7 +244,8 @@ void product(Dst&& dst, const Lhs& lhs, const Rhs& rhs, typename std::decay_t<Ds
   });
 }
 
-/// product() for the chain's products of U with a batch, split from parallel_thin_min_madds.
+/// product() for a thin product (one dimension of r, see parallel_thin_min_madds), split from
+/// parallel_thin_min_madds.
 template <typename Dst, typename Lhs, typename Rhs>
 void thin_product(Dst&& dst, const Lhs& lhs, const Rhs& rhs,
                   typename std::decay_t<Dst>::Scalar alpha, bool accumulate = false) {
