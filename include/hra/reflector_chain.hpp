@@ -623,7 +623,7 @@ class ReflectorChain : public detail::ScalarTypes<Scalar_> {
     detail::thin_product(gp, g, coeffs.transpose(), Scalar(1));
     detail::thin_product(g, f.q, qg, Scalar(-2), true);
     gram_schmidt_gradient(f, coeffs, x, qg, gp, du);
-    if (restore_input) x.noalias() += Scalar(2) * f.q * coeffs;
+    if (restore_input) detail::thin_product(x, f.q, coeffs, Scalar(2), true);
   }
 
   // As backward_gram_schmidt for G = W^T E: Q^T G = (W Q)^T E and G P^T = W^T (E P^T).
@@ -636,7 +636,7 @@ class ReflectorChain : public detail::ScalarTypes<Scalar_> {
     ep.noalias() = e * coeffs.transpose();
     gp.noalias() = w.transpose() * ep;
     gram_schmidt_gradient(f, coeffs, x, qg, gp, du);
-    if (restore_input) x.noalias() += Scalar(2) * f.q * coeffs;
+    if (restore_input) detail::thin_product(x, f.q, coeffs, Scalar(2), true);
   }
 
   // dU from the output Y, P, Q^T G and G P^T.
