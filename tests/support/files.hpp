@@ -12,6 +12,7 @@
 #include <filesystem>
 #include <fstream>
 #include <iterator>
+#include <map>
 #include <string>
 #include <vector>
 
@@ -41,6 +42,28 @@ inline std::vector<std::string> adapter_dir_entries(const std::filesystem::path&
   }
   std::sort(names.begin(), names.end());
   return names;
+}
+
+/// Everything under `root` (not following symlinks), by path relative to `root`: "d" for a
+/// directory, "f:<bytes>" for a file, "l:<target>" for a symlink, "?" for anything else. Two
+/// equal snapshots mean that nothing under `root` was created, removed or changed.
+inline std::map<std::string, std::string> tree_snapshot(const std::filesystem::path& root) {
+  namespace fs = std::filesystem;
+  std::map<std::string, std::string> out;
+  for (auto it = fs::recursive_directory_iterator(root); it != fs::recursive_directory_iterator();
+       ++it) {
+    const fs::file_status s = it->symlink_status();
+    const std::string rel = it->path().lexically_relative(root).string();
+    if (fs::is_symlink(s))
+      out[rel] = "l:" + fs::read_symlink(it->path()).string();
+    else if (fs::is_directory(s))
+      out[rel] = "d";
+    else if (fs::is_regular_file(s))
+      out[rel] = "f:" + read_all(it->path());
+    else
+      out[rel] = "?";
+  }
+  return out;
 }
 
 /// What adapter_dir_entries() gives for a directory saved by peft::save_adapter_files().

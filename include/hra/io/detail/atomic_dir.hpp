@@ -18,6 +18,7 @@
 #include <chrono>
 #include <cstddef>
 #include <cstdint>
+#include <cstdio>
 #include <cstring>
 #include <ctime>
 #include <filesystem>
@@ -32,7 +33,6 @@
 
 #if defined(__unix__) || defined(__APPLE__)
 #include <fcntl.h>
-#include <signal.h>
 #include <sys/file.h>
 #include <unistd.h>
 #define HRA_ATOMIC_DIR_POSIX 1
@@ -48,6 +48,82 @@ namespace detail {
 inline constexpr const char* data_link_name = "..data";
 /// The file savers flock, so that two saves of one directory do not interleave.
 inline constexpr const char* dir_lock_name = ".hra-lock";
+
+/// The marker file every version directory holds, written right after the directory is made
+/// and before anything else: with the name pattern (is_version_name()), what tells a version
+/// this library wrote from anything else in the directory.
+inline constexpr const char* version_marker_name = "..hra-version";
+/// The marker's exact content.
+inline constexpr std::string_view version_marker_text = "hra adapter version directory\n";
+
+/// Whether `name` has the form of a version directory's name,
+/// "..YYYY_MM_DD_HH_MM_SS.<pid>_<count>_<random>" (make_version_dir()), and nothing else: no
+/// separator, no other characters.
+inline bool is_version_name(std::string_view name) {
+  // ".." then 4+2+2+2+2+2 digits joined by '_', then '.', then three '_'-joined digit runs.
+  static constexpr int date_digits[] = {4, 2, 2, 2, 2, 2};
+  std::size_t i = 0;
+  const auto digits = [&](std::size_t min, std::size_t max) {
+    std::size_t n = 0;
+    while (i < name.size() && n < max && name[i] >= '0' && name[i] <= '9') ++i, ++n;
+    return n >= min;
+  };
+  const auto expect = [&](char c) { return i < name.size() && name[i++] == c; };
+  if (!expect('.') || !expect('.')) return false;
+  for (int k = 0; k < 6; ++k) {
+    if (k > 0 && !expect('_')) return false;
+    const auto n = static_cast<std::size_t>(date_digits[k]);
+    if (!digits(n, n)) return false;
+  }
+  if (!expect('.') || !digits(1, 20)) return false;
+  for (int k = 0; k < 2; ++k)
+    if (!expect('_') || !digits(1, 20)) return false;
+  return i == name.size();
+}
+
+/// What an entry `dir`/`name` is to this library.
+enum class VersionKind {
+  ours,    ///< a version directory it wrote: the name pattern, a real directory, the marker
+  empty,   ///< an empty real directory with a version name (a save killed before its marker)
+  foreign  ///< anything else: never removed, never followed
+};
+
+inline VersionKind version_kind(const std::filesystem::path& dir, std::string_view name) {
+  namespace fs = std::filesystem;
+  if (!is_version_name(name)) return VersionKind::foreign;
+  std::error_code ec;
+  const fs::path p = dir / std::string(name);
+  if (!fs::is_directory(fs::symlink_status(p, ec))) return VersionKind::foreign;
+  const fs::path marker = p / version_marker_name;
+  if (fs::is_regular_file(fs::symlink_status(marker, ec)) &&
+      fs::file_size(marker, ec) == version_marker_text.size() && !ec) {
+    std::string text(version_marker_text.size(), '\0');
+    if (std::FILE* f = std::fopen(marker.c_str(), "rb")) {
+      const std::size_t got = std::fread(text.data(), 1, text.size(), f);
+      std::fclose(f);
+      if (got == text.size() && text == version_marker_text) return VersionKind::ours;
+    }
+    return VersionKind::foreign;
+  }
+  if (fs::is_empty(p, ec) && !ec) return VersionKind::empty;
+  return VersionKind::foreign;
+}
+
+/// Removes `dir`/`name` if it is a version directory this library wrote (recursively) or an
+/// empty one with a version name; anything else is left alone. Best effort, no error.
+inline void remove_own_version(const std::filesystem::path& dir, std::string_view name) {
+  std::error_code ignored;
+  switch (version_kind(dir, name)) {
+    case VersionKind::ours:
+      std::filesystem::remove_all(dir / std::string(name), ignored);
+      break;
+    case VersionKind::empty:
+      std::filesystem::remove(dir / std::string(name), ignored);  // removes only an empty dir
+      break;
+    case VersionKind::foreign:
+      break;
+  }
+}
 
 /// What the user-visible file `name` links to: "..data/<name>".
 inline std::filesystem::path data_link_target(std::string_view name) {
@@ -153,34 +229,6 @@ inline int fsync_path(const std::filesystem::path&) {
 }
 #endif
 
-/// A new, empty version directory in `dir`, "..<UTC date and time>.<pid>_<count>_<random>".
-/// Returns its name; `fail(what, errno)` is called (and must throw) on failure.
-template <typename Fail>
-std::filesystem::path make_version_dir(const std::filesystem::path& dir, Fail fail) {
-  static std::atomic<unsigned> counter{0};
-  const std::time_t now = std::chrono::system_clock::to_time_t(std::chrono::system_clock::now());
-  std::tm utc{};  // the date only makes the names readable; pid, count and random make them unique
-#if HRA_ATOMIC_DIR_POSIX
-  ::gmtime_r(&now, &utc);
-  const long pid = static_cast<long>(::getpid());
-#else
-  utc = *std::gmtime(&now);
-  const long pid = 0;
-#endif
-  char stamp[32];
-  std::strftime(stamp, sizeof stamp, "%Y_%m_%d_%H_%M_%S", &utc);
-  std::random_device random;
-  for (int attempt = 0; attempt < 100; ++attempt) {
-    const std::filesystem::path name =
-        concat("..", stamp, ".", pid, "_", counter.fetch_add(1), "_", random() % 100000u);
-    std::error_code ec;
-    if (std::filesystem::create_directory(dir / name, ec)) return name;
-    if (ec) fail(concat("cannot create the version directory ", (dir / name).string()), ec.value());
-  }
-  fail("cannot find a free version directory name", EEXIST);
-  return {};
-}
-
 /// Writes `bytes` to the new file `path` and flushes it to disk; 0 or the errno.
 inline int write_new_file(const std::filesystem::path& path, std::string_view bytes) {
 #if HRA_ATOMIC_DIR_POSIX
@@ -209,13 +257,75 @@ inline int write_new_file(const std::filesystem::path& path, std::string_view by
 #endif
 }
 
+/// A new version directory in `dir`, "..<UTC date and time>.<pid>_<count>_<random>", holding
+/// only its marker (version_marker_name, fsynced). Returns its name; `fail(what, errno)` is
+/// called (and must throw) on failure, after removing the directory if it was made.
+template <typename Fail>
+std::filesystem::path make_version_dir(const std::filesystem::path& dir, Fail fail) {
+  static std::atomic<unsigned> counter{0};
+  const std::time_t now = std::chrono::system_clock::to_time_t(std::chrono::system_clock::now());
+  std::tm utc{};  // the date only makes the names readable; pid, count and random make them unique
+#if HRA_ATOMIC_DIR_POSIX
+  ::gmtime_r(&now, &utc);
+  const long pid = static_cast<long>(::getpid());
+#else
+  utc = *std::gmtime(&now);
+  const long pid = 0;
+#endif
+  char stamp[32];
+  std::strftime(stamp, sizeof stamp, "%Y_%m_%d_%H_%M_%S", &utc);
+  std::random_device random;
+  for (int attempt = 0; attempt < 100; ++attempt) {
+    const std::filesystem::path name =
+        concat("..", stamp, ".", pid, "_", counter.fetch_add(1), "_", random() % 100000u);
+    std::error_code ec;
+    if (std::filesystem::create_directory(dir / name, ec)) {
+      if (const int err = write_new_file(dir / name / version_marker_name, version_marker_text)) {
+        std::error_code ignored;
+        std::filesystem::remove_all(dir / name, ignored);
+        fail(concat("cannot write the version marker in ", (dir / name).string()), err);
+      }
+      return name;
+    }
+    if (ec) fail(concat("cannot create the version directory ", (dir / name).string()), ec.value());
+  }
+  fail("cannot find a free version directory name", EEXIST);
+  return {};
+}
+
+/// The temporary symlink swap_symlink() makes for `link`: "..<link>.tmp".
+inline std::string temp_link_name(std::string_view link) {
+  return concat("..", link, ".tmp");
+}
+
+/// Whether `dir`/`entry` is a temporary link swap_symlink() left for one of `links` (a symlink
+/// of that name whose target is what swap_symlink() would have put there: a version name for
+/// ..data, "..data/<name>" for a file). Such a link is this library's to remove.
+inline bool is_own_temp_link(const std::filesystem::path& dir, std::string_view entry,
+                             const std::vector<std::string>& links) {
+  namespace fs = std::filesystem;
+  for (const std::string& link : links) {
+    if (entry != temp_link_name(link)) continue;
+    std::error_code ec;
+    const fs::path p = dir / std::string(entry);
+    if (!fs::is_symlink(fs::symlink_status(p, ec))) return false;
+    const fs::path target = fs::read_symlink(p, ec);
+    if (ec) return false;
+    return link == data_link_name ? is_version_name(target.string())
+                                  : target == data_link_target(link);
+  }
+  return false;
+}
+
 /// Puts `target` at the symlink `dir`/`link` atomically: a temporary symlink renamed over it.
-/// 0 or the errno.
+/// 0 or the errno. The temporary name must be free or hold this library's own temporary link
+/// (replace_directory_files() checks that first); anything else there is never removed.
 inline int swap_symlink(const std::filesystem::path& dir, const std::string& link,
                         const std::filesystem::path& target) {
-  const std::filesystem::path temp = dir / concat("..", link, ".tmp");
+  const std::filesystem::path temp = dir / temp_link_name(link);
   std::error_code ec;
-  std::filesystem::remove(temp, ec);
+  if (std::filesystem::is_symlink(std::filesystem::symlink_status(temp, ec)))
+    std::filesystem::remove(temp, ec);
   std::filesystem::create_symlink(target, temp, ec);
   if (ec) return ec.value();
   std::filesystem::rename(temp, dir / link, ec);
@@ -240,38 +350,87 @@ inline int copy_durably(const std::filesystem::path& from, const std::filesystem
   return fsync_path(to);
 }
 
-#if HRA_ATOMIC_DIR_POSIX
-/// Whether a temporary file name ".<name>.tmp.<pid>.<...>" of replace_file_atomically() (the
-/// writer of earlier hra versions) belongs to a process that no longer exists.
-inline bool orphaned_temp_file(const std::string& entry, const std::vector<NamedBytes>& files) {
-  for (const NamedBytes& f : files) {
-    const std::string start = "." + f.name + ".tmp.";
-    if (entry.compare(0, start.size(), start) != 0) continue;
-    const std::string rest = entry.substr(start.size());
-    char* end = nullptr;
-    const long pid = std::strtol(rest.c_str(), &end, 10);
-    if (end == rest.c_str() || pid <= 0) return false;
-    return pid != static_cast<long>(::getpid()) && ::kill(static_cast<::pid_t>(pid), 0) != 0 &&
-           errno == ESRCH;
+/// What check_understood() found in a directory it accepts.
+struct UnderstoodDir {
+  std::optional<std::filesystem::path> live;  ///< the version ..data names, if any
+  bool migrate = false;                       ///< some file to write is not yet its ..data link
+  std::vector<std::string> links;             ///< ..data and the file names: the links a save swaps
+};
+
+/// Step 1 of replace_directory_files(): throws `Error` for an entry in the way or a directory
+/// this library does not understand (see there), changing nothing.
+template <typename Error>
+UnderstoodDir check_understood(const std::filesystem::path& dir,
+                               const std::vector<NamedBytes>& files, std::string_view prefix) {
+  namespace fs = std::filesystem;
+  const std::string not_understood =
+      "; this is not a directory hra's saves understand, so nothing was changed (move the entry "
+      "away, or save into another directory)";
+  std::error_code ec;
+  const fs::path data_path = dir / data_link_name;
+  const fs::file_status data_status = fs::symlink_status(data_path, ec);
+  UnderstoodDir out;
+  if (fs::exists(data_status)) {
+    if (!fs::is_symlink(data_status))
+      throw Error(concat(prefix, data_path.string(),
+                         ": exists and is not a symlink (hra's link to the live version)",
+                         not_understood));
+    const fs::path target = fs::read_symlink(data_path, ec);
+    if (ec || !is_version_name(target.string()))
+      throw Error(concat(prefix, data_path.string(), ": links to '", target.string(),
+                         "', which is not a version directory of hra's layout (\"..<date>.<pid>_"
+                         "<count>_<random>\" directly inside the directory)",
+                         not_understood));
+    const fs::file_status live_status = fs::symlink_status(dir / target, ec);
+    if (fs::exists(live_status) && !fs::is_directory(live_status))
+      throw Error(concat(prefix, (dir / target).string(),
+                         ": the live version named by ..data is not a directory", not_understood));
+    out.live = target;
   }
-  return false;
+  out.links = {data_link_name};
+  for (const NamedBytes& f : files) {
+    const fs::path p = dir / f.name;
+    const fs::file_status s = fs::symlink_status(p, ec);
+    if (fs::exists(s) && !fs::is_symlink(s) && !fs::is_regular_file(s))
+      throw Error(concat(prefix, p.string(),
+                         ": exists and is neither a regular file nor a symlink; remove it first"));
+    if (!is_data_link(dir, f.name)) out.migrate = true;
+    out.links.push_back(f.name);
+  }
+  for (const std::string& link : out.links) {
+    const fs::path temp = dir / temp_link_name(link);
+    if (fs::exists(fs::symlink_status(temp, ec)) &&
+        !is_own_temp_link(dir, temp_link_name(link), out.links))
+      throw Error(concat(prefix, temp.string(),
+                         ": hra's saves use this name for a temporary link, and it holds "
+                         "something else",
+                         not_understood));
+  }
+  return out;
 }
-#endif
 
 /// \brief Replaces the files `files` of the directory `dir` (created if needed) together and
 /// atomically, in the layout described at the top of this header.
 ///
 /// Serialised by an exclusive flock on `dir`/.hra-lock: a second saver of the same directory
 /// (thread or process) waits until the first has finished, then replaces its files in turn.
-/// Steps: refuse entries in the way (a directory where a file goes; nothing is changed);
-/// remove what interrupted saves left (version directories other than the live one, temporary
-/// links, and temporary files of earlier hra versions whose process is gone); when some file
-/// of `dir` is not yet this layout's link (a plain directory from an earlier save, PEFT, or a
-/// file replaced by hand), migrate: copy the current files into a version directory, point
-/// ..data at it, and replace each plain file by its link, which reads the same bytes (so a
-/// reader sees the old files throughout); then write the new version (every file and the
-/// directory fsynced), rename a new ..data over the old one, fsync `dir`, and remove the
-/// previous version. A kill at any moment leaves ..data naming the old or the new version.
+///
+/// Only what this library owns is ever removed or replaced (docs/adapter_files.md, "What a save
+/// owns"): the files being written, `..data`, its temporary links, and version directories,
+/// recognised by their name *and* the marker inside them. Steps:
+/// 1. refuse, with nothing changed, a directory it does not understand: `..data` that is not a
+///    symlink to a version name directly inside `dir` (`..data -> .`, `-> ..`, `-> victim` or an
+///    absolute path), a version name there that is not a directory, a temporary-link name
+///    holding something else than this library's link, a directory where a file goes;
+/// 2. remove what interrupted saves left: marked version directories other than the live one,
+///    empty directories with a version name, this library's temporary links;
+/// 3. when some file of `dir` is not yet this layout's link (a plain directory from PEFT or
+///    another tool, or a file replaced by hand), migrate: copy the current files into a version
+///    directory, point ..data at it, and replace each plain file by its link, which reads the
+///    same bytes (so a reader sees the old files throughout);
+/// 4. write the new version (its marker, every file and the directory fsynced), rename a new
+///    ..data over the old one, fsync `dir`, and remove the previous version if it is a marked
+///    one. A kill at any moment leaves ..data naming the old or the new version.
 ///
 /// Errors throw `Error` (constructible from a message) starting with `prefix`, the path of the
 /// file or directory involved, what failed and the OS error text; after a failure `dir` reads
@@ -287,9 +446,11 @@ void replace_directory_files(const std::filesystem::path& dir, const std::vector
   if (!fs::is_directory(dir))
     throw Error(where + "cannot create the directory" + (ec ? ": " + ec.message() : ""));
 
+  (void)check_understood<Error>(dir, files, prefix);
+
 #if HRA_ATOMIC_DIR_POSIX
   const fs::path lock_path = dir / dir_lock_name;
-  const int lock_fd = ::open(lock_path.c_str(), O_RDWR | O_CREAT | O_CLOEXEC, 0666);
+  const int lock_fd = ::open(lock_path.c_str(), O_RDWR | O_CREAT | O_CLOEXEC | O_NOFOLLOW, 0666);
   if (lock_fd < 0)
     throw Error(concat(prefix, lock_path.string(),
                        ": cannot open the lock file: ", std::strerror(errno), unchanged));
@@ -305,35 +466,27 @@ void replace_directory_files(const std::filesystem::path& dir, const std::vector
 #endif
   atomic_dir_step(AtomicDirStep::locked);
 
-  // Entries in the way, before anything changes.
-  const fs::file_status data_status = fs::symlink_status(dir / data_link_name, ec);
-  if (fs::exists(data_status) && !fs::is_symlink(data_status))
-    throw Error(concat(prefix, (dir / data_link_name).string(),
-                       ": exists and is not a symlink (hra's link to the live version); remove "
-                       "it first"));
-  bool migrate = false;
-  for (const NamedBytes& f : files) {
-    const fs::path p = dir / f.name;
-    const fs::file_status s = fs::symlink_status(p, ec);
-    if (fs::exists(s) && !fs::is_symlink(s) && !fs::is_regular_file(s))
-      throw Error(concat(prefix, p.string(),
-                         ": exists and is neither a regular file nor a symlink; remove it first"));
-    if (!is_data_link(dir, f.name)) migrate = true;
-  }
+  // 1. Checked again under the lock: the check before it changed nothing (not even the lock
+  // file), and no other saver can be half-way through a save now.
+  const UnderstoodDir understood = check_understood<Error>(dir, files, prefix);
+  const std::optional<fs::path>& live = understood.live;
+  const bool migrate = understood.migrate;
+  const std::vector<std::string>& links = understood.links;
 
-  // What interrupted saves left behind: every version but the live one, temporary links.
-  const std::optional<fs::path> live = live_version(dir);
+  // 2. What interrupted saves left behind: marked versions but the live one, empty version
+  // directories, temporary links. Nothing else is touched.
+  std::vector<std::string> leftovers;
   for (fs::directory_iterator it(dir, ec), end; !ec && it != end; it.increment(ec)) {
     const std::string name = it->path().filename().string();
-    // Names starting with ".." belong to this layout (see the top of this header).
-    bool stale = name.compare(0, 2, "..") == 0 && name != data_link_name &&
-                 !(live && fs::path(name) == *live);
-#if HRA_ATOMIC_DIR_POSIX
-    stale = stale || orphaned_temp_file(name, files);
-#endif
-    if (stale) {
+    if (live && fs::path(name) == *live) continue;
+    if (is_version_name(name) || is_own_temp_link(dir, name, links)) leftovers.push_back(name);
+  }
+  for (const std::string& name : leftovers) {
+    if (is_version_name(name)) {
+      remove_own_version(dir, name);
+    } else {
       std::error_code ignored;
-      fs::remove_all(it->path(), ignored);
+      fs::remove(dir / name, ignored);  // a symlink: removes the link only
     }
   }
   atomic_dir_step(AtomicDirStep::cleaned);
@@ -377,7 +530,7 @@ void replace_directory_files(const std::filesystem::path& dir, const std::vector
     atomic_dir_step(AtomicDirStep::migrated);
   }
 
-  const std::optional<fs::path> previous = live_version(dir);
+  const std::optional<fs::path> previous = live_version(dir);  // the migration copy, or live
   const fs::path version = make_version_dir(
       dir, [&](const std::string& what, int err) { fail_at(dir, what, err, std::nullopt); });
   for (const NamedBytes& f : files) {
@@ -397,9 +550,8 @@ void replace_directory_files(const std::filesystem::path& dir, const std::vector
   (void)fsync_path(dir);
   atomic_dir_step(AtomicDirStep::synced);
   for (const std::optional<fs::path>& old : {live, previous}) {
-    if (!old || *old == version || old->is_absolute() || old->has_parent_path()) continue;
-    std::error_code ignored;
-    fs::remove_all(dir / *old, ignored);
+    if (!old || *old == version) continue;
+    remove_own_version(dir, old->string());  // only a marked version directly inside dir
   }
   atomic_dir_step(AtomicDirStep::done);
 }
