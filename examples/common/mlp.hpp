@@ -200,4 +200,20 @@ double accuracy(const Eigen::Matrix<Scalar, Eigen::Dynamic, Eigen::Dynamic>& log
   return static_cast<double>(correct) / static_cast<double>(logits.cols());
 }
 
+/// Whether `other` predicts the class `logits` predicts for every column, except where a
+/// difference of at most `margin` between the two classes' scores in `logits` could break the tie
+/// (a merged network's rounding flips such near-ties, not others).
+template <typename Scalar>
+bool same_predictions(const Eigen::Matrix<Scalar, Eigen::Dynamic, Eigen::Dynamic>& logits,
+                      const Eigen::Matrix<Scalar, Eigen::Dynamic, Eigen::Dynamic>& other,
+                      double margin) {
+  for (Eigen::Index j = 0; j < logits.cols(); ++j) {
+    Eigen::Index a = 0, b = 0;
+    logits.col(j).maxCoeff(&a);
+    other.col(j).maxCoeff(&b);
+    if (a != b && static_cast<double>(logits(a, j) - logits(b, j)) > margin) return false;
+  }
+  return true;
+}
+
 }  // namespace hra::examples
