@@ -51,34 +51,46 @@ TEST_CASE("Threads: a run calls every task exactly once, nested runs serially", 
 TEMPLATE_TEST_CASE("Threads: a split product gives the same bits on 1, 2 and 4 threads",
                    "[parallel]", float, double) {
   using T = TestType;
+  using hra::detail::Op;
   ThreadCount restore;
   // Both above the split threshold: 512^3 (8 column slices) and the example's first layer on
   // 2000 images (256 x 784 times 784 x 2000, 16 slices), where Eigen's blocking of one unsplit
   // product can depend on the column count, so slices computed on one thread as one product
-  // would differ in the last bits from the same slices run on several.
+  // would differ in the last bits from the same slices run on several. Every pair of transpose
+  // flags: a transposed operand is sliced along its other dimension.
   for (const auto& shape : {std::array<Index, 3>{512, 512, 512}, {256, 784, 2000}}) {
-    const Index m = shape[0], k = shape[1], n = shape[2];
-    INFO("product " << m << "x" << k << " times " << k << "x" << n);
-    REQUIRE(double(m) * double(k) * double(n) >= hra::detail::parallel_product_min_madds);
-    const Mat<T> a = hra_test::random_as<T>(m, k, 1), b = hra_test::random_as<T>(k, n, 2);
-    const Mat<T> acc0 = hra_test::random_as<T>(m, n, 3);
-    const auto run = [&](int threads) {
-      hra::set_num_threads(threads);
-      std::array<Mat<T>, 2> r;
-      hra::detail::product(r[0], a, b, T(1));
-      r[1] = acc0;
-      hra::detail::product(r[1], a, b, T(0.5), /*accumulate=*/true);
-      return r;
-    };
-    const std::array<Mat<T>, 2> one = run(1);
-    // The values are the product's (to rounding), whatever the split.
-    const double tol = std::is_same<T, float>::value ? 1e-5 : 1e-12;
-    CHECK(hra_test::rel_err(one[0], (a * b).eval()) < tol);
-    CHECK(hra_test::rel_err(one[1], (acc0 + T(0.5) * a * b).eval()) < tol);
-    for (int threads : {2, 4}) {
-      const std::array<Mat<T>, 2> r = run(threads);
-      CHECK(bitwise_equal(r[0], one[0]));
-      CHECK(bitwise_equal(r[1], one[1]));
+    for (const Op op_a : {Op::n, Op::t}) {
+      for (const Op op_b : {Op::n, Op::t}) {
+        const Index m = shape[0], k = shape[1], n = shape[2];
+        INFO("product " << m << "x" << k << " times " << k << "x" << n << ", A"
+                        << (op_a == Op::t ? "^T" : "") << " B" << (op_b == Op::t ? "^T" : ""));
+        REQUIRE(double(m) * double(k) * double(n) >= hra::detail::parallel_product_min_madds);
+        const Mat<T> a = op_a == Op::n ? hra_test::random_as<T>(m, k, 1)
+                                       : hra_test::random_as<T>(k, m, 1),
+                     b = op_b == Op::n ? hra_test::random_as<T>(k, n, 2)
+                                       : hra_test::random_as<T>(n, k, 2);
+        const Mat<T> acc0 = hra_test::random_as<T>(m, n, 3);
+        const Mat<T> ea = op_a == Op::n ? a : Mat<T>(a.transpose()),
+                     eb = op_b == Op::n ? b : Mat<T>(b.transpose());
+        const auto run = [&](int threads) {
+          hra::set_num_threads(threads);
+          std::array<Mat<T>, 2> r;
+          hra::detail::product(r[0], a, op_a, b, op_b);
+          r[1] = acc0;
+          hra::detail::product(r[1], a, op_a, b, op_b, T(0.5), /*accumulate=*/true);
+          return r;
+        };
+        const std::array<Mat<T>, 2> one = run(1);
+        // The values are the product's (to rounding), whatever the split.
+        const double tol = std::is_same<T, float>::value ? 1e-5 : 1e-12;
+        CHECK(hra_test::rel_err(one[0], (ea * eb).eval()) < tol);
+        CHECK(hra_test::rel_err(one[1], (acc0 + T(0.5) * ea * eb).eval()) < tol);
+        for (int threads : {2, 4}) {
+          const std::array<Mat<T>, 2> r = run(threads);
+          CHECK(bitwise_equal(r[0], one[0]));
+          CHECK(bitwise_equal(r[1], one[1]));
+        }
+      }
     }
   }
 }

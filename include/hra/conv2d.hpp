@@ -57,55 +57,13 @@ class Conv2d final : public DenseLayer<Scalar_> {
   /// (rounding only); the thread count changes nothing.
   void set_threads(int threads) { threads_ = threads; }
 
-  const Matrix& forward(const ConstRef& x) override {
-    detail::check_conv_input(x, geometry_, "Conv2d", "forward");
-    this->forget_forward();
-    if (this->weight_trainable()) x_ = x;
-    detail::conv_forward<Scalar>(geometry_, x, this->weight(), this->bias(), y_, threads_,
-                                 workspaces_);
-    this->remember_forward(x.cols());
-    return y_;
-  }
+  const Matrix& forward(const ConstRef& x) override;
 
   /// Assigns dW (when W trains) and db (when b trains); returns dX (the transposed convolution
   /// of dY).
-  const Matrix& backward(const ConstRef& dy, bool compute_input_gradient = true) override {
-    const Index n = this->begin_backward(dy);
-    const Conv2dGeometry& g = geometry_;
-    const Index l = g.out_positions(), co = g.out_channels();
-    const bool train_w = this->weight_trainable();
-    if (compute_input_gradient)
-      dx_.resize(g.input_size(), n);
-    else
-      dx_.resize(0, 0);
-    if (this->bias_trainable()) this->bias_backward(detail::channel_sums<Scalar>(g, dy));
-    if (!train_w && !compute_input_gradient) return dx_;
-    const int workers = detail::conv_workers(n, threads_);
-    prepare(workspaces_, workers);
-    for (auto& ws : workspaces_)
-      if (train_w) ws.weight_grad.setZero(co, g.fan_in());
-    const auto w = this->weight();
-    detail::for_each_image(n, workers, [&](int wk, Index b) {
-      Workspace& ws = workspaces_[static_cast<std::size_t>(wk)];
-      const auto dyt = detail::image_rows(dy.col(b).data(), l, co);
-      if (train_w) {
-        const auto t = detail::image_patches(g, x_.col(b).data(), ws.patches);
-        detail::grouped_weight_gradient_add<Scalar>(g, dyt, t, ws.weight_grad);
-      }
-      if (compute_input_gradient)
-        detail::grouped_input_gradient<Scalar>(g, dyt, w, dx_.col(b).data(), ws.patch_grad);
-    });
-    if (train_w)
-      detail::sum_over_workers(workspaces_, workers, &Workspace::weight_grad,
-                               this->weight_gradient());
-    return dx_;
-  }
+  const Matrix& backward(const ConstRef& dy, bool compute_input_gradient = true) override;
 
-  void predict(const ConstRef& x, Matrix& y) const override {
-    detail::check_conv_input(x, geometry_, "Conv2d", "predict");
-    std::vector<Workspace> ws;
-    detail::conv_forward<Scalar>(geometry_, x, this->weight(), this->bias(), y, threads_, ws);
-  }
+  void predict(const ConstRef& x, Matrix& y) const override;
 
  private:
   using Base::x_, Base::y_, Base::dx_;
@@ -127,6 +85,57 @@ class Conv2d final : public DenseLayer<Scalar_> {
   int threads_ = 0;
   std::vector<Workspace> workspaces_;
 };
+
+template <typename Scalar_>
+auto Conv2d<Scalar_>::forward(const ConstRef& x) -> const Matrix& {
+  detail::check_conv_input(x, geometry_, "Conv2d", "forward");
+  this->forget_forward();
+  if (this->weight_trainable()) x_ = x;
+  detail::conv_forward<Scalar>(geometry_, x, this->weight(), this->bias(), y_, threads_,
+                               workspaces_);
+  this->remember_forward(x.cols());
+  return y_;
+}
+
+template <typename Scalar_>
+auto Conv2d<Scalar_>::backward(const ConstRef& dy, bool compute_input_gradient) -> const Matrix& {
+  const Index n = this->begin_backward(dy);
+  const Conv2dGeometry& g = geometry_;
+  const Index l = g.out_positions(), co = g.out_channels();
+  const bool train_w = this->weight_trainable();
+  if (compute_input_gradient)
+    dx_.resize(g.input_size(), n);
+  else
+    dx_.resize(0, 0);
+  if (this->bias_trainable()) this->bias_backward(detail::channel_sums<Scalar>(g, dy));
+  if (!train_w && !compute_input_gradient) return dx_;
+  const int workers = detail::conv_workers(n, threads_);
+  prepare(workspaces_, workers);
+  for (auto& ws : workspaces_)
+    if (train_w) ws.weight_grad.setZero(co, g.fan_in());
+  const auto w = this->weight();
+  detail::for_each_image(n, workers, [&](int wk, Index b) {
+    Workspace& ws = workspaces_[static_cast<std::size_t>(wk)];
+    const auto dyt = detail::image_rows(dy.col(b).data(), l, co);
+    if (train_w) {
+      const auto t = detail::image_patches(g, x_.col(b).data(), ws.patches);
+      detail::grouped_weight_gradient_add<Scalar>(g, dyt, t, ws.weight_grad);
+    }
+    if (compute_input_gradient)
+      detail::grouped_input_gradient<Scalar>(g, dyt, w, dx_.col(b).data(), ws.patch_grad);
+  });
+  if (train_w)
+    detail::sum_over_workers(workspaces_, workers, &Workspace::weight_grad,
+                             this->weight_gradient());
+  return dx_;
+}
+
+template <typename Scalar_>
+void Conv2d<Scalar_>::predict(const ConstRef& x, Matrix& y) const {
+  detail::check_conv_input(x, geometry_, "Conv2d", "predict");
+  std::vector<Workspace> ws;
+  detail::conv_forward<Scalar>(geometry_, x, this->weight(), this->bias(), y, threads_, ws);
+}
 
 using Conv2df = Conv2d<float>;
 using Conv2dd = Conv2d<double>;

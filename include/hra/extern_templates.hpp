@@ -20,17 +20,19 @@
 
 // HRA_INSTANTIATE_LAYERS(extern, T) declares, HRA_INSTANTIATE_LAYERS(, T) defines, the instances
 // for scalar type T.
-#define HRA_INSTANTIATE_LAYERS(keyword, T)           \
-  keyword template class ::hra::ReflectorChain<T>;   \
-  keyword template class ::hra::AffineLayer<T>;      \
-  keyword template class ::hra::DenseLayer<T>;       \
-  keyword template class ::hra::HraAdapterLayer<T>;  \
-  keyword template class ::hra::LoraAdapterLayer<T>; \
-  keyword template class ::hra::Linear<T>;           \
-  keyword template class ::hra::HraLinear<T>;        \
-  keyword template class ::hra::LoraLinear<T>;       \
-  keyword template class ::hra::Conv2d<T>;           \
-  keyword template class ::hra::HraConv2d<T>;        \
+#define HRA_INSTANTIATE_LAYERS(keyword, T)              \
+  keyword template struct ::hra::detail::Kernels<T>;    \
+  keyword template class ::hra::detail::RightUpdate<T>; \
+  keyword template class ::hra::ReflectorChain<T>;      \
+  keyword template class ::hra::AffineLayer<T>;         \
+  keyword template class ::hra::DenseLayer<T>;          \
+  keyword template class ::hra::HraAdapterLayer<T>;     \
+  keyword template class ::hra::LoraAdapterLayer<T>;    \
+  keyword template class ::hra::Linear<T>;              \
+  keyword template class ::hra::HraLinear<T>;           \
+  keyword template class ::hra::LoraLinear<T>;          \
+  keyword template class ::hra::Conv2d<T>;              \
+  keyword template class ::hra::HraConv2d<T>;           \
   keyword template class ::hra::LoraConv2d<T>;
 
 HRA_INSTANTIATE_LAYERS(extern, float)

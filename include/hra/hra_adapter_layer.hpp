@@ -14,6 +14,7 @@
 #include <vector>
 
 #include "affine_layer.hpp"
+#include "detail/gemm.hpp"
 #include "orthogonality.hpp"
 #include "reflector_chain.hpp"
 
@@ -128,35 +129,11 @@ class HraAdapterLayer : public AffineLayer<Scalar_> {
 
   /// Stacks a new, active adapter (applied after the existing ones, i.e. W H_old H_new).
   /// Throws for a duplicate name or bad options; the layer is unchanged on error.
-  const Adapter& add_adapter(const std::string& name, const HraOptions& options) {
-    for (const auto& a : adapters_)
-      if (a.name() == name)
-        detail::throw_invalid(this->layer_name(), ": adapter '", name, "' already exists");
-    if (!(options.lambda >= 0.0) || !std::isfinite(options.lambda))
-      detail::throw_invalid(this->layer_name(),
-                            ": regulariser weight lambda must be finite and >= 0, got ",
-                            options.lambda);
-    adapters_.push_back(
-        Adapter(name,
-                Chain::initialized(adapter_dim(), options.rank, options.init, options.seed,
-                                   options.variant, options.block_size),
-                options));
-    this->forget_forward();
-    return adapters_.back();
-  }
+  const Adapter& add_adapter(const std::string& name, const HraOptions& options);
 
   /// Removes adapter `name`. std::invalid_argument if there is none, std::logic_error if it is
   /// merged (W holds it: unmerge() it first).
-  void delete_adapter(const std::string& name) {
-    const std::size_t i = index_of(name);
-    if (adapters_[i].merged_)
-      throw std::logic_error(detail::concat(this->layer_name(), "::delete_adapter: adapter '", name,
-                                            "' is merged into W; unmerge() it first"));
-    adapters_.erase(adapters_.begin() + static_cast<std::ptrdiff_t>(i));
-    for (auto& m : merge_order_)
-      if (m > i) --m;
-    this->forget_forward();
-  }
+  void delete_adapter(const std::string& name);
 
   /// The adapter called `name`; throws std::invalid_argument if there is none.
   const Adapter& adapter(const std::string& name = "default") const {
@@ -168,17 +145,7 @@ class HraAdapterLayer : public AffineLayer<Scalar_> {
   /// whose squared norms neither over- nor underflow, and independent ones for Gram-Schmidt).
   /// std::invalid_argument otherwise, and std::logic_error for a merged adapter (W holds it:
   /// unmerge() first); the layer is unchanged on error.
-  void set_reflectors(const std::string& name, const ConstRef& u) {
-    Adapter& a = adapters_[index_of(name)];
-    if (a.merged_)
-      throw std::logic_error(detail::concat(this->layer_name(), "::set_reflectors: adapter '", name,
-                                            "' is merged into W; unmerge() it first"));
-    Chain candidate = a.chain_;
-    candidate.set_reflectors(u);
-    candidate.factorize();  // the checks a forward would make (dependent columns for GS)
-    a.chain_ = std::move(candidate);
-    this->forget_forward();
-  }
+  void set_reflectors(const std::string& name, const ConstRef& u);
 
   // --- Control -------------------------------------------------------------------------------
 
@@ -186,162 +153,47 @@ class HraAdapterLayer : public AffineLayer<Scalar_> {
   /// name must exist (std::invalid_argument) and every merged adapter must stay active, and no
   /// active unmerged adapter may precede a merged one in the stack, since W already holds the
   /// merged ones (std::logic_error). The layer is unchanged on error.
-  void set_active_adapters(const std::vector<std::string>& names) {
-    std::vector<bool> active(adapters_.size(), false);
-    for (const auto& n : names) active[index_of(n)] = true;
-    for (std::size_t i = 0; i < adapters_.size(); ++i)
-      if (adapters_[i].merged_ && !active[i])
-        throw std::logic_error(detail::concat(
-            this->layer_name(), "::set_active_adapters: adapter '", adapters_[i].name_,
-            "' is merged into W and cannot be deactivated; "
-            "unmerge() it first"));
-    check_merged_prefix(active, "set_active_adapters");
-    for (std::size_t i = 0; i < adapters_.size(); ++i) adapters_[i].active_ = active[i];
-    this->forget_forward();
-  }
+  void set_active_adapters(const std::vector<std::string>& names);
 
   /// The names of the active adapters, in stacking order.
-  std::vector<std::string> active_adapters() const {
-    std::vector<std::string> out;
-    for (const auto& a : adapters_)
-      if (a.active_) out.push_back(a.name_);
-    return out;
-  }
+  std::vector<std::string> active_adapters() const;
 
   /// With false, forward() and predict() compute the frozen base W x + b alone and nothing
   /// trains but a trainable bias; no adapter is deleted or changed. Disabling needs a W without
   /// merged adapters (std::logic_error otherwise: unmerge() first).
-  void set_adapters_enabled(bool enabled) {
-    if (!enabled && !merge_order_.empty())
-      throw std::logic_error(detail::concat(this->layer_name(),
-                                            "::set_adapters_enabled(false): W holds merged "
-                                            "adapters, so it is not the base weight; unmerge() "
-                                            "them first"));
-    enabled_ = enabled;
-    this->forget_forward();
-  }
+  void set_adapters_enabled(bool enabled);
   bool adapters_enabled() const { return enabled_; }
 
   // --- Training ------------------------------------------------------------------------------
 
   /// "hra_u.<adapter>" (D x r) for every applied adapter, then "bias" when trainable.
-  std::vector<ParameterView<Scalar>> parameters() override {
-    std::vector<ParameterView<Scalar>> out;
-    for (std::size_t i : applied()) {
-      Adapter& a = adapters_[i];
-      auto u = a.chain_.reflector_values();
-      out.push_back({"hra_u." + a.name_,
-                     {u.data(), u.rows(), u.cols()},
-                     {a.grad_.data(), a.grad_.rows(), a.grad_.cols()}});
-    }
-    this->append_bias_parameter(out);
-    return out;
-  }
+  std::vector<ParameterView<Scalar>> parameters() override;
 
   /// The regulariser of every applied adapter, summed. std::invalid_argument for a column an
   /// optimiser made zero or non-finite (its direction is undefined).
   Scalar regularizer() const override { return regularize(nullptr); }
 
-  Scalar add_regularizer() override {
-    std::vector<Matrix*> grads;
-    for (std::size_t i : applied()) grads.push_back(&adapters_[i].grad_);
-    return regularize(&grads);
-  }
+  Scalar add_regularizer() override;
 
   // --- Merge ---------------------------------------------------------------------------------
 
   /// Folds every applied adapter into W (W <- W H_a H_b ..., O(rows D r)). With safe=true the
   /// result is computed aside and W is left untouched if it is not finite. Throws
   /// std::logic_error when there is nothing to merge.
-  void merge(bool safe) {
-    std::vector<std::string> names;
-    for (std::size_t i : applied()) names.push_back(adapters_[i].name_);
-    if (names.empty())
-      throw std::logic_error(detail::concat(
-          this->layer_name(), "::merge: ",
-          merge_order_.size() == adapters_.size()
-              ? "every adapter is already merged"
-              : "no adapter to merge (every unmerged adapter is inactive or disabled)"));
-    merge(names, safe);
-  }
-  void merge() override { merge(false); }
+  void merge(bool safe);
+  void merge() override;
 
   /// Folds the adapters `names` into W, in stacking order. They must be active, unmerged and the
   /// first applied adapters (merging a later one first would change what forward() computes):
   /// std::invalid_argument for an unknown name, std::logic_error otherwise.
-  void merge(const std::vector<std::string>& names, bool safe) {
-    if (!enabled_)
-      throw std::logic_error(std::string(this->layer_name()) +
-                             "::merge: adapters are disabled (set_adapters_enabled(true) first)");
-    std::vector<bool> chosen(adapters_.size(), false);
-    for (const auto& n : names) {
-      const std::size_t i = index_of(n);
-      if (adapters_[i].merged_)
-        throw std::logic_error(
-            detail::concat(this->layer_name(), "::merge: adapter '", n, "' is already merged"));
-      if (!adapters_[i].active_)
-        throw std::logic_error(
-            detail::concat(this->layer_name(), "::merge: adapter '", n, "' is not active"));
-      chosen[i] = true;
-    }
-    if (names.empty())
-      throw std::logic_error(std::string(this->layer_name()) + "::merge: no adapter named");
-    const std::vector<std::size_t> order = applied();
-    std::size_t k = 0;
-    while (k < order.size() && chosen[order[k]]) ++k;
-    for (std::size_t j = k; j < order.size(); ++j)
-      if (chosen[order[j]])
-        throw std::logic_error(detail::concat(
-            this->layer_name(), "::merge: adapter '", adapters_[order[j]].name_,
-            "' comes after the unmerged adapter '", adapters_[order[k]].name_,
-            "' in the stack; merge that one first (W H_a H_b needs H_a folded in before H_b)"));
-    // Every factorisation first: a zero or non-finite column must not leave W half-merged.
-    std::vector<typename Chain::Factors> factors;
-    for (std::size_t j = 0; j < k; ++j) factors.push_back(adapters_[order[j]].chain_.factorize());
-    const auto fold = [&](Eigen::Ref<Matrix> w) {
-      for (std::size_t j = 0; j < k; ++j)
-        adapters_[order[j]].chain_.apply_right(factors[j], w, Apply::h);
-    };
-    if (safe) {
-      Matrix w = this->weight();
-      fold(w);
-      if (!detail::all_finite(w))
-        throw std::runtime_error(detail::concat(
-            this->layer_name(),
-            "::merge: the merged weight has non-finite values; W is left unchanged"));
-      this->weight_storage().map() = w;
-    } else {
-      fold(this->weight_storage().map());
-    }
-    for (std::size_t j = 0; j < k; ++j) {
-      Adapter& a = adapters_[order[j]];
-      a.merged_ = true;
-      a.merged_chain_ = a.chain_;
-      merge_order_.push_back(order[j]);
-    }
-    this->forget_forward();
-  }
+  void merge(const std::vector<std::string>& names, bool safe);
 
   /// Undoes the most recent merge of one adapter (W <- W H^T with the U that was merged, which
   /// the adapter gets back); throws std::logic_error when no adapter is merged.
-  void unmerge() override {
-    if (merge_order_.empty())
-      throw std::logic_error(detail::concat(this->layer_name(), "::unmerge: no adapter is merged"));
-    Adapter& a = adapters_[merge_order_.back()];
-    const Chain& merged = *a.merged_chain_;
-    merged.apply_right(merged.factorize(), this->weight_storage().map(), Apply::transpose);
-    // The values go back into U's own memory, so views of it taken earlier stay valid.
-    a.chain_.reflector_values() = merged.reflectors();
-    a.merged_chain_.reset();
-    a.merged_ = false;
-    merge_order_.pop_back();
-    this->forget_forward();
-  }
+  void unmerge() override;
 
   /// Undoes every merge, most recent first.
-  void unmerge_all() {
-    while (!merge_order_.empty()) unmerge();
-  }
+  void unmerge_all();
 
   /// True when forward() applies no adapter on top of W (all merged, inactive or disabled).
   bool merged() const override { return applied().empty(); }
@@ -393,16 +245,20 @@ class HraAdapterLayer : public AffineLayer<Scalar_> {
                                     stored.block_size());
       const Index r = chain.rank();
       const typename ReflectorChain<T>::Factors f = chain.factorize();
-      // W_j U with W_j = W + B_{<j} A_{<j}.
-      MatrixT wu = w * (chain.variant() == Variant::chain ? chain.reflectors() : f.q);
-      if (at > 0)
-        wu.noalias() +=
-            out.b.leftCols(at) *
-            (out.a.topRows(at) * (chain.variant() == Variant::chain ? chain.reflectors() : f.q));
+      // W_j V with W_j = W + B_{<j} A_{<j} (V = U, or Q for Gram-Schmidt).
+      const MatrixT& v = chain.variant() == Variant::chain ? chain.reflectors() : f.q;
+      MatrixT wu;
+      detail::serial_product(wu, w, detail::Op::n, v, detail::Op::n);
+      if (at > 0) {
+        MatrixT av;
+        detail::serial_product(av, out.a.topRows(at), detail::Op::n, v, detail::Op::n);
+        detail::serial_product(wu, out.b.leftCols(at), detail::Op::n, av, detail::Op::n, T(1),
+                               true);
+      }
       if (chain.variant() == Variant::chain) {
         out.a.middleRows(at, r) = chain.reflectors().transpose();
-        MatrixT s = whole_chain_s(chain.reflectors());
-        s.template triangularView<Eigen::Upper>().template solveInPlace<Eigen::OnTheRight>(wu);
+        const MatrixT s = whole_chain_s(chain.reflectors());
+        detail::Kernels<T>::solve_right_upper(detail::Op::n, s, wu);
         out.b.middleCols(at, r) = -wu;
       } else {
         out.a.middleRows(at, r) = f.q.transpose();
@@ -427,31 +283,14 @@ class HraAdapterLayer : public AffineLayer<Scalar_> {
   std::vector<Adapter>& adapter_list() { return adapters_; }
   /// Indices (into adapters()) of the adapters forward() applies and backward() trains, in
   /// stacking order: the product is W H_{a_0} H_{a_1} ..., so the last one touches x first.
-  std::vector<std::size_t> applied() const {
-    std::vector<std::size_t> out;
-    if (!enabled_) return out;
-    for (std::size_t i = 0; i < adapters_.size(); ++i)
-      if (!adapters_[i].merged_ && adapters_[i].active_) out.push_back(i);
-    return out;
-  }
+  std::vector<std::size_t> applied() const;
   /// Number of adapters forward() applies.
   Index unmerged_count() const { return static_cast<Index>(applied().size()); }
   /// The factors of every applied adapter (indexed like adapters(); empty for the others),
   /// computed before anything is written so that an unusable U throws with the layer intact.
-  std::vector<typename Chain::Factors> factorize_applied() const {
-    std::vector<typename Chain::Factors> f(adapters_.size());
-    for (std::size_t i : applied()) f[i] = adapters_[i].chain_.factorize();
-    return f;
-  }
+  std::vector<typename Chain::Factors> factorize_applied() const;
   /// Index of `name` in adapters(); std::invalid_argument naming the adapters when unknown.
-  std::size_t index_of(const std::string& name) const {
-    for (std::size_t i = 0; i < adapters_.size(); ++i)
-      if (adapters_[i].name() == name) return i;
-    std::string known;
-    for (const auto& a : adapters_) known += (known.empty() ? "" : ", ") + a.name_;
-    detail::throw_invalid(this->layer_name(), ": no adapter named '", name, "' (adapters: ", known,
-                          ")");
-  }
+  std::size_t index_of(const std::string& name) const;
   static typename Chain::ForwardCache& cache(Adapter& a) { return a.cache_; }
   static const typename Chain::ForwardCache& cache(const Adapter& a) { return a.cache_; }
   static Matrix& gradient(Adapter& a) { return a.grad_; }
@@ -460,51 +299,277 @@ class HraAdapterLayer : public AffineLayer<Scalar_> {
   // S = striu(U^T U) + diag(U^T U) / 2 over all r columns (SPEC §2), upper triangular.
   template <typename M>
   static M whole_chain_s(const M& u) {
-    M s = M::Zero(u.cols(), u.cols());
-    s.template triangularView<Eigen::Upper>() = u.transpose() * u;
-    s.diagonal() *= typename M::Scalar(0.5);
+    M s;
+    detail::serial_product(s, u, detail::Op::t, u, detail::Op::n);
+    for (Index j = 0; j < s.cols(); ++j) {
+      s(j, j) *= typename M::Scalar(0.5);
+      for (Index i = j + 1; i < s.rows(); ++i) s(i, j) = 0;
+    }
     return s;
   }
 
   // No active unmerged adapter may come before a merged one: W holds the merged ones, so the
   // unmerged ones act after them whatever their place in the stack.
-  void check_merged_prefix(const std::vector<bool>& active, const char* verb) const {
-    std::optional<std::size_t> unmerged_active;
-    for (std::size_t i = 0; i < adapters_.size(); ++i) {
-      if (adapters_[i].merged_ && unmerged_active)
-        throw std::logic_error(detail::concat(
-            this->layer_name(), "::", verb, ": adapter '", adapters_[*unmerged_active].name_,
-            "' would be applied before the merged adapter '", adapters_[i].name_,
-            "', but W already holds the merged one; unmerge() first"));
-      if (!adapters_[i].merged_ && active[i] && !unmerged_active) unmerged_active = i;
-    }
-  }
+  void check_merged_prefix(const std::vector<bool>& active, const char* verb) const;
 
   // The regulariser of every applied adapter; adds its gradient into grads[k] when given.
-  Scalar regularize(const std::vector<Matrix*>* grads) const {
-    Scalar total = 0;
-    std::size_t k = 0;
-    for (std::size_t i : applied()) {
-      const Adapter& a = adapters_[i];
-      Matrix* g = grads ? (*grads)[k++] : nullptr;
-      if (a.lambda_ == 0.0) continue;
-      const auto norms = a.chain_.reflectors().colwise().norm();
-      for (Index j = 0; j < norms.size(); ++j)
-        if (!(norms(j) > Scalar(0)) || !std::isfinite(norms(j)) ||
-            !std::isfinite(Scalar(1) / norms(j)))
-          detail::throw_invalid(this->layer_name(), "::regularizer: adapter '", a.name_,
-                                "': reflector column ", j, " has norm ",
-                                static_cast<double>(norms(j)),
-                                ", so its direction (all the regulariser sees) is undefined");
-      total += orthogonality_regularizer<Scalar>(a.chain_.reflectors(),
-                                                 static_cast<Scalar>(a.lambda_), a.form_, g);
-    }
-    return total;
-  }
+  Scalar regularize(const std::vector<Matrix*>* grads) const;
 
   std::vector<Adapter> adapters_;
   std::vector<std::size_t> merge_order_;
   bool enabled_ = true;
 };
+
+template <typename Scalar_>
+auto HraAdapterLayer<Scalar_>::add_adapter(const std::string& name, const HraOptions& options)
+    -> const Adapter& {
+  for (const auto& a : adapters_)
+    if (a.name() == name)
+      detail::throw_invalid(this->layer_name(), ": adapter '", name, "' already exists");
+  if (!(options.lambda >= 0.0) || !std::isfinite(options.lambda))
+    detail::throw_invalid(this->layer_name(),
+                          ": regulariser weight lambda must be finite and >= 0, got ",
+                          options.lambda);
+  adapters_.push_back(Adapter(name,
+                              Chain::initialized(adapter_dim(), options.rank, options.init,
+                                                 options.seed, options.variant, options.block_size),
+                              options));
+  this->forget_forward();
+  return adapters_.back();
+}
+
+template <typename Scalar_>
+void HraAdapterLayer<Scalar_>::delete_adapter(const std::string& name) {
+  const std::size_t i = index_of(name);
+  if (adapters_[i].merged_)
+    throw std::logic_error(detail::concat(this->layer_name(), "::delete_adapter: adapter '", name,
+                                          "' is merged into W; unmerge() it first"));
+  adapters_.erase(adapters_.begin() + static_cast<std::ptrdiff_t>(i));
+  for (auto& m : merge_order_)
+    if (m > i) --m;
+  this->forget_forward();
+}
+
+template <typename Scalar_>
+void HraAdapterLayer<Scalar_>::set_reflectors(const std::string& name, const ConstRef& u) {
+  Adapter& a = adapters_[index_of(name)];
+  if (a.merged_)
+    throw std::logic_error(detail::concat(this->layer_name(), "::set_reflectors: adapter '", name,
+                                          "' is merged into W; unmerge() it first"));
+  Chain candidate = a.chain_;
+  candidate.set_reflectors(u);
+  candidate.factorize();  // the checks a forward would make (dependent columns for GS)
+  a.chain_ = std::move(candidate);
+  this->forget_forward();
+}
+
+template <typename Scalar_>
+void HraAdapterLayer<Scalar_>::set_active_adapters(const std::vector<std::string>& names) {
+  std::vector<bool> active(adapters_.size(), false);
+  for (const auto& n : names) active[index_of(n)] = true;
+  for (std::size_t i = 0; i < adapters_.size(); ++i)
+    if (adapters_[i].merged_ && !active[i])
+      throw std::logic_error(detail::concat(this->layer_name(), "::set_active_adapters: adapter '",
+                                            adapters_[i].name_,
+                                            "' is merged into W and cannot be deactivated; "
+                                            "unmerge() it first"));
+  check_merged_prefix(active, "set_active_adapters");
+  for (std::size_t i = 0; i < adapters_.size(); ++i) adapters_[i].active_ = active[i];
+  this->forget_forward();
+}
+
+template <typename Scalar_>
+auto HraAdapterLayer<Scalar_>::active_adapters() const -> std::vector<std::string> {
+  std::vector<std::string> out;
+  for (const auto& a : adapters_)
+    if (a.active_) out.push_back(a.name_);
+  return out;
+}
+
+template <typename Scalar_>
+void HraAdapterLayer<Scalar_>::set_adapters_enabled(bool enabled) {
+  if (!enabled && !merge_order_.empty())
+    throw std::logic_error(detail::concat(this->layer_name(),
+                                          "::set_adapters_enabled(false): W holds merged "
+                                          "adapters, so it is not the base weight; unmerge() "
+                                          "them first"));
+  enabled_ = enabled;
+  this->forget_forward();
+}
+
+template <typename Scalar_>
+auto HraAdapterLayer<Scalar_>::parameters() -> std::vector<ParameterView<Scalar>> {
+  std::vector<ParameterView<Scalar>> out;
+  for (std::size_t i : applied()) {
+    Adapter& a = adapters_[i];
+    auto u = a.chain_.reflector_values();
+    out.push_back({"hra_u." + a.name_,
+                   {u.data(), u.rows(), u.cols()},
+                   {a.grad_.data(), a.grad_.rows(), a.grad_.cols()}});
+  }
+  this->append_bias_parameter(out);
+  return out;
+}
+
+template <typename Scalar_>
+auto HraAdapterLayer<Scalar_>::add_regularizer() -> Scalar {
+  std::vector<Matrix*> grads;
+  for (std::size_t i : applied()) grads.push_back(&adapters_[i].grad_);
+  return regularize(&grads);
+}
+
+template <typename Scalar_>
+void HraAdapterLayer<Scalar_>::merge(bool safe) {
+  std::vector<std::string> names;
+  for (std::size_t i : applied()) names.push_back(adapters_[i].name_);
+  if (names.empty())
+    throw std::logic_error(detail::concat(
+        this->layer_name(), "::merge: ",
+        merge_order_.size() == adapters_.size()
+            ? "every adapter is already merged"
+            : "no adapter to merge (every unmerged adapter is inactive or disabled)"));
+  merge(names, safe);
+}
+
+template <typename Scalar_>
+void HraAdapterLayer<Scalar_>::merge() {
+  merge(false);
+}
+
+template <typename Scalar_>
+void HraAdapterLayer<Scalar_>::merge(const std::vector<std::string>& names, bool safe) {
+  if (!enabled_)
+    throw std::logic_error(std::string(this->layer_name()) +
+                           "::merge: adapters are disabled (set_adapters_enabled(true) first)");
+  std::vector<bool> chosen(adapters_.size(), false);
+  for (const auto& n : names) {
+    const std::size_t i = index_of(n);
+    if (adapters_[i].merged_)
+      throw std::logic_error(
+          detail::concat(this->layer_name(), "::merge: adapter '", n, "' is already merged"));
+    if (!adapters_[i].active_)
+      throw std::logic_error(
+          detail::concat(this->layer_name(), "::merge: adapter '", n, "' is not active"));
+    chosen[i] = true;
+  }
+  if (names.empty())
+    throw std::logic_error(std::string(this->layer_name()) + "::merge: no adapter named");
+  const std::vector<std::size_t> order = applied();
+  std::size_t k = 0;
+  while (k < order.size() && chosen[order[k]]) ++k;
+  for (std::size_t j = k; j < order.size(); ++j)
+    if (chosen[order[j]])
+      throw std::logic_error(detail::concat(
+          this->layer_name(), "::merge: adapter '", adapters_[order[j]].name_,
+          "' comes after the unmerged adapter '", adapters_[order[k]].name_,
+          "' in the stack; merge that one first (W H_a H_b needs H_a folded in before H_b)"));
+  // Every factorisation first: a zero or non-finite column must not leave W half-merged.
+  std::vector<typename Chain::Factors> factors;
+  for (std::size_t j = 0; j < k; ++j) factors.push_back(adapters_[order[j]].chain_.factorize());
+  const auto fold = [&](Eigen::Ref<Matrix> w) {
+    for (std::size_t j = 0; j < k; ++j)
+      adapters_[order[j]].chain_.apply_right(factors[j], w, Apply::h);
+  };
+  if (safe) {
+    Matrix w = this->weight();
+    fold(w);
+    if (!detail::all_finite(w))
+      throw std::runtime_error(
+          detail::concat(this->layer_name(),
+                         "::merge: the merged weight has non-finite values; W is left unchanged"));
+    this->weight_storage().map() = w;
+  } else {
+    fold(this->weight_storage().map());
+  }
+  for (std::size_t j = 0; j < k; ++j) {
+    Adapter& a = adapters_[order[j]];
+    a.merged_ = true;
+    a.merged_chain_ = a.chain_;
+    merge_order_.push_back(order[j]);
+  }
+  this->forget_forward();
+}
+
+template <typename Scalar_>
+void HraAdapterLayer<Scalar_>::unmerge() {
+  if (merge_order_.empty())
+    throw std::logic_error(detail::concat(this->layer_name(), "::unmerge: no adapter is merged"));
+  Adapter& a = adapters_[merge_order_.back()];
+  const Chain& merged = *a.merged_chain_;
+  merged.apply_right(merged.factorize(), this->weight_storage().map(), Apply::transpose);
+  // The values go back into U's own memory, so views of it taken earlier stay valid.
+  a.chain_.reflector_values() = merged.reflectors();
+  a.merged_chain_.reset();
+  a.merged_ = false;
+  merge_order_.pop_back();
+  this->forget_forward();
+}
+
+template <typename Scalar_>
+void HraAdapterLayer<Scalar_>::unmerge_all() {
+  while (!merge_order_.empty()) unmerge();
+}
+
+template <typename Scalar_>
+auto HraAdapterLayer<Scalar_>::applied() const -> std::vector<std::size_t> {
+  std::vector<std::size_t> out;
+  if (!enabled_) return out;
+  for (std::size_t i = 0; i < adapters_.size(); ++i)
+    if (!adapters_[i].merged_ && adapters_[i].active_) out.push_back(i);
+  return out;
+}
+
+template <typename Scalar_>
+auto HraAdapterLayer<Scalar_>::factorize_applied() const -> std::vector<typename Chain::Factors> {
+  std::vector<typename Chain::Factors> f(adapters_.size());
+  for (std::size_t i : applied()) f[i] = adapters_[i].chain_.factorize();
+  return f;
+}
+
+template <typename Scalar_>
+std::size_t HraAdapterLayer<Scalar_>::index_of(const std::string& name) const {
+  for (std::size_t i = 0; i < adapters_.size(); ++i)
+    if (adapters_[i].name() == name) return i;
+  std::string known;
+  for (const auto& a : adapters_) known += (known.empty() ? "" : ", ") + a.name_;
+  detail::throw_invalid(this->layer_name(), ": no adapter named '", name, "' (adapters: ", known,
+                        ")");
+}
+
+template <typename Scalar_>
+void HraAdapterLayer<Scalar_>::check_merged_prefix(const std::vector<bool>& active,
+                                                   const char* verb) const {
+  std::optional<std::size_t> unmerged_active;
+  for (std::size_t i = 0; i < adapters_.size(); ++i) {
+    if (adapters_[i].merged_ && unmerged_active)
+      throw std::logic_error(detail::concat(
+          this->layer_name(), "::", verb, ": adapter '", adapters_[*unmerged_active].name_,
+          "' would be applied before the merged adapter '", adapters_[i].name_,
+          "', but W already holds the merged one; unmerge() first"));
+    if (!adapters_[i].merged_ && active[i] && !unmerged_active) unmerged_active = i;
+  }
+}
+
+template <typename Scalar_>
+auto HraAdapterLayer<Scalar_>::regularize(const std::vector<Matrix*>* grads) const -> Scalar {
+  Scalar total = 0;
+  std::size_t k = 0;
+  for (std::size_t i : applied()) {
+    const Adapter& a = adapters_[i];
+    Matrix* g = grads ? (*grads)[k++] : nullptr;
+    if (a.lambda_ == 0.0) continue;
+    const auto norms = a.chain_.reflectors().colwise().norm();
+    for (Index j = 0; j < norms.size(); ++j)
+      if (!(norms(j) > Scalar(0)) || !std::isfinite(norms(j)) ||
+          !std::isfinite(Scalar(1) / norms(j)))
+        detail::throw_invalid(this->layer_name(), "::regularizer: adapter '", a.name_,
+                              "': reflector column ", j, " has norm ",
+                              static_cast<double>(norms(j)),
+                              ", so its direction (all the regulariser sees) is undefined");
+    total += orthogonality_regularizer<Scalar>(a.chain_.reflectors(),
+                                               static_cast<Scalar>(a.lambda_), a.form_, g);
+  }
+  return total;
+}
 
 }  // namespace hra

@@ -106,142 +106,28 @@ class HraConv2d final : public HraAdapterLayer<Scalar_> {
   }
   HraConvForm form() const { return form_; }
   /// The form a forward() with n images uses (never automatic).
-  HraConvForm form_for_batch(Index n) const {
-    if (form_ != HraConvForm::automatic) return form_;
-    HraConvForm best = HraConvForm::hybrid;
-    for (HraConvForm f : {HraConvForm::patch, HraConvForm::weight})
-      if (estimated_flops(f, n) < estimated_flops(best, n)) best = f;
-    return best;
-  }
+  HraConvForm form_for_batch(Index n) const;
   /// The form the last forward() used.
   HraConvForm last_form() const { return last_form_; }
 
   /// The cost model of the class comment: extra flops of one training step with n images in
   /// `form` (automatic: the form form_for_batch() picks) over the frozen convolution, summed over
   /// the unmerged adapters (0 when there are none).
-  double estimated_flops(HraConvForm form, Index n) const {
-    if (form == HraConvForm::automatic) form = form_for_batch(n);
-    const Conv2dGeometry& g = geometry_;
-    const double nl = double(n) * double(g.out_positions()), gd = double(g.groups() * g.fan_in());
-    const double c = double(g.out_channels()), d = double(g.fan_in()), grp = double(g.groups());
-    double total = 0, ranks = 0;
-    for (std::size_t i : this->applied()) {
-      const double r = double(this->adapters()[i].rank());
-      ranks += r;
-      if (form == HraConvForm::patch)
-        total += r * nl * (6 * gd + 6 * c + 2 * grp * r) + 6 * c * d * r;
-      else if (form == HraConvForm::hybrid)
-        total += r * nl * (4 * gd + 4 * c + 2 * grp * r) + 8 * c * d * r;
-      else
-        total += 12 * c * d * r;
-    }
-    if (form == HraConvForm::weight && ranks > 0) total += 2 * nl * d * c;
-    return total;
-  }
+  double estimated_flops(HraConvForm form, Index n) const;
 
   /// Y = conv(X, W H) + b for X (C_in H W x n).
-  const Matrix& forward(const ConstRef& x) override {
-    detail::check_conv_input(x, geometry_, "HraConv2d", "forward");
-    this->forget_forward();
-    // Every U is validated before anything is written.
-    std::vector<typename Chain::Factors> factors = this->factorize_applied();
-    const std::vector<std::size_t> applied = this->applied();
-    const Index n = x.cols();
-    last_form_ = form_for_batch(n);
-    std::vector<detail::LowRankReflector<Scalar>> lr;
-    for (std::size_t i : applied) lr.emplace_back(this->adapters()[i].chain(), factors[i]);
-    x_ = x;
-    y_.resize(geometry_.output_size(), n);
-    if (applied.empty()) {
-      weff_.resize(0, 0);
-      detail::conv_forward<Scalar>(geometry_, x, this->weight(), this->bias(), y_, threads_,
-                                   workspaces_);
-    } else if (last_form_ == HraConvForm::patch) {
-      weff_.resize(0, 0);
-      patch_forward(x, lr, y_, workspaces_, /*keep=*/true);
-    } else {
-      adapted_weight(factors, weff_);
-      detail::conv_forward<Scalar>(geometry_, x, weff_, this->bias(), y_, threads_, workspaces_);
-    }
-    auto& adapters = this->adapter_list();
-    for (std::size_t i = 0; i < adapters.size(); ++i) {
-      auto& cache = this->cache(adapters[i]);
-      if (last_form_ != HraConvForm::patch || adapters[i].merged()) cache.coeffs.resize(0, 0);
-      if (adapters[i].merged())
-        cache.factors = {};
-      else
-        cache.factors = std::move(factors[i]);
-    }
-    this->remember_forward(n);
-    return y_;
-  }
+  const Matrix& forward(const ConstRef& x) override;
 
   /// Assigns dU of every unmerged adapter and db (when trainable); returns dX (empty when
   /// compute_input_gradient is false, which skips the transposed convolution).
-  const Matrix& backward(const ConstRef& dy, bool compute_input_gradient = true) override {
-    const Index n = this->begin_backward(dy);
-    const Conv2dGeometry& g = geometry_;
-    if (this->bias_trainable()) this->bias_backward(detail::channel_sums<Scalar>(g, dy));
-    dx_.resize(compute_input_gradient ? g.input_size() : 0, compute_input_gradient ? n : 0);
-    const std::vector<std::size_t> applied = this->applied();
-    auto& adapters = this->adapter_list();
-    std::vector<detail::LowRankReflector<Scalar>> lr;
-    std::vector<const typename Chain::Factors*> factors;
-    for (std::size_t i : applied) {
-      lr.emplace_back(adapters[i].chain(), this->cache(adapters[i]).factors);
-      factors.push_back(&this->cache(adapters[i]).factors);
-    }
-    if (applied.empty()) {
-      if (compute_input_gradient) input_gradient_only(dy, this->weight());
-      return dx_;
-    }
-    if (last_form_ == HraConvForm::weight)
-      weight_form_backward(dy, applied, lr, factors, compute_input_gradient);
-    else
-      sums_backward(dy, applied, lr, factors, compute_input_gradient);
-    return dx_;
-  }
+  const Matrix& backward(const ConstRef& dy, bool compute_input_gradient = true) override;
 
-  void predict(const ConstRef& x, Matrix& y) const override {
-    detail::check_conv_input(x, geometry_, "HraConv2d", "predict");
-    const std::vector<typename Chain::Factors> factors = this->factorize_applied();
-    const std::vector<std::size_t> applied = this->applied();
-    std::vector<Workspace> ws;
-    y.resize(geometry_.output_size(), x.cols());
-    if (applied.empty())
-      return detail::conv_forward<Scalar>(geometry_, x, this->weight(), this->bias(), y, threads_,
-                                          ws);
-    HraConvForm f = form_;
-    if (f == HraConvForm::automatic) {
-      const Conv2dGeometry& g = geometry_;
-      const double nl = double(x.cols()) * double(g.out_positions());
-      const double c = double(g.out_channels()), gd = double(g.groups() * g.fan_in());
-      double patch = 0, w = 0;
-      for (std::size_t i : applied) {
-        const double r = double(this->adapters()[i].rank());
-        patch += r * nl * (2 * gd + 2 * c) + 2 * c * double(g.fan_in()) * r;
-        w += 4 * c * double(g.fan_in()) * r;
-      }
-      f = patch < w ? HraConvForm::patch : HraConvForm::hybrid;
-    }
-    if (f == HraConvForm::patch) {
-      std::vector<detail::LowRankReflector<Scalar>> lr;
-      for (std::size_t i : applied) lr.emplace_back(this->adapters()[i].chain(), factors[i]);
-      return patch_forward_into(x, lr, y, ws, nullptr);
-    }
-    Matrix weff;
-    adapted_weight(factors, weff);
-    detail::conv_forward<Scalar>(geometry_, x, weff, this->bias(), y, threads_, ws);
-  }
+  void predict(const ConstRef& x, Matrix& y) const override;
 
-  std::size_t saved_bytes() const override {
-    std::size_t bytes = static_cast<std::size_t>(x_.size() + y_.size() + weff_.size());
-    bytes *= sizeof(Scalar);
-    for (std::size_t i : this->applied()) bytes += this->cache(this->adapters()[i]).bytes();
-    return bytes;
-  }
+  std::size_t saved_bytes() const override;
 
  private:
+  using Op = detail::Op;
   using LowRank = detail::LowRankReflector<Scalar>;
 
   using Thin = detail::ThinKernels<Scalar>;
@@ -270,11 +156,7 @@ class HraConv2d final : public HraAdapterLayer<Scalar_> {
   }
 
   // W' = W H_a H_b ... (stacking order), O(C D r) per adapter.
-  void adapted_weight(const std::vector<typename Chain::Factors>& factors, Matrix& weff) const {
-    weff = this->weight();
-    for (std::size_t i : this->applied())
-      this->adapters()[i].chain().apply_right(factors[i], weff, Apply::h);
-  }
+  void adapted_weight(const std::vector<typename Chain::Factors>& factors, Matrix& weff) const;
 
   // The patches of image b in ws.patches (a copy even for a pointwise geometry: the stacked
   // forms update them in place).
@@ -287,206 +169,43 @@ class HraConv2d final : public HraAdapterLayer<Scalar_> {
   // K^T (G L x r, rows g L + l) of one adapter from the patches T (L x G D): K_g^T = T_g V C^T,
   // T_g V streamed over the patches by the thin kernel (Eigen's GEMM would pack T_g first).
   void coefficients(const detail::ConvBlockRef<Scalar>& t, const LowRank& lr, Matrix& kt,
-                    Matrix& kp) const {
-    const Conv2dGeometry& g = geometry_;
-    const Index l = g.out_positions(), d = g.fan_in(), gl = g.groups() * l;
-    const typename Thin::RowMajor vt = Thin::row_major(lr.v());
-    const Index bp = vt.cols();
-    kp.setZero(gl, bp);
-    for (Index k = 0; k < g.groups(); ++k)
-      for (Index j0 = 0; j0 < d; j0 += Thin::KC)
-        Thin::project(t.data() + (k * d + j0) * t.outerStride(), t.outerStride(), l,
-                      std::min(Thin::KC, d - j0), vt.data() + j0 * bp, bp, kp.data() + k * l, gl);
-    kt = kp.leftCols(lr.rank());
-    lr.apply_ct_right(kt);
-  }
+                    Matrix& kp) const;
 
   // T_g <- T_g - K_g^T V^T: the patches as the previous adapter of the stack sees them (H P).
   template <typename Kt>
-  void reflect_patches(Matrix& t, const LowRank& lr, const Kt& kt) const {
-    const Conv2dGeometry& g = geometry_;
-    const Index l = g.out_positions(), d = g.fan_in();
-    for (Index k = 0; k < g.groups(); ++k)
-      t.middleCols(k * d, d).noalias() -= kt.middleRows(k * l, l) * lr.v().transpose();
-  }
+  void reflect_patches(Matrix& t, const LowRank& lr, const Kt& kt) const;
 
   // Y = W P - sum_j (W V_j) K_j (+ b) image by image; with `keep`, K_j^T of every image is kept
   // in the adapters' caches for backward.
   void patch_forward(const ConstRef& x, const std::vector<LowRank>& lr, Matrix& y,
-                     std::vector<Workspace>& workspaces, bool keep) {
-    std::vector<Matrix*> kept;
-    if (keep) {
-      auto& adapters = this->adapter_list();
-      const std::vector<std::size_t> applied = this->applied();
-      for (std::size_t j = 0; j < applied.size(); ++j) {
-        Matrix& c = this->cache(adapters[applied[j]]).coeffs;
-        c.resize(geometry_.groups() * geometry_.out_positions() * lr[j].rank(), x.cols());
-        kept.push_back(&c);
-      }
-    }
-    patch_forward_into(x, lr, y, workspaces, keep ? &kept : nullptr);
-  }
+                     std::vector<Workspace>& workspaces, bool keep);
 
   void patch_forward_into(const ConstRef& x, const std::vector<LowRank>& lr, Matrix& y,
                           std::vector<Workspace>& workspaces,
-                          const std::vector<Matrix*>* kept) const {
-    const Conv2dGeometry& g = geometry_;
-    const Index n = x.cols(), l = g.out_positions(), co = g.out_channels();
-    const Index cg = g.group_out_channels();
-    const auto w = this->weight();
-    std::vector<Matrix> wv;
-    for (const auto& a : lr) wv.push_back(w * a.v());
-    const int workers = detail::conv_workers(n, threads_);
-    prepare(workspaces, workers);
-    const auto& bias = this->bias();
-    const std::size_t k = lr.size();
-    detail::for_each_image(n, workers, [&](int wk, Index b) {
-      Workspace& ws = workspaces[static_cast<std::size_t>(wk)];
-      auto yt = detail::image_rows(y.col(b).data(), l, co);
-      // One adapter only reads the patches (a view of X for a pointwise geometry); a stack
-      // reflects them in place for the adapters before the last.
-      if (k > 1) own_patches(x.col(b).data(), ws);
-      const auto t =
-          k > 1 ? Eigen::Map<const Matrix>(ws.patches.data(), ws.patches.rows(), ws.patches.cols())
-                : detail::image_patches(g, x.col(b).data(), ws.patches);
-      detail::grouped_product<Scalar>(g, t, w, yt);
-      // The last adapter touches the patches first.
-      for (std::size_t jj = k; jj-- > 0;) {
-        coefficients(t, lr[jj], ws.kt, ws.kp);
-        for (Index q = 0; q < g.groups(); ++q)
-          yt.middleCols(q * cg, cg).noalias() -=
-              ws.kt.middleRows(q * l, l) * wv[jj].middleRows(q * cg, cg).transpose();
-        if (kept)
-          Eigen::Map<Matrix>((*kept)[jj]->col(b).data(), ws.kt.rows(), ws.kt.cols()) = ws.kt;
-        if (jj > 0) reflect_patches(ws.patches, lr[jj], ws.kt);
-      }
-      if (bias) yt.rowwise() += bias->transpose();
-    });
-  }
+                          const std::vector<Matrix*>* kept) const;
 
   // dX = conv^T(dY, W) alone (no adapter left unmerged).
-  void input_gradient_only(const ConstRef& dy, const detail::ConvWeightRef<Scalar>& w) {
-    const Conv2dGeometry& g = geometry_;
-    const Index n = dy.cols(), l = g.out_positions(), co = g.out_channels();
-    const int workers = detail::conv_workers(n, threads_);
-    prepare(workspaces_, workers);
-    detail::for_each_image(n, workers, [&](int wk, Index b) {
-      Workspace& ws = workspaces_[static_cast<std::size_t>(wk)];
-      detail::grouped_input_gradient<Scalar>(g, detail::image_rows(dy.col(b).data(), l, co), w,
-                                             dx_.col(b).data(), ws.patch_grad);
-    });
-  }
+  void input_gradient_only(const ConstRef& dy, const detail::ConvWeightRef<Scalar>& w);
 
   // A_j = W H_{a_0} ... H_{a_{j-1}} V_j (C x r): what adapter j's V looks like through W and the
   // adapters before it.
   std::vector<Matrix> projected_reflectors(
       const std::vector<std::size_t>& applied, const std::vector<LowRank>& lr,
-      const std::vector<const typename Chain::Factors*>& f) const {
-    std::vector<Matrix> a;
-    for (std::size_t j = 0; j < applied.size(); ++j) {
-      Matrix m = lr[j].v();
-      for (std::size_t i = j; i-- > 0;)
-        this->adapters()[applied[i]].chain().apply(*f[i], m, Apply::h);
-      a.push_back(this->weight() * m);
-    }
-    return a;
-  }
+      const std::vector<const typename Chain::Factors*>& f) const;
 
   // dU_j from its three sums; ek is sum dY K_j^T (C x r): G K^T = W_j^T ek with
   // W_j^T = H_{a_{j-1}}^T ... H_{a_0}^T W^T.
   void finish_gradient(const std::vector<std::size_t>& applied, const std::vector<LowRank>& lr,
                        const std::vector<const typename Chain::Factors*>& f, std::size_t j,
-                       const Matrix& ek, const Matrix& xz, const Matrix& zk) {
-    Matrix gk = this->weight().transpose() * ek;
-    for (std::size_t i = 0; i < j; ++i)
-      this->adapters()[applied[i]].chain().apply(*f[i], gk, Apply::transpose);
-    lr[j].gradient(gk, xz, zk, this->gradient(this->adapter_list()[applied[j]]));
-  }
+                       const Matrix& ek, const Matrix& xz, const Matrix& zk);
 
   // Backward of the patch and hybrid forms: per image the patches (rebuilt from X), K_j and Z_j
   // of every adapter and their sums; dX with W (patch form, minus sum V_j Z_j) or W'.
   void sums_backward(const ConstRef& dy, const std::vector<std::size_t>& applied,
                      const std::vector<LowRank>& lr,
-                     const std::vector<const typename Chain::Factors*>& f, bool want_dx) {
-    const Conv2dGeometry& g = geometry_;
-    const Index n = dy.cols(), l = g.out_positions(), co = g.out_channels(), d = g.fan_in();
-    const Index cg = g.group_out_channels(), groups = g.groups();
-    const bool patch_form = last_form_ == HraConvForm::patch;
-    const std::size_t k = applied.size();
-    const std::vector<Matrix> a = projected_reflectors(applied, lr, f);
-    std::vector<Matrix> ac = a;  // A_j C_j
-    for (std::size_t j = 0; j < k; ++j) lr[j].apply_c_right(ac[j]);
-    const int workers = detail::conv_workers(n, threads_);
-    prepare(workspaces_, workers);
-    for (int wk = 0; wk < workers; ++wk) {
-      Workspace& ws = workspaces_[static_cast<std::size_t>(wk)];
-      ws.ek.resize(k);
-      ws.xz.resize(k);
-      ws.zk.resize(k);
-      for (std::size_t j = 0; j < k; ++j) {
-        ws.ek[j].setZero(co, lr[j].rank());
-        ws.xz[j].setZero(d, lr[j].rank());
-        ws.zk[j].setZero(lr[j].rank(), lr[j].rank());
-      }
-    }
-    const auto w = this->weight();
-    std::vector<const Matrix*> kept;
-    for (std::size_t i : applied) kept.push_back(&this->cache(this->adapters()[i]).coeffs);
-    detail::for_each_image(n, workers, [&](int wk, Index b) {
-      Workspace& ws = workspaces_[static_cast<std::size_t>(wk)];
-      const auto dyt = detail::image_rows(dy.col(b).data(), l, co);
-      if (k > 1) own_patches(x_.col(b).data(), ws);
-      const auto t =
-          k > 1 ? Eigen::Map<const Matrix>(ws.patches.data(), ws.patches.rows(), ws.patches.cols())
-                : detail::image_patches(g, x_.col(b).data(), ws.patches);
-      if (want_dx) {
-        ws.patch_grad.resize(l, g.in_channels() * g.taps());
-        if (patch_form)
-          detail::grouped_patch_gradient<Scalar>(g, dyt, w, ws.patch_grad);
-        else
-          detail::grouped_patch_gradient<Scalar>(g, dyt, weff_, ws.patch_grad);
-      }
-      for (std::size_t jj = k; jj-- > 0;) {
-        const Index r = lr[jj].rank(), gl = groups * l;
-        if (!patch_form) coefficients(t, lr[jj], ws.kt, ws.kp);
-        const Eigen::Map<const Matrix> kt(patch_form ? kept[jj]->col(b).data() : ws.kt.data(), gl,
-                                          r);
-        ws.zt.resize(gl, r);
-        const auto zt = ws.zt.leftCols(r);
-        for (Index q = 0; q < groups; ++q) {
-          const auto dyq = dyt.middleCols(q * cg, cg);
-          const auto kq = kt.middleRows(q * l, l);
-          ws.zt.middleRows(q * l, l).leftCols(r).noalias() = dyq * ac[jj].middleRows(q * cg, cg);
-          ws.ek[jj].middleRows(q * cg, cg).noalias() += dyq.transpose() * kq;
-        }
-        for (Index q = 0; q < groups; ++q)
-          ws.xz[jj].noalias() += t.middleCols(q * d, d).transpose() * zt.middleRows(q * l, l);
-        ws.zk[jj].noalias() += zt.transpose() * kt;
-        if (want_dx && patch_form)
-          for (Index q = 0; q < groups; ++q)
-            ws.patch_grad.middleCols(q * d, d).noalias() -=
-                zt.middleRows(q * l, l) * lr[jj].v().transpose();
-        if (jj > 0) reflect_patches(ws.patches, lr[jj], kt);
-      }
-      if (want_dx) detail::col2im(g, ws.patch_grad.data(), dx_.col(b).data());
-    });
-    for (std::size_t j = 0; j < k; ++j) {
-      Matrix ek, xz, zk;
-      sum_parts(workers, j, ek, xz, zk);
-      finish_gradient(applied, lr, f, j, ek, xz, zk);
-    }
-  }
+                     const std::vector<const typename Chain::Factors*>& f, bool want_dx);
 
-  void sum_parts(int workers, std::size_t j, Matrix& ek, Matrix& xz, Matrix& zk) const {
-    ek = workspaces_[0].ek[j];
-    xz = workspaces_[0].xz[j];
-    zk = workspaces_[0].zk[j];
-    for (std::size_t wk = 1; wk < static_cast<std::size_t>(workers); ++wk) {
-      ek += workspaces_[wk].ek[j];
-      xz += workspaces_[wk].xz[j];
-      zk += workspaces_[wk].zk[j];
-    }
-  }
+  void sum_parts(int workers, std::size_t j, Matrix& ek, Matrix& xz, Matrix& zk) const;
 
   // Backward of the weight form: E = sum dY P^T (C x D) over the images, dX with W'; then per
   // adapter (last first) with F_j = E H_{a_{k-1}}^T ... H_{a_{j+1}}^T = dL/d(W_j H_j):
@@ -494,34 +213,7 @@ class HraConv2d final : public HraAdapterLayer<Scalar_> {
   // (the sums of the other forms, written through F_j), and dU_j from them.
   void weight_form_backward(const ConstRef& dy, const std::vector<std::size_t>& applied,
                             const std::vector<LowRank>& lr,
-                            const std::vector<const typename Chain::Factors*>& f, bool want_dx) {
-    const Conv2dGeometry& g = geometry_;
-    const Index n = dy.cols(), l = g.out_positions(), co = g.out_channels(), d = g.fan_in();
-    const int workers = detail::conv_workers(n, threads_);
-    prepare(workspaces_, workers);
-    for (int wk = 0; wk < workers; ++wk) workspaces_[static_cast<std::size_t>(wk)].e.setZero(co, d);
-    detail::for_each_image(n, workers, [&](int wk, Index b) {
-      Workspace& ws = workspaces_[static_cast<std::size_t>(wk)];
-      const auto dyt = detail::image_rows(dy.col(b).data(), l, co);
-      const auto t = detail::image_patches(g, x_.col(b).data(), ws.patches);
-      detail::grouped_weight_gradient_add<Scalar>(g, dyt, t, ws.e);
-      if (want_dx)
-        detail::grouped_input_gradient<Scalar>(g, dyt, weff_, dx_.col(b).data(), ws.patch_grad);
-    });
-    Matrix fj;
-    detail::sum_over_workers(workspaces_, workers, &Workspace::e, fj);
-    const std::vector<Matrix> a = projected_reflectors(applied, lr, f);
-    for (std::size_t j = applied.size(); j-- > 0;) {
-      Matrix ek = fj * lr[j].v();
-      lr[j].apply_ct_right(ek);
-      Matrix ac = a[j];
-      lr[j].apply_c_right(ac);
-      const Matrix xz = fj.transpose() * ac;
-      const Matrix zk = ac.transpose() * ek;
-      finish_gradient(applied, lr, f, j, ek, xz, zk);
-      if (j > 0) this->adapters()[applied[j]].chain().apply_right(*f[j], fj, Apply::transpose);
-    }
-  }
+                            const std::vector<const typename Chain::Factors*>& f, bool want_dx);
 
   Conv2dGeometry geometry_;
   int threads_ = 0;
@@ -530,6 +222,396 @@ class HraConv2d final : public HraAdapterLayer<Scalar_> {
   Matrix x_, y_, dx_, weff_;
   std::vector<Workspace> workspaces_;
 };
+
+template <typename Scalar_>
+auto HraConv2d<Scalar_>::form_for_batch(Index n) const -> HraConvForm {
+  if (form_ != HraConvForm::automatic) return form_;
+  HraConvForm best = HraConvForm::hybrid;
+  for (HraConvForm f : {HraConvForm::patch, HraConvForm::weight})
+    if (estimated_flops(f, n) < estimated_flops(best, n)) best = f;
+  return best;
+}
+
+template <typename Scalar_>
+double HraConv2d<Scalar_>::estimated_flops(HraConvForm form, Index n) const {
+  if (form == HraConvForm::automatic) form = form_for_batch(n);
+  const Conv2dGeometry& g = geometry_;
+  const double nl = double(n) * double(g.out_positions()), gd = double(g.groups() * g.fan_in());
+  const double c = double(g.out_channels()), d = double(g.fan_in()), grp = double(g.groups());
+  double total = 0, ranks = 0;
+  for (std::size_t i : this->applied()) {
+    const double r = double(this->adapters()[i].rank());
+    ranks += r;
+    if (form == HraConvForm::patch)
+      total += r * nl * (6 * gd + 6 * c + 2 * grp * r) + 6 * c * d * r;
+    else if (form == HraConvForm::hybrid)
+      total += r * nl * (4 * gd + 4 * c + 2 * grp * r) + 8 * c * d * r;
+    else
+      total += 12 * c * d * r;
+  }
+  if (form == HraConvForm::weight && ranks > 0) total += 2 * nl * d * c;
+  return total;
+}
+
+template <typename Scalar_>
+auto HraConv2d<Scalar_>::forward(const ConstRef& x) -> const Matrix& {
+  detail::check_conv_input(x, geometry_, "HraConv2d", "forward");
+  this->forget_forward();
+  // Every U is validated before anything is written.
+  std::vector<typename Chain::Factors> factors = this->factorize_applied();
+  const std::vector<std::size_t> applied = this->applied();
+  const Index n = x.cols();
+  last_form_ = form_for_batch(n);
+  std::vector<detail::LowRankReflector<Scalar>> lr;
+  for (std::size_t i : applied) lr.emplace_back(this->adapters()[i].chain(), factors[i]);
+  x_ = x;
+  y_.resize(geometry_.output_size(), n);
+  if (applied.empty()) {
+    weff_.resize(0, 0);
+    detail::conv_forward<Scalar>(geometry_, x, this->weight(), this->bias(), y_, threads_,
+                                 workspaces_);
+  } else if (last_form_ == HraConvForm::patch) {
+    weff_.resize(0, 0);
+    patch_forward(x, lr, y_, workspaces_, /*keep=*/true);
+  } else {
+    adapted_weight(factors, weff_);
+    detail::conv_forward<Scalar>(geometry_, x, weff_, this->bias(), y_, threads_, workspaces_);
+  }
+  auto& adapters = this->adapter_list();
+  for (std::size_t i = 0; i < adapters.size(); ++i) {
+    auto& cache = this->cache(adapters[i]);
+    if (last_form_ != HraConvForm::patch || adapters[i].merged()) cache.coeffs.resize(0, 0);
+    if (adapters[i].merged())
+      cache.factors = {};
+    else
+      cache.factors = std::move(factors[i]);
+  }
+  this->remember_forward(n);
+  return y_;
+}
+
+template <typename Scalar_>
+auto HraConv2d<Scalar_>::backward(const ConstRef& dy, bool compute_input_gradient)
+    -> const Matrix& {
+  const Index n = this->begin_backward(dy);
+  const Conv2dGeometry& g = geometry_;
+  if (this->bias_trainable()) this->bias_backward(detail::channel_sums<Scalar>(g, dy));
+  dx_.resize(compute_input_gradient ? g.input_size() : 0, compute_input_gradient ? n : 0);
+  const std::vector<std::size_t> applied = this->applied();
+  auto& adapters = this->adapter_list();
+  std::vector<detail::LowRankReflector<Scalar>> lr;
+  std::vector<const typename Chain::Factors*> factors;
+  for (std::size_t i : applied) {
+    lr.emplace_back(adapters[i].chain(), this->cache(adapters[i]).factors);
+    factors.push_back(&this->cache(adapters[i]).factors);
+  }
+  if (applied.empty()) {
+    if (compute_input_gradient) input_gradient_only(dy, this->weight());
+    return dx_;
+  }
+  if (last_form_ == HraConvForm::weight)
+    weight_form_backward(dy, applied, lr, factors, compute_input_gradient);
+  else
+    sums_backward(dy, applied, lr, factors, compute_input_gradient);
+  return dx_;
+}
+
+template <typename Scalar_>
+void HraConv2d<Scalar_>::predict(const ConstRef& x, Matrix& y) const {
+  detail::check_conv_input(x, geometry_, "HraConv2d", "predict");
+  const std::vector<typename Chain::Factors> factors = this->factorize_applied();
+  const std::vector<std::size_t> applied = this->applied();
+  std::vector<Workspace> ws;
+  y.resize(geometry_.output_size(), x.cols());
+  if (applied.empty())
+    return detail::conv_forward<Scalar>(geometry_, x, this->weight(), this->bias(), y, threads_,
+                                        ws);
+  HraConvForm f = form_;
+  if (f == HraConvForm::automatic) {
+    const Conv2dGeometry& g = geometry_;
+    const double nl = double(x.cols()) * double(g.out_positions());
+    const double c = double(g.out_channels()), gd = double(g.groups() * g.fan_in());
+    double patch = 0, w = 0;
+    for (std::size_t i : applied) {
+      const double r = double(this->adapters()[i].rank());
+      patch += r * nl * (2 * gd + 2 * c) + 2 * c * double(g.fan_in()) * r;
+      w += 4 * c * double(g.fan_in()) * r;
+    }
+    f = patch < w ? HraConvForm::patch : HraConvForm::hybrid;
+  }
+  if (f == HraConvForm::patch) {
+    std::vector<detail::LowRankReflector<Scalar>> lr;
+    for (std::size_t i : applied) lr.emplace_back(this->adapters()[i].chain(), factors[i]);
+    return patch_forward_into(x, lr, y, ws, nullptr);
+  }
+  Matrix weff;
+  adapted_weight(factors, weff);
+  detail::conv_forward<Scalar>(geometry_, x, weff, this->bias(), y, threads_, ws);
+}
+
+template <typename Scalar_>
+std::size_t HraConv2d<Scalar_>::saved_bytes() const {
+  std::size_t bytes = static_cast<std::size_t>(x_.size() + y_.size() + weff_.size());
+  bytes *= sizeof(Scalar);
+  for (std::size_t i : this->applied()) bytes += this->cache(this->adapters()[i]).bytes();
+  return bytes;
+}
+
+template <typename Scalar_>
+void HraConv2d<Scalar_>::adapted_weight(const std::vector<typename Chain::Factors>& factors,
+                                        Matrix& weff) const {
+  weff = this->weight();
+  for (std::size_t i : this->applied())
+    this->adapters()[i].chain().apply_right(factors[i], weff, Apply::h);
+}
+
+template <typename Scalar_>
+void HraConv2d<Scalar_>::coefficients(const detail::ConvBlockRef<Scalar>& t, const LowRank& lr,
+                                      Matrix& kt, Matrix& kp) const {
+  const Conv2dGeometry& g = geometry_;
+  const Index l = g.out_positions(), d = g.fan_in(), gl = g.groups() * l;
+  const typename Thin::RowMajor vt = Thin::row_major(lr.v());
+  const Index bp = vt.cols();
+  kp.setZero(gl, bp);
+  for (Index k = 0; k < g.groups(); ++k)
+    for (Index j0 = 0; j0 < d; j0 += Thin::KC)
+      Thin::project(t.data() + (k * d + j0) * t.outerStride(), t.outerStride(), l,
+                    std::min(Thin::KC, d - j0), vt.data() + j0 * bp, bp, kp.data() + k * l, gl);
+  kt = kp.leftCols(lr.rank());
+  lr.apply_ct_right(kt);
+}
+
+template <typename Scalar_>
+template <typename Kt>
+void HraConv2d<Scalar_>::reflect_patches(Matrix& t, const LowRank& lr, const Kt& kt) const {
+  const Conv2dGeometry& g = geometry_;
+  const Index l = g.out_positions(), d = g.fan_in();
+  for (Index k = 0; k < g.groups(); ++k)
+    detail::serial_product(t.middleCols(k * d, d), kt.middleRows(k * l, l), Op::n, lr.v(), Op::t,
+                           Scalar(-1), true);
+}
+
+template <typename Scalar_>
+void HraConv2d<Scalar_>::patch_forward(const ConstRef& x, const std::vector<LowRank>& lr, Matrix& y,
+                                       std::vector<Workspace>& workspaces, bool keep) {
+  std::vector<Matrix*> kept;
+  if (keep) {
+    auto& adapters = this->adapter_list();
+    const std::vector<std::size_t> applied = this->applied();
+    for (std::size_t j = 0; j < applied.size(); ++j) {
+      Matrix& c = this->cache(adapters[applied[j]]).coeffs;
+      c.resize(geometry_.groups() * geometry_.out_positions() * lr[j].rank(), x.cols());
+      kept.push_back(&c);
+    }
+  }
+  patch_forward_into(x, lr, y, workspaces, keep ? &kept : nullptr);
+}
+
+template <typename Scalar_>
+void HraConv2d<Scalar_>::patch_forward_into(const ConstRef& x, const std::vector<LowRank>& lr,
+                                            Matrix& y, std::vector<Workspace>& workspaces,
+                                            const std::vector<Matrix*>* kept) const {
+  const Conv2dGeometry& g = geometry_;
+  const Index n = x.cols(), l = g.out_positions(), co = g.out_channels();
+  const Index cg = g.group_out_channels();
+  const auto w = this->weight();
+  std::vector<Matrix> wv;
+  for (const auto& a : lr) {
+    wv.emplace_back();
+    detail::serial_product(wv.back(), w, Op::n, a.v(), Op::n);
+  }
+  const int workers = detail::conv_workers(n, threads_);
+  prepare(workspaces, workers);
+  const auto& bias = this->bias();
+  const std::size_t k = lr.size();
+  detail::for_each_image(n, workers, [&](int wk, Index b) {
+    Workspace& ws = workspaces[static_cast<std::size_t>(wk)];
+    auto yt = detail::image_rows(y.col(b).data(), l, co);
+    // One adapter only reads the patches (a view of X for a pointwise geometry); a stack
+    // reflects them in place for the adapters before the last.
+    if (k > 1) own_patches(x.col(b).data(), ws);
+    const auto t =
+        k > 1 ? Eigen::Map<const Matrix>(ws.patches.data(), ws.patches.rows(), ws.patches.cols())
+              : detail::image_patches(g, x.col(b).data(), ws.patches);
+    detail::grouped_product<Scalar>(g, t, w, yt);
+    // The last adapter touches the patches first.
+    for (std::size_t jj = k; jj-- > 0;) {
+      coefficients(t, lr[jj], ws.kt, ws.kp);
+      for (Index q = 0; q < g.groups(); ++q)
+        detail::serial_product(yt.middleCols(q * cg, cg), ws.kt.middleRows(q * l, l), Op::n,
+                               wv[jj].middleRows(q * cg, cg), Op::t, Scalar(-1), true);
+      if (kept) Eigen::Map<Matrix>((*kept)[jj]->col(b).data(), ws.kt.rows(), ws.kt.cols()) = ws.kt;
+      if (jj > 0) reflect_patches(ws.patches, lr[jj], ws.kt);
+    }
+    if (bias) yt.rowwise() += bias->transpose();
+  });
+}
+
+template <typename Scalar_>
+void HraConv2d<Scalar_>::input_gradient_only(const ConstRef& dy,
+                                             const detail::ConvWeightRef<Scalar>& w) {
+  const Conv2dGeometry& g = geometry_;
+  const Index n = dy.cols(), l = g.out_positions(), co = g.out_channels();
+  const int workers = detail::conv_workers(n, threads_);
+  prepare(workspaces_, workers);
+  detail::for_each_image(n, workers, [&](int wk, Index b) {
+    Workspace& ws = workspaces_[static_cast<std::size_t>(wk)];
+    detail::grouped_input_gradient<Scalar>(g, detail::image_rows(dy.col(b).data(), l, co), w,
+                                           dx_.col(b).data(), ws.patch_grad);
+  });
+}
+
+template <typename Scalar_>
+auto HraConv2d<Scalar_>::projected_reflectors(
+    const std::vector<std::size_t>& applied, const std::vector<LowRank>& lr,
+    const std::vector<const typename Chain::Factors*>& f) const -> std::vector<Matrix> {
+  std::vector<Matrix> a;
+  for (std::size_t j = 0; j < applied.size(); ++j) {
+    Matrix m = lr[j].v();
+    for (std::size_t i = j; i-- > 0;)
+      this->adapters()[applied[i]].chain().apply(*f[i], m, Apply::h);
+    a.push_back(this->weight() * m);
+  }
+  return a;
+}
+
+template <typename Scalar_>
+void HraConv2d<Scalar_>::finish_gradient(const std::vector<std::size_t>& applied,
+                                         const std::vector<LowRank>& lr,
+                                         const std::vector<const typename Chain::Factors*>& f,
+                                         std::size_t j, const Matrix& ek, const Matrix& xz,
+                                         const Matrix& zk) {
+  Matrix gk;
+  detail::serial_product(gk, this->weight(), Op::t, ek, Op::n);
+  for (std::size_t i = 0; i < j; ++i)
+    this->adapters()[applied[i]].chain().apply(*f[i], gk, Apply::transpose);
+  lr[j].gradient(gk, xz, zk, this->gradient(this->adapter_list()[applied[j]]));
+}
+
+template <typename Scalar_>
+void HraConv2d<Scalar_>::sums_backward(const ConstRef& dy, const std::vector<std::size_t>& applied,
+                                       const std::vector<LowRank>& lr,
+                                       const std::vector<const typename Chain::Factors*>& f,
+                                       bool want_dx) {
+  const Conv2dGeometry& g = geometry_;
+  const Index n = dy.cols(), l = g.out_positions(), co = g.out_channels(), d = g.fan_in();
+  const Index cg = g.group_out_channels(), groups = g.groups();
+  const bool patch_form = last_form_ == HraConvForm::patch;
+  const std::size_t k = applied.size();
+  const std::vector<Matrix> a = projected_reflectors(applied, lr, f);
+  std::vector<Matrix> ac = a;  // A_j C_j
+  for (std::size_t j = 0; j < k; ++j) lr[j].apply_c_right(ac[j]);
+  const int workers = detail::conv_workers(n, threads_);
+  prepare(workspaces_, workers);
+  for (int wk = 0; wk < workers; ++wk) {
+    Workspace& ws = workspaces_[static_cast<std::size_t>(wk)];
+    ws.ek.resize(k);
+    ws.xz.resize(k);
+    ws.zk.resize(k);
+    for (std::size_t j = 0; j < k; ++j) {
+      ws.ek[j].setZero(co, lr[j].rank());
+      ws.xz[j].setZero(d, lr[j].rank());
+      ws.zk[j].setZero(lr[j].rank(), lr[j].rank());
+    }
+  }
+  const auto w = this->weight();
+  std::vector<const Matrix*> kept;
+  for (std::size_t i : applied) kept.push_back(&this->cache(this->adapters()[i]).coeffs);
+  detail::for_each_image(n, workers, [&](int wk, Index b) {
+    Workspace& ws = workspaces_[static_cast<std::size_t>(wk)];
+    const auto dyt = detail::image_rows(dy.col(b).data(), l, co);
+    if (k > 1) own_patches(x_.col(b).data(), ws);
+    const auto t =
+        k > 1 ? Eigen::Map<const Matrix>(ws.patches.data(), ws.patches.rows(), ws.patches.cols())
+              : detail::image_patches(g, x_.col(b).data(), ws.patches);
+    if (want_dx) {
+      ws.patch_grad.resize(l, g.in_channels() * g.taps());
+      if (patch_form)
+        detail::grouped_patch_gradient<Scalar>(g, dyt, w, ws.patch_grad);
+      else
+        detail::grouped_patch_gradient<Scalar>(g, dyt, weff_, ws.patch_grad);
+    }
+    for (std::size_t jj = k; jj-- > 0;) {
+      const Index r = lr[jj].rank(), gl = groups * l;
+      if (!patch_form) coefficients(t, lr[jj], ws.kt, ws.kp);
+      const Eigen::Map<const Matrix> kt(patch_form ? kept[jj]->col(b).data() : ws.kt.data(), gl, r);
+      ws.zt.resize(gl, r);
+      const auto zt = ws.zt.leftCols(r);
+      for (Index q = 0; q < groups; ++q) {
+        const auto dyq = dyt.middleCols(q * cg, cg);
+        const auto kq = kt.middleRows(q * l, l);
+        detail::serial_product(ws.zt.middleRows(q * l, l).leftCols(r), dyq, Op::n,
+                               ac[jj].middleRows(q * cg, cg), Op::n);
+        detail::serial_product(ws.ek[jj].middleRows(q * cg, cg), dyq, Op::t, kq, Op::n, Scalar(1),
+                               true);
+      }
+      for (Index q = 0; q < groups; ++q)
+        detail::serial_product(ws.xz[jj], t.middleCols(q * d, d), Op::t, zt.middleRows(q * l, l),
+                               Op::n, Scalar(1), true);
+      detail::serial_product(ws.zk[jj], zt, Op::t, kt, Op::n, Scalar(1), true);
+      if (want_dx && patch_form)
+        for (Index q = 0; q < groups; ++q)
+          detail::serial_product(ws.patch_grad.middleCols(q * d, d), zt.middleRows(q * l, l), Op::n,
+                                 lr[jj].v(), Op::t, Scalar(-1), true);
+      if (jj > 0) reflect_patches(ws.patches, lr[jj], kt);
+    }
+    if (want_dx) detail::col2im(g, ws.patch_grad.data(), dx_.col(b).data());
+  });
+  for (std::size_t j = 0; j < k; ++j) {
+    Matrix ek, xz, zk;
+    sum_parts(workers, j, ek, xz, zk);
+    finish_gradient(applied, lr, f, j, ek, xz, zk);
+  }
+}
+
+template <typename Scalar_>
+void HraConv2d<Scalar_>::sum_parts(int workers, std::size_t j, Matrix& ek, Matrix& xz,
+                                   Matrix& zk) const {
+  ek = workspaces_[0].ek[j];
+  xz = workspaces_[0].xz[j];
+  zk = workspaces_[0].zk[j];
+  for (std::size_t wk = 1; wk < static_cast<std::size_t>(workers); ++wk) {
+    ek += workspaces_[wk].ek[j];
+    xz += workspaces_[wk].xz[j];
+    zk += workspaces_[wk].zk[j];
+  }
+}
+
+template <typename Scalar_>
+void HraConv2d<Scalar_>::weight_form_backward(const ConstRef& dy,
+                                              const std::vector<std::size_t>& applied,
+                                              const std::vector<LowRank>& lr,
+                                              const std::vector<const typename Chain::Factors*>& f,
+                                              bool want_dx) {
+  const Conv2dGeometry& g = geometry_;
+  const Index n = dy.cols(), l = g.out_positions(), co = g.out_channels(), d = g.fan_in();
+  const int workers = detail::conv_workers(n, threads_);
+  prepare(workspaces_, workers);
+  for (int wk = 0; wk < workers; ++wk) workspaces_[static_cast<std::size_t>(wk)].e.setZero(co, d);
+  detail::for_each_image(n, workers, [&](int wk, Index b) {
+    Workspace& ws = workspaces_[static_cast<std::size_t>(wk)];
+    const auto dyt = detail::image_rows(dy.col(b).data(), l, co);
+    const auto t = detail::image_patches(g, x_.col(b).data(), ws.patches);
+    detail::grouped_weight_gradient_add<Scalar>(g, dyt, t, ws.e);
+    if (want_dx)
+      detail::grouped_input_gradient<Scalar>(g, dyt, weff_, dx_.col(b).data(), ws.patch_grad);
+  });
+  Matrix fj;
+  detail::sum_over_workers(workspaces_, workers, &Workspace::e, fj);
+  const std::vector<Matrix> a = projected_reflectors(applied, lr, f);
+  for (std::size_t j = applied.size(); j-- > 0;) {
+    Matrix ek;
+    detail::serial_product(ek, fj, Op::n, lr[j].v(), Op::n);
+    lr[j].apply_ct_right(ek);
+    Matrix ac = a[j];
+    lr[j].apply_c_right(ac);
+    Matrix xz, zk;
+    detail::serial_product(xz, fj, Op::t, ac, Op::n);
+    detail::serial_product(zk, ac, Op::t, ek, Op::n);
+    finish_gradient(applied, lr, f, j, ek, xz, zk);
+    if (j > 0) this->adapters()[applied[j]].chain().apply_right(*f[j], fj, Apply::transpose);
+  }
+}
 
 using HraConv2df = HraConv2d<float>;
 using HraConv2dd = HraConv2d<double>;

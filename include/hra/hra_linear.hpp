@@ -6,10 +6,10 @@
 #include <utility>
 #include <vector>
 
+#include "detail/gemm.hpp"
 #include "detail/low_rank_reflector.hpp"
 #include "hra_adapter_layer.hpp"
 #include "linear_adapter.hpp"
-#include "parallel.hpp"
 
 namespace hra {
 
@@ -74,12 +74,7 @@ class HraLinear final : public detail::LinearAdapter<HraAdapterLayer<Scalar_>> {
   }
   HraLinearForm form() const { return form_; }
   /// The form a forward() with a batch of n uses (never automatic).
-  HraLinearForm form_for_batch(Index n) const {
-    if (form_ != HraLinearForm::automatic) return this->unmerged_count() == 1 ? form_ : chain_form;
-    return estimated_flops(HraLinearForm::low_rank, n) < estimated_flops(chain_form, n)
-               ? HraLinearForm::low_rank
-               : chain_form;
-  }
+  HraLinearForm form_for_batch(Index n) const;
   /// The form the last forward() used.
   HraLinearForm last_form() const { return last_form_; }
 
@@ -87,108 +82,18 @@ class HraLinear final : public detail::LinearAdapter<HraAdapterLayer<Scalar_>> {
   /// `form` (automatic: the form form_for_batch() picks) over the frozen layer, summed over the
   /// applied adapters (0 when there are none). The low-rank form serves one adapter: with
   /// several it is not available and its cost is infinite.
-  double estimated_flops(HraLinearForm form, Index n) const {
-    if (form == HraLinearForm::automatic) form = form_for_batch(n);
-    const std::vector<std::size_t> applied = this->applied();
-    if (form == HraLinearForm::low_rank && applied.size() > 1)
-      return std::numeric_limits<double>::infinity();
-    const double din = double(this->weight().cols()), dout = double(this->weight().rows());
-    const double nn = double(n);
-    double total = 0;
-    for (std::size_t i : applied) {
-      const double r = double(this->adapters()[i].rank());
-      total += 6 * r * r * nn + 3 * din * r * r;
-      if (form == HraLinearForm::low_rank)
-        total += 4 * din * dout * r + 6 * r * nn * (din + dout);
-      else
-        total += 12 * r * din * nn;
-    }
-    return total;
-  }
+  double estimated_flops(HraLinearForm form, Index n) const;
 
   /// Y = W H X + b for X (d_in x n).
-  const Matrix& forward(const ConstRef& x) override {
-    this->check_input(x, "forward");
-    this->forget_forward();
-    // Every U is validated before anything is written: a column an optimiser made unusable
-    // throws here and leaves the caches as they were.
-    std::vector<typename Chain::Factors> factors = this->factorize_applied();
-    const std::vector<std::size_t> applied = this->applied();
-    auto& adapters = this->adapter_list();
-    last_form_ = form_for_batch(x.cols());
-    if (last_form_ == HraLinearForm::low_rank) {
-      // Y = W X - (W V) K with K = C V^T X (SPEC 10); x is copied first (it may alias y_).
-      auto& a = adapters[applied.front()];
-      auto& cache = this->cache(a);
-      low_rank_ = detail::LowRankReflector<Scalar>(a.chain(), factors[applied.front()]);
-      hx_ = x;
-      detail::thin_product(wv_, this->weight(), low_rank_.v(), Scalar(1));
-      detail::thin_product(cache.coeffs, low_rank_.v().transpose(), hx_, Scalar(1));
-      low_rank_.apply_c(cache.coeffs);
-      cache.factors = std::move(factors[applied.front()]);
-      detail::product(y_, this->weight(), hx_, Scalar(1));
-      detail::thin_product(y_, wv_, cache.coeffs, Scalar(-1), true);
-      return this->finish_forward(y_, x.cols());
-    }
-    wv_.resize(0, 0);
-    hx_ = x;
-    for (auto it = applied.rbegin(); it != applied.rend(); ++it) {
-      auto& cache = this->cache(adapters[*it]);
-      adapters[*it].chain().apply(factors[*it], hx_, Apply::h, &cache.coeffs);
-      cache.factors = std::move(factors[*it]);
-    }
-    detail::product(y_, this->weight(), hx_, Scalar(1));
-    return this->finish_forward(y_, x.cols());
-  }
+  const Matrix& forward(const ConstRef& x) override;
 
   /// Assigns dU of every unmerged adapter and db (when trainable); returns dX = H^T W^T dY.
   /// Without the input gradient and with at most one unmerged adapter, dU comes from
   /// ReflectorChain::backward_through: W^T dY (d_in x n, as costly as the forward) is never
   /// formed, and dU equals the other path's up to rounding.
-  const Matrix& backward(const ConstRef& dy, bool compute_input_gradient = true) override {
-    const ConstRef g = this->begin_dense_backward(dy, dx_, dy_copy_);  // dY may be the last dX
-    auto& adapters = this->adapter_list();
-    const std::vector<std::size_t> applied = this->applied();
-    if (last_form_ == HraLinearForm::low_rank) {
-      low_rank_backward(g, adapters[applied.front()], compute_input_gradient);
-      return compute_input_gradient ? dx_ : empty_;
-    }
-    if (!compute_input_gradient && applied.size() <= 1) {
-      // No dX wanted and at most one chain: dU needs W^T dY only through r-dimensional
-      // projections, so the d_in x n product W^T dY (as costly as the forward) is skipped.
-      for (std::size_t i : applied) {
-        auto& a = adapters[i];
-        a.chain().backward_through(this->cache(a).factors, this->cache(a).coeffs, this->weight(), g,
-                                   hx_, this->gradient(a), /*restore_input=*/false);
-      }
-      empty_.resize(0, 0);
-      return empty_;
-    }
-    detail::product(dx_, this->weight().transpose(), g, Scalar(1));
-    // hx_ is walked back from H X through every adapter's input; the input X itself is never
-    // needed, which saves the last adapter's d_in x n x r rebuild.
-    for (std::size_t k = 0; k < applied.size(); ++k) {
-      auto& a = adapters[applied[k]];
-      a.chain().backward(this->cache(a).factors, this->cache(a).coeffs, hx_, dx_, this->gradient(a),
-                         Chain::State::output, /*restore_input=*/k + 1 < applied.size());
-    }
-    if (!compute_input_gradient) {
-      empty_.resize(0, 0);
-      return empty_;
-    }
-    return dx_;
-  }
+  const Matrix& backward(const ConstRef& dy, bool compute_input_gradient = true) override;
 
-  void predict(const ConstRef& x, Matrix& y) const override {
-    this->check_input(x, "predict");
-    const std::vector<typename Chain::Factors> factors = this->factorize_applied();
-    const std::vector<std::size_t> applied = this->applied();
-    Matrix hx = x;
-    for (auto it = applied.rbegin(); it != applied.rend(); ++it)
-      this->adapters()[*it].chain().apply(factors[*it], hx, Apply::h);
-    detail::product(y, this->weight(), hx, Scalar(1));  // hx is a copy: y may alias x
-    this->add_bias(y);
-  }
+  void predict(const ConstRef& x, Matrix& y) const override;
 
   /// \brief Inference where column j of X (d_in x n) uses adapter adapters()[column_adapter[j]]
   /// alone over the frozen W, or none (the base layer) for -1: Y = W H_{a(j)} x_j + b.
@@ -197,81 +102,23 @@ class HraLinear final : public detail::LinearAdapter<HraAdapterLayer<Scalar_>> {
   /// over the whole batch (H acts on the input side), as PEFT's adapter_names does for LoRA.
   /// Active flags do not matter here. std::invalid_argument for a list of the wrong length or an
   /// index out of range, std::logic_error while an adapter is merged (W is then not the base).
-  void predict_mixed(const ConstRef& x, const std::vector<Index>& column_adapter, Matrix& y) const {
-    this->check_input(x, "predict_mixed");
-    const auto& adapters = this->adapters();
-    if (static_cast<Index>(column_adapter.size()) != x.cols())
-      detail::throw_invalid("HraLinear::predict_mixed: ", column_adapter.size(),
-                            " adapter indices for ", x.cols(), " columns");
-    for (std::size_t j = 0; j < column_adapter.size(); ++j)
-      if (column_adapter[j] < -1 || column_adapter[j] >= static_cast<Index>(adapters.size()))
-        detail::throw_invalid("HraLinear::predict_mixed: column ", j, " names adapter index ",
-                              column_adapter[j], ", but the layer has ", adapters.size(),
-                              " adapters (valid: -1 for none, 0..", adapters.size() - 1, ")");
-    for (const auto& a : adapters)
-      if (a.merged())
-        throw std::logic_error(
-            "HraLinear::predict_mixed: adapter '" + a.name() +
-            "' is merged into W, so W is not the base weight; unmerge_all() first");
-    Matrix hx = x;
-    Matrix part;
-    std::vector<Index> cols;
-    for (std::size_t a = 0; a < adapters.size(); ++a) {
-      cols.clear();
-      for (std::size_t j = 0; j < column_adapter.size(); ++j)
-        if (column_adapter[j] == static_cast<Index>(a)) cols.push_back(static_cast<Index>(j));
-      if (cols.empty()) continue;
-      const Chain& chain = adapters[a].chain();
-      const typename Chain::Factors f = chain.factorize();
-      part.resize(hx.rows(), static_cast<Index>(cols.size()));
-      for (std::size_t c = 0; c < cols.size(); ++c)
-        part.col(static_cast<Index>(c)) = hx.col(cols[c]);
-      chain.apply(f, part, Apply::h);
-      for (std::size_t c = 0; c < cols.size(); ++c)
-        hx.col(cols[c]) = part.col(static_cast<Index>(c));
-    }
-    detail::product(y, this->weight(), hx, Scalar(1));
-    this->add_bias(y);
-  }
+  void predict_mixed(const ConstRef& x, const std::vector<Index>& column_adapter, Matrix& y) const;
 
   /// predict_mixed() with adapter names per column ("" for the base layer).
   void predict_mixed(const ConstRef& x, const std::vector<std::string>& column_adapter,
-                     Matrix& y) const {
-    std::vector<Index> index(column_adapter.size());
-    for (std::size_t j = 0; j < column_adapter.size(); ++j)
-      index[j] =
-          column_adapter[j].empty() ? -1 : static_cast<Index>(this->index_of(column_adapter[j]));
-    predict_mixed(x, index, y);
-  }
+                     Matrix& y) const;
 
-  std::size_t saved_bytes() const override {
-    std::size_t bytes =
-        static_cast<std::size_t>(hx_.size() + y_.size() + wv_.size()) * sizeof(Scalar);
-    for (std::size_t i : this->applied()) bytes += this->cache(this->adapters()[i]).bytes();
-    return bytes;
-  }
+  std::size_t saved_bytes() const override;
 
  private:
+  using Op = detail::Op;
+
   // The form automatic compares the low-rank form with.
   static constexpr HraLinearForm chain_form = HraLinearForm::chain;
 
   // Backward of the low-rank form (SPEC 10), hx_ holding X: Z = C^T (W V)^T dY, dX = W^T dY -
   // V Z, and dU from the sums G K^T = W^T (dY K^T), X Z^T and Z K^T.
-  void low_rank_backward(const ConstRef& g, Adapter& a, bool compute_input_gradient) {
-    const Matrix& k = this->cache(a).coeffs;
-    Matrix z, ek, gk, xz, zk;
-    detail::thin_product(z, wv_.transpose(), g, Scalar(1));
-    low_rank_.apply_ct(z);
-    detail::thin_product(ek, g, k.transpose(), Scalar(1));
-    detail::thin_product(gk, this->weight().transpose(), ek, Scalar(1));
-    detail::thin_product(xz, hx_, z.transpose(), Scalar(1));
-    zk.noalias() = z * k.transpose();
-    low_rank_.gradient(gk, xz, zk, this->gradient(a));
-    empty_.resize(0, 0);
-    if (!compute_input_gradient) return;
-    detail::product(dx_, this->weight().transpose(), g, Scalar(1));
-    detail::thin_product(dx_, low_rank_.v(), z, Scalar(-1), true);
-  }
+  void low_rank_backward(const ConstRef& g, Adapter& a, bool compute_input_gradient);
 
   Matrix hx_, y_, dx_, dy_copy_, empty_;
   Matrix wv_;                                  // low-rank form: W V (d_out x r)
@@ -279,6 +126,191 @@ class HraLinear final : public detail::LinearAdapter<HraAdapterLayer<Scalar_>> {
   HraLinearForm form_ = HraLinearForm::automatic;
   HraLinearForm last_form_ = HraLinearForm::chain;
 };
+
+template <typename Scalar_>
+auto HraLinear<Scalar_>::form_for_batch(Index n) const -> HraLinearForm {
+  if (form_ != HraLinearForm::automatic) return this->unmerged_count() == 1 ? form_ : chain_form;
+  return estimated_flops(HraLinearForm::low_rank, n) < estimated_flops(chain_form, n)
+             ? HraLinearForm::low_rank
+             : chain_form;
+}
+
+template <typename Scalar_>
+double HraLinear<Scalar_>::estimated_flops(HraLinearForm form, Index n) const {
+  if (form == HraLinearForm::automatic) form = form_for_batch(n);
+  const std::vector<std::size_t> applied = this->applied();
+  if (form == HraLinearForm::low_rank && applied.size() > 1)
+    return std::numeric_limits<double>::infinity();
+  const double din = double(this->weight().cols()), dout = double(this->weight().rows());
+  const double nn = double(n);
+  double total = 0;
+  for (std::size_t i : applied) {
+    const double r = double(this->adapters()[i].rank());
+    total += 6 * r * r * nn + 3 * din * r * r;
+    if (form == HraLinearForm::low_rank)
+      total += 4 * din * dout * r + 6 * r * nn * (din + dout);
+    else
+      total += 12 * r * din * nn;
+  }
+  return total;
+}
+
+template <typename Scalar_>
+auto HraLinear<Scalar_>::forward(const ConstRef& x) -> const Matrix& {
+  this->check_input(x, "forward");
+  this->forget_forward();
+  // Every U is validated before anything is written: a column an optimiser made unusable
+  // throws here and leaves the caches as they were.
+  std::vector<typename Chain::Factors> factors = this->factorize_applied();
+  const std::vector<std::size_t> applied = this->applied();
+  auto& adapters = this->adapter_list();
+  last_form_ = form_for_batch(x.cols());
+  if (last_form_ == HraLinearForm::low_rank) {
+    // Y = W X - (W V) K with K = C V^T X (SPEC 10); x is copied first (it may alias y_).
+    auto& a = adapters[applied.front()];
+    auto& cache = this->cache(a);
+    low_rank_ = detail::LowRankReflector<Scalar>(a.chain(), factors[applied.front()]);
+    hx_ = x;
+    detail::thin_product(wv_, this->weight(), Op::n, low_rank_.v(), Op::n);
+    detail::thin_product(cache.coeffs, low_rank_.v(), Op::t, hx_, Op::n);
+    low_rank_.apply_c(cache.coeffs);
+    cache.factors = std::move(factors[applied.front()]);
+    detail::product(y_, this->weight(), Op::n, hx_, Op::n);
+    detail::thin_product(y_, wv_, Op::n, cache.coeffs, Op::n, Scalar(-1), true);
+    return this->finish_forward(y_, x.cols());
+  }
+  wv_.resize(0, 0);
+  hx_ = x;
+  for (auto it = applied.rbegin(); it != applied.rend(); ++it) {
+    auto& cache = this->cache(adapters[*it]);
+    adapters[*it].chain().apply(factors[*it], hx_, Apply::h, &cache.coeffs);
+    cache.factors = std::move(factors[*it]);
+  }
+  detail::product(y_, this->weight(), Op::n, hx_, Op::n);
+  return this->finish_forward(y_, x.cols());
+}
+
+template <typename Scalar_>
+auto HraLinear<Scalar_>::backward(const ConstRef& dy, bool compute_input_gradient)
+    -> const Matrix& {
+  const ConstRef g = this->begin_dense_backward(dy, dx_, dy_copy_);  // dY may be the last dX
+  auto& adapters = this->adapter_list();
+  const std::vector<std::size_t> applied = this->applied();
+  if (last_form_ == HraLinearForm::low_rank) {
+    low_rank_backward(g, adapters[applied.front()], compute_input_gradient);
+    return compute_input_gradient ? dx_ : empty_;
+  }
+  if (!compute_input_gradient && applied.size() <= 1) {
+    // No dX wanted and at most one chain: dU needs W^T dY only through r-dimensional
+    // projections, so the d_in x n product W^T dY (as costly as the forward) is skipped.
+    for (std::size_t i : applied) {
+      auto& a = adapters[i];
+      a.chain().backward_through(this->cache(a).factors, this->cache(a).coeffs, this->weight(), g,
+                                 hx_, this->gradient(a), /*restore_input=*/false);
+    }
+    empty_.resize(0, 0);
+    return empty_;
+  }
+  detail::product(dx_, this->weight(), Op::t, g, Op::n);
+  // hx_ is walked back from H X through every adapter's input; the input X itself is never
+  // needed, which saves the last adapter's d_in x n x r rebuild.
+  for (std::size_t k = 0; k < applied.size(); ++k) {
+    auto& a = adapters[applied[k]];
+    a.chain().backward(this->cache(a).factors, this->cache(a).coeffs, hx_, dx_, this->gradient(a),
+                       Chain::State::output, /*restore_input=*/k + 1 < applied.size());
+  }
+  if (!compute_input_gradient) {
+    empty_.resize(0, 0);
+    return empty_;
+  }
+  return dx_;
+}
+
+template <typename Scalar_>
+void HraLinear<Scalar_>::predict(const ConstRef& x, Matrix& y) const {
+  this->check_input(x, "predict");
+  const std::vector<typename Chain::Factors> factors = this->factorize_applied();
+  const std::vector<std::size_t> applied = this->applied();
+  Matrix hx = x;
+  for (auto it = applied.rbegin(); it != applied.rend(); ++it)
+    this->adapters()[*it].chain().apply(factors[*it], hx, Apply::h);
+  detail::product(y, this->weight(), Op::n, hx, Op::n);  // hx is a copy: y may alias x
+  this->add_bias(y);
+}
+
+template <typename Scalar_>
+void HraLinear<Scalar_>::predict_mixed(const ConstRef& x, const std::vector<Index>& column_adapter,
+                                       Matrix& y) const {
+  this->check_input(x, "predict_mixed");
+  const auto& adapters = this->adapters();
+  if (static_cast<Index>(column_adapter.size()) != x.cols())
+    detail::throw_invalid("HraLinear::predict_mixed: ", column_adapter.size(),
+                          " adapter indices for ", x.cols(), " columns");
+  for (std::size_t j = 0; j < column_adapter.size(); ++j)
+    if (column_adapter[j] < -1 || column_adapter[j] >= static_cast<Index>(adapters.size()))
+      detail::throw_invalid("HraLinear::predict_mixed: column ", j, " names adapter index ",
+                            column_adapter[j], ", but the layer has ", adapters.size(),
+                            " adapters (valid: -1 for none, 0..", adapters.size() - 1, ")");
+  for (const auto& a : adapters)
+    if (a.merged())
+      throw std::logic_error(
+          "HraLinear::predict_mixed: adapter '" + a.name() +
+          "' is merged into W, so W is not the base weight; unmerge_all() first");
+  Matrix hx = x;
+  Matrix part;
+  std::vector<Index> cols;
+  for (std::size_t a = 0; a < adapters.size(); ++a) {
+    cols.clear();
+    for (std::size_t j = 0; j < column_adapter.size(); ++j)
+      if (column_adapter[j] == static_cast<Index>(a)) cols.push_back(static_cast<Index>(j));
+    if (cols.empty()) continue;
+    const Chain& chain = adapters[a].chain();
+    const typename Chain::Factors f = chain.factorize();
+    part.resize(hx.rows(), static_cast<Index>(cols.size()));
+    for (std::size_t c = 0; c < cols.size(); ++c) part.col(static_cast<Index>(c)) = hx.col(cols[c]);
+    chain.apply(f, part, Apply::h);
+    for (std::size_t c = 0; c < cols.size(); ++c) hx.col(cols[c]) = part.col(static_cast<Index>(c));
+  }
+  detail::product(y, this->weight(), Op::n, hx, Op::n);
+  this->add_bias(y);
+}
+
+template <typename Scalar_>
+void HraLinear<Scalar_>::predict_mixed(const ConstRef& x,
+                                       const std::vector<std::string>& column_adapter,
+                                       Matrix& y) const {
+  std::vector<Index> index(column_adapter.size());
+  for (std::size_t j = 0; j < column_adapter.size(); ++j)
+    index[j] =
+        column_adapter[j].empty() ? -1 : static_cast<Index>(this->index_of(column_adapter[j]));
+  predict_mixed(x, index, y);
+}
+
+template <typename Scalar_>
+std::size_t HraLinear<Scalar_>::saved_bytes() const {
+  std::size_t bytes =
+      static_cast<std::size_t>(hx_.size() + y_.size() + wv_.size()) * sizeof(Scalar);
+  for (std::size_t i : this->applied()) bytes += this->cache(this->adapters()[i]).bytes();
+  return bytes;
+}
+
+template <typename Scalar_>
+void HraLinear<Scalar_>::low_rank_backward(const ConstRef& g, Adapter& a,
+                                           bool compute_input_gradient) {
+  const Matrix& k = this->cache(a).coeffs;
+  Matrix z, ek, gk, xz, zk;
+  detail::thin_product(z, wv_, Op::t, g, Op::n);
+  low_rank_.apply_ct(z);
+  detail::thin_product(ek, g, Op::n, k, Op::t);
+  detail::thin_product(gk, this->weight(), Op::t, ek, Op::n);
+  detail::thin_product(xz, hx_, Op::n, z, Op::t);
+  detail::serial_product(zk, z, Op::n, k, Op::t);
+  low_rank_.gradient(gk, xz, zk, this->gradient(a));
+  empty_.resize(0, 0);
+  if (!compute_input_gradient) return;
+  detail::product(dx_, this->weight(), Op::t, g, Op::n);
+  detail::thin_product(dx_, low_rank_.v(), Op::n, z, Op::n, Scalar(-1), true);
+}
 
 using HraLinearf = HraLinear<float>;
 using HraLineard = HraLinear<double>;

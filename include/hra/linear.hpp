@@ -5,7 +5,7 @@
 #include <utility>
 
 #include "dense_layer.hpp"
-#include "parallel.hpp"
+#include "detail/gemm.hpp"
 
 namespace hra {
 
@@ -24,39 +24,48 @@ class Linear final : public DenseLayer<Scalar_> {
          BiasMode bias_mode = BiasMode::none)
       : Base(std::move(weight), std::move(bias), options, bias_mode, "Linear") {}
 
-  const Matrix& forward(const ConstRef& x) override {
-    this->check_input(x, "forward");
-    this->forget_forward();
-    if (this->weight_trainable()) x_ = x;
-    const ConstRef in = this->weight_trainable() ? ConstRef(x_) : this->unaliased(x, y_, scratch_);
-    detail::product(y_, this->weight(), in, Scalar(1));
-    return this->finish_forward(y_, x.cols());
-  }
+  const Matrix& forward(const ConstRef& x) override;
 
   /// Assigns dW (when W trains) and db (when b trains); returns dX = W^T dY.
-  const Matrix& backward(const ConstRef& dy, bool compute_input_gradient = true) override {
-    const ConstRef g = this->begin_dense_backward(dy, dx_, scratch_);  // dY may be the last dX
-    if (this->weight_trainable())
-      detail::product(this->weight_gradient(), g, x_.transpose(), Scalar(1));
-    if (compute_input_gradient)
-      detail::product(dx_, this->weight().transpose(), g, Scalar(1));
-    else
-      dx_.resize(0, 0);
-    return dx_;
-  }
+  const Matrix& backward(const ConstRef& dy, bool compute_input_gradient = true) override;
 
-  void predict(const ConstRef& x, Matrix& y) const override {
-    this->check_input(x, "predict");
-    this->write_unaliased(x, y, [&](Matrix& out) {
-      detail::product(out, this->weight(), x, Scalar(1));
-      this->add_bias(out);
-    });
-  }
+  void predict(const ConstRef& x, Matrix& y) const override;
 
  private:
+  using Op = detail::Op;
   using Base::x_, Base::y_, Base::dx_;
   Matrix scratch_;
 };
+
+template <typename Scalar_>
+auto Linear<Scalar_>::forward(const ConstRef& x) -> const Matrix& {
+  this->check_input(x, "forward");
+  this->forget_forward();
+  if (this->weight_trainable()) x_ = x;
+  const ConstRef in = this->weight_trainable() ? ConstRef(x_) : this->unaliased(x, y_, scratch_);
+  detail::product(y_, this->weight(), Op::n, in, Op::n);
+  return this->finish_forward(y_, x.cols());
+}
+
+template <typename Scalar_>
+auto Linear<Scalar_>::backward(const ConstRef& dy, bool compute_input_gradient) -> const Matrix& {
+  const ConstRef g = this->begin_dense_backward(dy, dx_, scratch_);  // dY may be the last dX
+  if (this->weight_trainable()) detail::product(this->weight_gradient(), g, Op::n, x_, Op::t);
+  if (compute_input_gradient)
+    detail::product(dx_, this->weight(), Op::t, g, Op::n);
+  else
+    dx_.resize(0, 0);
+  return dx_;
+}
+
+template <typename Scalar_>
+void Linear<Scalar_>::predict(const ConstRef& x, Matrix& y) const {
+  this->check_input(x, "predict");
+  this->write_unaliased(x, y, [&](Matrix& out) {
+    detail::product(out, this->weight(), Op::n, x, Op::n);
+    this->add_bias(out);
+  });
+}
 
 using Linearf = Linear<float>;
 using Lineard = Linear<double>;

@@ -13,6 +13,7 @@
 #include <vector>
 
 #include "affine_layer.hpp"
+#include "detail/gemm.hpp"
 #include "detail/random.hpp"
 
 namespace hra {
@@ -49,65 +50,16 @@ class LoraAdapterLayer : public AffineLayer<Scalar_> {
   /// Replaces A (r x D) and B (rows x r) after checking both shapes and values (finite);
   /// std::invalid_argument otherwise, std::logic_error while merged (W holds s B A: unmerge()
   /// first). The layer is unchanged on error.
-  void set_lora_weights(const ConstRef& a, const ConstRef& b) {
-    if (merged_)
-      throw std::logic_error(detail::concat(this->layer_name(),
-                                            "::set_lora_weights: the adapter is merged into W; "
-                                            "unmerge() it first"));
-    const std::string name = this->layer_name();
-    detail::check_shape(a, a_.rows(), a_.cols(), (name + "::set_lora_weights A").c_str());
-    detail::check_shape(b, b_.rows(), b_.cols(), (name + "::set_lora_weights B").c_str());
-    detail::check_finite(a, (name + "::set_lora_weights A").c_str());
-    detail::check_finite(b, (name + "::set_lora_weights B").c_str());
-    a_ = a;
-    b_ = b;
-    this->forget_forward();
-  }
+  void set_lora_weights(const ConstRef& a, const ConstRef& b);
 
   /// "lora_A" (r x D) and "lora_B" (rows x r) while unmerged, then "bias" when trainable.
-  std::vector<ParameterView<Scalar>> parameters() override {
-    std::vector<ParameterView<Scalar>> out;
-    if (!merged_) {
-      out.push_back({"lora_A",
-                     {a_.data(), a_.rows(), a_.cols()},
-                     {grad_a_.data(), grad_a_.rows(), grad_a_.cols()}});
-      out.push_back({"lora_B",
-                     {b_.data(), b_.rows(), b_.cols()},
-                     {grad_b_.data(), grad_b_.rows(), grad_b_.cols()}});
-    }
-    this->append_bias_parameter(out);
-    return out;
-  }
+  std::vector<ParameterView<Scalar>> parameters() override;
 
   /// W <- W + s B A (safe=true: computed aside and refused if not finite, W untouched).
-  void merge(bool safe) {
-    const std::string name = this->layer_name();
-    if (merged_) throw std::logic_error(name + "::merge: the adapter is already merged");
-    detail::check_finite(a_, (name + "::merge: lora_A").c_str());
-    detail::check_finite(b_, (name + "::merge: lora_B").c_str());
-    const Matrix delta = (scaling() * b_) * a_;
-    if (safe) {
-      Matrix w = this->weight() + delta;
-      if (!detail::all_finite(w))
-        throw std::runtime_error(
-            name + "::merge: the merged weight has non-finite values; W is left unchanged");
-      this->weight_storage().map() = w;
-    } else {
-      this->weight_storage().map() += delta;
-    }
-    merged_ = true;
-    this->forget_forward();
-  }
-  void merge() override { merge(false); }
+  void merge(bool safe);
+  void merge() override;
 
-  void unmerge() override {
-    if (!merged_)
-      throw std::logic_error(std::string(this->layer_name()) +
-                             "::unmerge: the adapter is not merged");
-    this->weight_storage().map().noalias() -= (scaling() * b_) * a_;
-    merged_ = false;
-    this->forget_forward();
-  }
+  void unmerge() override;
 
   bool merged() const override { return merged_; }
 
@@ -148,5 +100,73 @@ class LoraAdapterLayer : public AffineLayer<Scalar_> {
   Matrix a_, b_, grad_a_, grad_b_;
   bool merged_ = false;
 };
+
+template <typename Scalar_>
+void LoraAdapterLayer<Scalar_>::set_lora_weights(const ConstRef& a, const ConstRef& b) {
+  if (merged_)
+    throw std::logic_error(detail::concat(this->layer_name(),
+                                          "::set_lora_weights: the adapter is merged into W; "
+                                          "unmerge() it first"));
+  const std::string name = this->layer_name();
+  detail::check_shape(a, a_.rows(), a_.cols(), (name + "::set_lora_weights A").c_str());
+  detail::check_shape(b, b_.rows(), b_.cols(), (name + "::set_lora_weights B").c_str());
+  detail::check_finite(a, (name + "::set_lora_weights A").c_str());
+  detail::check_finite(b, (name + "::set_lora_weights B").c_str());
+  a_ = a;
+  b_ = b;
+  this->forget_forward();
+}
+
+template <typename Scalar_>
+auto LoraAdapterLayer<Scalar_>::parameters() -> std::vector<ParameterView<Scalar>> {
+  std::vector<ParameterView<Scalar>> out;
+  if (!merged_) {
+    out.push_back({"lora_A",
+                   {a_.data(), a_.rows(), a_.cols()},
+                   {grad_a_.data(), grad_a_.rows(), grad_a_.cols()}});
+    out.push_back({"lora_B",
+                   {b_.data(), b_.rows(), b_.cols()},
+                   {grad_b_.data(), grad_b_.rows(), grad_b_.cols()}});
+  }
+  this->append_bias_parameter(out);
+  return out;
+}
+
+template <typename Scalar_>
+void LoraAdapterLayer<Scalar_>::merge(bool safe) {
+  const std::string name = this->layer_name();
+  if (merged_) throw std::logic_error(name + "::merge: the adapter is already merged");
+  detail::check_finite(a_, (name + "::merge: lora_A").c_str());
+  detail::check_finite(b_, (name + "::merge: lora_B").c_str());
+  Matrix delta;
+  detail::serial_product(delta, b_, detail::Op::n, a_, detail::Op::n, scaling());
+  if (safe) {
+    Matrix w = this->weight() + delta;
+    if (!detail::all_finite(w))
+      throw std::runtime_error(
+          name + "::merge: the merged weight has non-finite values; W is left unchanged");
+    this->weight_storage().map() = w;
+  } else {
+    this->weight_storage().map() += delta;
+  }
+  merged_ = true;
+  this->forget_forward();
+}
+
+template <typename Scalar_>
+void LoraAdapterLayer<Scalar_>::merge() {
+  merge(false);
+}
+
+template <typename Scalar_>
+void LoraAdapterLayer<Scalar_>::unmerge() {
+  if (!merged_)
+    throw std::logic_error(std::string(this->layer_name()) +
+                           "::unmerge: the adapter is not merged");
+  detail::serial_product(this->weight_storage().map(), b_, detail::Op::n, a_, detail::Op::n,
+                         -scaling(), true);
+  merged_ = false;
+  this->forget_forward();
+}
 
 }  // namespace hra

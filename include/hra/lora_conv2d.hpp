@@ -71,114 +71,17 @@ class LoraConv2d final : public LoraAdapterLayer<Scalar_> {
   /// new one (see LoraLinear::set_reuse_dropout_mask).
   void set_reuse_dropout_mask(bool reuse) { reuse_mask_ = reuse; }
 
-  const Matrix& forward(const ConstRef& x) override {
-    detail::check_conv_input(x, geometry_, "LoraConv2d", "forward");
-    this->forget_forward();
-    const Index n = x.cols();
-    if (this->merged()) {
-      xd_.resize(0, 0);
-      k_.resize(0, 0);
-      detail::conv_forward<Scalar>(geometry_, x, this->weight(), this->bias(), y_, threads_,
-                                   workspaces_);
-      this->remember_forward(n);
-      return y_;
-    }
-    const double dropout = this->options().dropout;
-    xd_ = x;
-    if (dropout > 0.0) {
-      if (!reuse_mask_ || keep_.rows() != xd_.rows() || keep_.cols() != xd_.cols()) {
-        keep_.resize(xd_.rows(), xd_.cols());
-        for (Index i = 0; i < keep_.size(); ++i)
-          keep_(i) = this->dropout_rng().uniform01() >= dropout;
-      }
-      const Scalar keep_scale = Scalar(1) / Scalar(1 - dropout);
-      xd_ = keep_.select(xd_ * keep_scale, Matrix::Zero(xd_.rows(), xd_.cols()));
-    }
-    k_.resize(geometry_.groups() * geometry_.out_positions() * this->options().rank, n);
-    run_forward(x, dropout > 0.0 ? &xd_ : nullptr, y_, &k_, workspaces_);
-    this->remember_forward(n);
-    return y_;
-  }
+  const Matrix& forward(const ConstRef& x) override;
 
   /// Assigns dA, dB (when unmerged) and db (when trainable); returns dX.
-  const Matrix& backward(const ConstRef& dy, bool compute_input_gradient = true) override {
-    const Index n = this->begin_backward(dy);
-    const Conv2dGeometry& g = geometry_;
-    const Index l = g.out_positions(), co = g.out_channels(), d = g.fan_in();
-    const Index cg = g.group_out_channels(), groups = g.groups(), r = this->options().rank;
-    if (this->bias_trainable()) this->bias_backward(detail::channel_sums<Scalar>(g, dy));
-    dx_.resize(compute_input_gradient ? g.input_size() : 0, compute_input_gradient ? n : 0);
-    const auto w = this->weight();
-    const int workers = detail::conv_workers(n, threads_);
-    prepare(workspaces_, workers);
-    if (this->merged()) {
-      if (compute_input_gradient)
-        detail::for_each_image(n, workers, [&](int wk, Index b) {
-          detail::grouped_input_gradient<Scalar>(
-              g, detail::image_rows(dy.col(b).data(), l, co), w, dx_.col(b).data(),
-              workspaces_[static_cast<std::size_t>(wk)].patch_grad);
-        });
-      return dx_;
-    }
-    const bool dropout = this->options().dropout > 0.0;
-    const Matrix sb = this->scaling() * this->lora_b();
-    const Matrix& a = this->lora_a();
-    for (int wk = 0; wk < workers; ++wk) {
-      Workspace& ws = workspaces_[static_cast<std::size_t>(wk)];
-      ws.grad_a.setZero(r, d);
-      ws.grad_b.setZero(co, r);
-    }
-    detail::for_each_image(n, workers, [&](int wk, Index b) {
-      Workspace& ws = workspaces_[static_cast<std::size_t>(wk)];
-      const auto dyt = detail::image_rows(dy.col(b).data(), l, co);
-      const Eigen::Map<const Matrix> kt(k_.col(b).data(), groups * l, r);
-      const auto t = detail::image_patches(g, xd_.col(b).data(), ws.patches);
-      ws.zt.resize(groups * l, r);
-      for (Index q = 0; q < groups; ++q) {
-        const auto dyq = dyt.middleCols(q * cg, cg);
-        ws.grad_b.middleRows(q * cg, cg).noalias() += dyq.transpose() * kt.middleRows(q * l, l);
-        ws.zt.middleRows(q * l, l).noalias() = dyq * sb.middleRows(q * cg, cg);
-        ws.grad_a.noalias() += ws.zt.middleRows(q * l, l).transpose() * t.middleCols(q * d, d);
-      }
-      if (!compute_input_gradient) return;
-      Scalar* dx = dx_.col(b).data();
-      // dT = dY^T W, plus Z^T A when the adapter path saw x itself (no dropout).
-      Eigen::Map<Matrix> dt = patch_gradient_target(dx, ws.patch_grad);
-      detail::grouped_patch_gradient<Scalar>(g, dyt, w, dt);
-      if (!dropout) add_adapter_patch_gradient(ws.zt, a, dt);
-      if (!g.is_pointwise()) detail::col2im(g, dt.data(), dx);
-      if (dropout) {
-        ws.adapter_grad.resize(g.input_size(), 1);
-        Eigen::Map<Matrix> dta = patch_gradient_target(ws.adapter_grad.data(), ws.patch_grad);
-        dta.setZero();
-        add_adapter_patch_gradient(ws.zt, a, dta);
-        if (!g.is_pointwise()) detail::col2im(g, dta.data(), ws.adapter_grad.data());
-        const Scalar keep_scale = Scalar(1) / Scalar(1 - this->options().dropout);
-        auto dxb = dx_.col(b);
-        dxb += keep_.col(b).select(ws.adapter_grad * keep_scale, Matrix::Zero(dxb.rows(), 1));
-      }
-    });
-    detail::sum_over_workers(workspaces_, workers, &Workspace::grad_a, this->gradient_a());
-    detail::sum_over_workers(workspaces_, workers, &Workspace::grad_b, this->gradient_b());
-    this->gradient_b() *= this->scaling();
-    return dx_;
-  }
+  const Matrix& backward(const ConstRef& dy, bool compute_input_gradient = true) override;
 
-  void predict(const ConstRef& x, Matrix& y) const override {
-    detail::check_conv_input(x, geometry_, "LoraConv2d", "predict");
-    std::vector<Workspace> ws;
-    if (this->merged())
-      return detail::conv_forward<Scalar>(geometry_, x, this->weight(), this->bias(), y, threads_,
-                                          ws);
-    run_forward(x, nullptr, y, nullptr, ws);
-  }
+  void predict(const ConstRef& x, Matrix& y) const override;
 
-  std::size_t saved_bytes() const override {
-    return static_cast<std::size_t>(xd_.size() + k_.size() + y_.size()) * sizeof(Scalar) +
-           static_cast<std::size_t>(this->options().dropout > 0.0 ? keep_.size() : 0);
-  }
+  std::size_t saved_bytes() const override;
 
  private:
+  using Op = detail::Op;
   struct Workspace {
     Matrix patches, adapter_patches, patch_grad, zt, grad_a, grad_b, adapter_grad;
   };
@@ -202,33 +105,7 @@ class LoraConv2d final : public LoraAdapterLayer<Scalar_> {
   // Y = conv(X, W) + s B (A * X_a) + b with X_a = *xa (dropout) or X. With `k`, the
   // coefficients K^T of every image (G L x r) are kept there for backward.
   void run_forward(const ConstRef& x, const Matrix* xa, Matrix& y, Matrix* k,
-                   std::vector<Workspace>& workspaces) const {
-    const Conv2dGeometry& g = geometry_;
-    const Index n = x.cols(), l = g.out_positions(), co = g.out_channels(), d = g.fan_in();
-    const Index cg = g.group_out_channels(), groups = g.groups(), r = this->options().rank;
-    y.resize(g.output_size(), n);
-    const int workers = detail::conv_workers(n, threads_);
-    prepare(workspaces, workers);
-    const auto w = this->weight();
-    const Matrix sb = this->scaling() * this->lora_b();
-    const Matrix& a = this->lora_a();
-    const auto& bias = this->bias();
-    detail::for_each_image(n, workers, [&](int wk, Index b) {
-      Workspace& ws = workspaces[static_cast<std::size_t>(wk)];
-      const auto t = detail::image_patches(g, x.col(b).data(), ws.patches);
-      auto yt = detail::image_rows(y.col(b).data(), l, co);
-      detail::grouped_product<Scalar>(g, t, w, yt);
-      const auto ta = xa ? detail::image_patches(g, xa->col(b).data(), ws.adapter_patches) : t;
-      ws.zt.resize(groups * l, r);  // K^T of this image
-      for (Index q = 0; q < groups; ++q) {
-        auto kq = ws.zt.middleRows(q * l, l);
-        kq.noalias() = ta.middleCols(q * d, d) * a.transpose();
-        yt.middleCols(q * cg, cg).noalias() += kq * sb.middleRows(q * cg, cg).transpose();
-      }
-      if (k) Eigen::Map<Matrix>(k->col(b).data(), groups * l, r) = ws.zt;
-      if (bias) yt.rowwise() += bias->transpose();
-    });
-  }
+                   std::vector<Workspace>& workspaces) const;
 
   // Where one image's patch gradient dT (L x C_in kh kw) is built: the image gradient itself for
   // a pointwise geometry (dT is dX), else `buffer`.
@@ -240,11 +117,7 @@ class LoraConv2d final : public LoraAdapterLayer<Scalar_> {
   }
 
   // dT_g += Z_g^T A for every group (zt: G L x r).
-  void add_adapter_patch_gradient(const Matrix& zt, const Matrix& a, Eigen::Map<Matrix>& dt) const {
-    const Index l = geometry_.out_positions(), d = geometry_.fan_in();
-    for (Index q = 0; q < geometry_.groups(); ++q)
-      dt.middleCols(q * d, d).noalias() += zt.middleRows(q * l, l) * a;
-  }
+  void add_adapter_patch_gradient(const Matrix& zt, const Matrix& a, Eigen::Map<Matrix>& dt) const;
 
   Conv2dGeometry geometry_;
   int threads_ = 0;
@@ -253,6 +126,160 @@ class LoraConv2d final : public LoraAdapterLayer<Scalar_> {
   bool reuse_mask_ = false;
   std::vector<Workspace> workspaces_;
 };
+
+template <typename Scalar_>
+auto LoraConv2d<Scalar_>::forward(const ConstRef& x) -> const Matrix& {
+  detail::check_conv_input(x, geometry_, "LoraConv2d", "forward");
+  this->forget_forward();
+  const Index n = x.cols();
+  if (this->merged()) {
+    xd_.resize(0, 0);
+    k_.resize(0, 0);
+    detail::conv_forward<Scalar>(geometry_, x, this->weight(), this->bias(), y_, threads_,
+                                 workspaces_);
+    this->remember_forward(n);
+    return y_;
+  }
+  const double dropout = this->options().dropout;
+  xd_ = x;
+  if (dropout > 0.0) {
+    if (!reuse_mask_ || keep_.rows() != xd_.rows() || keep_.cols() != xd_.cols()) {
+      keep_.resize(xd_.rows(), xd_.cols());
+      for (Index i = 0; i < keep_.size(); ++i)
+        keep_(i) = this->dropout_rng().uniform01() >= dropout;
+    }
+    const Scalar keep_scale = Scalar(1) / Scalar(1 - dropout);
+    xd_ = keep_.select(xd_ * keep_scale, Matrix::Zero(xd_.rows(), xd_.cols()));
+  }
+  k_.resize(geometry_.groups() * geometry_.out_positions() * this->options().rank, n);
+  run_forward(x, dropout > 0.0 ? &xd_ : nullptr, y_, &k_, workspaces_);
+  this->remember_forward(n);
+  return y_;
+}
+
+template <typename Scalar_>
+auto LoraConv2d<Scalar_>::backward(const ConstRef& dy, bool compute_input_gradient)
+    -> const Matrix& {
+  const Index n = this->begin_backward(dy);
+  const Conv2dGeometry& g = geometry_;
+  const Index l = g.out_positions(), co = g.out_channels(), d = g.fan_in();
+  const Index cg = g.group_out_channels(), groups = g.groups(), r = this->options().rank;
+  if (this->bias_trainable()) this->bias_backward(detail::channel_sums<Scalar>(g, dy));
+  dx_.resize(compute_input_gradient ? g.input_size() : 0, compute_input_gradient ? n : 0);
+  const auto w = this->weight();
+  const int workers = detail::conv_workers(n, threads_);
+  prepare(workspaces_, workers);
+  if (this->merged()) {
+    if (compute_input_gradient)
+      detail::for_each_image(n, workers, [&](int wk, Index b) {
+        detail::grouped_input_gradient<Scalar>(
+            g, detail::image_rows(dy.col(b).data(), l, co), w, dx_.col(b).data(),
+            workspaces_[static_cast<std::size_t>(wk)].patch_grad);
+      });
+    return dx_;
+  }
+  const bool dropout = this->options().dropout > 0.0;
+  const Matrix sb = this->scaling() * this->lora_b();
+  const Matrix& a = this->lora_a();
+  for (int wk = 0; wk < workers; ++wk) {
+    Workspace& ws = workspaces_[static_cast<std::size_t>(wk)];
+    ws.grad_a.setZero(r, d);
+    ws.grad_b.setZero(co, r);
+  }
+  detail::for_each_image(n, workers, [&](int wk, Index b) {
+    Workspace& ws = workspaces_[static_cast<std::size_t>(wk)];
+    const auto dyt = detail::image_rows(dy.col(b).data(), l, co);
+    const Eigen::Map<const Matrix> kt(k_.col(b).data(), groups * l, r);
+    const auto t = detail::image_patches(g, xd_.col(b).data(), ws.patches);
+    ws.zt.resize(groups * l, r);
+    for (Index q = 0; q < groups; ++q) {
+      const auto dyq = dyt.middleCols(q * cg, cg);
+      detail::serial_product(ws.grad_b.middleRows(q * cg, cg), dyq, Op::t, kt.middleRows(q * l, l),
+                             Op::n, Scalar(1), true);
+      detail::serial_product(ws.zt.middleRows(q * l, l), dyq, Op::n, sb.middleRows(q * cg, cg),
+                             Op::n);
+      detail::serial_product(ws.grad_a, ws.zt.middleRows(q * l, l), Op::t, t.middleCols(q * d, d),
+                             Op::n, Scalar(1), true);
+    }
+    if (!compute_input_gradient) return;
+    Scalar* dx = dx_.col(b).data();
+    // dT = dY^T W, plus Z^T A when the adapter path saw x itself (no dropout).
+    Eigen::Map<Matrix> dt = patch_gradient_target(dx, ws.patch_grad);
+    detail::grouped_patch_gradient<Scalar>(g, dyt, w, dt);
+    if (!dropout) add_adapter_patch_gradient(ws.zt, a, dt);
+    if (!g.is_pointwise()) detail::col2im(g, dt.data(), dx);
+    if (dropout) {
+      ws.adapter_grad.resize(g.input_size(), 1);
+      Eigen::Map<Matrix> dta = patch_gradient_target(ws.adapter_grad.data(), ws.patch_grad);
+      dta.setZero();
+      add_adapter_patch_gradient(ws.zt, a, dta);
+      if (!g.is_pointwise()) detail::col2im(g, dta.data(), ws.adapter_grad.data());
+      const Scalar keep_scale = Scalar(1) / Scalar(1 - this->options().dropout);
+      auto dxb = dx_.col(b);
+      dxb += keep_.col(b).select(ws.adapter_grad * keep_scale, Matrix::Zero(dxb.rows(), 1));
+    }
+  });
+  detail::sum_over_workers(workspaces_, workers, &Workspace::grad_a, this->gradient_a());
+  detail::sum_over_workers(workspaces_, workers, &Workspace::grad_b, this->gradient_b());
+  this->gradient_b() *= this->scaling();
+  return dx_;
+}
+
+template <typename Scalar_>
+void LoraConv2d<Scalar_>::predict(const ConstRef& x, Matrix& y) const {
+  detail::check_conv_input(x, geometry_, "LoraConv2d", "predict");
+  std::vector<Workspace> ws;
+  if (this->merged())
+    return detail::conv_forward<Scalar>(geometry_, x, this->weight(), this->bias(), y, threads_,
+                                        ws);
+  run_forward(x, nullptr, y, nullptr, ws);
+}
+
+template <typename Scalar_>
+std::size_t LoraConv2d<Scalar_>::saved_bytes() const {
+  return static_cast<std::size_t>(xd_.size() + k_.size() + y_.size()) * sizeof(Scalar) +
+         static_cast<std::size_t>(this->options().dropout > 0.0 ? keep_.size() : 0);
+}
+
+template <typename Scalar_>
+void LoraConv2d<Scalar_>::run_forward(const ConstRef& x, const Matrix* xa, Matrix& y, Matrix* k,
+                                      std::vector<Workspace>& workspaces) const {
+  const Conv2dGeometry& g = geometry_;
+  const Index n = x.cols(), l = g.out_positions(), co = g.out_channels(), d = g.fan_in();
+  const Index cg = g.group_out_channels(), groups = g.groups(), r = this->options().rank;
+  y.resize(g.output_size(), n);
+  const int workers = detail::conv_workers(n, threads_);
+  prepare(workspaces, workers);
+  const auto w = this->weight();
+  const Matrix sb = this->scaling() * this->lora_b();
+  const Matrix& a = this->lora_a();
+  const auto& bias = this->bias();
+  detail::for_each_image(n, workers, [&](int wk, Index b) {
+    Workspace& ws = workspaces[static_cast<std::size_t>(wk)];
+    const auto t = detail::image_patches(g, x.col(b).data(), ws.patches);
+    auto yt = detail::image_rows(y.col(b).data(), l, co);
+    detail::grouped_product<Scalar>(g, t, w, yt);
+    const auto ta = xa ? detail::image_patches(g, xa->col(b).data(), ws.adapter_patches) : t;
+    ws.zt.resize(groups * l, r);  // K^T of this image
+    for (Index q = 0; q < groups; ++q) {
+      auto kq = ws.zt.middleRows(q * l, l);
+      detail::serial_product(kq, ta.middleCols(q * d, d), Op::n, a, Op::t);
+      detail::serial_product(yt.middleCols(q * cg, cg), kq, Op::n, sb.middleRows(q * cg, cg), Op::t,
+                             Scalar(1), true);
+    }
+    if (k) Eigen::Map<Matrix>(k->col(b).data(), groups * l, r) = ws.zt;
+    if (bias) yt.rowwise() += bias->transpose();
+  });
+}
+
+template <typename Scalar_>
+void LoraConv2d<Scalar_>::add_adapter_patch_gradient(const Matrix& zt, const Matrix& a,
+                                                     Eigen::Map<Matrix>& dt) const {
+  const Index l = geometry_.out_positions(), d = geometry_.fan_in();
+  for (Index q = 0; q < geometry_.groups(); ++q)
+    detail::serial_product(dt.middleCols(q * d, d), zt.middleRows(q * l, l), Op::n, a, Op::n,
+                           Scalar(1), true);
+}
 
 using LoraConv2df = LoraConv2d<float>;
 using LoraConv2dd = LoraConv2d<double>;

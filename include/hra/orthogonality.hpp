@@ -4,6 +4,8 @@
 #include <Eigen/Core>
 #include <cmath>
 
+#include "detail/gemm.hpp"
+
 namespace hra {
 
 /// Form of the orthogonality regulariser (SPEC §6), C = Û^T Û with unit columns Û.
@@ -25,7 +27,8 @@ Scalar orthogonality_regularizer(
   if (lambda == Scalar(0)) return Scalar(0);
   const Eigen::Matrix<Scalar, 1, Eigen::Dynamic> norms = u.colwise().norm();
   const Matrix unit = u * norms.cwiseInverse().asDiagonal();
-  Matrix c_minus_i = unit.transpose() * unit;
+  Matrix c_minus_i;
+  detail::serial_product(c_minus_i, unit, detail::Op::t, unit, detail::Op::n);
   c_minus_i.diagonal().array() -= Scalar(1);
   const Scalar fro2 = c_minus_i.squaredNorm();
   const Scalar fro = std::sqrt(fro2);
@@ -34,7 +37,8 @@ Scalar orthogonality_regularizer(
     // dR/dÛ = 4 lambda Û (C - I) for the squared form; the unsquared one scales it by 1/(2|.|).
     Scalar scale = Scalar(4) * lambda;
     if (form == RegularizerForm::unsquared) scale = fro > Scalar(0) ? Scalar(2) * lambda / fro : 0;
-    Matrix g_unit = scale * (unit * c_minus_i);
+    Matrix g_unit;
+    detail::serial_product(g_unit, unit, detail::Op::n, c_minus_i, detail::Op::n, scale);
     // Through the normalisation: dR/du_i = (I - û_i û_i^T) dR/dû_i / |u_i|.
     const Eigen::Matrix<Scalar, 1, Eigen::Dynamic> radial =
         (unit.array() * g_unit.array()).colwise().sum();

@@ -193,65 +193,6 @@ inline constexpr Eigen::Index parallel_product_min_cols = 64;
 /// for.
 inline constexpr double parallel_thin_min_madds = 8.0 * 1024 * 1024;
 
-/// \brief dst = alpha * lhs * rhs, or dst += alpha * lhs * rhs with `accumulate`; `dst` must not
-/// alias the operands and must already have its final shape when accumulating.
-///
-/// Large products are split into fixed slices of dst, chosen by the shape alone and computed as
-/// such even on one thread (then one after the other), so the result is bitwise the same for any
-/// number of threads. A tall dst (rows >= columns, e.g. W X for a 4096 x 4096 W and 512 columns)
-/// is split into row slices, each packing only its rows of lhs; a wide one into column slices,
-/// each packing only its columns of rhs. Column slices of a tall product made every task pack
-/// all of W: at 4096^2 by 512 columns on 2 threads, 83 ms against 62 ms for row slices (one
-/// thread: 124 ms). The result can differ in the last bits from one unsplit product: Eigen's
-/// blocking depends on the slice's shape and the cache sizes it reads from the CPU (seen on a
-/// CPU reporting a 320 MiB L3: 256x784 times 784x2000). When Eigen runs its own OpenMP threads
-/// (Eigen::nbThreads() > 1) the product is left to Eigen.
-template <typename Dst, typename Lhs, typename Rhs>
-void product(Dst&& dst, const Lhs& lhs, const Rhs& rhs, typename std::decay_t<Dst>::Scalar alpha,
-             bool accumulate = false, double min_madds = parallel_product_min_madds) {
-  const Eigen::Index m = lhs.rows(), k = lhs.cols(), n = rhs.cols();
-  if (!accumulate) dst.resize(m, n);
-  HRA_ASSERT(dst.rows() == m && dst.cols() == n && rhs.rows() == k);
-  const double madds = static_cast<double>(m) * static_cast<double>(n) * static_cast<double>(k);
-  ThreadPool& pool = ThreadPool::instance();
-  // The slices depend on the shape only (never on the thread count): up to 16, each at least
-  // parallel_product_min_cols rows or columns, so that a thread that falls behind delays one.
-  const bool by_rows = m >= n;
-  const Eigen::Index extent = by_rows ? m : n;
-  const Eigen::Index count = std::min<Eigen::Index>(16, extent / parallel_product_min_cols);
-  if (madds < min_madds || Eigen::nbThreads() > 1 || count < 2) {
-    if (accumulate)
-      dst.noalias() += alpha * lhs * rhs;
-    else
-      dst.noalias() = alpha * lhs * rhs;
-    return;
-  }
-  pool.run(count, [&](std::int64_t s) {
-    const Eigen::Index c0 = extent * s / count, c1 = extent * (s + 1) / count;
-    if (by_rows) {
-      auto part = dst.middleRows(c0, c1 - c0);
-      if (accumulate)
-        part.noalias() += alpha * lhs.middleRows(c0, c1 - c0) * rhs;
-      else
-        part.noalias() = alpha * lhs.middleRows(c0, c1 - c0) * rhs;
-    } else {
-      auto part = dst.middleCols(c0, c1 - c0);
-      if (accumulate)
-        part.noalias() += alpha * lhs * rhs.middleCols(c0, c1 - c0);
-      else
-        part.noalias() = alpha * lhs * rhs.middleCols(c0, c1 - c0);
-    }
-  });
-}
-
-/// product() for a thin product (one dimension of r, see parallel_thin_min_madds), split from
-/// parallel_thin_min_madds.
-template <typename Dst, typename Lhs, typename Rhs>
-void thin_product(Dst&& dst, const Lhs& lhs, const Rhs& rhs,
-                  typename std::decay_t<Dst>::Scalar alpha, bool accumulate = false) {
-  product(std::forward<Dst>(dst), lhs, rhs, alpha, accumulate, parallel_thin_min_madds);
-}
-
 }  // namespace detail
 
 /// Threads hra's large products use, the calling thread included. The default is the number of

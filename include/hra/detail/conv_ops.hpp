@@ -11,6 +11,7 @@
 #include "../conv_geometry.hpp"
 #include "../parallel.hpp"
 #include "checks.hpp"
+#include "gemm.hpp"
 #include "im2col.hpp"
 
 namespace hra {
@@ -78,12 +79,12 @@ void grouped_product(const Conv2dGeometry& g, const ConvBlockRef<Scalar>& t,
                      const ConvWeightRef<Scalar>& w, Out&& yt) {
   const Eigen::Index d = g.fan_in(), co = g.group_out_channels();
   if (g.groups() == 1) {
-    yt.noalias() = t * w.transpose();
+    serial_product(yt, t, Op::n, w, Op::t);
     return;
   }
   for (Eigen::Index k = 0; k < g.groups(); ++k)
-    yt.middleCols(k * co, co).noalias() =
-        t.middleCols(k * d, d) * w.middleRows(k * co, co).transpose();
+    serial_product(yt.middleCols(k * co, co), t.middleCols(k * d, d), Op::n,
+                   w.middleRows(k * co, co), Op::t);
 }
 
 /// dT = dY^T W group by group: dT_g (L x D) = dY_g^T W_g. Assigns `dt` (L x C_in kh kw).
@@ -92,11 +93,12 @@ void grouped_patch_gradient(const Conv2dGeometry& g, const ConvBlockRef<Scalar>&
                             const ConvWeightRef<Scalar>& w, Out&& dt) {
   const Eigen::Index d = g.fan_in(), co = g.group_out_channels();
   if (g.groups() == 1) {
-    dt.noalias() = dyt * w;
+    serial_product(dt, dyt, Op::n, w, Op::n);
     return;
   }
   for (Eigen::Index k = 0; k < g.groups(); ++k)
-    dt.middleCols(k * d, d).noalias() = dyt.middleCols(k * co, co) * w.middleRows(k * co, co);
+    serial_product(dt.middleCols(k * d, d), dyt.middleCols(k * co, co), Op::n,
+                   w.middleRows(k * co, co), Op::n);
 }
 
 /// E += dY^T^T T group by group: E_g (C_out/G x D) += (dY_g^T)^T T_g, the weight gradient of one
@@ -106,12 +108,12 @@ void grouped_weight_gradient_add(const Conv2dGeometry& g, const ConvBlockRef<Sca
                                  const ConvBlockRef<Scalar>& t, ConvMatrix<Scalar>& e) {
   const Eigen::Index d = g.fan_in(), co = g.group_out_channels();
   if (g.groups() == 1) {
-    e.noalias() += dyt.transpose() * t;
+    serial_product(e, dyt, Op::t, t, Op::n, Scalar(1), true);
     return;
   }
   for (Eigen::Index k = 0; k < g.groups(); ++k)
-    e.middleRows(k * co, co).noalias() +=
-        dyt.middleCols(k * co, co).transpose() * t.middleCols(k * d, d);
+    serial_product(e.middleRows(k * co, co), dyt.middleCols(k * co, co), Op::t,
+                   t.middleCols(k * d, d), Op::n, Scalar(1), true);
 }
 
 /// dX of one image from dY: dT = dY^T W group by group, then col2im into `dx` (C_in H W values,

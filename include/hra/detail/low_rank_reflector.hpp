@@ -6,6 +6,7 @@
 
 #include "../reflector_chain.hpp"
 #include "checks.hpp"
+#include "gemm.hpp"
 
 namespace hra {
 namespace detail {
@@ -46,8 +47,8 @@ class LowRankReflector : ScalarCheck<Scalar> {
       return;
     }
     v_ = chain.reflectors();
-    Matrix s = Matrix::Zero(v_.cols(), v_.cols());
-    s.template triangularView<Eigen::Upper>() = v_.transpose() * v_;
+    Matrix s;
+    serial_product(s, v_, Op::t, v_, Op::n);  // upper_inverse reads its upper half
     s.diagonal() *= Scalar(0.5);
     t_ = upper_inverse(s);
   }
@@ -64,34 +65,42 @@ class LowRankReflector : ScalarCheck<Scalar> {
   /// k <- C k (k: r x m), e.g. K = C (V^T X).
   template <typename M>
   void apply_c(M&& k) const {
-    if (variant_ == Variant::gram_schmidt)
+    if (variant_ == Variant::gram_schmidt) {
       k *= Scalar(2);
-    else
-      k = t_ * k;
+    } else {
+      const Matrix in = k;
+      serial_product(k, t_, Op::n, in, Op::n);
+    }
   }
   /// z <- C^T z (z: r x m), e.g. Z = C^T ((W V)^T dY).
   template <typename M>
   void apply_ct(M&& z) const {
-    if (variant_ == Variant::gram_schmidt)
+    if (variant_ == Variant::gram_schmidt) {
       z *= Scalar(2);
-    else
-      z = t_.transpose() * z;
+    } else {
+      const Matrix in = z;
+      serial_product(z, t_, Op::t, in, Op::n);
+    }
   }
   /// kt <- kt C^T (kt: m x r), e.g. K^T = (T V) C^T for patches stored as rows.
   template <typename M>
   void apply_ct_right(M&& kt) const {
-    if (variant_ == Variant::gram_schmidt)
+    if (variant_ == Variant::gram_schmidt) {
       kt *= Scalar(2);
-    else
-      kt = kt * t_.transpose();
+    } else {
+      const Matrix in = kt;
+      serial_product(kt, in, Op::n, t_, Op::t);
+    }
   }
   /// zt <- zt C (zt: m x r), e.g. Z^T = (dY^T W V) C.
   template <typename M>
   void apply_c_right(M&& zt) const {
-    if (variant_ == Variant::gram_schmidt)
+    if (variant_ == Variant::gram_schmidt) {
       zt *= Scalar(2);
-    else
-      zt = zt * t_;
+    } else {
+      const Matrix in = zt;
+      serial_product(zt, in, Op::n, t_, Op::n);
+    }
   }
 
   /// *Assigns* dU (d x r) from the sums gk = G K^T (d x r), xz = X Z^T (d x r) and zk = Z K^T
@@ -103,20 +112,19 @@ class LowRankReflector : ScalarCheck<Scalar> {
     HRA_ASSERT(gk.rows() == dim() && gk.cols() == rank() && xz.rows() == dim());
     if (variant_ == Variant::gram_schmidt) {
       du = -gk - xz;
-      const Matrix mm = v_.transpose() * du;
-      Matrix sym = mm.template triangularView<Eigen::Upper>();
-      sym += mm.template triangularView<Eigen::StrictlyUpper>().transpose();
-      du.noalias() -= v_ * sym;
-      r_.transpose()
-          .template triangularView<Eigen::Lower>()
-          .template solveInPlace<Eigen::OnTheRight>(du);
+      Matrix mm;
+      serial_product(mm, v_, Op::t, du, Op::n);
+      const Matrix sym = upper_symmetrised(mm);
+      serial_product(du, v_, Op::n, sym, Op::n, Scalar(-1), true);
+      Kernels<Scalar>::solve_right_upper(Op::t, r_, du);
       return;
     }
     HRA_ASSERT(zk.rows() == rank() && zk.cols() == rank());
-    Matrix sym = zk.template triangularView<Eigen::StrictlyUpper>();
-    sym += zk.template triangularView<Eigen::StrictlyUpper>().transpose();
-    sym.diagonal() = zk.diagonal();
-    du.noalias() = v_ * sym;
+    Matrix sym(zk.rows(), zk.cols());  // striu(M) + striu(M)^T + diag(M)
+    for (Index j = 0; j < zk.cols(); ++j)
+      for (Index i = 0; i < zk.rows(); ++i)
+        sym(i, j) = i < j ? zk(i, j) : i > j ? zk(j, i) : zk(i, i);
+    serial_product(du, v_, Op::n, sym, Op::n);
     du -= gk;
     du -= xz;
   }
