@@ -313,19 +313,34 @@ LoraExport export_lora_adapters(const std::filesystem::path& dir,
   return out;
 }
 
-/// lora_export_files(modules, options) for a braced list (see ModuleList).
+/// lora_export_files(modules, options) for a braced list of float layers (see ModuleList).
 template <int N = 0>
-LoraExport lora_export_files(const LazyList<N, HraModuleList>& modules,
+LoraExport lora_export_files(const LazyList<N, HraModuleList<float>>& modules,
                              const LoraExportOptions& options = {}) {
-  return modules.visit([&](const auto& map) { return lora_export_files(map, options); });
+  return lora_export_files(modules.map(), options);
 }
 
-/// export_lora_adapters(dir, modules, options) for a braced list (see ModuleList).
+/// export_lora_adapters(dir, modules, options) for a braced list of float layers.
 template <int N = 0>
 LoraExport export_lora_adapters(const std::filesystem::path& dir,
-                                const LazyList<N, HraModuleList>& modules,
+                                const LazyList<N, HraModuleList<float>>& modules,
                                 const LoraExportOptions& options = {}) {
-  return modules.visit([&](const auto& map) { return export_lora_adapters(dir, map, options); });
+  return export_lora_adapters(dir, modules.map(), options);
+}
+
+/// lora_export_files(modules, options) for a braced list of double layers (see ModuleList).
+template <int N = 0>
+LoraExport lora_export_files(const LazyList<N, HraModuleList<double>>& modules,
+                             const LoraExportOptions& options = {}) {
+  return lora_export_files(modules.map(), options);
+}
+
+/// export_lora_adapters(dir, modules, options) for a braced list of double layers.
+template <int N = 0>
+LoraExport export_lora_adapters(const std::filesystem::path& dir,
+                                const LazyList<N, HraModuleList<double>>& modules,
+                                const LoraExportOptions& options = {}) {
+  return export_lora_adapters(dir, modules.map(), options);
 }
 
 }  // namespace peft

@@ -341,19 +341,36 @@ void load_lora_adapters(const AdapterConfig& config, const safetensors::TensorFi
 
 // The same two for a braced list of float or double layers (see ModuleList).
 
-/// load_hra_adapters(config, weights, modules, options) for a braced list.
+/// load_hra_adapters(config, weights, modules, options) for a braced list of float layers.
 template <int N = 0>
 void load_hra_adapters(const AdapterConfig& config, const safetensors::TensorFile& weights,
-                       const LazyList<N, HraModuleList>& modules, const LoadOptions& options = {}) {
-  modules.visit([&](const auto& map) { load_hra_adapters(config, weights, map, options); });
+                       const LazyList<N, HraModuleList<float>>& modules,
+                       const LoadOptions& options = {}) {
+  load_hra_adapters(config, weights, modules.map(), options);
 }
 
-/// load_lora_adapters(config, weights, modules, options) for a braced list.
+/// load_lora_adapters(config, weights, modules, options) for a braced list of float layers.
 template <int N = 0>
 void load_lora_adapters(const AdapterConfig& config, const safetensors::TensorFile& weights,
-                        const LazyList<N, LoraModuleList>& modules,
+                        const LazyList<N, LoraModuleList<float>>& modules,
                         const LoadOptions& options = {}) {
-  modules.visit([&](const auto& map) { load_lora_adapters(config, weights, map, options); });
+  load_lora_adapters(config, weights, modules.map(), options);
+}
+
+/// load_hra_adapters(config, weights, modules, options) for a braced list of double layers.
+template <int N = 0>
+void load_hra_adapters(const AdapterConfig& config, const safetensors::TensorFile& weights,
+                       const LazyList<N, HraModuleList<double>>& modules,
+                       const LoadOptions& options = {}) {
+  load_hra_adapters(config, weights, modules.map(), options);
+}
+
+/// load_lora_adapters(config, weights, modules, options) for a braced list of double layers.
+template <int N = 0>
+void load_lora_adapters(const AdapterConfig& config, const safetensors::TensorFile& weights,
+                        const LazyList<N, LoraModuleList<double>>& modules,
+                        const LoadOptions& options = {}) {
+  load_lora_adapters(config, weights, modules.map(), options);
 }
 
 }  // namespace peft
@@ -399,20 +416,36 @@ AdapterConfig load_lora_adapters(const std::filesystem::path& dir,
 
 // The directory loaders for a braced list (see ModuleList).
 
-/// load_hra_adapters(dir, modules, options) for a braced list.
+/// load_hra_adapters(dir, modules, options) for a braced list of float layers.
 template <int N = 0>
 AdapterConfig load_hra_adapters(const std::filesystem::path& dir,
-                                const LazyList<N, HraModuleList>& modules,
+                                const LazyList<N, HraModuleList<float>>& modules,
                                 const LoadOptions& options = {}) {
-  return detail::load_adapter_dir<PeftType::hra>(dir, modules, options);
+  return detail::load_adapter_dir<PeftType::hra>(dir, modules.map(), options);
 }
 
-/// load_lora_adapters(dir, modules, options) for a braced list.
+/// load_lora_adapters(dir, modules, options) for a braced list of float layers.
 template <int N = 0>
 AdapterConfig load_lora_adapters(const std::filesystem::path& dir,
-                                 const LazyList<N, LoraModuleList>& modules,
+                                 const LazyList<N, LoraModuleList<float>>& modules,
                                  const LoadOptions& options = {}) {
-  return detail::load_adapter_dir<PeftType::lora>(dir, modules, options);
+  return detail::load_adapter_dir<PeftType::lora>(dir, modules.map(), options);
+}
+
+/// load_hra_adapters(dir, modules, options) for a braced list of double layers.
+template <int N = 0>
+AdapterConfig load_hra_adapters(const std::filesystem::path& dir,
+                                const LazyList<N, HraModuleList<double>>& modules,
+                                const LoadOptions& options = {}) {
+  return detail::load_adapter_dir<PeftType::hra>(dir, modules.map(), options);
+}
+
+/// load_lora_adapters(dir, modules, options) for a braced list of double layers.
+template <int N = 0>
+AdapterConfig load_lora_adapters(const std::filesystem::path& dir,
+                                 const LazyList<N, LoraModuleList<double>>& modules,
+                                 const LoadOptions& options = {}) {
+  return detail::load_adapter_dir<PeftType::lora>(dir, modules.map(), options);
 }
 
 }  // namespace peft

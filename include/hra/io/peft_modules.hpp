@@ -9,7 +9,6 @@
 #include <string>
 #include <type_traits>
 #include <utility>
-#include <variant>
 #include <vector>
 
 #include "../detail/checks.hpp"
@@ -47,44 +46,41 @@ using HraLayerModules = std::map<std::string, HraAdapterLayer<Scalar>*>;
 template <typename Scalar>
 using LoraLayerModules = std::map<std::string, LoraAdapterLayer<Scalar>*>;
 
-/// \brief A braced list of {module name, layer} pairs, all float or all double layers:
+/// \brief A braced list of {module name, layer} pairs of one scalar type:
 /// `{{"net.fc1", &fc1}, {"net.fc2", &fc2}}`.
 ///
-/// The saving and loading functions are templates over the scalar, which a braced list cannot
-/// deduce; each has an overload taking a ModuleList, which holds the list as the map of the
-/// layers' scalar (HraModules<float>, ...) and hands that map to the template.
-template <template <typename> class Layer>
+/// The saving and loading functions are templates over the layer type, which a braced list
+/// cannot deduce; each has two overloads taking a ModuleList, one per scalar (float, double), of
+/// which only the one that matches the layers accepts the list. Only that overload's body, the
+/// path of that scalar, is then compiled (one ModuleList over both scalars compiled both paths
+/// in every file that saved or loaded an adapter).
+template <template <typename> class Layer, typename Scalar>
 class ModuleList {
  public:
-  using FloatModules = std::map<std::string, Layer<float>*>;
-  using DoubleModules = std::map<std::string, Layer<double>*>;
+  using Modules = std::map<std::string, Layer<Scalar>*>;
 
-  ModuleList(std::initializer_list<typename FloatModules::value_type> modules)
-      : modules_(FloatModules(modules)) {}
-  ModuleList(std::initializer_list<typename DoubleModules::value_type> modules)
-      : modules_(DoubleModules(modules)) {}
+  ModuleList(std::initializer_list<typename Modules::value_type> modules) : modules_(modules) {}
 
-  /// f(modules) with the map of the layers' scalar; returns what f returns.
-  template <typename F>
-  decltype(auto) visit(F&& f) const {
-    return std::visit(std::forward<F>(f), modules_);
-  }
+  /// The list as the map the other overloads take.
+  const Modules& map() const { return modules_; }
 
  private:
-  std::variant<FloatModules, DoubleModules> modules_;
+  Modules modules_;
 };
 
-/// A braced list of HRA layers (see ModuleList).
-using HraModuleList = ModuleList<HraLinear>;
-/// A braced list of LoRA layers (see ModuleList).
-using LoraModuleList = ModuleList<LoraLinear>;
+/// A braced list of HRA layers of one scalar type (see ModuleList).
+template <typename Scalar>
+using HraModuleList = ModuleList<HraLinear, Scalar>;
+/// A braced list of LoRA layers of one scalar type (see ModuleList).
+template <typename Scalar>
+using LoraModuleList = ModuleList<LoraLinear, Scalar>;
 
 /// \brief `List`, named through a template parameter: the type of the braced-list overloads'
 /// modules parameter.
 ///
-/// Those overloads take `LazyList<N, HraModuleList>` (N defaulted, never deduced), which makes
-/// them function templates: their bodies, which run the float and the double path through all
-/// of the saving or loading code, are instantiated only where they are called. As plain inline
+/// Those overloads take `LazyList<N, HraModuleList<S>>` (N defaulted, never deduced), which makes
+/// them function templates: their bodies, which run the saving or loading code, are
+/// instantiated only where they are called. As plain inline
 /// functions they were instantiated by every file that included the header (16 s of the 20 s
 /// that `#include <hra/io.hpp>` took GCC 12 with -fsyntax-only).
 template <int N, typename List>

@@ -445,35 +445,67 @@ void save_lora_adapters(const std::filesystem::path& dir,
   save_adapter_files(dir, lora_adapter_files(modules, options));
 }
 
-// The same four for a braced list of float or double layers (see ModuleList).
+// The same four for a braced list of float or double layers (see ModuleList): one overload per
+// scalar, the map overload's work.
 
-/// hra_adapter_files(modules, options) for a braced list.
+/// hra_adapter_files(modules, options) for a braced list of float layers.
 template <int N = 0>
-AdapterFiles hra_adapter_files(const LazyList<N, HraModuleList>& modules,
+AdapterFiles hra_adapter_files(const LazyList<N, HraModuleList<float>>& modules,
                                const SaveOptions& options = {}) {
-  return modules.visit([&](const auto& map) { return hra_adapter_files(map, options); });
+  return hra_adapter_files(modules.map(), options);
 }
 
-/// lora_adapter_files(modules, options) for a braced list.
+/// lora_adapter_files(modules, options) for a braced list of float layers.
 template <int N = 0>
-AdapterFiles lora_adapter_files(const LazyList<N, LoraModuleList>& modules,
+AdapterFiles lora_adapter_files(const LazyList<N, LoraModuleList<float>>& modules,
                                 const SaveOptions& options = {}) {
-  return modules.visit([&](const auto& map) { return lora_adapter_files(map, options); });
+  return lora_adapter_files(modules.map(), options);
 }
 
-/// save_hra_adapters(dir, modules, options) for a braced list.
+/// save_hra_adapters(dir, modules, options) for a braced list of float layers.
 template <int N = 0>
-void save_hra_adapters(const std::filesystem::path& dir, const LazyList<N, HraModuleList>& modules,
+void save_hra_adapters(const std::filesystem::path& dir,
+                       const LazyList<N, HraModuleList<float>>& modules,
                        const SaveOptions& options = {}) {
-  save_adapter_files(dir, hra_adapter_files(modules, options));
+  save_adapter_files(dir, hra_adapter_files(modules.map(), options));
 }
 
-/// save_lora_adapters(dir, modules, options) for a braced list.
+/// save_lora_adapters(dir, modules, options) for a braced list of float layers.
 template <int N = 0>
 void save_lora_adapters(const std::filesystem::path& dir,
-                        const LazyList<N, LoraModuleList>& modules,
+                        const LazyList<N, LoraModuleList<float>>& modules,
                         const SaveOptions& options = {}) {
-  save_adapter_files(dir, lora_adapter_files(modules, options));
+  save_adapter_files(dir, lora_adapter_files(modules.map(), options));
+}
+
+/// hra_adapter_files(modules, options) for a braced list of double layers.
+template <int N = 0>
+AdapterFiles hra_adapter_files(const LazyList<N, HraModuleList<double>>& modules,
+                               const SaveOptions& options = {}) {
+  return hra_adapter_files(modules.map(), options);
+}
+
+/// lora_adapter_files(modules, options) for a braced list of double layers.
+template <int N = 0>
+AdapterFiles lora_adapter_files(const LazyList<N, LoraModuleList<double>>& modules,
+                                const SaveOptions& options = {}) {
+  return lora_adapter_files(modules.map(), options);
+}
+
+/// save_hra_adapters(dir, modules, options) for a braced list of double layers.
+template <int N = 0>
+void save_hra_adapters(const std::filesystem::path& dir,
+                       const LazyList<N, HraModuleList<double>>& modules,
+                       const SaveOptions& options = {}) {
+  save_adapter_files(dir, hra_adapter_files(modules.map(), options));
+}
+
+/// save_lora_adapters(dir, modules, options) for a braced list of double layers.
+template <int N = 0>
+void save_lora_adapters(const std::filesystem::path& dir,
+                        const LazyList<N, LoraModuleList<double>>& modules,
+                        const SaveOptions& options = {}) {
+  save_adapter_files(dir, lora_adapter_files(modules.map(), options));
 }
 
 }  // namespace peft
