@@ -53,7 +53,7 @@ struct Kernels : ScalarCheck<Scalar> {
                     Out c, double min_madds);
 
   /// X <- X op(R)^{-1} for an upper-triangular R (b x b; its strictly lower part is not read),
-  /// X of b columns: Eigen's triangular solve on the right (TRSM).
+  /// X of b columns (a triangular solve on the right, TRSM, by columns).
   static void solve_right_upper(Op op, const In& r, Out x);
 };
 
@@ -105,11 +105,20 @@ void Kernels<Scalar>::split(Op op_a, const In& a, Op op_b, const In& b, Scalar a
 template <typename Scalar>
 void Kernels<Scalar>::solve_right_upper(Op op, const In& r, Out x) {
   HRA_ASSERT(r.rows() == r.cols() && x.cols() == r.rows());
-  if (op == Op::n)
-    r.template triangularView<Eigen::Upper>().template solveInPlace<Eigen::OnTheRight>(x);
-  else
-    r.transpose().template triangularView<Eigen::Lower>().template solveInPlace<Eigen::OnTheRight>(
-        x);
+  // Column by column (b is a rank, at most a few dozen): Y op(R) = X gives, for op n,
+  // X_j = sum_{k <= j} Y_k R_kj (first column first) and, for op t, X_j = sum_{k >= j} Y_k R_jk
+  // (last column first); each step is an axpy over the rows of X.
+  const Index b = r.rows();
+  for (Index step = 0; step < b; ++step) {
+    const Index j = op == Op::n ? step : b - 1 - step;
+    auto xj = x.col(j);
+    if (op == Op::n) {
+      for (Index k = 0; k < j; ++k) xj -= r(k, j) * x.col(k);
+    } else {
+      for (Index k = j + 1; k < b; ++k) xj -= r(j, k) * x.col(k);
+    }
+    xj /= r(j, j);
+  }
 }
 
 /// The scalar type of a product's destination.
