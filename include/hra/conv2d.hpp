@@ -84,14 +84,17 @@ class Conv2d final : public DenseLayer<Scalar_> {
   Conv2dGeometry geometry_;
   int threads_ = 0;
   std::vector<Workspace> workspaces_;
+  Matrix scratch_;  // a copy of an argument that aliases the buffer being written
 };
 
 template <typename Scalar_>
 auto Conv2d<Scalar_>::forward(const ConstRef& x) -> const Matrix& {
   detail::check_conv_input(x, geometry_, "Conv2d", "forward");
   this->forget_forward();
+  // x is read while y_ is written: a copy when x is (part of) y_, the layer's last output.
   if (this->weight_trainable()) x_ = x;
-  detail::conv_forward<Scalar>(geometry_, x, this->weight(), this->bias(), y_, threads_,
+  const ConstRef in = this->weight_trainable() ? ConstRef(x_) : this->unaliased(x, y_, scratch_);
+  detail::conv_forward<Scalar>(geometry_, in, this->weight(), this->bias(), y_, threads_,
                                workspaces_);
   this->remember_forward(x.cols());
   return y_;
@@ -100,6 +103,7 @@ auto Conv2d<Scalar_>::forward(const ConstRef& x) -> const Matrix& {
 template <typename Scalar_>
 auto Conv2d<Scalar_>::backward(const ConstRef& dy, bool compute_input_gradient) -> const Matrix& {
   const Index n = this->begin_backward(dy);
+  const ConstRef dyv = this->unaliased(dy, dx_, scratch_);  // dY may be the last dX
   const Conv2dGeometry& g = geometry_;
   const Index l = g.out_positions(), co = g.out_channels();
   const bool train_w = this->weight_trainable();
@@ -107,7 +111,7 @@ auto Conv2d<Scalar_>::backward(const ConstRef& dy, bool compute_input_gradient) 
     dx_.resize(g.input_size(), n);
   else
     dx_.resize(0, 0);
-  if (this->bias_trainable()) this->bias_backward(detail::channel_sums<Scalar>(g, dy));
+  if (this->bias_trainable()) this->bias_backward(detail::channel_sums<Scalar>(g, dyv));
   if (!train_w && !compute_input_gradient) return dx_;
   const int workers = detail::conv_workers(n, threads_);
   prepare(workspaces_, workers);
@@ -116,7 +120,7 @@ auto Conv2d<Scalar_>::backward(const ConstRef& dy, bool compute_input_gradient) 
   const auto w = this->weight();
   detail::for_each_image(n, workers, [&](int wk, Index b) {
     Workspace& ws = workspaces_[static_cast<std::size_t>(wk)];
-    const auto dyt = detail::image_rows(dy.col(b).data(), l, co);
+    const auto dyt = detail::image_rows(dyv.col(b).data(), l, co);
     if (train_w) {
       const auto t = detail::image_patches(g, x_.col(b).data(), ws.patches);
       detail::grouped_weight_gradient_add<Scalar>(g, dyt, t, ws.weight_grad);
@@ -134,7 +138,9 @@ template <typename Scalar_>
 void Conv2d<Scalar_>::predict(const ConstRef& x, Matrix& y) const {
   detail::check_conv_input(x, geometry_, "Conv2d", "predict");
   std::vector<Workspace> ws;
-  detail::conv_forward<Scalar>(geometry_, x, this->weight(), this->bias(), y, threads_, ws);
+  this->write_unaliased(x, y, [&](Matrix& out) {
+    detail::conv_forward<Scalar>(geometry_, x, this->weight(), this->bias(), out, threads_, ws);
+  });
 }
 
 using Conv2df = Conv2d<float>;

@@ -2,6 +2,7 @@
 #pragma once
 
 #include <Eigen/Core>
+#include <limits>
 #include <string>
 
 #include "detail/checks.hpp"
@@ -32,8 +33,9 @@ namespace hra {
 ///
 /// The setters do not check; validate() (called by every layer that takes a geometry) throws
 /// std::invalid_argument naming the values for: a size, stride or dilation < 1, a negative
-/// padding, channels not divisible by groups, and a dilated kernel larger than the padded input
-/// (whose output would be empty).
+/// padding, channels not divisible by groups, a dilated kernel larger than the padded input
+/// (whose output would be empty), and sizes whose products or sums overflow a 64-bit index
+/// (C_in H W, D, L, C_out L, a padded or dilated extent, one image's patches).
 class Conv2dGeometry {
  public:
   using Index = Eigen::Index;
@@ -149,6 +151,7 @@ class Conv2dGeometry {
     if (out_channels_ % groups_ != 0)
       detail::throw_invalid(who, ": C_out=", out_channels_,
                             " is not divisible by groups=", groups_);
+    check_sizes(who);
     // The kernel must fit the padded input along each axis.
     const auto fits = [&](const char* unit, const char* axis, const char* size, Index extent,
                           Index kernel, Index dilation, Index padded, Index input_size,
@@ -188,6 +191,39 @@ class Conv2dGeometry {
   friend bool operator!=(const Conv2dGeometry& a, const Conv2dGeometry& b) { return !(a == b); }
 
  private:
+  // Every size the layers derive from the geometry, computed with overflow checks: a product or
+  // sum beyond Eigen::Index (64 bits) throws, naming the quantity and its factors, before any
+  // layer computes it unchecked. The values are already known to be >= 1 (padding >= 0).
+  void check_sizes(const char* who) const {
+    constexpr Index max = std::numeric_limits<Index>::max();
+    const auto mul = [&](Index a, Index b, const char* what) {
+      if (a != 0 && b > max / a)
+        detail::throw_invalid(who, ": ", what, " = ", a, " * ", b,
+                              " overflows a 64-bit index; the geometry is too large");
+      return a * b;
+    };
+    const auto add = [&](Index a, Index b, const char* what) {
+      if (b > max - a)
+        detail::throw_invalid(who, ": ", what, " = ", a, " + ", b,
+                              " overflows a 64-bit index; the geometry is too large");
+      return a + b;
+    };
+    add(mul(dilation_h_, kernel_h_ - 1, "dilation_h (kernel_h - 1)"), 1, "the kernel's rows");
+    add(mul(dilation_w_, kernel_w_ - 1, "dilation_w (kernel_w - 1)"), 1, "the kernel's columns");
+    add(add(height_, pad_top_, "H + top"), pad_bottom_, "the padded height H + top + bottom");
+    add(add(width_, pad_left_, "W + left"), pad_right_, "the padded width W + left + right");
+    const Index taps = mul(kernel_h_, kernel_w_, "the taps kernel_h kernel_w");
+    mul(group_in_channels(), taps, "D = C_in/groups kernel_h kernel_w");
+    const Index patch_columns = mul(in_channels_, taps, "the patch columns C_in kernel_h kernel_w");
+    mul(mul(in_channels_, height_, "C_in H"), width_, "C_in H W");
+    // Only a kernel that fits has an output; fits() below refuses the others.
+    if (kernel_extent_h() > padded_height() || kernel_extent_w() > padded_width()) return;
+    const Index positions = mul(out_height(), out_width(), "L = H_out W_out");
+    mul(out_channels_, positions, "C_out H_out W_out");
+    mul(positions, patch_columns, "one image's patches L C_in kernel_h kernel_w");
+    mul(out_channels_, group_in_channels() * taps, "the weight C_out D");
+  }
+
   static Index out_size(Index padded, Index extent, Index stride) {
     if (stride < 1 || extent > padded) return 0;
     return (padded - extent) / stride + 1;

@@ -128,7 +128,7 @@ class HraAdapterLayer : public AffineLayer<Scalar_> {
   // --- Adapters ------------------------------------------------------------------------------
 
   /// Stacks a new, active adapter (applied after the existing ones, i.e. W H_old H_new).
-  /// Throws for a duplicate name or bad options; the layer is unchanged on error.
+  /// Throws for an empty or duplicate name or bad options; the layer is unchanged on error.
   const Adapter& add_adapter(const std::string& name, const HraOptions& options);
 
   /// Removes adapter `name`. std::invalid_argument if there is none, std::logic_error if it is
@@ -323,6 +323,10 @@ class HraAdapterLayer : public AffineLayer<Scalar_> {
 template <typename Scalar_>
 auto HraAdapterLayer<Scalar_>::add_adapter(const std::string& name, const HraOptions& options)
     -> const Adapter& {
+  if (name.empty())
+    detail::throw_invalid(this->layer_name(),
+                          ": an adapter name must not be empty (\"\" names the base layer in "
+                          "predict_mixed, so such an adapter could never be served)");
   for (const auto& a : adapters_)
     if (a.name() == name)
       detail::throw_invalid(this->layer_name(), ": adapter '", name, "' already exists");

@@ -139,6 +139,9 @@ class HraConv2d final : public HraAdapterLayer<Scalar_> {
     std::vector<Matrix> ek, xz, zk;  // per adapter: sum dY K^T (C x r), P Z^T (D x r), Z K^T
   };
 
+  // predict() into y, which does not alias x.
+  void predict_into(const ConstRef& x, Matrix& y) const;
+
   static WeightMatrix<Scalar> checked(const Conv2dGeometry& g, WeightMatrix<Scalar> w,
                                       const HraOptions& o) {
     g.validate("HraConv2d");
@@ -219,7 +222,7 @@ class HraConv2d final : public HraAdapterLayer<Scalar_> {
   int threads_ = 0;
   HraConvForm form_ = HraConvForm::automatic;
   HraConvForm last_form_ = HraConvForm::hybrid;
-  Matrix x_, y_, dx_, weff_;
+  Matrix x_, y_, dx_, weff_, dy_copy_;
   std::vector<Workspace> workspaces_;
 };
 
@@ -264,18 +267,19 @@ auto HraConv2d<Scalar_>::forward(const ConstRef& x) -> const Matrix& {
   last_form_ = form_for_batch(n);
   std::vector<detail::LowRankReflector<Scalar>> lr;
   for (std::size_t i : applied) lr.emplace_back(this->adapters()[i].chain(), factors[i]);
+  // From here on only the copy x_ is read: x may be (part of) y_, the layer's last output.
   x_ = x;
   y_.resize(geometry_.output_size(), n);
   if (applied.empty()) {
     weff_.resize(0, 0);
-    detail::conv_forward<Scalar>(geometry_, x, this->weight(), this->bias(), y_, threads_,
+    detail::conv_forward<Scalar>(geometry_, x_, this->weight(), this->bias(), y_, threads_,
                                  workspaces_);
   } else if (last_form_ == HraConvForm::patch) {
     weff_.resize(0, 0);
-    patch_forward(x, lr, y_, workspaces_, /*keep=*/true);
+    patch_forward(x_, lr, y_, workspaces_, /*keep=*/true);
   } else {
     adapted_weight(factors, weff_);
-    detail::conv_forward<Scalar>(geometry_, x, weff_, this->bias(), y_, threads_, workspaces_);
+    detail::conv_forward<Scalar>(geometry_, x_, weff_, this->bias(), y_, threads_, workspaces_);
   }
   auto& adapters = this->adapter_list();
   for (std::size_t i = 0; i < adapters.size(); ++i) {
@@ -294,8 +298,9 @@ template <typename Scalar_>
 auto HraConv2d<Scalar_>::backward(const ConstRef& dy, bool compute_input_gradient)
     -> const Matrix& {
   const Index n = this->begin_backward(dy);
+  const ConstRef dyv = this->unaliased(dy, dx_, dy_copy_);  // dY may be the last dX
   const Conv2dGeometry& g = geometry_;
-  if (this->bias_trainable()) this->bias_backward(detail::channel_sums<Scalar>(g, dy));
+  if (this->bias_trainable()) this->bias_backward(detail::channel_sums<Scalar>(g, dyv));
   dx_.resize(compute_input_gradient ? g.input_size() : 0, compute_input_gradient ? n : 0);
   const std::vector<std::size_t> applied = this->applied();
   auto& adapters = this->adapter_list();
@@ -306,19 +311,24 @@ auto HraConv2d<Scalar_>::backward(const ConstRef& dy, bool compute_input_gradien
     factors.push_back(&this->cache(adapters[i]).factors);
   }
   if (applied.empty()) {
-    if (compute_input_gradient) input_gradient_only(dy, this->weight());
+    if (compute_input_gradient) input_gradient_only(dyv, this->weight());
     return dx_;
   }
   if (last_form_ == HraConvForm::weight)
-    weight_form_backward(dy, applied, lr, factors, compute_input_gradient);
+    weight_form_backward(dyv, applied, lr, factors, compute_input_gradient);
   else
-    sums_backward(dy, applied, lr, factors, compute_input_gradient);
+    sums_backward(dyv, applied, lr, factors, compute_input_gradient);
   return dx_;
 }
 
 template <typename Scalar_>
 void HraConv2d<Scalar_>::predict(const ConstRef& x, Matrix& y) const {
   detail::check_conv_input(x, geometry_, "HraConv2d", "predict");
+  this->write_unaliased(x, y, [&](Matrix& out) { predict_into(x, out); });
+}
+
+template <typename Scalar_>
+void HraConv2d<Scalar_>::predict_into(const ConstRef& x, Matrix& y) const {
   const std::vector<typename Chain::Factors> factors = this->factorize_applied();
   const std::vector<std::size_t> applied = this->applied();
   std::vector<Workspace> ws;

@@ -55,7 +55,8 @@ class LoraAdapterLayer : public AffineLayer<Scalar_> {
   /// "lora_A" (r x D) and "lora_B" (rows x r) while unmerged, then "bias" when trainable.
   std::vector<ParameterView<Scalar>> parameters() override;
 
-  /// W <- W + s B A (safe=true: computed aside and refused if not finite, W untouched).
+  /// W <- W + s B A. Refused (std::runtime_error, W untouched) when the merged weight would not
+  /// be finite, with or without `safe` (s B A is computed aside either way).
   void merge(bool safe);
   void merge() override;
 
@@ -138,17 +139,15 @@ void LoraAdapterLayer<Scalar_>::merge(bool safe) {
   if (merged_) throw std::logic_error(name + "::merge: the adapter is already merged");
   detail::check_finite(a_, (name + "::merge: lora_A").c_str());
   detail::check_finite(b_, (name + "::merge: lora_B").c_str());
+  // s B A is computed aside whatever `safe` says, so W + s B A is checked before W is written
+  // (finite A and B can still overflow: 1e30 entries): W never receives non-finite values.
+  (void)safe;
   Matrix delta;
   detail::serial_product(delta, b_, detail::Op::n, a_, detail::Op::n, scaling());
-  if (safe) {
-    Matrix w = this->weight() + delta;
-    if (!detail::all_finite(w))
-      throw std::runtime_error(
-          name + "::merge: the merged weight has non-finite values; W is left unchanged");
-    this->weight_storage().map() = w;
-  } else {
-    this->weight_storage().map() += delta;
-  }
+  if (!detail::all_finite(this->weight() + delta))
+    throw std::runtime_error(
+        name + "::merge: the merged weight has non-finite values; W is left unchanged");
+  this->weight_storage().map() += delta;
   merged_ = true;
   this->forget_forward();
 }

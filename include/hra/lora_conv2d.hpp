@@ -122,6 +122,7 @@ class LoraConv2d final : public LoraAdapterLayer<Scalar_> {
   Conv2dGeometry geometry_;
   int threads_ = 0;
   Matrix xd_, k_, y_, dx_;
+  Matrix scratch_;  // a copy of an argument that aliases the buffer being written
   Eigen::Array<bool, Eigen::Dynamic, Eigen::Dynamic> keep_;  // dropout mask of the last forward
   bool reuse_mask_ = false;
   std::vector<Workspace> workspaces_;
@@ -132,16 +133,18 @@ auto LoraConv2d<Scalar_>::forward(const ConstRef& x) -> const Matrix& {
   detail::check_conv_input(x, geometry_, "LoraConv2d", "forward");
   this->forget_forward();
   const Index n = x.cols();
+  // x is read while y_ is written: a copy when x is (part of) y_, the layer's last output.
+  const ConstRef in = this->unaliased(x, y_, scratch_);
   if (this->merged()) {
     xd_.resize(0, 0);
     k_.resize(0, 0);
-    detail::conv_forward<Scalar>(geometry_, x, this->weight(), this->bias(), y_, threads_,
+    detail::conv_forward<Scalar>(geometry_, in, this->weight(), this->bias(), y_, threads_,
                                  workspaces_);
     this->remember_forward(n);
     return y_;
   }
   const double dropout = this->options().dropout;
-  xd_ = x;
+  xd_ = in;
   if (dropout > 0.0) {
     if (!reuse_mask_ || keep_.rows() != xd_.rows() || keep_.cols() != xd_.cols()) {
       keep_.resize(xd_.rows(), xd_.cols());
@@ -152,7 +155,8 @@ auto LoraConv2d<Scalar_>::forward(const ConstRef& x) -> const Matrix& {
     xd_ = keep_.select(xd_ * keep_scale, Matrix::Zero(xd_.rows(), xd_.cols()));
   }
   k_.resize(geometry_.groups() * geometry_.out_positions() * this->options().rank, n);
-  run_forward(x, dropout > 0.0 ? &xd_ : nullptr, y_, &k_, workspaces_);
+  run_forward(dropout > 0.0 ? in : ConstRef(xd_), dropout > 0.0 ? &xd_ : nullptr, y_, &k_,
+              workspaces_);
   this->remember_forward(n);
   return y_;
 }
@@ -161,10 +165,11 @@ template <typename Scalar_>
 auto LoraConv2d<Scalar_>::backward(const ConstRef& dy, bool compute_input_gradient)
     -> const Matrix& {
   const Index n = this->begin_backward(dy);
+  const ConstRef dyv = this->unaliased(dy, dx_, scratch_);  // dY may be the last dX
   const Conv2dGeometry& g = geometry_;
   const Index l = g.out_positions(), co = g.out_channels(), d = g.fan_in();
   const Index cg = g.group_out_channels(), groups = g.groups(), r = this->options().rank;
-  if (this->bias_trainable()) this->bias_backward(detail::channel_sums<Scalar>(g, dy));
+  if (this->bias_trainable()) this->bias_backward(detail::channel_sums<Scalar>(g, dyv));
   dx_.resize(compute_input_gradient ? g.input_size() : 0, compute_input_gradient ? n : 0);
   const auto w = this->weight();
   const int workers = detail::conv_workers(n, threads_);
@@ -173,7 +178,7 @@ auto LoraConv2d<Scalar_>::backward(const ConstRef& dy, bool compute_input_gradie
     if (compute_input_gradient)
       detail::for_each_image(n, workers, [&](int wk, Index b) {
         detail::grouped_input_gradient<Scalar>(
-            g, detail::image_rows(dy.col(b).data(), l, co), w, dx_.col(b).data(),
+            g, detail::image_rows(dyv.col(b).data(), l, co), w, dx_.col(b).data(),
             workspaces_[static_cast<std::size_t>(wk)].patch_grad);
       });
     return dx_;
@@ -188,7 +193,7 @@ auto LoraConv2d<Scalar_>::backward(const ConstRef& dy, bool compute_input_gradie
   }
   detail::for_each_image(n, workers, [&](int wk, Index b) {
     Workspace& ws = workspaces_[static_cast<std::size_t>(wk)];
-    const auto dyt = detail::image_rows(dy.col(b).data(), l, co);
+    const auto dyt = detail::image_rows(dyv.col(b).data(), l, co);
     const Eigen::Map<const Matrix> kt(k_.col(b).data(), groups * l, r);
     const auto t = detail::image_patches(g, xd_.col(b).data(), ws.patches);
     ws.zt.resize(groups * l, r);
@@ -229,10 +234,12 @@ template <typename Scalar_>
 void LoraConv2d<Scalar_>::predict(const ConstRef& x, Matrix& y) const {
   detail::check_conv_input(x, geometry_, "LoraConv2d", "predict");
   std::vector<Workspace> ws;
-  if (this->merged())
-    return detail::conv_forward<Scalar>(geometry_, x, this->weight(), this->bias(), y, threads_,
-                                        ws);
-  run_forward(x, nullptr, y, nullptr, ws);
+  this->write_unaliased(x, y, [&](Matrix& out) {
+    if (this->merged())
+      detail::conv_forward<Scalar>(geometry_, x, this->weight(), this->bias(), out, threads_, ws);
+    else
+      run_forward(x, nullptr, out, nullptr, ws);
+  });
 }
 
 template <typename Scalar_>

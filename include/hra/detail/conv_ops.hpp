@@ -5,6 +5,7 @@
 
 #include <Eigen/Core>
 #include <algorithm>
+#include <limits>
 #include <string>
 #include <vector>
 
@@ -185,6 +186,9 @@ void check_conv_input(const Eigen::MatrixBase<Derived>& x, const Conv2dGeometry&
                   " rows (one image per column, C,H,W order), got a ", shape(x.rows(), x.cols()),
                   " matrix");
   if (x.cols() < 1) throw_invalid(layer, "::", method, " input: empty batch (0 columns)");
+  if (g.output_size() > std::numeric_limits<Eigen::Index>::max() / x.cols())
+    throw_invalid(layer, "::", method, ": the output of ", x.cols(), " images (", g.output_size(),
+                  " values each) has more entries than a 64-bit index can count");
   check_finite(x, concat(layer, "::", method, " input").c_str());
 }
 

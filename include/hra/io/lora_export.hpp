@@ -255,7 +255,18 @@ LoraExport lora_export_files(const std::map<std::string, Layer*>& modules,
     const std::string where = detail::concat("peft: ", what, ": module '", module, "': ");
     const std::vector<std::size_t>& order = orders[index++];
     std::vector<std::string> chosen;
-    for (std::size_t i : order) chosen.push_back(layer->adapters()[i].name());
+    for (std::size_t i : order) {
+      const auto& adapter = layer->adapters()[i];
+      chosen.push_back(adapter.name());
+      // The export is computed in double, where a float U whose column's squared norm underflows
+      // still has a direction; the layer itself refuses that U, and so does its export.
+      try {
+        (void)adapter.chain().factorize();
+      } catch (const std::invalid_argument& e) {
+        detail::throw_invalid(where, "U of adapter '", adapter.name(),
+                              "' is not usable by the layer: ", e.what());
+      }
+    }
     const detail::PeftWeightShape shape = detail::peft_weight_shape(*layer);
     detail::expect_lora_representable(shape, where);
     const auto factors = layer->template lora_factors<double>(chosen);

@@ -9,6 +9,7 @@
 #include <filesystem>
 #include <map>
 #include <optional>
+#include <stdexcept>
 #include <string>
 #include <system_error>
 #include <utility>
@@ -46,7 +47,16 @@ struct AdapterFiles {
   safetensors::TensorFile weights;  ///< adapter_model.safetensors
 
   /// The config as PEFT writes it: json.dumps(indent=2, sort_keys=True), ASCII with \u escapes.
-  std::string config_text() const { return config.dump(2, ' ', true); }
+  /// std::invalid_argument when a string in it is not valid UTF-8 (JSON cannot hold it).
+  std::string config_text() const {
+    try {
+      return config.dump(2, ' ', true);
+    } catch (const nlohmann::json::type_error& e) {
+      throw std::invalid_argument(
+          std::string("peft: the adapter config has a string that is not valid UTF-8: ") +
+          e.what());
+    }
+  }
 };
 
 }  // namespace peft
@@ -83,6 +93,12 @@ inline void add_extra_config(nlohmann::json& config, const peft::SaveOptions& op
     if (computed_field(item.key()))
       throw_invalid("peft: ", what, ": SaveOptions::extra_config may not set \"", item.key(),
                     "\" (it is computed from the layers)");
+    try {
+      (void)item.value().dump();  // what config_text() will do, here where the key is known
+    } catch (const nlohmann::json::type_error& e) {
+      throw_invalid("peft: ", what, ": SaveOptions::extra_config \"", item.key(),
+                    "\" holds a string that is not valid UTF-8 (", e.what(), ")");
+    }
     config[item.key()] = item.value();
   }
 }
@@ -328,6 +344,14 @@ AdapterFiles hra_adapter_files(const std::map<std::string, Layer*>& modules,
     }
     symmetric = symmetric && adapter->init() == Init::symmetric;
     const std::string name = options.prefix + module + ".hra_u";
+    // U as the layer uses it, in its own scalar (an optimiser may have written a column whose
+    // squared norm underflows in float), then as the file will hold it.
+    try {
+      (void)adapter->chain().factorize();
+    } catch (const std::invalid_argument& e) {
+      detail::throw_invalid(where, "U of adapter '", options.adapter_name,
+                            "' is not usable by the layer: ", e.what());
+    }
     const Eigen::MatrixXd stored =
         detail::put_checked(files.weights, name, adapter->chain().reflectors(), dtype, where);
     try {
@@ -420,8 +444,8 @@ inline void save_adapter_files(const std::filesystem::path& dir, const AdapterFi
   std::string config_text;
   try {
     config_text = files.config_text();
-  } catch (const nlohmann::json::exception& e) {
-    detail::throw_invalid(where, "the config has a string that is not valid UTF-8: ", e.what());
+  } catch (const std::invalid_argument& e) {
+    detail::throw_invalid(where, e.what());
   }
   const std::string weights_bytes = safetensors::serialize(files.weights);
   detail::replace_directory_files<io_error>(
