@@ -54,8 +54,8 @@
 #include <utility>
 #include <vector>
 
+#include <hra/io/checkpoint.hpp>
 #include "common/architecture.hpp"
-#include "common/checkpoint.hpp"
 #include "common/distributed.hpp"
 #include "common/fashion_mnist.hpp"
 #include "common/mlp.hpp"
@@ -701,21 +701,20 @@ class Checkpointer {
               {"archs", json::object()},
               {"training", nullptr}};
     if (dir_.empty() || !c.resume) return;
-    auto data = hra::examples::load_checkpoint(dir_);
-    if (!data) {
+    reader_ = hra::checkpoint::Reader<Scalar>::load(dir_);
+    if (!reader_) {
       std::printf("--resume: no checkpoint in %s yet; starting from the beginning\n", dir_.c_str());
       return;
     }
-    const json& st = data->state;
-    if (st.value("format", "") != "hra-finetune-checkpoint" || st.value("version", 0) != 1)
+    const json& st = reader_->metadata();
+    if (!st.is_object() || st.value("format", "") != "hra-finetune-checkpoint" ||
+        st.value("version", 0) != 1 || !st.contains("settings") || !st["settings"].is_string())
       throw std::runtime_error("--resume: " + dir_ + " holds no checkpoint of this program");
     if (st.at("settings").get<std::string>() != settings_)
       throw std::invalid_argument(
           "--resume: the checkpoint in " + dir_ + " was made with other settings:\n  checkpoint: " +
           st.at("settings").get<std::string>() + "\n  this run:   " + settings_);
     state_ = st;
-    state_.erase("tensors_file");
-    tensors_ = std::move(data->tensors);
     std::size_t finished = 0;
     for (const auto& arch : state_["archs"])
       finished += arch.value("results", json::array()).size();
@@ -773,7 +772,7 @@ class Checkpointer {
     if (!enabled()) return;
     state_["archs"][arch]["results"].push_back(std::move(result));
     state_["training"] = nullptr;
-    tensors_ = hra::safetensors::TensorFile();
+    pending_ = hra::checkpoint::Writer<Scalar>();
     save();
   }
 
@@ -782,21 +781,31 @@ class Checkpointer {
   bool restore(const std::string& key, Mlp<Scalar>& net, hra::Adam<Scalar>& body_adam,
                const std::vector<hra::ParameterView<Scalar>>& body, hra::Adam<Scalar>& head_adam,
                const std::vector<hra::ParameterView<Scalar>>& head, Progress& p) {
-    if (!in_progress(key)) return false;
+    if (!in_progress(key) || !reader_) return false;
     const json& t = state_["training"];
-    hra::examples::get_parameters(tensors_, "param.", t.at("parameters"), net.parameters());
-    body_adam.set_state(body, hra::examples::get_optimizer_state<Scalar>(tensors_, "adam.body.",
-                                                                         t.at("adam_body")));
-    head_adam.set_state(head, hra::examples::get_optimizer_state<Scalar>(tensors_, "adam.head.",
-                                                                         t.at("adam_head")));
-    p.epoch = t.at("epoch").get<int>();
-    p.next_batch = t.at("next_batch").get<Index>();
-    p.step = t.at("step").get<std::int64_t>();
-    p.loss_sum = t.at("loss_sum").get<double>();
-    p.window_sum = t.at("window_sum").get<double>();
-    p.window_count = t.at("window_count").get<Index>();
-    p.seconds = t.at("seconds").get<double>();
-    p.cpu_seconds = t.at("cpu_seconds").get<double>();
+    // Everything is read and checked (hra::checkpoint stages the tensors) before anything changes.
+    Progress read;
+    try {
+      read.epoch = t.at("epoch").get<int>();
+      read.next_batch = t.at("next_batch").get<Index>();
+      read.step = t.at("step").get<std::int64_t>();
+      read.loss_sum = t.at("loss_sum").get<double>();
+      read.window_sum = t.at("window_sum").get<double>();
+      read.window_count = t.at("window_count").get<Index>();
+      read.seconds = t.at("seconds").get<double>();
+      read.cpu_seconds = t.at("cpu_seconds").get<double>();
+    } catch (const json::exception& e) {
+      throw hra::checkpoint::error("checkpoint: " + dir_ + ": the training progress of " + key +
+                                   " is malformed: " + e.what());
+    }
+    if (read.epoch < 1 || read.next_batch < 0 || read.step < 0 || read.window_count < 0)
+      throw hra::checkpoint::error("checkpoint: " + dir_ + ": the training progress of " + key +
+                                   " has a negative position");
+    reader_->parameters("net", net.parameters());
+    reader_->optimizer("adam_body", body_adam, body);
+    reader_->optimizer("adam_head", head_adam, head);
+    reader_->apply();
+    p = read;
     std::printf("  [%s] resumed at epoch %d, step %lld\n", key.c_str(), p.epoch,
                 static_cast<long long>(p.step));
     return true;
@@ -822,7 +831,7 @@ class Checkpointer {
     const bool due = at == Point::end || (every_ > 0 ? at == Point::step && p.step % every_ == 0
                                                      : at == Point::end_of_epoch);
     if (!stop && !due) return;
-    hra::safetensors::TensorFile tensors;
+    hra::checkpoint::Writer<Scalar> tensors;
     json t = {{"key", key},
               {"epoch", p.epoch},
               {"next_batch", p.next_batch},
@@ -832,13 +841,11 @@ class Checkpointer {
               {"window_count", p.window_count},
               {"seconds", p.seconds},
               {"cpu_seconds", p.cpu_seconds}};
-    t["parameters"] = hra::examples::put_parameters(tensors, "param.", net.parameters());
-    t["adam_body"] =
-        hra::examples::put_optimizer_state(tensors, "adam.body.", body_adam.state(body));
-    t["adam_head"] =
-        hra::examples::put_optimizer_state(tensors, "adam.head.", head_adam.state(head));
+    tensors.parameters("net", net.parameters());
+    tensors.optimizer("adam_body", body_adam, body);
+    tensors.optimizer("adam_head", head_adam, head);
     state_["training"] = std::move(t);
-    tensors_ = std::move(tensors);
+    pending_ = std::move(tensors);
     save();
     if (stop)
       throw Stopped("stopped after " + std::to_string(steps_here_) +
@@ -849,10 +856,8 @@ class Checkpointer {
  private:
   void save() {
     for (const auto& kv : writers_) state_["archs"][kv.first]["curves"] = kv.second->text();
-    hra::examples::CheckpointData data;
-    data.state = state_;
-    data.tensors = tensors_;
-    hra::examples::save_checkpoint(dir_, data);
+    pending_.metadata() = state_;
+    pending_.save(dir_);
     const json& t = state_["training"];
     saved("checkpoint, " + (t.is_null() ? std::string("no training in progress")
                                         : t.at("key").get<std::string>() + " at step " +
@@ -863,7 +868,10 @@ class Checkpointer {
   std::int64_t every_ = 0, stop_after_ = 0, steps_here_ = 0, kill_after_ = 0, saves_ = 0;
   std::string settings_;
   json state_;
-  hra::safetensors::TensorFile tensors_;
+  // The training in progress as hra::checkpoint writes it (empty between runs), and what
+  // --resume read.
+  hra::checkpoint::Writer<Scalar> pending_;
+  std::optional<hra::checkpoint::Reader<Scalar>> reader_;
   std::map<std::string, const CurveWriter*> writers_;
 };
 

@@ -7,6 +7,7 @@
 #include <Eigen/Core>
 #include <algorithm>
 #include <cmath>
+#include <cstddef>
 #include <cstdint>
 #include <memory>
 #include <random>
@@ -198,6 +199,17 @@ double accuracy(const Eigen::Matrix<Scalar, Eigen::Dynamic, Eigen::Dynamic>& log
     correct += best == labels[j];
   }
   return static_cast<double>(correct) / static_cast<double>(logits.cols());
+}
+
+/// 64-bit FNV-1a of a matrix's bytes (e.g. logits): equal hashes for bit-for-bit equal values.
+template <typename Derived>
+std::uint64_t bytes_hash(const Eigen::DenseBase<Derived>& m) {
+  const Eigen::Matrix<typename Derived::Scalar, Eigen::Dynamic, Eigen::Dynamic> plain = m;
+  const auto* p = reinterpret_cast<const unsigned char*>(plain.data());
+  std::uint64_t h = 14695981039346656037ull;
+  for (std::size_t i = 0; i < static_cast<std::size_t>(plain.size()) * sizeof(*plain.data()); ++i)
+    h = (h ^ p[i]) * 1099511628211ull;
+  return h;
 }
 
 /// Whether `other` predicts the class `logits` predicts for every column, except where a

@@ -1,7 +1,9 @@
 // Umbrella header of hra's io tier (target hra::io, which adds nlohmann-json to the core): the
-// safetensors format and PEFT adapter directories. hra/hra.hpp is the core and needs only Eigen.
+// safetensors format, PEFT adapter directories and training checkpoints. hra/hra.hpp is the core
+// and needs only Eigen.
 #pragma once
 
+#include "io/checkpoint.hpp"
 #include "io/lora_export.hpp"
 #include "io/peft_config.hpp"
 #include "io/peft_load.hpp"

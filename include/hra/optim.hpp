@@ -80,6 +80,21 @@ class SlotState {
   /// before anything changes: std::invalid_argument naming the parameter otherwise.
   void import_state(const std::vector<ParameterView<Scalar>>& params,
                     const std::vector<ParameterState<Scalar>>& state, const char* who) {
+    check_import(params, state, who);
+    for (std::size_t k = 0; k < params.size(); ++k) {
+      const auto& s = state[k];
+      entries_.erase(params[k].value.data());
+      if (s.slots.empty() && s.steps == 0) continue;
+      Entry e;
+      for (int i = 0; i < Slots; ++i) e.slot[i] = s.slots[static_cast<std::size_t>(i)];
+      e.steps = s.steps;
+      entries_.emplace(params[k].value.data(), std::move(e));
+    }
+  }
+
+  /// The checks of import_state() alone (nothing changes).
+  static void check_import(const std::vector<ParameterView<Scalar>>& params,
+                           const std::vector<ParameterState<Scalar>>& state, const char* who) {
     if (params.size() != state.size())
       throw_invalid(who, "::set_state: ", state.size(), " states for ", params.size(),
                     " parameters");
@@ -100,15 +115,6 @@ class SlotState {
                         shape(m.rows(), m.cols()));
         check_finite(m, (std::string(who) + "::set_state: state of '" + p.name + "'").c_str());
       }
-    }
-    for (std::size_t k = 0; k < params.size(); ++k) {
-      const auto& s = state[k];
-      entries_.erase(params[k].value.data());
-      if (s.slots.empty() && s.steps == 0) continue;
-      Entry e;
-      for (int i = 0; i < Slots; ++i) e.slot[i] = s.slots[static_cast<std::size_t>(i)];
-      e.steps = s.steps;
-      entries_.emplace(params[k].value.data(), std::move(e));
     }
   }
 
@@ -176,6 +182,12 @@ class SlotOptimizer {
   void set_state(const std::vector<ParameterView<Scalar>>& params,
                  const std::vector<ParameterState<Scalar>>& state) {
     state_.import_state(params, state, Options::optimizer);
+  }
+  /// The checks of set_state() alone: std::invalid_argument as set_state() would throw it,
+  /// nothing changes (checkpoint::Reader checks everything before it restores anything).
+  void check_state(const std::vector<ParameterView<Scalar>>& params,
+                   const std::vector<ParameterState<Scalar>>& state) const {
+    SlotState<Scalar, Slots>::check_import(params, state, Options::optimizer);
   }
 
  protected:
