@@ -72,6 +72,9 @@ TEST_CASE("bad input: conv geometries whose sizes overflow are refused by every 
   expect_refused(Conv2dGeometry(1, 1, 1, 4, 1, 1).padding(two32, two32, two32, two32),
                  "L = H_out W_out");
   expect_refused(Conv2dGeometry(1, two32, two32 / 4, 8, 1, 1), "C_out H_out W_out");
+  // Messages describe such a geometry without computing its output size.
+  CHECK_THAT(Conv2dGeometry(1, 5, 5, 1, 3, 3).padding(big, big, 0, 0).describe(),
+             Catch::Contains("-> C_out=1 (too large), kernel 3x3"));
   // Large strides and dilations that stay in range are fine: nothing is computed unchecked.
   const Conv2dGeometry fine = Conv2dGeometry(1, 5, 5, 1, 2, 2).stride(kMax, kMax);
   REQUIRE_NOTHROW(fine.validate("test"));

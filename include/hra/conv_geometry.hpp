@@ -171,12 +171,19 @@ class Conv2dGeometry {
 
   /// "C_in=.. HxW -> C_out=.. H_outxW_out, kernel khxkw, ..." for messages and benchmark labels.
   std::string describe() const {
-    return detail::concat("C_in=", in_channels_, " ", height_, "x", width_,
-                          " -> C_out=", out_channels_, " ", out_height(), "x", out_width(),
-                          ", kernel ", kernel_h_, "x", kernel_w_, ", stride ", stride_h_, "x",
-                          stride_w_, ", padding (top ", pad_top_, ", bottom ", pad_bottom_,
-                          ", left ", pad_left_, ", right ", pad_right_, "), dilation ", dilation_h_,
-                          "x", dilation_w_, ", groups ", groups_);
+    // A geometry whose sizes overflow (validate() refuses it) is described without its output
+    // size, which cannot be computed.
+    const bool sizes = in_channels_ >= 1 && height_ >= 1 && width_ >= 1 && kernel_h_ >= 1 &&
+                       kernel_w_ >= 1 && stride_h_ >= 1 && stride_w_ >= 1 && dilation_h_ >= 1 &&
+                       dilation_w_ >= 1 && groups_ >= 1 && pad_top_ >= 0 && pad_bottom_ >= 0 &&
+                       pad_left_ >= 0 && pad_right_ >= 0 && size_error().empty();
+    const std::string out =
+        sizes ? detail::concat(out_height(), "x", out_width()) : std::string("(too large)");
+    return detail::concat(
+        "C_in=", in_channels_, " ", height_, "x", width_, " -> C_out=", out_channels_, " ", out,
+        ", kernel ", kernel_h_, "x", kernel_w_, ", stride ", stride_h_, "x", stride_w_,
+        ", padding (top ", pad_top_, ", bottom ", pad_bottom_, ", left ", pad_left_, ", right ",
+        pad_right_, "), dilation ", dilation_h_, "x", dilation_w_, ", groups ", groups_);
   }
 
   friend bool operator==(const Conv2dGeometry& a, const Conv2dGeometry& b) {
@@ -195,17 +202,29 @@ class Conv2dGeometry {
   // sum beyond Eigen::Index (64 bits) throws, naming the quantity and its factors, before any
   // layer computes it unchecked. The values are already known to be >= 1 (padding >= 0).
   void check_sizes(const char* who) const {
+    const std::string error = size_error();
+    if (!error.empty()) detail::throw_invalid(who, ": ", error);
+  }
+  // The first size that overflows, as "<what> = a * b overflows ...", or "" when none does.
+  std::string size_error() const {
     constexpr Index max = std::numeric_limits<Index>::max();
-    const auto mul = [&](Index a, Index b, const char* what) {
-      if (a != 0 && b > max / a)
-        detail::throw_invalid(who, ": ", what, " = ", a, " * ", b,
-                              " overflows a 64-bit index; the geometry is too large");
+    std::string error;
+    const auto mul = [&](Index a, Index b, const char* what) -> Index {
+      if (!error.empty()) return 1;
+      if (a != 0 && b > max / a) {
+        error = detail::concat(what, " = ", a, " * ", b,
+                               " overflows a 64-bit index; the geometry is too large");
+        return 1;
+      }
       return a * b;
     };
-    const auto add = [&](Index a, Index b, const char* what) {
-      if (b > max - a)
-        detail::throw_invalid(who, ": ", what, " = ", a, " + ", b,
-                              " overflows a 64-bit index; the geometry is too large");
+    const auto add = [&](Index a, Index b, const char* what) -> Index {
+      if (!error.empty()) return 1;
+      if (b > max - a) {
+        error = detail::concat(what, " = ", a, " + ", b,
+                               " overflows a 64-bit index; the geometry is too large");
+        return 1;
+      }
       return a + b;
     };
     add(mul(dilation_h_, kernel_h_ - 1, "dilation_h (kernel_h - 1)"), 1, "the kernel's rows");
@@ -216,12 +235,14 @@ class Conv2dGeometry {
     mul(group_in_channels(), taps, "D = C_in/groups kernel_h kernel_w");
     const Index patch_columns = mul(in_channels_, taps, "the patch columns C_in kernel_h kernel_w");
     mul(mul(in_channels_, height_, "C_in H"), width_, "C_in H W");
-    // Only a kernel that fits has an output; fits() below refuses the others.
-    if (kernel_extent_h() > padded_height() || kernel_extent_w() > padded_width()) return;
+    // Only a kernel that fits has an output; validate() refuses the others.
+    if (!error.empty() || kernel_extent_h() > padded_height() || kernel_extent_w() > padded_width())
+      return error;
     const Index positions = mul(out_height(), out_width(), "L = H_out W_out");
     mul(out_channels_, positions, "C_out H_out W_out");
     mul(positions, patch_columns, "one image's patches L C_in kernel_h kernel_w");
     mul(out_channels_, group_in_channels() * taps, "the weight C_out D");
+    return error;
   }
 
   static Index out_size(Index padded, Index extent, Index stride) {
