@@ -43,12 +43,15 @@ cmake --build build/release -j "$jobs"
 ctest --test-dir build/release -j "$jobs" --output-on-failure
 
 if [ "$full" = 1 ]; then
-  # -Werror is enforced by the build above; under the sanitizers GCC 12 reports false
-  # -Wmaybe-uninitialized inside std::regex (used by Catch2), so warnings stay warnings here.
-  # -O1 keeps the instrumented build affordable; the tests check the same results as above.
-  stage "every test under AddressSanitizer + UndefinedBehaviorSanitizer"
-  cmake -S . -B build/sanitize -DCMAKE_BUILD_TYPE=Debug -DCMAKE_CXX_FLAGS_DEBUG="-O1 -g1" \
-    -DHRA_WARNINGS_AS_ERRORS=OFF -DHRA_SANITIZE=ON -DHRA_BUILD_TESTS=ON \
+  # The instrumented build uses clang (Debian's clang 14, installed with the fuzzers' runtime):
+  # it compiles hra's tests under ASan in about 60% of GCC 12's time (test_layers.cpp: 51 s
+  # and 0.8 GB against 85 s and 1.7 GB), and it is the second compiler that keeps the headers
+  # warning-free (-Werror here too). -O1 keeps the instrumented build affordable; the tests
+  # check the same results as above.
+  stage "every test under AddressSanitizer + UndefinedBehaviorSanitizer (clang)"
+  cmake -S . -B build/sanitize -DCMAKE_CXX_COMPILER=clang++ -DCMAKE_BUILD_TYPE=Debug \
+    -DCMAKE_CXX_FLAGS_DEBUG="-O1 -g1" \
+    -DHRA_WARNINGS_AS_ERRORS=ON -DHRA_SANITIZE=ON -DHRA_BUILD_TESTS=ON \
     -DHRA_BUILD_BENCHMARKS=OFF -DHRA_BUILD_EXAMPLES=OFF
   cmake --build build/sanitize -j "$jobs"
   ctest --test-dir build/sanitize -j "$jobs" --output-on-failure -E '^consumer:'

@@ -296,9 +296,9 @@ class Reader : hra::detail::ScalarCheck<Scalar> {
       throw error("checkpoint: " + where + ": version " +
                   std::to_string(detail::integer(r.state_, "version", where)) +
                   ", this hra reads version " + std::to_string(format_version));
-    const std::string scalar =
-        detail::field(r.state_, "scalar", nlohmann::json::value_t::string, "checkpoint: " + where)
-            .get<std::string>();
+    const nlohmann::json& saved_scalar =
+        detail::field(r.state_, "scalar", nlohmann::json::value_t::string, "checkpoint: " + where);
+    const std::string scalar = saved_scalar.get<std::string>();
     if (scalar != detail::scalar_name<Scalar>())
       throw error("checkpoint: " + where + ": saved with " + scalar + " values, read as " +
                   detail::scalar_name<Scalar>());
