@@ -355,10 +355,33 @@ TEST_CASE("adapter_files: a directory of plain files is migrated, leftovers are 
     const std::string older_temp = ".adapter_model.safetensors.tmp.999999999.123.0";
     write_all(tmp.path / older_temp, "x");
     write_all(tmp.path / "notes.txt", "kept");
-    CHECK(stale_entries(tmp.path) == 7);
+    // Killed while writing the marker: a version directory holding only the marker's first
+    // bytes (none to all but one) is this library's; with anything else beside it, or other
+    // bytes, it is not.
+    const std::string text(hra::detail::version_marker_text);
+    std::vector<fs::path> partial, kept;
+    for (std::size_t n = 0; n < text.size(); n += 7) {
+      partial.push_back(tmp.path / ("..2020_01_01_00_00_01.1_0_" + std::to_string(n)));
+      fs::create_directories(partial.back());
+      write_all(partial.back() / hra::detail::version_marker_name, text.substr(0, n));
+    }
+    kept.push_back(tmp.path / "..2020_01_01_00_00_02.1_0_1");  // a partial marker and a file
+    fs::create_directories(kept.back());
+    write_all(kept.back() / hra::detail::version_marker_name, text.substr(0, 3));
+    write_all(kept.back() / "data.bin", "theirs");
+    kept.push_back(tmp.path / "..2020_01_01_00_00_02.1_0_2");  // other bytes than the marker's
+    fs::create_directories(kept.back());
+    write_all(kept.back() / hra::detail::version_marker_name, "hra adaptor");
+    kept.push_back(tmp.path / "..2020_01_01_00_00_02.1_0_3");  // the marker and more
+    fs::create_directories(kept.back());
+    write_all(kept.back() / hra::detail::version_marker_name, text + "x");
+    CHECK(stale_entries(tmp.path) == 7 + partial.size() + kept.size());
     CHECK(load_dir(tmp.path) == a.adapter);
     b.save(tmp.path);
-    CHECK(stale_entries(tmp.path) == 3);
+    for (const auto& p : partial) CHECK_FALSE(fs::exists(fs::symlink_status(p)));
+    for (const auto& p : kept) CHECK(fs::exists(p / hra::detail::version_marker_name));
+    CHECK(read_all(kept[0] / "data.bin") == "theirs");
+    CHECK(stale_entries(tmp.path) == 3 + kept.size());
     CHECK(!fs::exists(leftover));
     CHECK(!fs::exists(tmp.path / "..2020_01_01_00_00_00.1_0_2"));
     CHECK(!fs::exists(fs::symlink_status(tmp.path / "....data.tmp")));
@@ -785,27 +808,32 @@ TEST_CASE(
     Step step;
     int occurrence;
     const char* name;
+    bool migration_only;  // reached only when a save migrates plain files
   };
   // In the order a save reaches them; the per-file steps at their first and second file.
   const std::vector<Point> points = {
-      {Step::locked, 1, "locked"},
-      {Step::cleaned, 1, "cleaned"},
-      {Step::link_replaced, 1, "first link replaced (migration)"},
-      {Step::link_replaced, 2, "second link replaced (migration)"},
-      {Step::migrated, 1, "migrated"},
-      {Step::file_written, 1, "first file of the new version written"},
-      {Step::file_written, 2, "second file written"},
-      {Step::version_written, 1, "new version written and fsynced"},
-      {Step::committed, 1, "..data renamed to the new version"},
-      {Step::synced, 1, "directory fsynced"},
-      {Step::done, 1, "previous version removed"},
+      {Step::locked, 1, "locked", false},
+      {Step::cleaned, 1, "cleaned", false},
+      {Step::version_made, 1, "first version directory made, no marker yet", false},
+      {Step::marker_opened, 1, "its marker created, empty", false},
+      {Step::link_replaced, 1, "first link replaced (migration)", true},
+      {Step::link_replaced, 2, "second link replaced (migration)", true},
+      {Step::migrated, 1, "migrated", true},
+      {Step::version_made, 2, "new version's directory made (migration)", true},
+      {Step::marker_opened, 2, "new version's marker created, empty (migration)", true},
+      {Step::file_written, 1, "first file of the new version written", false},
+      {Step::file_written, 2, "second file written", false},
+      {Step::version_written, 1, "new version written and fsynced", false},
+      {Step::committed, 1, "..data renamed to the new version", false},
+      {Step::synced, 1, "directory fsynced", false},
+      {Step::done, 1, "previous version removed", false},
   };
   const hra_test::TempDir tmp("hra_test_adapter_files_steps");
   Saved a(2, hra::Variant::chain, 1), b(4, hra::Variant::gram_schmidt, 2);
   int kills = 0, old_seen = 0, new_seen = 0;
   for (const bool plain : {false, true}) {
     for (const Point& point : points) {
-      const bool migration_step = point.step == Step::link_replaced || point.step == Step::migrated;
+      const bool migration_step = point.migration_only;
       const fs::path dir = tmp.path / (std::string(plain ? "plain_" : "layout_") +
                                        std::to_string(static_cast<int>(point.step)) + "_" +
                                        std::to_string(point.occurrence));
@@ -853,8 +881,8 @@ TEST_CASE(
       CHECK(load_dir(dir) == a.adapter);
     }
   }
-  CHECK(kills == 19);  // 11 steps from plain files, 8 from a layout
-  CHECK(old_seen == 13);
+  CHECK(kills == 25);  // 15 steps from plain files, 10 from a layout
+  CHECK(old_seen == 19);
   CHECK(new_seen == 6);
 }
 

@@ -365,8 +365,9 @@ TEST_CASE("checkpoint: a save killed at each of its steps leaves the old or the 
   b.step();
   b.step();
   int kills = 0;
-  for (const Step step : {Step::locked, Step::cleaned, Step::file_written, Step::version_written,
-                          Step::committed, Step::synced, Step::done}) {
+  for (const Step step :
+       {Step::locked, Step::cleaned, Step::version_made, Step::marker_opened, Step::file_written,
+        Step::version_written, Step::committed, Step::synced, Step::done}) {
     INFO("killed at step " << static_cast<int>(step));
     const fs::path dir = tmp.path / std::to_string(static_cast<int>(step));
     a.writer().save(dir);
@@ -396,5 +397,5 @@ TEST_CASE("checkpoint: a save killed at each of its steps leaves the old or the 
     auto again = ck::Reader<float>::load(dir);
     REQUIRE(again);
   }
-  CHECK(kills == 7);
+  CHECK(kills == 9);
 }

@@ -83,9 +83,11 @@ inline bool is_version_name(std::string_view name) {
 
 /// What an entry `dir`/`name` is to this library.
 enum class VersionKind {
-  ours,    ///< a version directory it wrote: the name pattern, a real directory, the marker
-  empty,   ///< an empty real directory with a version name (a save killed before its marker)
-  foreign  ///< anything else: never removed, never followed
+  ours,        ///< a version directory it wrote: the name pattern, a real directory, the marker
+  unfinished,  ///< a version name, a real directory holding only a partial marker: a save killed
+               ///< while writing the marker (its first bytes, possibly none)
+  empty,       ///< an empty real directory with a version name (a save killed before its marker)
+  foreign      ///< anything else: never removed, never followed
 };
 
 inline VersionKind version_kind(const std::filesystem::path& dir, std::string_view name) {
@@ -95,30 +97,47 @@ inline VersionKind version_kind(const std::filesystem::path& dir, std::string_vi
   const fs::path p = dir / std::string(name);
   if (!fs::is_directory(fs::symlink_status(p, ec))) return VersionKind::foreign;
   const fs::path marker = p / version_marker_name;
-  if (fs::is_regular_file(fs::symlink_status(marker, ec)) &&
-      fs::file_size(marker, ec) == version_marker_text.size() && !ec) {
-    std::string text(version_marker_text.size(), '\0');
-    if (std::FILE* f = std::fopen(marker.c_str(), "rb")) {
-      const std::size_t got = std::fread(text.data(), 1, text.size(), f);
-      std::fclose(f);
-      if (got == text.size() && text == version_marker_text) return VersionKind::ours;
+  if (fs::is_regular_file(fs::symlink_status(marker, ec))) {
+    const std::uintmax_t size = fs::file_size(marker, ec);
+    if (ec || size > version_marker_text.size()) return VersionKind::foreign;
+    std::string text(static_cast<std::size_t>(size), '\0');
+    std::FILE* f = std::fopen(marker.c_str(), "rb");
+    if (!f) return VersionKind::foreign;
+    const std::size_t got = std::fread(text.data(), 1, text.size(), f);
+    std::fclose(f);
+    if (got != text.size() || version_marker_text.substr(0, text.size()) != text)
+      return VersionKind::foreign;
+    if (text.size() == version_marker_text.size()) return VersionKind::ours;
+    // A partial marker: ours only if nothing else is in the directory.
+    fs::directory_iterator it(p, ec), end;
+    if (ec) return VersionKind::foreign;
+    int entries = 0;
+    for (; it != end && entries < 2; it.increment(ec)) {
+      if (ec) return VersionKind::foreign;
+      ++entries;
     }
-    return VersionKind::foreign;
+    return entries == 1 ? VersionKind::unfinished : VersionKind::foreign;
   }
   if (fs::is_empty(p, ec) && !ec) return VersionKind::empty;
   return VersionKind::foreign;
 }
 
-/// Removes `dir`/`name` if it is a version directory this library wrote (recursively) or an
-/// empty one with a version name; anything else is left alone. Best effort, no error.
+/// Removes `dir`/`name` if it is a version directory this library wrote (recursively), one a
+/// killed save left with a partial marker, or an empty one with a version name; anything else
+/// is left alone. Best effort, no error.
 inline void remove_own_version(const std::filesystem::path& dir, std::string_view name) {
   std::error_code ignored;
+  const std::filesystem::path p = dir / std::string(name);
   switch (version_kind(dir, name)) {
     case VersionKind::ours:
-      std::filesystem::remove_all(dir / std::string(name), ignored);
+      std::filesystem::remove_all(p, ignored);
+      break;
+    case VersionKind::unfinished:
+      std::filesystem::remove(p / version_marker_name, ignored);
+      std::filesystem::remove(p, ignored);  // removes only an empty dir
       break;
     case VersionKind::empty:
-      std::filesystem::remove(dir / std::string(name), ignored);  // removes only an empty dir
+      std::filesystem::remove(p, ignored);  // removes only an empty dir
       break;
     case VersionKind::foreign:
       break;
@@ -194,6 +213,9 @@ struct NamedBytes {
 enum class AtomicDirStep {
   locked,           ///< the lock is held; nothing has changed yet
   cleaned,          ///< leftovers of interrupted saves removed
+  version_made,     ///< a version directory is made, without its marker (when migrating: the
+                    ///< copy of the current files first, then the new version)
+  marker_opened,    ///< its marker file is created, none of its bytes written yet
   link_replaced,    ///< migration: one plain file replaced by its link (once per file)
   migrated,         ///< plain files copied into a version, ..data and the links point at it
   file_written,     ///< one file of the new version written and fsynced (once per file)
@@ -230,10 +252,12 @@ inline int fsync_path(const std::filesystem::path&) {
 #endif
 
 /// Writes `bytes` to the new file `path` and flushes it to disk; 0 or the errno.
-inline int write_new_file(const std::filesystem::path& path, std::string_view bytes) {
+inline int write_new_file(const std::filesystem::path& path, std::string_view bytes,
+                          const AtomicDirStep* opened = nullptr) {
 #if HRA_ATOMIC_DIR_POSIX
   const int fd = ::open(path.c_str(), O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, 0666);
   if (fd < 0) return errno;
+  if (opened) atomic_dir_step(*opened);
   const char* p = bytes.data();
   std::size_t left = bytes.size();
   int err = 0;
@@ -251,6 +275,7 @@ inline int write_new_file(const std::filesystem::path& path, std::string_view by
   return err;
 #else
   std::ofstream out(path, std::ios::binary | std::ios::trunc);
+  if (opened) atomic_dir_step(*opened);
   out.write(bytes.data(), static_cast<std::streamsize>(bytes.size()));
   out.flush();
   return out ? 0 : EIO;
@@ -280,7 +305,10 @@ std::filesystem::path make_version_dir(const std::filesystem::path& dir, Fail fa
         concat("..", stamp, ".", pid, "_", counter.fetch_add(1), "_", random() % 100000u);
     std::error_code ec;
     if (std::filesystem::create_directory(dir / name, ec)) {
-      if (const int err = write_new_file(dir / name / version_marker_name, version_marker_text)) {
+      atomic_dir_step(AtomicDirStep::version_made);
+      const AtomicDirStep opened = AtomicDirStep::marker_opened;
+      if (const int err =
+              write_new_file(dir / name / version_marker_name, version_marker_text, &opened)) {
         std::error_code ignored;
         std::filesystem::remove_all(dir / name, ignored);
         fail(concat("cannot write the version marker in ", (dir / name).string()), err);
