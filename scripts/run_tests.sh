@@ -3,14 +3,14 @@
 # (-Werror) optimised build of the tests and examples, and every test (unit, PEFT fixtures,
 # learning, example runs with kills and resumes, consumer packages).
 #
-#   scripts/run_tests.sh          the above (about 15 minutes on 2 cores, most of it the
+#   scripts/run_tests.sh          the above (about 9 minutes on 2 cores, most of it the
 #                                 build: the float and double layers compile once
 #                                 (tests/support/instances_*.cpp), then 10-120 s of GCC per test)
 #   scripts/run_tests.sh --full   what CI runs (.ci/run): also the benchmarks in the -Werror
 #                                 build, every test program again under ASan + UBSan, and a
 #                                 bounded libFuzzer run, under ASan + UBSan, of the two loaders
 #                                 of untrusted bytes (safetensors files and PEFT adapter
-#                                 directories), seeded with valid files (about 75 minutes)
+#                                 directories), seeded with valid files (1,296 s from a fresh clone, 2026-12-07)
 #   scripts/run_tests.sh --fuzz   the default, then the fuzzing run alone (about 5 minutes more)
 # Environment: HRA_JOBS (default 2), HRA_FUZZ_SECONDS (default 60; split over the two fuzz
 # targets).
