@@ -314,6 +314,28 @@ TEST_CASE("bad input: a float U whose column's squared norm underflows is not sa
   CHECK(tmp.entries().empty());
 }
 
+TEST_CASE("bad input: a U that F16 would round to a zero column is not saved", "[bad_input][io]") {
+  hra::HraOptions o;
+  o.rank = 2;
+  o.init = hra::Init::random;
+  hra::HraLinearf layer(hra_test::random_as<float>(4, 6, 1), o);
+  // 1e-9 is usable in float (squared 1e-18) but below F16's smallest subnormal (6e-8).
+  layer.parameters().front().value.col(1).setConstant(1e-9f);
+  CHECK_NOTHROW(layer.forward(hra_test::random_as<float>(6, 2, 2)));
+  const hra_test::TempDir tmp("hra_test_bad_input");
+  hra::peft::SaveOptions f16;
+  f16.dtype = hra::safetensors::Dtype::F16;
+  expect_error<std::invalid_argument>(
+      [&] {
+        hra::peft::save_hra_adapters(tmp.path / "hra", {{"fc", &layer}}, f16);
+      },
+      {"module 'fc'", "U would not load back from tensor 'base_model.model.fc.hra_u'",
+       "reflector column 1"});
+  CHECK(tmp.entries().empty());
+  // In F32 the same U saves.
+  CHECK_NOTHROW(hra::peft::save_hra_adapters(tmp.path / "hra", {{"fc", &layer}}));
+}
+
 TEST_CASE("bad input: strings that are not UTF-8 in a saved config are the library's errors",
           "[bad_input][io]") {
   hra::HraOptions o;

@@ -354,8 +354,11 @@ AdapterFiles hra_adapter_files(const std::map<std::string, Layer*>& modules,
     }
     const Eigen::MatrixXd stored =
         detail::put_checked(files.weights, name, adapter->chain().reflectors(), dtype, where);
+    // Checked in the layer's scalar: a reader loads U into a layer like this one, and a
+    // float TU then never instantiates the double chain.
+    using Scalar = typename Layer::Scalar;
     try {
-      ReflectorChain<double>(stored, variant).factorize();
+      ReflectorChain<Scalar>(stored.cast<Scalar>(), variant).factorize();
     } catch (const std::invalid_argument& e) {
       detail::throw_invalid(where, "U would not load back from tensor '", name, "': ", e.what());
     }
