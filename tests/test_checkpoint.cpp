@@ -67,6 +67,7 @@ struct Model {
     hra::LoraOptions o;
     o.rank = 2;
     o.seed = seed;
+    o.dropout = 0.25;  // its mask generator is training state too
     return o;
   }
   static hra::SgdOptions sgd_options() {
@@ -105,6 +106,7 @@ struct Model {
     w.optimizer("adam", adam, adapters());
     w.optimizer("sgd", sgd, heads());
     w.rng("shuffle", shuffle);
+    w.rng("lora.dropout", lora.dropout_engine());
     return w;
   }
   void restore(ck::Reader<float>& r) {
@@ -113,6 +115,7 @@ struct Model {
     r.optimizer("adam", adam, adapters());
     r.optimizer("sgd", sgd, heads());
     r.rng("shuffle", shuffle);
+    r.rng("lora.dropout", lora.dropout_engine());
   }
 };
 
@@ -121,7 +124,7 @@ struct Snapshot {
   std::vector<Matf> values, slots;
   std::vector<std::int64_t> steps;
   double adam_lr = 0, sgd_lr = 0;
-  std::uint64_t next_random = 0;
+  std::uint64_t next_random = 0, next_dropout = 0;
   explicit Snapshot(Model& m) {
     for (const auto& params : {m.adapters(), m.heads()})
       for (const auto& p : params) values.push_back(p.value);
@@ -137,6 +140,8 @@ struct Snapshot {
     sgd_lr = m.sgd.lr();
     std::mt19937_64 copy = m.shuffle;
     next_random = copy();
+    std::mt19937_64 dropout = m.lora.dropout_engine();
+    next_dropout = dropout();
   }
   bool operator==(const Snapshot& o) const {
     const auto same = [](const std::vector<Matf>& a, const std::vector<Matf>& b) {
@@ -146,7 +151,8 @@ struct Snapshot {
       return true;
     };
     return same(values, o.values) && same(slots, o.slots) && steps == o.steps &&
-           adam_lr == o.adam_lr && sgd_lr == o.sgd_lr && next_random == o.next_random;
+           adam_lr == o.adam_lr && sgd_lr == o.sgd_lr && next_random == o.next_random &&
+           next_dropout == o.next_dropout;
   }
 };
 

@@ -64,6 +64,11 @@ class LoraAdapterLayer : public AffineLayer<Scalar_> {
 
   bool merged() const override { return merged_; }
 
+  /// The generator of the dropout masks. It is training state when dropout > 0: a checkpoint
+  /// saves and restores it (`checkpoint::Writer::rng`, `Reader::rng`) so that a resumed run
+  /// draws the masks an uninterrupted one would.
+  std::mt19937_64& dropout_engine() { return rng_.engine(); }
+
  protected:
   LoraAdapterLayer(WeightMatrix<Scalar> weight, std::optional<Vector> bias,
                    const LoraOptions& options, BiasMode bias_mode, const char* layer_name)
