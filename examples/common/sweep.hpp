@@ -351,8 +351,8 @@ Run run_one(const Builder<Net>& build, const HeadRestorer<Net>& restore_head,
         const double tol =
             1e-3 * std::max(1.0, static_cast<double>(unmerged.cwiseAbs().maxCoeff()));
         // As the comparison's check: only near-ties may flip (hra::examples::same_predictions).
-        r.merge_ok = r.merge_max_diff < tol &&
-                     same_predictions(unmerged, merged, 2 * r.merge_max_diff);
+        r.merge_ok =
+            r.merge_max_diff < tol && same_predictions(unmerged, merged, 2 * r.merge_max_diff);
       }
     }
   } catch (const std::exception& e) {
