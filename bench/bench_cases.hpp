@@ -96,9 +96,9 @@ void bm_hra(benchmark::State& state, Shape s, bool backward, hra::Variant varian
   time_layer<Scalar>(state, layer, s, backward, hra_flops(s, backward));
 }
 
-// HraLinear with its form forced (hra::HraLinearForm::chain or low_rank); "hra" is automatic.
+// HraLinear with its form forced (hra::HraForm::chain or low_rank); "hra" is automatic.
 template <typename Scalar>
-void bm_hra_form(benchmark::State& state, Shape s, bool backward, hra::HraLinearForm form) {
+void bm_hra_form(benchmark::State& state, Shape s, bool backward, hra::HraForm form) {
   hra::HraLinear<Scalar> layer(frozen_view<Scalar>(s), std::nullopt,
                                hra_options<Scalar>(s, hra::Variant::chain));
   layer.set_reflectors("default", Operands<Scalar>::reflectors(s.d_in, s.r));
@@ -306,10 +306,10 @@ void register_forms(const Config& cfg) {
                   [s](benchmark::State& st) { bm_hra<Scalar>(st, s, true, hra::Variant::chain); });
     }
     add<Scalar>(cfg, "hra_chain", "fwdbwd", s, [s](benchmark::State& st) {
-      bm_hra_form<Scalar>(st, s, true, hra::HraLinearForm::chain);
+      bm_hra_form<Scalar>(st, s, true, hra::HraForm::chain);
     });
     add<Scalar>(cfg, "hra_low_rank", "fwdbwd", s, [s](benchmark::State& st) {
-      bm_hra_form<Scalar>(st, s, true, hra::HraLinearForm::low_rank);
+      bm_hra_form<Scalar>(st, s, true, hra::HraForm::low_rank);
     });
   }
 }

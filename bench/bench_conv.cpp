@@ -109,7 +109,7 @@ void bm_conv(benchmark::State& state, ConvShape s, bool backward, bool train_wei
 }
 
 template <typename Scalar>
-void bm_hra(benchmark::State& state, ConvShape s, bool backward, hra::HraConvForm form,
+void bm_hra(benchmark::State& state, ConvShape s, bool backward, hra::HraForm form,
             hra::Variant variant) {
   const auto g = s.geometry();
   hra::HraOptions opt;
@@ -198,7 +198,7 @@ void add(const std::string& method, const char* pass, const ConvShape& s,
 
 template <typename Scalar>
 void register_shape(ConvShape s, Index r) {
-  using hra::HraConvForm;
+  using hra::HraForm;
   for (bool bwd : {false, true}) {
     const char* pass = bwd ? "fwdbwd" : "fwd";
     ConvShape f = s;
@@ -210,18 +210,18 @@ void register_shape(ConvShape s, Index r) {
                   [f](benchmark::State& st) { bm_conv<Scalar>(st, f, true, true); });
     ConvShape a = s;
     a.r = r;
-    const std::pair<const char*, HraConvForm> forms[] = {{"hra", HraConvForm::automatic},
-                                                         {"hra_patch", HraConvForm::patch},
-                                                         {"hra_hybrid", HraConvForm::hybrid},
-                                                         {"hra_weight", HraConvForm::weight}};
+    const std::pair<const char*, HraForm> forms[] = {{"hra", HraForm::automatic},
+                                                     {"hra_patch", HraForm::low_rank},
+                                                     {"hra_hybrid", HraForm::hybrid},
+                                                     {"hra_weight", HraForm::weight}};
     for (const auto& [name, form] : forms) {
-      const HraConvForm fm = form;
+      const HraForm fm = form;
       add<Scalar>(name, pass, a, [a, bwd, fm](benchmark::State& st) {
         bm_hra<Scalar>(st, a, bwd, fm, hra::Variant::chain);
       });
     }
     add<Scalar>("hra_gs", pass, a, [a, bwd](benchmark::State& st) {
-      bm_hra<Scalar>(st, a, bwd, hra::HraConvForm::automatic, hra::Variant::gram_schmidt);
+      bm_hra<Scalar>(st, a, bwd, hra::HraForm::automatic, hra::Variant::gram_schmidt);
     });
     add<Scalar>("lora", pass, a, [a, bwd](benchmark::State& st) { bm_lora<Scalar>(st, a, bwd); });
   }
@@ -260,15 +260,15 @@ bool check_workers() {
     for (std::size_t i = 0; i < p1.size(); ++i)
       worst = std::max(worst, rel(Matrix<double>(p2[i].grad), Matrix<double>(p1[i].grad)));
   };
-  for (auto form : {hra::HraConvForm::patch, hra::HraConvForm::hybrid, hra::HraConvForm::weight}) {
+  for (auto form : {hra::HraForm::low_rank, hra::HraForm::hybrid, hra::HraForm::weight}) {
     hra::HraOptions o;
     o.rank = 5;
     o.init = hra::Init::random;
     hra::HraConv2d<double> one(g, w, o), many(g, w, o);
     one.set_form(form);
     many.set_form(form);
-    one.set_threads(1);
-    many.set_threads(2);
+    one.set_batch_chunks(1);
+    many.set_batch_chunks(2);
     compare(one, many);
   }
   hra::LoraOptions lo;
@@ -276,12 +276,12 @@ bool check_workers() {
   hra::LoraConv2d<double> l1(g, w, lo), l2(g, w, lo);
   l1.set_lora_weights(l1.lora_a(), random_matrix<double>(g.out_channels(), 3, 6, 1.0));
   l2.set_lora_weights(l1.lora_a(), l1.lora_b());
-  l1.set_threads(1);
-  l2.set_threads(2);
+  l1.set_batch_chunks(1);
+  l2.set_batch_chunks(2);
   compare(l1, l2);
   hra::Conv2d<double> c1(g, w), c2(g, w);
-  c1.set_threads(1);
-  c2.set_threads(2);
+  c1.set_batch_chunks(1);
+  c2.set_batch_chunks(2);
   compare(c1, c2);
   if (!(worst < 1e-12)) {
     std::fprintf(stderr, "hra_bench_conv: 2 workers disagree with 1 (rel. error %.3g)\n", worst);

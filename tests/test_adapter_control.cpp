@@ -131,7 +131,7 @@ TEMPLATE_TEST_CASE("Adapters: lora_factors is the exact LoRA form W H = W + B A"
   expect_error<std::invalid_argument>([&] { layer.lora_factors({"nope"}); },
                                       {"no adapter named 'nope'", "default, b, c"});
   expect_error<std::invalid_argument>([&] { layer.lora_factors({"b", "b"}); }, {"twice"});
-  layer.merge({"default"}, false);
+  layer.merge({"default"}, hra::MergeCheck::in_place);
   expect_error<std::logic_error>([&] { layer.lora_factors({"default"}); }, {"'default'", "merged"});
   // Over the merged W, the rest is still exact: W H_a (merged) H_b H_c = W' + B A.
   const auto rest = layer.lora_factors();
@@ -179,7 +179,7 @@ TEMPLATE_TEST_CASE("Adapters: set_active_adapters chooses what forward applies a
 
   // Merged adapters stay active, and nothing may be applied before them.
   layer.set_active_adapters({"default", "b", "c"});
-  layer.merge({"default"}, false);
+  layer.merge({"default"}, hra::MergeCheck::in_place);
   expect_error<std::logic_error>(
       [&] {
         layer.set_active_adapters({"b", "c"});
@@ -187,7 +187,7 @@ TEMPLATE_TEST_CASE("Adapters: set_active_adapters chooses what forward applies a
       {"'default'", "merged", "cannot be deactivated"});
   layer.unmerge();
   layer.set_active_adapters({"b"});
-  layer.merge(false);  // b only
+  layer.merge(hra::MergeCheck::in_place);  // b only
   expect_error<std::logic_error>(
       [&] {
         layer.set_active_adapters({"default", "b"});
@@ -211,13 +211,13 @@ TEMPLATE_TEST_CASE("Adapters: disabled adapters give the frozen base, nothing de
   CHECK(bitwise_equal(layer.forward(x), base));
   CHECK(parameter_names<T>(layer) == std::vector<std::string>{"bias"});
   layer.backward(Mat<T>::Ones(kOut, kBatch));
-  expect_error<std::logic_error>([&] { layer.merge(false); }, {"disabled"});
+  expect_error<std::logic_error>([&] { layer.merge(hra::MergeCheck::in_place); }, {"disabled"});
 
   layer.set_adapters_enabled(true);
   CHECK(bitwise_equal(layer.forward(x), adapted));
   CHECK(layer.adapters().size() == 3);
 
-  layer.merge({"default"}, false);
+  layer.merge({"default"}, hra::MergeCheck::in_place);
   expect_error<std::logic_error>([&] { layer.set_adapters_enabled(false); },
                                  {"merged", "not the base weight"});
   CHECK(layer.adapters_enabled());
@@ -229,7 +229,7 @@ TEMPLATE_TEST_CASE("Adapters: delete_adapter removes one, not a merged one", "[a
   auto layer = three_adapters<T>();
   const Mat<T> w = layer.weight();
   const MatD x = hra_test::random_matrix(kIn, kBatch, 8);
-  layer.merge({"default"}, false);
+  layer.merge({"default"}, hra::MergeCheck::in_place);
   expect_error<std::logic_error>([&] { layer.delete_adapter("default"); },
                                  {"'default'", "merged", "unmerge"});
   expect_error<std::invalid_argument>([&] { layer.delete_adapter("zz"); }, {"'zz'"});
@@ -252,17 +252,18 @@ TEMPLATE_TEST_CASE("Adapters: merging a chosen subset keeps W H_a H_b ... exact"
   const MatD x = hra_test::random_matrix(kIn, kBatch, 9);
   const MatD want = expected_output(layer, {"default", "b", "c"}, x);
 
-  expect_error<std::logic_error>([&] { layer.merge({"b"}, false); },
+  expect_error<std::logic_error>([&] { layer.merge({"b"}, hra::MergeCheck::in_place); },
                                  {"'b'", "after the unmerged adapter 'default'", "first"});
   CHECK(bitwise_equal(layer.weight(), w));
-  layer.merge({"default", "b"}, false);
+  layer.merge({"default", "b"}, hra::MergeCheck::in_place);
   CHECK(layer.adapter("default").merged());
   CHECK(layer.adapter("b").merged());
   CHECK_FALSE(layer.adapter("c").merged());
   CHECK_FALSE(layer.merged());
   CHECK(rel_err(layer.forward(x.cast<T>()), want) <= tolerance<T>());
-  expect_error<std::logic_error>([&] { layer.merge({"b"}, false); }, {"'b'", "already merged"});
-  layer.merge(true);  // the rest, safely
+  expect_error<std::logic_error>([&] { layer.merge({"b"}, hra::MergeCheck::in_place); },
+                                 {"'b'", "already merged"});
+  layer.merge(hra::MergeCheck::safe);  // the rest, safely
   CHECK(layer.merged());
   CHECK(rel_err(layer.forward(x.cast<T>()), want) <= tolerance<T>());
 
@@ -272,8 +273,10 @@ TEMPLATE_TEST_CASE("Adapters: merging a chosen subset keeps W H_a H_b ... exact"
   for (const auto& a : layer.adapters()) CHECK_FALSE(a.merged());
 
   layer.set_active_adapters({"default", "c"});
-  expect_error<std::logic_error>([&] { layer.merge({"b"}, false); }, {"'b'", "not active"});
-  expect_error<std::invalid_argument>([&] { layer.merge({"zz"}, false); }, {"'zz'"});
+  expect_error<std::logic_error>([&] { layer.merge({"b"}, hra::MergeCheck::in_place); },
+                                 {"'b'", "not active"});
+  expect_error<std::invalid_argument>([&] { layer.merge({"zz"}, hra::MergeCheck::in_place); },
+                                      {"'zz'"});
 }
 
 TEMPLATE_TEST_CASE("Adapters: unmerge restores W with the U that was merged", "[adapters][merge]",
@@ -283,7 +286,7 @@ TEMPLATE_TEST_CASE("Adapters: unmerge restores W with the U that was merged", "[
   const Mat<T> w = layer.weight();
   auto views = layer.parameters();  // taken before the merge
   const Mat<T> u_merged = layer.adapter("default").chain().reflectors();
-  layer.merge({"default"}, false);
+  layer.merge({"default"}, hra::MergeCheck::in_place);
   // An optimiser step on stale views, and set_reflectors, cannot change what unmerge restores.
   views.front().value.setConstant(T(3));
   expect_error<std::logic_error>([&] { layer.set_reflectors("default", Mat<T>::Ones(kIn, 3)); },
@@ -344,7 +347,7 @@ TEMPLATE_TEST_CASE("Adapters: a mixed batch equals each column through its own a
                             y);
       },
       {"no adapter named 'q'"});
-  layer.merge(false);
+  layer.merge(hra::MergeCheck::in_place);
   expect_error<std::logic_error>([&] { layer.predict_mixed(x.cast<T>(), which, y); },
                                  {"'b'", "merged", "not the base weight"});
 }

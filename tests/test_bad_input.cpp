@@ -60,20 +60,20 @@ TEST_CASE("bad input: conv geometries whose sizes overflow are refused by every 
   expect_refused(Conv2dGeometry(1, 5, 5, 1, 3, 3).dilation(kMax / 2 + 1, 1),
                  "dilation_h (kernel_h - 1) = ");
   expect_refused(Conv2dGeometry(1, 5, 5, 1, 1, 3).dilation(1, big), "dilation_w (kernel_w - 1)");
-  expect_refused(Conv2dGeometry(1, 5, 5, 1, 3, 3).padding(kMax, 0, 0, 0), "H + top = ");
-  expect_refused(Conv2dGeometry(1, 5, 5, 1, 3, 3).padding(big, big, 0, 0),
+  expect_refused(Conv2dGeometry(1, 5, 5, 1, 3, 3).pad(0, 0, kMax, 0), "H + top = ");
+  expect_refused(Conv2dGeometry(1, 5, 5, 1, 3, 3).pad(0, 0, big, big),
                  "the padded height H + top + bottom");
-  expect_refused(Conv2dGeometry(1, 5, 5, 1, 3, 3).padding(0, 0, big, big),
+  expect_refused(Conv2dGeometry(1, 5, 5, 1, 3, 3).pad(big, big, 0, 0),
                  "the padded width W + left + right");
   expect_refused(Conv2dGeometry(1, two32, two32, 1, 1, 1), "C_in H W = ");
   expect_refused(Conv2dGeometry(2, big, 4, 1, 1, 1), "C_in H = ");
   expect_refused(Conv2dGeometry(1, 5, 5, 1, two32, two32), "the taps kernel_h kernel_w");
   expect_refused(Conv2dGeometry(big, 1, 1, 4, 1, 1), "the weight C_out D");
-  expect_refused(Conv2dGeometry(1, 1, 1, 4, 1, 1).padding(two32, two32, two32, two32),
+  expect_refused(Conv2dGeometry(1, 1, 1, 4, 1, 1).pad(two32, two32, two32, two32),
                  "L = H_out W_out");
   expect_refused(Conv2dGeometry(1, two32, two32 / 4, 8, 1, 1), "C_out H_out W_out");
   // Messages describe such a geometry without computing its output size.
-  CHECK_THAT(Conv2dGeometry(1, 5, 5, 1, 3, 3).padding(big, big, 0, 0).describe(),
+  CHECK_THAT(Conv2dGeometry(1, 5, 5, 1, 3, 3).pad(0, 0, big, big).describe(),
              Catch::Contains("-> C_out=1 (too large), kernel 3x3"));
   // Large strides and dilations that stay in range are fine: nothing is computed unchecked.
   const Conv2dGeometry fine = Conv2dGeometry(1, 5, 5, 1, 2, 2).stride(kMax, kMax);
@@ -98,7 +98,7 @@ TEST_CASE("bad input: fuzzed conv geometries validate or throw, never overflow",
     const auto size = [&] { return gen() % 16 == 0 ? draw() : 1 + static_cast<Index>(gen() % 4); };
     const auto pad = [&] { return gen() % 16 == 0 ? draw() : static_cast<Index>(gen() % 4); };
     Conv2dGeometry g(size(), size(), size(), size(), size(), size());
-    g.stride(size(), size()).padding(pad(), pad(), pad(), pad()).dilation(size(), size());
+    g.stride(size(), size()).pad(pad(), pad(), pad(), pad()).dilation(size(), size());
     g.groups(gen() % 16 == 0 ? draw() : 1 + static_cast<Index>(gen() % 2));
     try {
       g.validate("fuzz");
@@ -150,8 +150,8 @@ std::vector<ConvKind> conv_kinds() {
                        return std::unique_ptr<hra::Layer<double>>(new hra::Conv2dd(
                            g, hra::WeightMatrix<double>::owned(w), b, o, hra::BiasMode::all));
                      }});
-  for (const hra::HraConvForm form :
-       {hra::HraConvForm::patch, hra::HraConvForm::weight, hra::HraConvForm::hybrid})
+  for (const hra::HraForm form :
+       {hra::HraForm::low_rank, hra::HraForm::weight, hra::HraForm::hybrid})
     for (const hra::Variant v : {hra::Variant::chain, hra::Variant::gram_schmidt})
       kinds.push_back(
           {std::string("HraConv2d ") + hra::to_string(form) + " " + hra::to_string(v), [=] {
@@ -256,8 +256,8 @@ TEST_CASE("bad input: a LoRA merge whose finite factors overflow leaves W untouc
   const MatD wc = hra_test::random_matrix(g.out_channels(), g.fan_in(), 2);
   hra::LoraConv2dd conv(g, wc, o);
   conv.set_lora_weights(MatD::Constant(2, g.fan_in(), 1e200), MatD::Constant(2, 2, 1e200));
-  for (const bool safe : {false, true}) {
-    INFO("safe " << safe);
+  for (const hra::MergeCheck safe : {hra::MergeCheck::in_place, hra::MergeCheck::safe}) {
+    INFO("safe " << (safe == hra::MergeCheck::safe));
     expect_error<std::runtime_error>(
         [&] { dense.merge(safe); },
         {"LoraLinear::merge: the merged weight has non-finite values", "W is left unchanged"});

@@ -45,7 +45,7 @@ hra::Conv2d<T> make_conv(const Conv2dGeometry& g, bool train_weight = true, bool
 
 TEST_CASE("Conv2dGeometry: output size, D and sizes follow PyTorch's formula", "[conv2d]") {
   const auto g =
-      Conv2dGeometry(6, 10, 9, 4, 3, 2).stride(2, 3).padding(1, 2, 0, 3).dilation(2, 1).groups(2);
+      Conv2dGeometry(6, 10, 9, 4, 3, 2).stride(2, 3).pad(0, 3, 1, 2).dilation(2, 1).groups(2);
   // H_out = floor((10 + 1 + 2 - 2*2 - 1)/2) + 1 = 5, W_out = floor((9 + 0 + 3 - 1*1 - 1)/3) + 1 = 4
   CHECK(g.out_height() == 5);
   CHECK(g.out_width() == 4);
@@ -56,7 +56,7 @@ TEST_CASE("Conv2dGeometry: output size, D and sizes follow PyTorch's formula", "
   CHECK(Conv2dGeometry(3, 4, 4, 2, 1, 1).is_pointwise());
   CHECK_FALSE(Conv2dGeometry(3, 4, 4, 2, 1, 1).stride(2).is_pointwise());
   CHECK(Conv2dGeometry(2, 3, 3, 2, 3, 3).padding(1) ==
-        Conv2dGeometry(2, 3, 3, 2, 3, 3).padding(1, 1, 1, 1));
+        Conv2dGeometry(2, 3, 3, 2, 3, 3).pad(1, 1, 1, 1));
   CHECK(Conv2dGeometry(2, 3, 3, 2, 3, 3).padding(1) != Conv2dGeometry(2, 3, 3, 2, 3, 3));
   CHECK_NOTHROW(g.validate("test"));
 }
@@ -138,8 +138,8 @@ TEST_CASE("Conv2d: several workers give the results of one", "[conv2d]") {
     INFO(c.name);
     auto one = make_conv<double>(c.geometry);
     auto many = make_conv<double>(c.geometry);
-    one.set_threads(1);
-    many.set_threads(3);
+    one.set_batch_chunks(1);
+    many.set_batch_chunks(3);
     const MatD x = hra_test::random_matrix(c.geometry.input_size(), 5, 8);
     const MatD dy = hra_test::random_matrix(c.geometry.output_size(), 5, 9);
     CHECK(hra_test::rel_err(many.forward(x), one.forward(x)) == 0.0);

@@ -28,7 +28,7 @@ namespace {
 
 using hra::BiasMode;
 using hra::Conv2dGeometry;
-using hra::HraConvForm;
+using hra::HraForm;
 using hra::HraOptions;
 using hra::Init;
 using hra::Variant;
@@ -38,7 +38,7 @@ using hra_test::MatD;
 using hra_test::Vec;
 using hra_test::VecD;
 
-const HraConvForm kForms[] = {HraConvForm::patch, HraConvForm::hybrid, HraConvForm::weight};
+const HraForm kForms[] = {HraForm::low_rank, HraForm::hybrid, HraForm::weight};
 const Variant kVariants[] = {Variant::chain, Variant::gram_schmidt};
 
 HraOptions options(Index rank, Variant variant = Variant::chain, Init init = Init::random,
@@ -101,7 +101,7 @@ TEST_CASE("HraConv2d: forward equals conv with the dense W H, every geometry, va
           "[hra_conv2d]") {
   for (const auto& c : hra_test::conv_cases())
     for (Variant v : kVariants)
-      for (HraConvForm f : kForms) {
+      for (HraForm f : kForms) {
         INFO(c.name << ", " << hra::to_string(v) << ", " << hra::to_string(f));
         auto layer = make_hra<double>(c.geometry, options(rank_for(c.geometry), v));
         layer.set_form(f);
@@ -121,7 +121,7 @@ TEST_CASE("HraConv2d: gradients match central differences, every geometry, varia
   double worst = 0;
   for (const auto& c : hra_test::conv_cases())
     for (Variant v : kVariants)
-      for (HraConvForm f : kForms) {
+      for (HraForm f : kForms) {
         INFO(c.name << ", " << hra::to_string(v) << ", " << hra::to_string(f));
         auto layer =
             make_hra<double>(c.geometry, options(rank_for(c.geometry), v, Init::random, 7, 0.01));
@@ -148,7 +148,7 @@ TEST_CASE("HraConv2d: r = D, stacked adapters and several blocks are differentia
   const auto depthwise = Conv2dGeometry(3, 5, 5, 3, 3, 3).padding(1).groups(3);  // D = 9
   const auto pointwise = Conv2dGeometry(5, 4, 3, 6, 1, 1);                       // D = 5
   const auto grouped = Conv2dGeometry(4, 5, 5, 6, 3, 3).padding(1).groups(2);    // D = 18
-  for (HraConvForm f : kForms)
+  for (HraForm f : kForms)
     for (Variant v : kVariants) {
       INFO(hra::to_string(f) << ", " << hra::to_string(v));
       std::vector<hra::HraConv2d<double>> layers;
@@ -203,11 +203,11 @@ TEST_CASE("HraConv2d: the three forms agree with each other to rounding", "[hra_
       const MatD x = hra_test::random_matrix(c.geometry.input_size(), 4, 5);
       const MatD dy = hra_test::random_matrix(c.geometry.output_size(), 4, 6);
       std::vector<Pass> passes;
-      for (HraConvForm f : kForms) {
+      for (HraForm f : kForms) {
         auto layer = make_hra<double>(c.geometry, options(rank_for(c.geometry), v));
         layer.add_adapter("second", options(2, Variant::chain, Init::random, 8));
         layer.set_form(f);
-        layer.set_threads(f == HraConvForm::hybrid ? 3 : 1);  // workers change nothing either
+        layer.set_batch_chunks(f == HraForm::hybrid ? 3 : 1);  // workers change nothing either
         passes.push_back(run(layer, x, dy));
       }
       for (std::size_t i = 1; i < passes.size(); ++i) {
@@ -222,7 +222,7 @@ TEST_CASE("HraConv2d: the three forms agree with each other to rounding", "[hra_
 TEST_CASE("HraConv2d: float agrees with double", "[hra_conv2d]") {
   double worst = 0;
   for (const auto& c : hra_test::conv_cases())
-    for (HraConvForm f : kForms) {
+    for (HraForm f : kForms) {
       INFO(c.name << ", " << hra::to_string(f));
       auto ld = make_hra<double>(c.geometry, options(rank_for(c.geometry)));
       auto lf = make_hra<float>(c.geometry, options(rank_for(c.geometry)));
@@ -252,7 +252,7 @@ TEST_CASE("HraConv2d: symmetric initialisation starts as the frozen convolution"
 TEST_CASE("HraConv2d: dU is orthogonal to each u_i, and the input gradient is optional",
           "[hra_conv2d]") {
   const auto g = Conv2dGeometry(3, 6, 5, 4, 3, 3).stride(2).padding(1);
-  for (HraConvForm f : kForms) {
+  for (HraForm f : kForms) {
     INFO(hra::to_string(f));
     auto layer = make_hra<double>(g, options(4));
     layer.set_form(f);
@@ -296,7 +296,7 @@ TEST_CASE("HraConv2d: merge equals the unmerged output; unmerge, stacks and safe
     layer.unmerge();
     CHECK(hra_test::rel_err(w, w0) < 1e-13);
     CHECK(hra_test::rel_err(layer.forward(x), unmerged) < 1e-13);
-    layer.merge(true);
+    layer.merge(hra::MergeCheck::safe);
     CHECK(hra_test::rel_err(layer.forward(x), unmerged) < 1e-13);
   }
   // Safe merge refuses a non-finite result and leaves W untouched.
@@ -304,7 +304,7 @@ TEST_CASE("HraConv2d: merge equals the unmerged output; unmerge, stacks and safe
   MatD w = MatD::Constant(3, 18, 1e308);
   hra::HraConv2dd layer(g, hra::WeightMatrix<double>::view(w), std::nullopt, options(2));
   const MatD before = w;
-  hra_test::expect_error<std::runtime_error>([&] { layer.merge(true); },
+  hra_test::expect_error<std::runtime_error>([&] { layer.merge(hra::MergeCheck::safe); },
                                              {"HraConv2d::merge", "non-finite", "unchanged"});
   CHECK(hra_test::bitwise_equal(w, before));
   CHECK_FALSE(layer.merged());
@@ -339,27 +339,27 @@ TEST_CASE(
   // A network's first layer (few channels): the full weight gradient is cheaper than r-sized
   // sums over every patch.
   auto first = make_hra<double>(Conv2dGeometry(1, 28, 28, 16, 3, 3).padding(1), options(8));
-  CHECK(first.form_for_batch(64) == HraConvForm::weight);
+  CHECK(first.form_for_batch(64) == HraForm::weight);
   // ResNet-like: many channels, the hybrid.
   auto resnet = make_hra<double>(Conv2dGeometry(64, 14, 14, 64, 3, 3).padding(1), options(8));
-  CHECK(resnet.form_for_batch(32) == HraConvForm::hybrid);
+  CHECK(resnet.form_for_batch(32) == HraForm::hybrid);
   // One output position of one image: W' would cost more than the patches.
   auto tiny = make_hra<double>(Conv2dGeometry(64, 3, 3, 64, 3, 3), options(8));
-  CHECK(tiny.form_for_batch(1) == HraConvForm::patch);
-  for (HraConvForm f : kForms)
-    CHECK(resnet.estimated_flops(f, 32) >= resnet.estimated_flops(HraConvForm::automatic, 32));
+  CHECK(tiny.form_for_batch(1) == HraForm::low_rank);
+  for (HraForm f : kForms)
+    CHECK(resnet.estimated_flops(f, 32) >= resnet.estimated_flops(HraForm::automatic, 32));
 
   const auto g = Conv2dGeometry(3, 8, 8, 5, 3, 3).padding(1);
   const Index n = 4, r = 4, d = g.fan_in(), nl = n * g.out_positions();
   const std::size_t s = sizeof(double);
   const std::size_t base = static_cast<std::size_t>(g.input_size() * n + g.output_size() * n) * s;
-  for (HraConvForm f : kForms) {
+  for (HraForm f : kForms) {
     INFO(hra::to_string(f));
     auto layer = make_hra<double>(g, options(r));
     layer.set_form(f);
     layer.forward(hra_test::random_matrix(g.input_size(), n, 1));
     const std::size_t factors = static_cast<std::size_t>(r * r) * s;  // S of one block
-    const std::size_t extra = f == HraConvForm::patch
+    const std::size_t extra = f == HraForm::low_rank
                                   ? static_cast<std::size_t>(r * nl) * s                 // K
                                   : static_cast<std::size_t>(g.out_channels() * d) * s;  // W'
     CHECK(layer.saved_bytes() == base + factors + extra);
@@ -397,7 +397,7 @@ TEST_CASE("HraConv2d: bad options, geometry, weight and inputs throw naming the 
   expect_error<std::logic_error>([&] { layer.backward(MatD::Ones(g.output_size(), 1)); },
                                  {"HraConv2d::backward", "no forward()"});
   layer.forward(MatD::Ones(50, 2));
-  layer.set_form(HraConvForm::weight);  // changes what backward would need: forgets the forward
+  layer.set_form(HraForm::weight);  // changes what backward would need: forgets the forward
   expect_error<std::logic_error>([&] { layer.backward(MatD::Ones(g.output_size(), 2)); },
                                  {"HraConv2d::backward", "no forward()"});
   // A U an optimiser made unusable: the forward throws and keeps nothing.
@@ -421,7 +421,7 @@ TEST_CASE("HraConv2d: agrees with PEFT's W H in F.conv2d and autograd (fixtures)
     const MatD x = f.input("x"), dy = f.output("grad_output");
     const auto check = [&](auto& layer, double tol, double& worst) {
       layer.set_reflectors("default", u.cast<typename std::decay_t<decltype(layer)>::Scalar>());
-      for (HraConvForm form : kForms) {
+      for (HraForm form : kForms) {
         INFO(hra::to_string(form));
         layer.set_form(form);
         const Pass p = run(layer, x, dy);

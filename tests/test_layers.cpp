@@ -138,15 +138,6 @@ hra::LoraLinear<T> make_lora(const LoraOptions& o, BiasMode mode = BiasMode::non
   return layer;
 }
 
-// The parameter view called `name` (the test fails if there is none).
-template <typename T>
-hra::ParameterView<T> parameter(hra::Layer<T>& layer, const std::string& name) {
-  for (auto& p : layer.parameters())
-    if (p.name == name) return p;
-  FAIL("no parameter " << name);
-  throw std::logic_error("unreachable");
-}
-
 template <typename T>
 std::vector<std::string> names_of(hra::Layer<T>& layer) {
   std::vector<std::string> out;
@@ -281,20 +272,20 @@ TEST_CASE("Layers: LoRA and Linear gradients match central differences (double)"
           "[layers][gradient]") {
   SECTION("LoRA with B != 0, each bias mode") {
     auto none = make_lora<double>(lora_options(3, 6.0), BiasMode::none);
-    gradcheck("lora_r3_bias_none", none, {"lora_A", "lora_B"});
+    gradcheck("lora_r3_bias_none", none, {"lora_A.default", "lora_B.default"});
     auto all = make_lora<double>(lora_options(3, 6.0), BiasMode::all);
-    gradcheck("lora_r3_bias_all", all, {"lora_A", "lora_B", "bias"});
+    gradcheck("lora_r3_bias_all", all, {"lora_A.default", "lora_B.default", "bias"});
     auto only = make_lora<double>(lora_options(3, 6.0), BiasMode::adapter_only);
-    gradcheck("lora_r3_bias_adapter_only", only, {"lora_A", "lora_B", "bias"});
+    gradcheck("lora_r3_bias_adapter_only", only, {"lora_A.default", "lora_B.default", "bias"});
   }
   SECTION("LoRA with dropout (mask reused across the evaluations)") {
     auto l = make_lora<double>(lora_options(4, 16.0, 0.3), BiasMode::all);
     l.set_reuse_dropout_mask(true);
-    gradcheck("lora_r4_dropout0.3", l, {"lora_A", "lora_B", "bias"}, 5);
+    gradcheck("lora_r4_dropout0.3", l, {"lora_A.default", "lora_B.default", "bias"}, 5);
   }
   SECTION("LoRA, rank = min(d_out, d_in), n = 1") {
     auto l = make_lora<double>(lora_options(kOut));
-    gradcheck("lora_r6_n1", l, {"lora_A", "lora_B"}, 1);
+    gradcheck("lora_r6_n1", l, {"lora_A.default", "lora_B.default"}, 1);
   }
   SECTION("Linear, trainable weight and bias") {
     hra::Lineard l(Weight<double>::owned(random_matrix(kOut, kIn, 21)),
@@ -319,7 +310,7 @@ TEST_CASE("Layers: the gradient checker catches a wrong gradient", "[layers][gra
     const Matrix& forward(const ConstRef& x) override { return inner_.forward(x); }
     const Matrix& backward(const ConstRef& dy, bool in) override {
       const Matrix& dx = inner_.backward(dy, in);
-      auto grad = parameter(inner_, "hra_u.default").grad;
+      auto grad = inner_.parameter("hra_u.default").grad;
       grad(1, 2) += 0.01 * grad.cwiseAbs().maxCoeff();
       return dx;
     }
@@ -378,13 +369,13 @@ TEST_CASE("Layers: HRA low-rank form matches central differences and the chain f
       auto o = hra_options(5, v, Init::random, 7, 0.25);
       o.block_size = block;
       auto low = make_hra<double>(o, BiasMode::all);
-      low.set_form(hra::HraLinearForm::low_rank);
+      low.set_form(hra::HraForm::low_rank);
       gradcheck("hra_" + tag + "_low_rank_block" + std::to_string(block), low,
                 {"hra_u.default", "bias"});
-      CHECK(low.last_form() == hra::HraLinearForm::low_rank);
+      CHECK(low.last_form() == hra::HraForm::low_rank);
 
       auto chain = make_hra<double>(o, BiasMode::all);
-      chain.set_form(hra::HraLinearForm::chain);
+      chain.set_form(hra::HraForm::chain);
       const MatD x = random_matrix(kIn, 7, 61), g = random_matrix(kOut, 7, 62);
       for (const bool with_dx : {true, false}) {
         INFO("input gradient " << with_dx);
@@ -393,7 +384,7 @@ TEST_CASE("Layers: HRA low-rank form matches central differences and the chain f
         const MatD du_low = low.adapter().gradient();
         const MatD y_chain = chain.forward(x);
         const MatD dx_chain = chain.backward(g, with_dx);
-        CHECK(chain.last_form() == hra::HraLinearForm::chain);
+        CHECK(chain.last_form() == hra::HraForm::chain);
         CHECK(rel_err(y_low, y_chain) <= 1e-13);
         CHECK(dx_low.size() == (with_dx ? kIn * 7 : 0));
         if (with_dx) CHECK(rel_err(dx_low, dx_chain) <= 1e-13);
@@ -419,8 +410,8 @@ TEST_CASE("Layers: float low-rank HRA gradients match the double analytic ones",
     auto ld = make_hra<double>(o, BiasMode::all, true, d_out, d_in);
     auto lf = make_hra<float>(o, BiasMode::all, true, d_out, d_in);
     lf.set_reflectors("default", ld.adapter().chain().reflectors().cast<float>());
-    ld.set_form(hra::HraLinearForm::low_rank);
-    lf.set_form(hra::HraLinearForm::low_rank);
+    ld.set_form(hra::HraForm::low_rank);
+    lf.set_form(hra::HraForm::low_rank);
     const MatD x = random_matrix(d_in, n, 71), g = random_matrix(d_out, n, 72);
     ld.forward(x);
     const MatD dx_d = ld.backward(g);
@@ -440,8 +431,8 @@ TEST_CASE("Layers: HRA picks its form by the cost model and says which", "[layer
     const double din = double(layer.weight().cols()), dout = double(layer.weight().rows());
     const double r = double(layer.adapter().rank()), nn = double(n);
     const double common = 6 * r * r * nn + 3 * din * r * r;
-    CHECK(layer.estimated_flops(hra::HraLinearForm::chain, n) == common + 12 * r * din * nn);
-    CHECK(layer.estimated_flops(hra::HraLinearForm::low_rank, n) ==
+    CHECK(layer.estimated_flops(hra::HraForm::chain, n) == common + 12 * r * din * nn);
+    CHECK(layer.estimated_flops(hra::HraForm::low_rank, n) ==
           common + 4 * din * dout * r + 6 * r * nn * (din + dout));
   };
   // 64 -> 8: the low-rank form wins once 3 n (64 - 8) > 2 * 64 * 8, i.e. for n >= 7.
@@ -449,36 +440,36 @@ TEST_CASE("Layers: HRA picks its form by the cost model and says which", "[layer
                          hra_options(4), BiasMode::none);
   check_model(narrow, 6);
   check_model(narrow, 7);
-  CHECK(narrow.form() == hra::HraLinearForm::automatic);
-  CHECK(narrow.form_for_batch(6) == hra::HraLinearForm::chain);
-  CHECK(narrow.form_for_batch(7) == hra::HraLinearForm::low_rank);
+  CHECK(narrow.form() == hra::HraForm::automatic);
+  CHECK(narrow.form_for_batch(6) == hra::HraForm::chain);
+  CHECK(narrow.form_for_batch(7) == hra::HraForm::low_rank);
   narrow.forward(random_matrix(64, 6, 82));
-  CHECK(narrow.last_form() == hra::HraLinearForm::chain);
+  CHECK(narrow.last_form() == hra::HraForm::chain);
   narrow.forward(random_matrix(64, 50, 83));
-  CHECK(narrow.last_form() == hra::HraLinearForm::low_rank);
-  CHECK(narrow.estimated_flops(hra::HraLinearForm::automatic, 50) ==
-        narrow.estimated_flops(hra::HraLinearForm::low_rank, 50));
+  CHECK(narrow.last_form() == hra::HraForm::low_rank);
+  CHECK(narrow.estimated_flops(hra::HraForm::automatic, 50) ==
+        narrow.estimated_flops(hra::HraForm::low_rank, 50));
   // A square layer never prefers it (d_in - d_out = 0).
   auto square = make_hra<double>(hra_options(4), BiasMode::none, false, kIn, kIn);
-  CHECK(square.form_for_batch(100000) == hra::HraLinearForm::chain);
+  CHECK(square.form_for_batch(100000) == hra::HraForm::chain);
   // Forced: chain stays chain; low-rank serves one adapter, so two stacked ones fall back.
-  narrow.set_form(hra::HraLinearForm::chain);
-  CHECK(narrow.form_for_batch(50) == hra::HraLinearForm::chain);
-  narrow.set_form(hra::HraLinearForm::low_rank);
-  CHECK(narrow.form_for_batch(1) == hra::HraLinearForm::low_rank);
+  narrow.set_form(hra::HraForm::chain);
+  CHECK(narrow.form_for_batch(50) == hra::HraForm::chain);
+  narrow.set_form(hra::HraForm::low_rank);
+  CHECK(narrow.form_for_batch(1) == hra::HraForm::low_rank);
   narrow.add_adapter("second", hra_options(2, Variant::gram_schmidt));
-  CHECK(narrow.form_for_batch(50) == hra::HraLinearForm::chain);
-  CHECK(std::isinf(narrow.estimated_flops(hra::HraLinearForm::low_rank, 50)));
+  CHECK(narrow.form_for_batch(50) == hra::HraForm::chain);
+  CHECK(std::isinf(narrow.estimated_flops(hra::HraForm::low_rank, 50)));
   narrow.forward(random_matrix(64, 50, 84));
-  CHECK(narrow.last_form() == hra::HraLinearForm::chain);
+  CHECK(narrow.last_form() == hra::HraForm::chain);
   // set_form() forgets the pending forward, as every verb that changes what forward computes.
   expect_error<std::logic_error>(
       [&] {
-        narrow.set_form(hra::HraLinearForm::automatic);
+        narrow.set_form(hra::HraForm::automatic);
         narrow.backward(random_matrix(8, 50, 85));
       },
       {"HraLinear::backward", "no forward()"});
-  CHECK(std::string(hra::to_string(hra::HraLinearForm::low_rank)) == "low_rank");
+  CHECK(std::string(hra::to_string(hra::HraForm::low_rank)) == "low_rank");
 }
 
 // The low-rank form given its own output back as input (d_in = d_out) and its own dX as dY.
@@ -486,8 +477,8 @@ TEST_CASE("Layers: HRA low-rank form is alias-safe", "[layers][form][misuse]") {
   for (const Variant v : {Variant::chain, Variant::gram_schmidt}) {
     auto a = make_hra<double>(hra_options(4, v), BiasMode::all, true, kIn, kIn);
     auto b = make_hra<double>(hra_options(4, v), BiasMode::all, true, kIn, kIn);
-    a.set_form(hra::HraLinearForm::low_rank);
-    b.set_form(hra::HraLinearForm::low_rank);
+    a.set_form(hra::HraForm::low_rank);
+    b.set_form(hra::HraForm::low_rank);
     const MatD x = random_matrix(kIn, 5, 91);
     const MatD y1 = a.forward(x);
     b.forward(x);
@@ -733,7 +724,8 @@ TEMPLATE_TEST_CASE("Layers: merging a merged layer or unmerging an unmerged one 
   const Mat<T> w = hra_layer.weight();
   const Mat<T> y = hra_layer.forward(x);
   expect_error<std::logic_error>([&] { hra_layer.merge(); }, {"already merged"});
-  expect_error<std::logic_error>([&] { hra_layer.merge(true); }, {"already merged"});
+  expect_error<std::logic_error>([&] { hra_layer.merge(hra::MergeCheck::safe); },
+                                 {"already merged"});
   CHECK(bitwise_equal(hra_layer.weight(), w));
   CHECK(hra_layer.merged());
   CHECK(bitwise_equal(hra_layer.forward(x), y));
@@ -775,7 +767,7 @@ TEMPLATE_TEST_CASE("Layers: LoRA merge equals the unmerged forward, unmerge rest
   CHECK(names_of<T>(layer) == std::vector<std::string>{"bias"});
   layer.unmerge();
   CHECK(max_abs(to_double(layer.weight()) - to_double(w0)) <= unmerge_tol);
-  CHECK(names_of<T>(layer) == std::vector<std::string>{"lora_A", "lora_B", "bias"});
+  CHECK(names_of<T>(layer) == std::vector<std::string>{"lora_A.default", "lora_B.default", "bias"});
 }
 
 TEMPLATE_TEST_CASE("Layers: safe merge refuses a poisoned adapter and leaves W bit for bit",
@@ -796,12 +788,13 @@ TEMPLATE_TEST_CASE("Layers: safe merge refuses a poisoned adapter and leaves W b
 
   // The poison is real: the plain merge produces a non-finite weight.
   auto unsafe = make();
-  unsafe.merge(false);
+  unsafe.merge(hra::MergeCheck::in_place);
   CHECK_FALSE(unsafe.weight().allFinite());
 
   auto layer = make();
   const Mat<T> x = random_as<T>(4, 2, 102);
-  expect_error<std::runtime_error>([&] { layer.merge(true); }, {"non-finite", "unchanged"});
+  expect_error<std::runtime_error>([&] { layer.merge(hra::MergeCheck::safe); },
+                                   {"non-finite", "unchanged"});
   CHECK(bitwise_equal(layer.weight(), w));
   CHECK_FALSE(layer.merged());
   CHECK_FALSE(layer.adapter().merged());
@@ -812,7 +805,7 @@ TEMPLATE_TEST_CASE("Layers: safe merge refuses a poisoned adapter and leaves W b
   hra::HraLinear<T> stacked(Weight<T>::owned(w), std::nullopt, hra_options(2));
   stacked.add_adapter("poison", hra_options(1));
   stacked.set_reflectors("poison", u);
-  expect_error<std::runtime_error>([&] { stacked.merge(true); }, {"non-finite"});
+  expect_error<std::runtime_error>([&] { stacked.merge(hra::MergeCheck::safe); }, {"non-finite"});
   CHECK(bitwise_equal(stacked.weight(), w));
   CHECK_FALSE(stacked.adapter("default").merged());
   CHECK_FALSE(stacked.adapter("poison").merged());
@@ -821,7 +814,8 @@ TEMPLATE_TEST_CASE("Layers: safe merge refuses a poisoned adapter and leaves W b
   hra::LoraLinear<T> lora(Weight<T>::owned(random_as<T>(3, 4, 103)), std::nullopt, lora_options(2));
   lora.set_lora_weights(Mat<T>::Constant(2, 4, T(1)), Mat<T>::Constant(3, 2, c));
   const Mat<T> wl = lora.weight();
-  expect_error<std::runtime_error>([&] { lora.merge(true); }, {"non-finite", "unchanged"});
+  expect_error<std::runtime_error>([&] { lora.merge(hra::MergeCheck::safe); },
+                                   {"non-finite", "unchanged"});
   CHECK(bitwise_equal(lora.weight(), wl));
   CHECK_FALSE(lora.merged());
 }
@@ -829,18 +823,18 @@ TEMPLATE_TEST_CASE("Layers: safe merge refuses a poisoned adapter and leaves W b
 TEMPLATE_TEST_CASE("Layers: merge refuses a non-finite or zero reflector before touching W",
                    "[layers][merge][errors]", float, double) {
   using T = TestType;
-  for (const bool safe : {false, true}) {
-    INFO("safe=" << safe);
+  for (const hra::MergeCheck safe : {hra::MergeCheck::in_place, hra::MergeCheck::safe}) {
+    INFO("safe=" << (safe == hra::MergeCheck::safe));
     auto layer = make_hra<T>(hra_options(4));
     layer.add_adapter("b", hra_options(2));
     const Mat<T> w = layer.weight();
     // parameters() are the optimiser's mutable views: nothing checks them until the next use.
-    parameter(layer, "hra_u.b").value(3, 1) = std::numeric_limits<T>::quiet_NaN();
+    layer.parameter("hra_u.b").value(3, 1) = std::numeric_limits<T>::quiet_NaN();
     expect_error<std::invalid_argument>([&] { layer.merge(safe); }, {"non-finite"});
     CHECK(bitwise_equal(layer.weight(), w));
     CHECK_FALSE(layer.adapter("default").merged());
 
-    parameter(layer, "hra_u.b").value.col(1).setZero();
+    layer.parameter("hra_u.b").value.col(1).setZero();
     expect_error<std::invalid_argument>([&] { layer.merge(safe); }, {"column 1", "zero"});
     CHECK(bitwise_equal(layer.weight(), w));
     CHECK_FALSE(layer.adapter("default").merged());

@@ -100,7 +100,7 @@ TEST_CASE("LoraConv2d: float agrees with double; workers change nothing", "[lora
     auto ld = make_lora<double>(c.geometry, options(rank_for(c.geometry)));
     auto lf = make_lora<float>(c.geometry, options(rank_for(c.geometry)));
     auto lw = make_lora<double>(c.geometry, options(rank_for(c.geometry)));
-    lw.set_threads(3);
+    lw.set_batch_chunks(3);
     const MatD x = hra_test::random_matrix(c.geometry.input_size(), 4, 5);
     const MatD dy = hra_test::random_matrix(c.geometry.output_size(), 4, 6);
     const MatD yd = ld.forward(x), dxd = ld.backward(dy);
@@ -144,7 +144,7 @@ TEST_CASE("LoraConv2d: merge equals the unmerged output (groups too); unmerge re
                            hra_test::random_matrix(g.out_channels(), rank_for(g), 4));
     const MatD x = hra_test::random_matrix(g.input_size(), 3, 5);
     const MatD unmerged = layer.forward(x);
-    layer.merge(true);
+    layer.merge(hra::MergeCheck::safe);
     CHECK(layer.merged());
     CHECK(layer.parameters().empty());
     CHECK(hra_test::rel_err(w, w0 + delta_weight(layer)) < 1e-14);

@@ -307,7 +307,7 @@ TEST_CASE("export refuses what would not be the HRA layers' LoRA", "[export][err
                                     "merged into W", "unmerge()"});
     // Even when the merged adapter is not the one asked for: W is not the base weight.
     Model<float> partly;
-    partly.fc1.merge({"default"}, false);
+    partly.fc1.merge({"default"}, hra::MergeCheck::in_place);
     peft::LoraExportOptions o;
     o.adapters = {"b"};
     peft::HraModules<float> fc1{{"net.fc1", &partly.fc1}};

@@ -82,14 +82,6 @@ layer_kinds(Index d_out, Index d_in) {
        }}};
 }
 
-template <typename T>
-hra::ParameterView<T> parameter(hra::Layer<T>& layer, const std::string& name) {
-  for (auto& p : layer.parameters())
-    if (p.name == name) return p;
-  FAIL("no parameter " << name);
-  throw std::logic_error("unreachable");
-}
-
 }  // namespace
 
 TEMPLATE_TEST_CASE("Misuse: a layer's own buffers as arguments give the results of copies",
@@ -186,13 +178,14 @@ TEMPLATE_TEST_CASE("Misuse: a reflector column whose 1/|u|^2 overflows is refuse
   expect_error<std::invalid_argument>([&] { hra::ReflectorChain<T> c(u); },
                                       {"column 1", "too small"});
   // Written through the optimiser's view: the next use reports it and writes nothing.
-  parameter<T>(layer, "hra_u.default").value = u;
+  layer.parameter("hra_u.default").value = u;
   const LayerState<T> poisoned(layer);
   const Mat<T> x = random_as<T>(6, 3, 2);
   expect_error<std::invalid_argument>([&] { layer.forward(x); }, {"column 1", "too small"});
   expect_error<std::logic_error>([&] { layer.backward(Mat<T>::Ones(4, 3)); }, {"no forward"});
   expect_error<std::invalid_argument>([&] { layer.merge(); }, {"column 1", "too small"});
-  expect_error<std::invalid_argument>([&] { layer.merge(true); }, {"column 1", "too small"});
+  expect_error<std::invalid_argument>([&] { layer.merge(hra::MergeCheck::safe); },
+                                      {"column 1", "too small"});
   Mat<T> y;
   expect_error<std::invalid_argument>([&] { layer.predict(x, y); }, {"column 1", "too small"});
   poisoned.require_same(layer);
@@ -273,7 +266,7 @@ TEST_CASE("Misuse: the regulariser refuses a column whose direction is undefined
   hra::HraLineard layer(random_as<double>(4, 6, 1), o);
   layer.forward(random_as<double>(6, 2, 2));
   layer.backward(MatD::Ones(4, 2));
-  parameter<double>(layer, "hra_u.default").value.col(2).setZero();
+  layer.parameter("hra_u.default").value.col(2).setZero();
   const LayerState<double> before(layer);
   expect_error<std::invalid_argument>([&] { (void)layer.regularizer(); },
                                       {"regularizer", "column 2", "norm 0"});
@@ -340,7 +333,8 @@ TEMPLATE_TEST_CASE("Misuse: every throwing verb leaves the layer as it was", "[m
   expect_error<std::invalid_argument>([&] { layer.set_bias(nan_bias); }, {"non-finite"});
   expect_error<std::logic_error>([&] { layer.unmerge(); }, {"no adapter is merged"});
   expect_error<std::invalid_argument>([&] { layer.delete_adapter("x"); }, {"'x'"});
-  expect_error<std::logic_error>([&] { layer.merge({"b"}, true); }, {"'b'", "after"});
+  expect_error<std::logic_error>([&] { layer.merge({"b"}, hra::MergeCheck::safe); },
+                                 {"'b'", "after"});
   Mat<T> y;
   expect_error<std::invalid_argument>([&] { layer.predict(Mat<T>::Ones(6, 2), y); },
                                       {"7 rows", "6x2"});

@@ -152,7 +152,7 @@ TEMPLATE_TEST_CASE("Threads: the adapters' thin products give the same bits on 1
   REQUIRE(double(d_out) * double(d_in) * double(r) >= hra::detail::parallel_thin_min_madds);
   const Mat<T> w = hra_test::random_as<T>(d_out, d_in, 7), x = hra_test::random_as<T>(d_in, n, 8),
                dy = hra_test::random_as<T>(d_out, n, 9);
-  for (const hra::HraLinearForm form : {hra::HraLinearForm::chain, hra::HraLinearForm::low_rank})
+  for (const hra::HraForm form : {hra::HraForm::chain, hra::HraForm::low_rank})
     for (const hra::Variant variant : {hra::Variant::chain, hra::Variant::gram_schmidt}) {
       INFO("form " << hra::to_string(form) << ", variant "
                    << (variant == hra::Variant::chain ? "chain" : "gram_schmidt"));

@@ -6,9 +6,8 @@
 #include <utility>
 #include <vector>
 
-#include "conv_geometry.hpp"
+#include "conv_layer.hpp"
 #include "dense_layer.hpp"
-#include "detail/conv_ops.hpp"
 
 namespace hra {
 
@@ -24,15 +23,15 @@ namespace hra {
 /// Per image and group g, with the patches T (L x C_in kh kw, see detail::im2col) and L = H_out
 /// W_out: Y_g^T = T_g W_g^T (+ b), dT_g = dY_g^T W_g (then col2im), dW_g += (dY_g^T)^T T_g.
 /// Images are processed one at a time, in up to 8 chunks of the batch run on hra's pool (see
-/// detail::conv_workers; set_threads() overrides the chunk count), so memory stays bounded by one
-/// image's patches per chunk, never the batch's, and results do not depend on the thread count.
+/// detail::conv_workers; set_batch_chunks() overrides the chunk count), so memory stays bounded by
+/// one image's patches per chunk, never the batch's, and results do not depend on the thread count.
 ///
 /// With Conv2dOptions::train_weight the layer trains W ("weight", C_out x D); without it W is
 /// frozen (see DenseLayer for the bias, merge() and what is kept: backward rebuilds the patches
 /// from X).
 template <typename Scalar_>
-class Conv2d final : public DenseLayer<Scalar_> {
-  using Base = DenseLayer<Scalar_>;
+class Conv2d final : public detail::ConvLayer<DenseLayer<Scalar_>> {
+  using Base = detail::ConvLayer<DenseLayer<Scalar_>>;
 
  public:
   HRA_LAYER_TYPES(Base);
@@ -41,21 +40,11 @@ class Conv2d final : public DenseLayer<Scalar_> {
   /// not C_out x D or not finite, or a bias that is not C_out long or not finite.
   Conv2d(const Conv2dGeometry& geometry, WeightMatrix<Scalar> weight, std::optional<Vector> bias,
          const Conv2dOptions& options = {}, BiasMode bias_mode = BiasMode::none)
-      : Base(checked(geometry, std::move(weight)), std::move(bias), options, bias_mode, "Conv2d"),
-        geometry_(geometry) {}
+      : Base("Conv2d", geometry, std::move(weight), std::move(bias), options, bias_mode) {}
 
   /// Convenience: own a copy of W, no bias.
   Conv2d(const Conv2dGeometry& geometry, Matrix weight, const Conv2dOptions& options = {})
       : Conv2d(geometry, WeightMatrix<Scalar>::owned(std::move(weight)), std::nullopt, options) {}
-
-  const Conv2dGeometry& geometry() const { return geometry_; }
-  Index input_dim() const override { return geometry_.input_size(); }
-  Index output_dim() const override { return geometry_.output_size(); }
-
-  /// Chunks of the per-image loops: 0 (default) chooses from n alone (see detail::conv_workers),
-  /// t >= 1 uses min(t, n). The chunk count changes the order of the weight-gradient sums
-  /// (rounding only); the thread count changes nothing.
-  void set_threads(int threads) { threads_ = threads; }
 
   const Matrix& forward(const ConstRef& x) override;
 
@@ -66,35 +55,23 @@ class Conv2d final : public DenseLayer<Scalar_> {
   void predict(const ConstRef& x, Matrix& y) const override;
 
  private:
-  using Base::x_, Base::y_, Base::dx_;
+  using Base::x_, Base::y_, Base::dx_, Base::geometry_, Base::chunks_;
   struct Workspace {
     Matrix patches, patch_grad, weight_grad;
   };
 
-  static WeightMatrix<Scalar> checked(const Conv2dGeometry& g, WeightMatrix<Scalar> w) {
-    g.validate("Conv2d");
-    detail::check_conv_weight(w.rows(), w.cols(), g, "Conv2d");
-    return w;
-  }
-
-  static void prepare(std::vector<Workspace>& ws, int workers) {
-    if (ws.size() < static_cast<std::size_t>(workers)) ws.resize(static_cast<std::size_t>(workers));
-  }
-
-  Conv2dGeometry geometry_;
-  int threads_ = 0;
   std::vector<Workspace> workspaces_;
   Matrix scratch_;  // a copy of an argument that aliases the buffer being written
 };
 
 template <typename Scalar_>
 auto Conv2d<Scalar_>::forward(const ConstRef& x) -> const Matrix& {
-  detail::check_conv_input(x, geometry_, "Conv2d", "forward");
+  this->check_conv_input(x, "forward");
   this->forget_forward();
   // x is read while y_ is written: a copy when x is (part of) y_, the layer's last output.
   if (this->weight_trainable()) x_ = x;
   const ConstRef in = this->weight_trainable() ? ConstRef(x_) : this->unaliased(x, y_, scratch_);
-  detail::conv_forward<Scalar>(geometry_, in, this->weight(), this->bias(), y_, threads_,
+  detail::conv_forward<Scalar>(geometry_, in, this->weight(), this->bias(), y_, chunks_,
                                workspaces_);
   this->remember_forward(x.cols());
   return y_;
@@ -113,8 +90,8 @@ auto Conv2d<Scalar_>::backward(const ConstRef& dy, bool compute_input_gradient) 
     dx_.resize(0, 0);
   if (this->bias_trainable()) this->bias_backward(detail::channel_sums<Scalar>(g, dyv));
   if (!train_w && !compute_input_gradient) return dx_;
-  const int workers = detail::conv_workers(n, threads_);
-  prepare(workspaces_, workers);
+  const int workers = detail::conv_workers(n, chunks_);
+  this->prepare(workspaces_, workers);
   for (auto& ws : workspaces_)
     if (train_w) ws.weight_grad.setZero(co, g.fan_in());
   const auto w = this->weight();
@@ -136,10 +113,10 @@ auto Conv2d<Scalar_>::backward(const ConstRef& dy, bool compute_input_gradient) 
 
 template <typename Scalar_>
 void Conv2d<Scalar_>::predict(const ConstRef& x, Matrix& y) const {
-  detail::check_conv_input(x, geometry_, "Conv2d", "predict");
+  this->check_conv_input(x, "predict");
   std::vector<Workspace> ws;
   this->write_unaliased(x, y, [&](Matrix& out) {
-    detail::conv_forward<Scalar>(geometry_, x, this->weight(), this->bias(), out, threads_, ws);
+    detail::conv_forward<Scalar>(geometry_, x, this->weight(), this->bias(), out, chunks_, ws);
   });
 }
 

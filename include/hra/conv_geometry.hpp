@@ -12,16 +12,20 @@ namespace hra {
 /// \brief Geometry of a 2-D convolution over C_in x H x W images (PyTorch's `nn.Conv2d` with
 /// zero padding), as a value type.
 ///
-/// Built with the image and channel sizes and the kernel, then refined by chained setters that
-/// mirror `F.conv2d`'s arguments, each per axis:
+/// Built as `nn.Conv2d` is, in its argument order (in_channels, out_channels, kernel_size), with
+/// the image size PyTorch reads off the input, then refined by chained setters that mirror
+/// `nn.Conv2d`'s keyword arguments, each per axis:
 ///
-///     auto g = hra::Conv2dGeometry(64, 56, 56, 64, 3, 3).padding(1);          // ResNet block
-///     auto s = hra::Conv2dGeometry(16, 28, 28, 32, 3, 3).stride(2).padding(1);
-///     auto a = hra::Conv2dGeometry(4, 9, 8, 6, 3, 2).padding(0, 2, 1, 0).dilation(2, 1).groups(2);
+///     auto g = hra::Conv2dGeometry::conv2d(64, 64, 3).image(56, 56).padding(1);  // ResNet block
+///     auto s = hra::Conv2dGeometry::conv2d(16, 32, 3).image(28, 28).stride(2).padding(1);
+///     auto a = hra::Conv2dGeometry::conv2d(4, 6, 3, 2).image(9, 8).dilation(2, 1).groups(2)
+///                  .pad(1, 0, 0, 2);  // F.pad(x, (1, 0, 0, 2)), then the convolution
 ///
-/// padding(ph, pw) is PyTorch's symmetric padding; padding(top, bottom, left, right) is the fully
-/// asymmetric one, which PyTorch expresses as `F.pad(x, (left, right, top, bottom))` followed by
-/// a convolution without padding. Output size per axis (PyTorch's formula):
+/// padding(p) and padding(ph, pw) are nn.Conv2d's symmetric padding; pad(left, right, top,
+/// bottom) is the fully asymmetric one in `F.pad(x, (left, right, top, bottom))`'s order, the way
+/// PyTorch expresses it (F.pad followed by a convolution without padding). The constructor
+/// Conv2dGeometry(C_in, H, W, C_out, kh, kw) is the image-first form of the same. Output size
+/// per axis (PyTorch's formula):
 ///
 ///     H_out = floor((H + top + bottom - dh (kh - 1) - 1) / sh) + 1
 ///
@@ -51,6 +55,23 @@ class Conv2dGeometry {
         kernel_h_(kernel_h),
         kernel_w_(kernel_w) {}
 
+  /// nn.Conv2d(in_channels, out_channels, kernel_size): a square kernel. The image size is set
+  /// with image(H, W) (validate() refuses a geometry without one).
+  static Conv2dGeometry conv2d(Index in_channels, Index out_channels, Index kernel_size) {
+    return conv2d(in_channels, out_channels, kernel_size, kernel_size);
+  }
+  /// nn.Conv2d(in_channels, out_channels, kernel_size=(kh, kw)).
+  static Conv2dGeometry conv2d(Index in_channels, Index out_channels, Index kernel_h,
+                               Index kernel_w) {
+    return Conv2dGeometry(in_channels, 0, 0, out_channels, kernel_h, kernel_w);
+  }
+  /// The H x W of the input images (PyTorch reads it off the input tensor).
+  Conv2dGeometry& image(Index h, Index w) {
+    height_ = h;
+    width_ = w;
+    return *this;
+  }
+
   Conv2dGeometry& stride(Index s) { return stride(s, s); }
   Conv2dGeometry& stride(Index sh, Index sw) {
     stride_h_ = sh;
@@ -60,14 +81,19 @@ class Conv2dGeometry {
   /// Symmetric padding, the same on both axes.
   Conv2dGeometry& padding(Index p) { return padding(p, p); }
   /// PyTorch's padding=(ph, pw): ph rows above and below, pw columns left and right.
-  Conv2dGeometry& padding(Index ph, Index pw) { return padding(ph, ph, pw, pw); }
-  /// Fully asymmetric zero padding (PyTorch: F.pad(x, (left, right, top, bottom)) then conv).
-  Conv2dGeometry& padding(Index top, Index bottom, Index left, Index right) {
+  Conv2dGeometry& padding(Index ph, Index pw) { return pad(pw, pw, ph, ph); }
+  /// Fully asymmetric zero padding in F.pad's order: `F.pad(x, (left, right, top, bottom))`,
+  /// then the convolution without padding.
+  Conv2dGeometry& pad(Index left, Index right, Index top, Index bottom) {
     pad_top_ = top;
     pad_bottom_ = bottom;
     pad_left_ = left;
     pad_right_ = right;
     return *this;
+  }
+  [[deprecated("use pad(left, right, top, bottom), F.pad's order")]] Conv2dGeometry& padding(
+      Index top, Index bottom, Index left, Index right) {
+    return pad(left, right, top, bottom);
   }
   Conv2dGeometry& dilation(Index d) { return dilation(d, d); }
   Conv2dGeometry& dilation(Index dh, Index dw) {
@@ -131,6 +157,10 @@ class Conv2dGeometry {
       if (v < 1) detail::throw_invalid(who, ": ", name, "=", v, " must be >= 1");
     };
     positive(in_channels_, "C_in");
+    if (height_ == 0 && width_ == 0)
+      detail::throw_invalid(who,
+                            ": the image size is not set (Conv2dGeometry::conv2d(...) needs "
+                            ".image(H, W))");
     positive(height_, "H");
     positive(width_, "W");
     if (out_channels_ < 1)

@@ -29,7 +29,63 @@ struct HraOptions {
   double lambda = 0.0;               ///< regulariser weight, 0 = plain HRA
   RegularizerForm regularizer = RegularizerForm::squared;
   Eigen::Index block_size = ReflectorChain<double>::default_block_size;
+  /// With Init::given: the initial U (D x rank; double holds a float U exactly). The layer
+  /// checks it as set_reflectors() does; the other inits ignore it.
+  Eigen::MatrixXd reflectors;
+
+  /// Options whose adapter starts from the caller's U (D x r): rank r, Init::given, any r and
+  /// either variant (the symmetric init needs an even r and the chain variant). One line where
+  /// a check against PyTorch or a loaded U would otherwise need three:
+  ///
+  ///     hra::HraLinearf layer(W, hra::HraOptions::given(U));
+  template <typename Derived>
+  static HraOptions given(const Eigen::MatrixBase<Derived>& u, Variant variant = Variant::chain) {
+    HraOptions o;
+    o.rank = u.cols();
+    o.variant = variant;
+    o.init = Init::given;
+    o.reflectors = u.template cast<double>();
+    return o;
+  }
 };
+
+/// \brief How an HRA layer applies H in training: one vocabulary for the dense and the
+/// convolution layers (each layer's class comment gives the cost of the forms it has; its
+/// set_form() refuses the others with std::invalid_argument). All forms agree to rounding.
+enum class HraForm {
+  automatic,  ///< the cheapest form the layer has, by its estimated_flops(), per batch size
+  chain,      ///< HraLinear: H applied to the batch (SPEC 2-3), X' = H X, then W X'
+  low_rank,   ///< W X - (W V) K (SPEC 10), LoRA's shape of work: HraLinear on the batch,
+              ///< HraConv2d on every im2col patch (which it called the patch form)
+  weight,     ///< HraConv2d: W' = W H once per step; dU from the full weight gradient dW'
+  hybrid,     ///< HraConv2d: W' = W H once per step; dU from the low-rank form's r-sized sums
+  patch [[deprecated("use HraForm::low_rank")]] = low_rank
+};
+
+inline const char* to_string(HraForm f) {
+  static constexpr const char* names[] = {"automatic", "chain", "low_rank", "weight", "hybrid"};
+  return detail::enum_name(f, names);
+}
+
+/// The names of one release ago (HraLinearForm {automatic, chain, low_rank}, HraConvForm
+/// {automatic, patch, weight, hybrid}).
+using HraLinearForm [[deprecated("use hra::HraForm")]] = HraForm;
+using HraConvForm [[deprecated("use hra::HraForm (patch is HraForm::low_rank)")]] = HraForm;
+
+namespace detail {
+/// std::invalid_argument unless `form` is automatic or one of the layer's `forms`.
+template <std::size_t N>
+void check_form(HraForm form, const HraForm (&forms)[N], const char* layer) {
+  if (form == HraForm::automatic) return;
+  std::string have;
+  for (HraForm f : forms) {
+    if (f == form) return;
+    have += std::string(", ") + to_string(f);
+  }
+  throw_invalid(layer, "::set_form: ", layer, " has no ", to_string(form),
+                " form (its forms: automatic", have, ")");
+}
+}  // namespace detail
 
 /// \brief Base of the HRA layers: W (rows x D) adapted as W H_a H_b ... by a stack of named
 /// adapters, each a ReflectorChain on R^D (D = d_in for a dense layer, C_in/groups kh kw for a
@@ -146,6 +202,8 @@ class HraAdapterLayer : public AffineLayer<Scalar_> {
   /// std::invalid_argument otherwise, and std::logic_error for a merged adapter (W holds it:
   /// unmerge() first); the layer is unchanged on error.
   void set_reflectors(const std::string& name, const ConstRef& u);
+  /// set_reflectors() of the adapter "default".
+  void set_reflectors(const ConstRef& u) { set_reflectors("default", u); }
 
   // --- Control -------------------------------------------------------------------------------
 
@@ -177,16 +235,24 @@ class HraAdapterLayer : public AffineLayer<Scalar_> {
 
   // --- Merge ---------------------------------------------------------------------------------
 
-  /// Folds every applied adapter into W (W <- W H_a H_b ..., O(rows D r)). With safe=true the
-  /// result is computed aside and W is left untouched if it is not finite. Throws
-  /// std::logic_error when there is nothing to merge.
-  void merge(bool safe);
-  void merge() override;
+  /// Folds every applied adapter into W (W <- W H_a H_b ..., O(rows D r)). With
+  /// MergeCheck::safe the result is computed aside and W is left untouched if it is not finite.
+  /// Throws std::logic_error when there is nothing to merge. merge() is merge(in_place).
+  void merge(MergeCheck check);
+  void merge() override { merge(MergeCheck::in_place); }
+  [[deprecated("use merge(MergeCheck::safe) or merge(MergeCheck::in_place)")]] void merge(
+      bool safe) {
+    merge(safe ? MergeCheck::safe : MergeCheck::in_place);
+  }
 
   /// Folds the adapters `names` into W, in stacking order. They must be active, unmerged and the
   /// first applied adapters (merging a later one first would change what forward() computes):
   /// std::invalid_argument for an unknown name, std::logic_error otherwise.
-  void merge(const std::vector<std::string>& names, bool safe);
+  void merge(const std::vector<std::string>& names, MergeCheck check = MergeCheck::in_place);
+  [[deprecated("use merge(names, MergeCheck::safe) or merge(names, MergeCheck::in_place)")]] void
+  merge(const std::vector<std::string>& names, bool safe) {
+    merge(names, safe ? MergeCheck::safe : MergeCheck::in_place);
+  }
 
   /// Undoes the most recent merge of one adapter (W <- W H^T with the U that was merged, which
   /// the adapter gets back); throws std::logic_error when no adapter is merged.
@@ -293,7 +359,7 @@ class HraAdapterLayer : public AffineLayer<Scalar_> {
   std::size_t index_of(const std::string& name) const;
   static typename Chain::ForwardCache& cache(Adapter& a) { return a.cache_; }
   static const typename Chain::ForwardCache& cache(const Adapter& a) { return a.cache_; }
-  static Matrix& gradient(Adapter& a) { return a.grad_; }
+  static Matrix& adapter_gradient(Adapter& a) { return a.grad_; }
 
  private:
   // S = striu(U^T U) + diag(U^T U) / 2 over all r columns (SPEC §2), upper triangular.
@@ -307,6 +373,10 @@ class HraAdapterLayer : public AffineLayer<Scalar_> {
     }
     return s;
   }
+
+  // The chain add_adapter() starts from: drawn by options.init, or U as given (checked as
+  // set_reflectors() checks it).
+  Chain initial_chain(const std::string& name, const HraOptions& options) const;
 
   // No active unmerged adapter may come before a merged one: W holds the merged ones, so the
   // unmerged ones act after them whatever their place in the stack.
@@ -334,12 +404,25 @@ auto HraAdapterLayer<Scalar_>::add_adapter(const std::string& name, const HraOpt
     detail::throw_invalid(this->layer_name(),
                           ": regulariser weight lambda must be finite and >= 0, got ",
                           options.lambda);
-  adapters_.push_back(Adapter(name,
-                              Chain::initialized(adapter_dim(), options.rank, options.init,
-                                                 options.seed, options.variant, options.block_size),
-                              options));
+  adapters_.push_back(Adapter(name, initial_chain(name, options), options));
   this->forget_forward();
   return adapters_.back();
+}
+
+template <typename Scalar_>
+auto HraAdapterLayer<Scalar_>::initial_chain(const std::string& name,
+                                             const HraOptions& options) const -> Chain {
+  if (options.init != Init::given)
+    return Chain::initialized(adapter_dim(), options.rank, options.init, options.seed,
+                              options.variant, options.block_size);
+  const Eigen::MatrixXd& u = options.reflectors;
+  if (u.rows() != adapter_dim() || u.cols() != options.rank)
+    detail::throw_invalid(this->layer_name(), ": adapter '", name, "': Init::given needs U of ",
+                          detail::shape(adapter_dim(), options.rank), " (D x rank) in ",
+                          "HraOptions::reflectors, got ", detail::shape(u.rows(), u.cols()));
+  Chain chain(u.template cast<Scalar>(), options.variant, options.block_size);
+  chain.factorize();  // the checks a forward would make (zero or dependent columns)
+  return chain;
 }
 
 template <typename Scalar_>
@@ -423,7 +506,7 @@ auto HraAdapterLayer<Scalar_>::add_regularizer() -> Scalar {
 }
 
 template <typename Scalar_>
-void HraAdapterLayer<Scalar_>::merge(bool safe) {
+void HraAdapterLayer<Scalar_>::merge(MergeCheck check) {
   std::vector<std::string> names;
   for (std::size_t i : applied()) names.push_back(adapters_[i].name_);
   if (names.empty())
@@ -432,16 +515,11 @@ void HraAdapterLayer<Scalar_>::merge(bool safe) {
         merge_order_.size() == adapters_.size()
             ? "every adapter is already merged"
             : "no adapter to merge (every unmerged adapter is inactive or disabled)"));
-  merge(names, safe);
+  merge(names, check);
 }
 
 template <typename Scalar_>
-void HraAdapterLayer<Scalar_>::merge() {
-  merge(false);
-}
-
-template <typename Scalar_>
-void HraAdapterLayer<Scalar_>::merge(const std::vector<std::string>& names, bool safe) {
+void HraAdapterLayer<Scalar_>::merge(const std::vector<std::string>& names, MergeCheck check) {
   if (!enabled_)
     throw std::logic_error(std::string(this->layer_name()) +
                            "::merge: adapters are disabled (set_adapters_enabled(true) first)");
@@ -474,7 +552,7 @@ void HraAdapterLayer<Scalar_>::merge(const std::vector<std::string>& names, bool
     for (std::size_t j = 0; j < k; ++j)
       adapters_[order[j]].chain_.apply_right(factors[j], w, Apply::h);
   };
-  if (safe) {
+  if (check == MergeCheck::safe) {
     Matrix w = this->weight();
     fold(w);
     if (!detail::all_finite(w))

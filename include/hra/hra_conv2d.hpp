@@ -8,26 +8,12 @@
 #include <utility>
 #include <vector>
 
-#include "conv_geometry.hpp"
-#include "detail/conv_ops.hpp"
+#include "conv_layer.hpp"
 #include "detail/low_rank_reflector.hpp"
 #include "detail/thin_kernels.hpp"
 #include "hra_adapter_layer.hpp"
 
 namespace hra {
-
-/// How HraConv2d applies H (see HraConv2d's class comment for the cost of each).
-enum class HraConvForm {
-  automatic,  ///< the cheapest of the three below by HraConv2d::estimated_flops, per batch size
-  patch,      ///< H on every im2col patch: SPEC 10's low-rank form, nothing C_out x D per step
-  weight,     ///< W' = W H once per step; dU from the full weight gradient dW' = dY P^T
-  hybrid      ///< W' = W H once per step; dU from r-sized sums over the patches (SPEC 10)
-};
-
-inline const char* to_string(HraConvForm f) {
-  static constexpr const char* names[] = {"automatic", "patch", "weight", "hybrid"};
-  return detail::enum_name(f, names);
-}
 
 /// \brief y = conv(x, W H_a H_b ...) + b: a frozen convolution whose C_out x D weight (PyTorch's
 /// `weight.view(C_out, -1)`, D = C_in/groups kh kw) is multiplied on the right by a stack of HRA
@@ -46,7 +32,7 @@ inline const char* to_string(HraConvForm f) {
 /// channel, C = C_out, G groups, the extra flops of one training step (forward + backward with
 /// dX) over the frozen convolution, the model estimated_flops() implements, are:
 ///
-///   patch   H on every patch (SPEC 10): Y = W P - (W V) K, dP = W^T dY - V Z, dU from the sums
+///   low_rank H on every patch (SPEC 10): Y = W P - (W V) K, dP = W^T dY - V Z, dU from the sums
 ///           dY K^T, P Z^T, Z K^T accumulated over images and finished once.
 ///           r N (6 G D + 6 C + 2 G r) + 6 C D r.   Keeps K (r x G N) between the passes.
 ///   hybrid  W' = W H once per step (ReflectorChain::apply_right), products with W'; dU from the
@@ -58,19 +44,19 @@ inline const char* to_string(HraConvForm f) {
 ///
 /// (V = U and K = S^{-1} U^T P for the chain, V = Q and K = 2 Q^T P for Gram-Schmidt; with
 /// stacked adapters each sees the patches of the ones after it, W H_a ... of the ones before.)
-/// HraConvForm::automatic (the default) takes the cheapest for the batch at hand: the weight
+/// HraForm::automatic (the default) takes the cheapest for the batch at hand: the weight
 /// form wins when r (D + C) >~ D C / 2 (few channels: a network's first layers), the hybrid
-/// nearly everywhere else, the patch form only for a handful of patches (n L below about
+/// nearly everywhere else, the low-rank form only for a handful of patches (n L below about
 /// D C / (D + C)), where W' costs more than the patches. set_form() forces one (tests,
 /// benchmarks). predict() compares the forward costs alone: r N (2 G D + 2 C) + 2 C D r for the
-/// patch form against 4 C D r for W'.
+/// low-rank form against 4 C D r for W'.
 ///
 /// Kept between forward and backward: the input X (backward rebuilds each image's patches from
 /// it; a batch's patches would be D/C_in kh kw times larger), Y, the factors of every U (O(r D)),
-/// and K (patch form) or W' (the others). Never anything D x D or n L x D.
+/// and K (low-rank form) or W' (the others). Never anything D x D or n L x D.
 template <typename Scalar_>
-class HraConv2d final : public HraAdapterLayer<Scalar_> {
-  using Base = HraAdapterLayer<Scalar_>;
+class HraConv2d final : public detail::ConvLayer<HraAdapterLayer<Scalar_>> {
+  using Base = detail::ConvLayer<HraAdapterLayer<Scalar_>>;
 
  public:
   using typename Base::Adapter;
@@ -83,37 +69,38 @@ class HraConv2d final : public HraAdapterLayer<Scalar_> {
   /// other bad adapter options (as HraLinear).
   HraConv2d(const Conv2dGeometry& geometry, WeightMatrix<Scalar> weight, std::optional<Vector> bias,
             const HraOptions& options, BiasMode bias_mode = BiasMode::none)
-      : Base(checked(geometry, std::move(weight), options), std::move(bias), options, bias_mode,
-             "HraConv2d"),
-        geometry_(geometry) {}
+      : Base("HraConv2d", geometry, checked(geometry, std::move(weight), options), std::move(bias),
+             options, bias_mode) {}
 
   /// Convenience: own a copy of W, no bias.
   HraConv2d(const Conv2dGeometry& geometry, Matrix weight, const HraOptions& options)
       : HraConv2d(geometry, WeightMatrix<Scalar>::owned(std::move(weight)), std::nullopt, options) {
   }
 
-  const Conv2dGeometry& geometry() const { return geometry_; }
-  Index input_dim() const override { return geometry_.input_size(); }
-  Index output_dim() const override { return geometry_.output_size(); }
-
-  /// Workers of the per-image loops (see Conv2d::set_threads).
-  void set_threads(int threads) { threads_ = threads; }
-
   /// The form of the next forward()/predict() (automatic: chosen per batch size).
-  void set_form(HraConvForm form) {
+  /// std::invalid_argument for HraForm::chain (on a convolution, H on the patches is the
+  /// low-rank form).
+  void set_form(HraForm form) {
+    detail::check_form(form, forms, "HraConv2d");
     form_ = form;
     this->forget_forward();
   }
-  HraConvForm form() const { return form_; }
+  HraForm form() const { return form_; }
   /// The form a forward() with n images uses (never automatic).
-  HraConvForm form_for_batch(Index n) const;
+  HraForm form_for_batch(Index n) const;
   /// The form the last forward() used.
-  HraConvForm last_form() const { return last_form_; }
+  HraForm last_form() const { return last_form_; }
 
   /// The cost model of the class comment: extra flops of one training step with n images in
   /// `form` (automatic: the form form_for_batch() picks) over the frozen convolution, summed over
   /// the unmerged adapters (0 when there are none).
-  double estimated_flops(HraConvForm form, Index n) const;
+  double estimated_flops(HraForm form, Index n) const {
+    return estimated_flops(form, n, Pass::training);
+  }
+  /// What the model counts: a training step (forward + backward), or predict()'s forward alone
+  /// (r N (2 G D + 2 C) + 2 C D r for the low-rank form against 4 C D r for W' H in the others).
+  enum class Pass { training, inference };
+  double estimated_flops(HraForm form, Index n, Pass pass) const;
 
   /// Y = conv(X, W H) + b for X (C_in H W x n).
   const Matrix& forward(const ConstRef& x) override;
@@ -128,6 +115,7 @@ class HraConv2d final : public HraAdapterLayer<Scalar_> {
 
  private:
   using Op = detail::Op;
+  static constexpr HraForm forms[] = {HraForm::low_rank, HraForm::weight, HraForm::hybrid};
   using LowRank = detail::LowRankReflector<Scalar>;
 
   using Thin = detail::ThinKernels<Scalar>;
@@ -144,18 +132,13 @@ class HraConv2d final : public HraAdapterLayer<Scalar_> {
 
   static WeightMatrix<Scalar> checked(const Conv2dGeometry& g, WeightMatrix<Scalar> w,
                                       const HraOptions& o) {
-    g.validate("HraConv2d");
-    detail::check_conv_weight(w.rows(), w.cols(), g, "HraConv2d");
+    g.validate("HraConv2d");  // before fan_in() is used; the base checks W
     if (o.rank > g.fan_in())
       detail::throw_invalid("HraConv2d: rank r=", o.rank,
                             " exceeds D = C_in/groups*kh*kw = ", g.group_in_channels(), "*",
                             g.kernel_h(), "*", g.kernel_w(), " = ", g.fan_in(),
                             " (the reflections act on the weight's D columns)");
     return w;
-  }
-
-  static void prepare(std::vector<Workspace>& ws, int workers) {
-    if (ws.size() < static_cast<std::size_t>(workers)) ws.resize(static_cast<std::size_t>(workers));
   }
 
   // W' = W H_a H_b ... (stacking order), O(C D r) per adapter.
@@ -202,8 +185,8 @@ class HraConv2d final : public HraAdapterLayer<Scalar_> {
                        const std::vector<const typename Chain::Factors*>& f, std::size_t j,
                        const Matrix& ek, const Matrix& xz, const Matrix& zk);
 
-  // Backward of the patch and hybrid forms: per image the patches (rebuilt from X), K_j and Z_j
-  // of every adapter and their sums; dX with W (patch form, minus sum V_j Z_j) or W'.
+  // Backward of the low-rank and hybrid forms: per image the patches (rebuilt from X), K_j and Z_j
+  // of every adapter and their sums; dX with W (low-rank form, minus sum V_j Z_j) or W'.
   void sums_backward(const ConstRef& dy, const std::vector<std::size_t>& applied,
                      const std::vector<LowRank>& lr,
                      const std::vector<const typename Chain::Factors*>& f, bool want_dx);
@@ -218,26 +201,25 @@ class HraConv2d final : public HraAdapterLayer<Scalar_> {
                             const std::vector<LowRank>& lr,
                             const std::vector<const typename Chain::Factors*>& f, bool want_dx);
 
-  Conv2dGeometry geometry_;
-  int threads_ = 0;
-  HraConvForm form_ = HraConvForm::automatic;
-  HraConvForm last_form_ = HraConvForm::hybrid;
+  using Base::geometry_, Base::chunks_;
+  HraForm form_ = HraForm::automatic;
+  HraForm last_form_ = HraForm::hybrid;
   Matrix x_, y_, dx_, weff_, dy_copy_;
   std::vector<Workspace> workspaces_;
 };
 
 template <typename Scalar_>
-auto HraConv2d<Scalar_>::form_for_batch(Index n) const -> HraConvForm {
-  if (form_ != HraConvForm::automatic) return form_;
-  HraConvForm best = HraConvForm::hybrid;
-  for (HraConvForm f : {HraConvForm::patch, HraConvForm::weight})
+auto HraConv2d<Scalar_>::form_for_batch(Index n) const -> HraForm {
+  if (form_ != HraForm::automatic) return form_;
+  HraForm best = HraForm::hybrid;
+  for (HraForm f : {HraForm::low_rank, HraForm::weight})
     if (estimated_flops(f, n) < estimated_flops(best, n)) best = f;
   return best;
 }
 
 template <typename Scalar_>
-double HraConv2d<Scalar_>::estimated_flops(HraConvForm form, Index n) const {
-  if (form == HraConvForm::automatic) form = form_for_batch(n);
+double HraConv2d<Scalar_>::estimated_flops(HraForm form, Index n, Pass pass) const {
+  if (form == HraForm::automatic) form = form_for_batch(n);
   const Conv2dGeometry& g = geometry_;
   const double nl = double(n) * double(g.out_positions()), gd = double(g.groups() * g.fan_in());
   const double c = double(g.out_channels()), d = double(g.fan_in()), grp = double(g.groups());
@@ -245,20 +227,23 @@ double HraConv2d<Scalar_>::estimated_flops(HraConvForm form, Index n) const {
   for (std::size_t i : this->applied()) {
     const double r = double(this->adapters()[i].rank());
     ranks += r;
-    if (form == HraConvForm::patch)
+    if (pass == Pass::inference)
+      total +=
+          form == HraForm::low_rank ? r * nl * (2 * gd + 2 * c) + 2 * c * d * r : 4 * c * d * r;
+    else if (form == HraForm::low_rank)
       total += r * nl * (6 * gd + 6 * c + 2 * grp * r) + 6 * c * d * r;
-    else if (form == HraConvForm::hybrid)
+    else if (form == HraForm::hybrid)
       total += r * nl * (4 * gd + 4 * c + 2 * grp * r) + 8 * c * d * r;
     else
       total += 12 * c * d * r;
   }
-  if (form == HraConvForm::weight && ranks > 0) total += 2 * nl * d * c;
+  if (pass == Pass::training && form == HraForm::weight && ranks > 0) total += 2 * nl * d * c;
   return total;
 }
 
 template <typename Scalar_>
 auto HraConv2d<Scalar_>::forward(const ConstRef& x) -> const Matrix& {
-  detail::check_conv_input(x, geometry_, "HraConv2d", "forward");
+  this->check_conv_input(x, "forward");
   this->forget_forward();
   // Every U is validated before anything is written.
   std::vector<typename Chain::Factors> factors = this->factorize_applied();
@@ -272,19 +257,19 @@ auto HraConv2d<Scalar_>::forward(const ConstRef& x) -> const Matrix& {
   y_.resize(geometry_.output_size(), n);
   if (applied.empty()) {
     weff_.resize(0, 0);
-    detail::conv_forward<Scalar>(geometry_, x_, this->weight(), this->bias(), y_, threads_,
+    detail::conv_forward<Scalar>(geometry_, x_, this->weight(), this->bias(), y_, chunks_,
                                  workspaces_);
-  } else if (last_form_ == HraConvForm::patch) {
+  } else if (last_form_ == HraForm::low_rank) {
     weff_.resize(0, 0);
     patch_forward(x_, lr, y_, workspaces_, /*keep=*/true);
   } else {
     adapted_weight(factors, weff_);
-    detail::conv_forward<Scalar>(geometry_, x_, weff_, this->bias(), y_, threads_, workspaces_);
+    detail::conv_forward<Scalar>(geometry_, x_, weff_, this->bias(), y_, chunks_, workspaces_);
   }
   auto& adapters = this->adapter_list();
   for (std::size_t i = 0; i < adapters.size(); ++i) {
     auto& cache = this->cache(adapters[i]);
-    if (last_form_ != HraConvForm::patch || adapters[i].merged()) cache.coeffs.resize(0, 0);
+    if (last_form_ != HraForm::low_rank || adapters[i].merged()) cache.coeffs.resize(0, 0);
     if (adapters[i].merged())
       cache.factors = {};
     else
@@ -314,7 +299,7 @@ auto HraConv2d<Scalar_>::backward(const ConstRef& dy, bool compute_input_gradien
     if (compute_input_gradient) input_gradient_only(dyv, this->weight());
     return dx_;
   }
-  if (last_form_ == HraConvForm::weight)
+  if (last_form_ == HraForm::weight)
     weight_form_backward(dyv, applied, lr, factors, compute_input_gradient);
   else
     sums_backward(dyv, applied, lr, factors, compute_input_gradient);
@@ -323,7 +308,7 @@ auto HraConv2d<Scalar_>::backward(const ConstRef& dy, bool compute_input_gradien
 
 template <typename Scalar_>
 void HraConv2d<Scalar_>::predict(const ConstRef& x, Matrix& y) const {
-  detail::check_conv_input(x, geometry_, "HraConv2d", "predict");
+  this->check_conv_input(x, "predict");
   this->write_unaliased(x, y, [&](Matrix& out) { predict_into(x, out); });
 }
 
@@ -334,29 +319,21 @@ void HraConv2d<Scalar_>::predict_into(const ConstRef& x, Matrix& y) const {
   std::vector<Workspace> ws;
   y.resize(geometry_.output_size(), x.cols());
   if (applied.empty())
-    return detail::conv_forward<Scalar>(geometry_, x, this->weight(), this->bias(), y, threads_,
-                                        ws);
-  HraConvForm f = form_;
-  if (f == HraConvForm::automatic) {
-    const Conv2dGeometry& g = geometry_;
-    const double nl = double(x.cols()) * double(g.out_positions());
-    const double c = double(g.out_channels()), gd = double(g.groups() * g.fan_in());
-    double patch = 0, w = 0;
-    for (std::size_t i : applied) {
-      const double r = double(this->adapters()[i].rank());
-      patch += r * nl * (2 * gd + 2 * c) + 2 * c * double(g.fan_in()) * r;
-      w += 4 * c * double(g.fan_in()) * r;
-    }
-    f = patch < w ? HraConvForm::patch : HraConvForm::hybrid;
-  }
-  if (f == HraConvForm::patch) {
+    return detail::conv_forward<Scalar>(geometry_, x, this->weight(), this->bias(), y, chunks_, ws);
+  HraForm f = form_;
+  if (f == HraForm::automatic)
+    f = estimated_flops(HraForm::low_rank, x.cols(), Pass::inference) <
+                estimated_flops(HraForm::hybrid, x.cols(), Pass::inference)
+            ? HraForm::low_rank
+            : HraForm::hybrid;
+  if (f == HraForm::low_rank) {
     std::vector<detail::LowRankReflector<Scalar>> lr;
     for (std::size_t i : applied) lr.emplace_back(this->adapters()[i].chain(), factors[i]);
     return patch_forward_into(x, lr, y, ws, nullptr);
   }
   Matrix weff;
   adapted_weight(factors, weff);
-  detail::conv_forward<Scalar>(geometry_, x, weff, this->bias(), y, threads_, ws);
+  detail::conv_forward<Scalar>(geometry_, x, weff, this->bias(), y, chunks_, ws);
 }
 
 template <typename Scalar_>
@@ -430,8 +407,8 @@ void HraConv2d<Scalar_>::patch_forward_into(const ConstRef& x, const std::vector
     wv.emplace_back();
     detail::serial_product(wv.back(), w, Op::n, a.v(), Op::n);
   }
-  const int workers = detail::conv_workers(n, threads_);
-  prepare(workspaces, workers);
+  const int workers = detail::conv_workers(n, chunks_);
+  this->prepare(workspaces, workers);
   const auto& bias = this->bias();
   const std::size_t k = lr.size();
   detail::for_each_image(n, workers, [&](int wk, Index b) {
@@ -462,8 +439,8 @@ void HraConv2d<Scalar_>::input_gradient_only(const ConstRef& dy,
                                              const detail::ConvWeightRef<Scalar>& w) {
   const Conv2dGeometry& g = geometry_;
   const Index n = dy.cols(), l = g.out_positions(), co = g.out_channels();
-  const int workers = detail::conv_workers(n, threads_);
-  prepare(workspaces_, workers);
+  const int workers = detail::conv_workers(n, chunks_);
+  this->prepare(workspaces_, workers);
   detail::for_each_image(n, workers, [&](int wk, Index b) {
     Workspace& ws = workspaces_[static_cast<std::size_t>(wk)];
     detail::grouped_input_gradient<Scalar>(g, detail::image_rows(dy.col(b).data(), l, co), w,
@@ -495,7 +472,7 @@ void HraConv2d<Scalar_>::finish_gradient(const std::vector<std::size_t>& applied
   detail::serial_product(gk, this->weight(), Op::t, ek, Op::n);
   for (std::size_t i = 0; i < j; ++i)
     this->adapters()[applied[i]].chain().apply(*f[i], gk, Apply::transpose);
-  lr[j].gradient(gk, xz, zk, this->gradient(this->adapter_list()[applied[j]]));
+  lr[j].gradient(gk, xz, zk, this->adapter_gradient(this->adapter_list()[applied[j]]));
 }
 
 template <typename Scalar_>
@@ -506,13 +483,13 @@ void HraConv2d<Scalar_>::sums_backward(const ConstRef& dy, const std::vector<std
   const Conv2dGeometry& g = geometry_;
   const Index n = dy.cols(), l = g.out_positions(), co = g.out_channels(), d = g.fan_in();
   const Index cg = g.group_out_channels(), groups = g.groups();
-  const bool patch_form = last_form_ == HraConvForm::patch;
+  const bool patch_form = last_form_ == HraForm::low_rank;
   const std::size_t k = applied.size();
   const std::vector<Matrix> a = projected_reflectors(applied, lr, f);
   std::vector<Matrix> ac = a;  // A_j C_j
   for (std::size_t j = 0; j < k; ++j) lr[j].apply_c_right(ac[j]);
-  const int workers = detail::conv_workers(n, threads_);
-  prepare(workspaces_, workers);
+  const int workers = detail::conv_workers(n, chunks_);
+  this->prepare(workspaces_, workers);
   for (int wk = 0; wk < workers; ++wk) {
     Workspace& ws = workspaces_[static_cast<std::size_t>(wk)];
     ws.ek.resize(k);
@@ -577,14 +554,12 @@ void HraConv2d<Scalar_>::sums_backward(const ConstRef& dy, const std::vector<std
 template <typename Scalar_>
 void HraConv2d<Scalar_>::sum_parts(int workers, std::size_t j, Matrix& ek, Matrix& xz,
                                    Matrix& zk) const {
-  ek = workspaces_[0].ek[j];
-  xz = workspaces_[0].xz[j];
-  zk = workspaces_[0].zk[j];
-  for (std::size_t wk = 1; wk < static_cast<std::size_t>(workers); ++wk) {
-    ek += workspaces_[wk].ek[j];
-    xz += workspaces_[wk].xz[j];
-    zk += workspaces_[wk].zk[j];
-  }
+  detail::sum_over_workers(
+      workspaces_, workers, [j](const Workspace& w) -> const Matrix& { return w.ek[j]; }, ek);
+  detail::sum_over_workers(
+      workspaces_, workers, [j](const Workspace& w) -> const Matrix& { return w.xz[j]; }, xz);
+  detail::sum_over_workers(
+      workspaces_, workers, [j](const Workspace& w) -> const Matrix& { return w.zk[j]; }, zk);
 }
 
 template <typename Scalar_>
@@ -595,8 +570,8 @@ void HraConv2d<Scalar_>::weight_form_backward(const ConstRef& dy,
                                               bool want_dx) {
   const Conv2dGeometry& g = geometry_;
   const Index n = dy.cols(), l = g.out_positions(), co = g.out_channels(), d = g.fan_in();
-  const int workers = detail::conv_workers(n, threads_);
-  prepare(workspaces_, workers);
+  const int workers = detail::conv_workers(n, chunks_);
+  this->prepare(workspaces_, workers);
   for (int wk = 0; wk < workers; ++wk) workspaces_[static_cast<std::size_t>(wk)].e.setZero(co, d);
   detail::for_each_image(n, workers, [&](int wk, Index b) {
     Workspace& ws = workspaces_[static_cast<std::size_t>(wk)];

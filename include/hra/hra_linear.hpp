@@ -13,18 +13,6 @@
 
 namespace hra {
 
-/// How HraLinear applies H in training (see HraLinear's class comment for the cost of each).
-enum class HraLinearForm {
-  automatic,  ///< the cheaper of the two below by HraLinear::estimated_flops, per batch size
-  chain,      ///< H applied to the batch (SPEC 2-3): X' = H X, then the frozen product
-  low_rank    ///< W H X = W X - (W U) K (SPEC 10), the shape of LoRA's work; one adapter only
-};
-
-inline const char* to_string(HraLinearForm f) {
-  static constexpr const char* names[] = {"automatic", "chain", "low_rank"};
-  return detail::enum_name(f, names);
-}
-
 /// \brief y = W (H_1 ... H_k) x + b: a frozen linear layer with a stack of HRA adapters.
 ///
 /// W is d_out x d_in (owned or viewed, see WeightMatrix), b an optional d_out vector; the
@@ -43,7 +31,7 @@ inline const char* to_string(HraLinearForm f) {
 /// So the chain form is cheaper unless 3 n (d_in - d_out) > 2 d_in d_out: only a layer that
 /// narrows (d_in > d_out) with a batch larger than about (2/3) d_in d_out / (d_in - d_out)
 /// (910 at 4096 -> 1024) prefers the low-rank form, which then does LoRA's work plus two
-/// d_out x d_in x r products. HraLinearForm::automatic (the default) picks per batch;
+/// d_out x d_in x r products. HraForm::automatic (the default) picks per batch;
 /// set_form() forces one; last_form() says which the last forward() used. The low-rank form
 /// serves one applied adapter (stacked ones use the chain form); predict() always uses the
 /// chain form (its W U would cost more than the chain at any batch a merge does not serve
@@ -68,21 +56,23 @@ class HraLinear final : public detail::LinearAdapter<HraAdapterLayer<Scalar_>> {
   using Base::Base;
 
   /// The form of the next forward() (automatic: chosen per batch size).
-  void set_form(HraLinearForm form) {
+  /// std::invalid_argument for the convolution-only forms (weight, hybrid).
+  void set_form(HraForm form) {
+    detail::check_form(form, forms, "HraLinear");
     form_ = form;
     this->forget_forward();
   }
-  HraLinearForm form() const { return form_; }
+  HraForm form() const { return form_; }
   /// The form a forward() with a batch of n uses (never automatic).
-  HraLinearForm form_for_batch(Index n) const;
+  HraForm form_for_batch(Index n) const;
   /// The form the last forward() used.
-  HraLinearForm last_form() const { return last_form_; }
+  HraForm last_form() const { return last_form_; }
 
   /// The cost model of the class comment: extra flops of one training step with a batch of n in
   /// `form` (automatic: the form form_for_batch() picks) over the frozen layer, summed over the
   /// applied adapters (0 when there are none). The low-rank form serves one adapter: with
   /// several it is not available and its cost is infinite.
-  double estimated_flops(HraLinearForm form, Index n) const;
+  double estimated_flops(HraForm form, Index n) const;
 
   /// Y = W H X + b for X (d_in x n).
   const Matrix& forward(const ConstRef& x) override;
@@ -113,8 +103,9 @@ class HraLinear final : public detail::LinearAdapter<HraAdapterLayer<Scalar_>> {
  private:
   using Op = detail::Op;
 
+  static constexpr HraForm forms[] = {HraForm::chain, HraForm::low_rank};
   // The form automatic compares the low-rank form with.
-  static constexpr HraLinearForm chain_form = HraLinearForm::chain;
+  static constexpr HraForm chain_form = HraForm::chain;
 
   // Backward of the low-rank form (SPEC 10), hx_ holding X: Z = C^T (W V)^T dY, dX = W^T dY -
   // V Z, and dU from the sums G K^T = W^T (dY K^T), X Z^T and Z K^T.
@@ -123,23 +114,22 @@ class HraLinear final : public detail::LinearAdapter<HraAdapterLayer<Scalar_>> {
   Matrix hx_, y_, dx_, dy_copy_, empty_;
   Matrix wv_;                                  // low-rank form: W V (d_out x r)
   detail::LowRankReflector<Scalar> low_rank_;  // low-rank form: V and C of the adapter
-  HraLinearForm form_ = HraLinearForm::automatic;
-  HraLinearForm last_form_ = HraLinearForm::chain;
+  HraForm form_ = HraForm::automatic;
+  HraForm last_form_ = HraForm::chain;
 };
 
 template <typename Scalar_>
-auto HraLinear<Scalar_>::form_for_batch(Index n) const -> HraLinearForm {
-  if (form_ != HraLinearForm::automatic) return this->unmerged_count() == 1 ? form_ : chain_form;
-  return estimated_flops(HraLinearForm::low_rank, n) < estimated_flops(chain_form, n)
-             ? HraLinearForm::low_rank
-             : chain_form;
+auto HraLinear<Scalar_>::form_for_batch(Index n) const -> HraForm {
+  if (form_ != HraForm::automatic) return this->unmerged_count() == 1 ? form_ : chain_form;
+  return estimated_flops(HraForm::low_rank, n) < estimated_flops(chain_form, n) ? HraForm::low_rank
+                                                                                : chain_form;
 }
 
 template <typename Scalar_>
-double HraLinear<Scalar_>::estimated_flops(HraLinearForm form, Index n) const {
-  if (form == HraLinearForm::automatic) form = form_for_batch(n);
+double HraLinear<Scalar_>::estimated_flops(HraForm form, Index n) const {
+  if (form == HraForm::automatic) form = form_for_batch(n);
   const std::vector<std::size_t> applied = this->applied();
-  if (form == HraLinearForm::low_rank && applied.size() > 1)
+  if (form == HraForm::low_rank && applied.size() > 1)
     return std::numeric_limits<double>::infinity();
   const double din = double(this->weight().cols()), dout = double(this->weight().rows());
   const double nn = double(n);
@@ -147,7 +137,7 @@ double HraLinear<Scalar_>::estimated_flops(HraLinearForm form, Index n) const {
   for (std::size_t i : applied) {
     const double r = double(this->adapters()[i].rank());
     total += 6 * r * r * nn + 3 * din * r * r;
-    if (form == HraLinearForm::low_rank)
+    if (form == HraForm::low_rank)
       total += 4 * din * dout * r + 6 * r * nn * (din + dout);
     else
       total += 12 * r * din * nn;
@@ -165,7 +155,7 @@ auto HraLinear<Scalar_>::forward(const ConstRef& x) -> const Matrix& {
   const std::vector<std::size_t> applied = this->applied();
   auto& adapters = this->adapter_list();
   last_form_ = form_for_batch(x.cols());
-  if (last_form_ == HraLinearForm::low_rank) {
+  if (last_form_ == HraForm::low_rank) {
     // Y = W X - (W V) K with K = C V^T X (SPEC 10); x is copied first (it may alias y_).
     auto& a = adapters[applied.front()];
     auto& cache = this->cache(a);
@@ -196,7 +186,7 @@ auto HraLinear<Scalar_>::backward(const ConstRef& dy, bool compute_input_gradien
   const ConstRef g = this->begin_dense_backward(dy, dx_, dy_copy_);  // dY may be the last dX
   auto& adapters = this->adapter_list();
   const std::vector<std::size_t> applied = this->applied();
-  if (last_form_ == HraLinearForm::low_rank) {
+  if (last_form_ == HraForm::low_rank) {
     low_rank_backward(g, adapters[applied.front()], compute_input_gradient);
     return compute_input_gradient ? dx_ : empty_;
   }
@@ -206,7 +196,7 @@ auto HraLinear<Scalar_>::backward(const ConstRef& dy, bool compute_input_gradien
     for (std::size_t i : applied) {
       auto& a = adapters[i];
       a.chain().backward_through(this->cache(a).factors, this->cache(a).coeffs, this->weight(), g,
-                                 hx_, this->gradient(a), /*restore_input=*/false);
+                                 hx_, this->adapter_gradient(a), /*restore_input=*/false);
     }
     empty_.resize(0, 0);
     return empty_;
@@ -216,8 +206,9 @@ auto HraLinear<Scalar_>::backward(const ConstRef& dy, bool compute_input_gradien
   // needed, which saves the last adapter's d_in x n x r rebuild.
   for (std::size_t k = 0; k < applied.size(); ++k) {
     auto& a = adapters[applied[k]];
-    a.chain().backward(this->cache(a).factors, this->cache(a).coeffs, hx_, dx_, this->gradient(a),
-                       Chain::State::output, /*restore_input=*/k + 1 < applied.size());
+    a.chain().backward(this->cache(a).factors, this->cache(a).coeffs, hx_, dx_,
+                       this->adapter_gradient(a), Chain::State::output,
+                       /*restore_input=*/k + 1 < applied.size());
   }
   if (!compute_input_gradient) {
     empty_.resize(0, 0);
@@ -305,7 +296,7 @@ void HraLinear<Scalar_>::low_rank_backward(const ConstRef& g, Adapter& a,
   detail::thin_product(gk, this->weight(), Op::t, ek, Op::n);
   detail::thin_product(xz, hx_, Op::n, z, Op::t);
   detail::serial_product(zk, z, Op::n, k, Op::t);
-  low_rank_.gradient(gk, xz, zk, this->gradient(a));
+  low_rank_.gradient(gk, xz, zk, this->adapter_gradient(a));
   empty_.resize(0, 0);
   if (!compute_input_gradient) return;
   detail::product(dx_, this->weight(), Op::t, g, Op::n);

@@ -11,6 +11,13 @@
 
 namespace hra {
 
+class Conv2dGeometry;
+
+/// How merge() folds an adapter into W. `safe` computes the merged weight aside and refuses it
+/// (std::runtime_error, W untouched) when it is not finite; `in_place` writes W directly (no
+/// extra C_out x D buffer). PEFT's `merge(safe_merge=True)` is MergeCheck::safe.
+enum class MergeCheck { in_place, safe };
+
 /// One trainable tensor: its value and its gradient, both column-major rows x cols views into
 /// memory owned by the layer. Optimisers walk these; the layer stays the owner. A view cannot
 /// resize what it shows.
@@ -55,6 +62,32 @@ class Layer : public detail::ScalarTypes<Scalar_> {
 
   /// Views of the trainable parameters, in a stable order.
   virtual std::vector<ParameterView<Scalar>> parameters() = 0;
+
+  /// The trainable tensor called `name` (as parameters() names it: "hra_u.default",
+  /// "lora_A.default", "lora_B.default", "weight", "bias"); std::invalid_argument naming the
+  /// parameters there are when there is none.
+  ParameterView<Scalar> parameter(const std::string& name) {
+    std::vector<ParameterView<Scalar>> all = parameters();
+    std::string known;
+    for (auto& p : all) {
+      if (p.name == name) return std::move(p);
+      known += (known.empty() ? "" : ", ") + p.name;
+    }
+    detail::throw_invalid("Layer::parameter: no trainable parameter named '", name,
+                          "' (parameters: ", known.empty() ? "none" : known, ")");
+  }
+
+  /// dL/d`name` as the last backward() (and add_regularizer()) assigned it: a view of the
+  /// layer's gradient buffer, valid until the layer next changes shape or adapters.
+  Eigen::Map<const Matrix> gradient(const std::string& name) const {
+    // parameter() only builds views; reading the gradient through one changes nothing.
+    const ParameterView<Scalar> p = const_cast<Layer*>(this)->parameter(name);
+    return {p.grad.data(), p.grad.rows(), p.grad.cols()};
+  }
+
+  /// The convolution geometry of a convolution layer (Conv2d, HraConv2d, LoraConv2d), nullptr
+  /// for a dense one: how a caller (the io tier's PEFT shapes) tells them apart without a cast.
+  virtual const Conv2dGeometry* conv_geometry() const { return nullptr; }
 
   /// Number of trainable scalars (what an optimiser updates).
   Index num_trainable_parameters() const {

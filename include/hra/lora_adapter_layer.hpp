@@ -31,7 +31,8 @@ struct LoraOptions {
 ///
 /// A is drawn as PEFT does (kaiming-uniform with a = sqrt(5): uniform in +-1/sqrt(D)); B starts
 /// at zero, so the layer starts equal to the frozen one. merge(): W <- W + s B A; unmerge():
-/// W <- W - s B A. Parameters "lora_A" and "lora_B" while unmerged, then "bias" when trainable.
+/// W <- W - s B A. Parameters "lora_A.default" and "lora_B.default" while unmerged (PEFT's
+/// names: one adapter, "default"), then "bias" when trainable.
 /// Derived layers implement forward, backward and predict (and dropout, which is applied to the
 /// adapter path's input).
 template <typename Scalar_>
@@ -51,14 +52,27 @@ class LoraAdapterLayer : public AffineLayer<Scalar_> {
   /// std::invalid_argument otherwise, std::logic_error while merged (W holds s B A: unmerge()
   /// first). The layer is unchanged on error.
   void set_lora_weights(const ConstRef& a, const ConstRef& b);
+  /// Replaces A alone (r x D), with the checks of set_lora_weights().
+  void set_lora_a(const ConstRef& a) { set_lora_weights(a, b_); }
+  /// Replaces B alone (rows x r), with the checks of set_lora_weights().
+  void set_lora_b(const ConstRef& b) { set_lora_weights(a_, b); }
 
-  /// "lora_A" (r x D) and "lora_B" (rows x r) while unmerged, then "bias" when trainable.
+  /// The name of the layer's one adapter, as in its parameters ("lora_A.default").
+  static const char* adapter_name() { return "default"; }
+
+  /// "lora_A.default" (r x D) and "lora_B.default" (rows x r) while unmerged, then "bias" when
+  /// trainable.
   std::vector<ParameterView<Scalar>> parameters() override;
 
   /// W <- W + s B A. Refused (std::runtime_error, W untouched) when the merged weight would not
-  /// be finite, with or without `safe` (s B A is computed aside either way).
-  void merge(bool safe);
-  void merge() override;
+  /// be finite, whichever the check (s B A is computed aside either way: MergeCheck::safe and
+  /// in_place do the same here).
+  void merge(MergeCheck check);
+  void merge() override { merge(MergeCheck::in_place); }
+  [[deprecated("use merge(MergeCheck::safe) or merge(MergeCheck::in_place)")]] void merge(
+      bool safe) {
+    merge(safe ? MergeCheck::safe : MergeCheck::in_place);
+  }
 
   void unmerge() override;
 
@@ -118,8 +132,9 @@ void LoraAdapterLayer<Scalar_>::set_lora_weights(const ConstRef& a, const ConstR
   detail::check_shape(b, b_.rows(), b_.cols(), (name + "::set_lora_weights B").c_str());
   detail::check_finite(a, (name + "::set_lora_weights A").c_str());
   detail::check_finite(b, (name + "::set_lora_weights B").c_str());
-  a_ = a;
-  b_ = b;
+  Matrix a_new = a, b_new = b;  // a or b may be a_ or b_ themselves (set_lora_a/b)
+  a_ = std::move(a_new);
+  b_ = std::move(b_new);
   this->forget_forward();
 }
 
@@ -127,10 +142,10 @@ template <typename Scalar_>
 auto LoraAdapterLayer<Scalar_>::parameters() -> std::vector<ParameterView<Scalar>> {
   std::vector<ParameterView<Scalar>> out;
   if (!merged_) {
-    out.push_back({"lora_A",
+    out.push_back({"lora_A.default",
                    {a_.data(), a_.rows(), a_.cols()},
                    {grad_a_.data(), grad_a_.rows(), grad_a_.cols()}});
-    out.push_back({"lora_B",
+    out.push_back({"lora_B.default",
                    {b_.data(), b_.rows(), b_.cols()},
                    {grad_b_.data(), grad_b_.rows(), grad_b_.cols()}});
   }
@@ -139,14 +154,14 @@ auto LoraAdapterLayer<Scalar_>::parameters() -> std::vector<ParameterView<Scalar
 }
 
 template <typename Scalar_>
-void LoraAdapterLayer<Scalar_>::merge(bool safe) {
+void LoraAdapterLayer<Scalar_>::merge(MergeCheck check) {
   const std::string name = this->layer_name();
   if (merged_) throw std::logic_error(name + "::merge: the adapter is already merged");
   detail::check_finite(a_, (name + "::merge: lora_A").c_str());
   detail::check_finite(b_, (name + "::merge: lora_B").c_str());
-  // s B A is computed aside whatever `safe` says, so W + s B A is checked before W is written
+  // s B A is computed aside whichever the check, so W + s B A is checked before W is written
   // (finite A and B can still overflow: 1e30 entries): W never receives non-finite values.
-  (void)safe;
+  (void)check;
   Matrix delta;
   detail::serial_product(delta, b_, detail::Op::n, a_, detail::Op::n, scaling());
   if (!detail::all_finite(this->weight() + delta))
@@ -155,11 +170,6 @@ void LoraAdapterLayer<Scalar_>::merge(bool safe) {
   this->weight_storage().map() += delta;
   merged_ = true;
   this->forget_forward();
-}
-
-template <typename Scalar_>
-void LoraAdapterLayer<Scalar_>::merge() {
-  merge(false);
 }
 
 template <typename Scalar_>

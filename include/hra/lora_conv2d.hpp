@@ -7,8 +7,7 @@
 #include <utility>
 #include <vector>
 
-#include "conv_geometry.hpp"
-#include "detail/conv_ops.hpp"
+#include "conv_layer.hpp"
 #include "lora_adapter_layer.hpp"
 
 namespace hra {
@@ -40,8 +39,8 @@ namespace hra {
 /// backward rebuilds the patches from it), K (r x G n L), Y, and with dropout the keep mask (one
 /// byte per input entry).
 template <typename Scalar_>
-class LoraConv2d final : public LoraAdapterLayer<Scalar_> {
-  using Base = LoraAdapterLayer<Scalar_>;
+class LoraConv2d final : public detail::ConvLayer<LoraAdapterLayer<Scalar_>> {
+  using Base = detail::ConvLayer<LoraAdapterLayer<Scalar_>>;
 
  public:
   HRA_LAYER_TYPES(Base);
@@ -51,21 +50,13 @@ class LoraConv2d final : public LoraAdapterLayer<Scalar_> {
   LoraConv2d(const Conv2dGeometry& geometry, WeightMatrix<Scalar> weight,
              std::optional<Vector> bias, const LoraOptions& options,
              BiasMode bias_mode = BiasMode::none)
-      : Base(checked(geometry, std::move(weight), options), std::move(bias), options, bias_mode,
-             "LoraConv2d"),
-        geometry_(geometry) {}
+      : Base("LoraConv2d", geometry, checked(geometry, std::move(weight), options), std::move(bias),
+             options, bias_mode) {}
 
   /// Convenience: own a copy of W, no bias.
   LoraConv2d(const Conv2dGeometry& geometry, Matrix weight, const LoraOptions& options)
       : LoraConv2d(geometry, WeightMatrix<Scalar>::owned(std::move(weight)), std::nullopt,
                    options) {}
-
-  const Conv2dGeometry& geometry() const { return geometry_; }
-  Index input_dim() const override { return geometry_.input_size(); }
-  Index output_dim() const override { return geometry_.output_size(); }
-
-  /// Workers of the per-image loops (see Conv2d::set_threads).
-  void set_threads(int threads) { threads_ = threads; }
 
   /// While set, forward() reuses the last dropout mask (same batch shape) instead of drawing a
   /// new one (see LoraLinear::set_reuse_dropout_mask).
@@ -88,18 +79,13 @@ class LoraConv2d final : public LoraAdapterLayer<Scalar_> {
 
   static WeightMatrix<Scalar> checked(const Conv2dGeometry& g, WeightMatrix<Scalar> w,
                                       const LoraOptions& o) {
-    g.validate("LoraConv2d");
-    detail::check_conv_weight(w.rows(), w.cols(), g, "LoraConv2d");
+    g.validate("LoraConv2d");  // before fan_in() is used; the base checks W
     if (o.rank > std::min(g.out_channels(), g.fan_in()))
       detail::throw_invalid("LoraConv2d: rank r=", o.rank, " exceeds min(C_out, D) = min(",
                             g.out_channels(), ", ", g.fan_in(),
                             ") (D = C_in/groups*kh*kw = ", g.group_in_channels(), "*", g.kernel_h(),
                             "*", g.kernel_w(), ")");
     return w;
-  }
-
-  static void prepare(std::vector<Workspace>& ws, int workers) {
-    if (ws.size() < static_cast<std::size_t>(workers)) ws.resize(static_cast<std::size_t>(workers));
   }
 
   // Y = conv(X, W) + s B (A * X_a) + b with X_a = *xa (dropout) or X. With `k`, the
@@ -119,8 +105,7 @@ class LoraConv2d final : public LoraAdapterLayer<Scalar_> {
   // dT_g += Z_g^T A for every group (zt: G L x r).
   void add_adapter_patch_gradient(const Matrix& zt, const Matrix& a, Eigen::Map<Matrix>& dt) const;
 
-  Conv2dGeometry geometry_;
-  int threads_ = 0;
+  using Base::geometry_, Base::chunks_;
   Matrix xd_, k_, y_, dx_;
   Matrix scratch_;  // a copy of an argument that aliases the buffer being written
   Eigen::Array<bool, Eigen::Dynamic, Eigen::Dynamic> keep_;  // dropout mask of the last forward
@@ -130,7 +115,7 @@ class LoraConv2d final : public LoraAdapterLayer<Scalar_> {
 
 template <typename Scalar_>
 auto LoraConv2d<Scalar_>::forward(const ConstRef& x) -> const Matrix& {
-  detail::check_conv_input(x, geometry_, "LoraConv2d", "forward");
+  this->check_conv_input(x, "forward");
   this->forget_forward();
   const Index n = x.cols();
   // x is read while y_ is written: a copy when x is (part of) y_, the layer's last output.
@@ -138,7 +123,7 @@ auto LoraConv2d<Scalar_>::forward(const ConstRef& x) -> const Matrix& {
   if (this->merged()) {
     xd_.resize(0, 0);
     k_.resize(0, 0);
-    detail::conv_forward<Scalar>(geometry_, in, this->weight(), this->bias(), y_, threads_,
+    detail::conv_forward<Scalar>(geometry_, in, this->weight(), this->bias(), y_, chunks_,
                                  workspaces_);
     this->remember_forward(n);
     return y_;
@@ -172,8 +157,8 @@ auto LoraConv2d<Scalar_>::backward(const ConstRef& dy, bool compute_input_gradie
   if (this->bias_trainable()) this->bias_backward(detail::channel_sums<Scalar>(g, dyv));
   dx_.resize(compute_input_gradient ? g.input_size() : 0, compute_input_gradient ? n : 0);
   const auto w = this->weight();
-  const int workers = detail::conv_workers(n, threads_);
-  prepare(workspaces_, workers);
+  const int workers = detail::conv_workers(n, chunks_);
+  this->prepare(workspaces_, workers);
   if (this->merged()) {
     if (compute_input_gradient)
       detail::for_each_image(n, workers, [&](int wk, Index b) {
@@ -232,11 +217,11 @@ auto LoraConv2d<Scalar_>::backward(const ConstRef& dy, bool compute_input_gradie
 
 template <typename Scalar_>
 void LoraConv2d<Scalar_>::predict(const ConstRef& x, Matrix& y) const {
-  detail::check_conv_input(x, geometry_, "LoraConv2d", "predict");
+  this->check_conv_input(x, "predict");
   std::vector<Workspace> ws;
   this->write_unaliased(x, y, [&](Matrix& out) {
     if (this->merged())
-      detail::conv_forward<Scalar>(geometry_, x, this->weight(), this->bias(), out, threads_, ws);
+      detail::conv_forward<Scalar>(geometry_, x, this->weight(), this->bias(), out, chunks_, ws);
     else
       run_forward(x, nullptr, out, nullptr, ws);
   });
@@ -255,8 +240,8 @@ void LoraConv2d<Scalar_>::run_forward(const ConstRef& x, const Matrix* xa, Matri
   const Index n = x.cols(), l = g.out_positions(), co = g.out_channels(), d = g.fan_in();
   const Index cg = g.group_out_channels(), groups = g.groups(), r = this->options().rank;
   y.resize(g.output_size(), n);
-  const int workers = detail::conv_workers(n, threads_);
-  prepare(workspaces, workers);
+  const int workers = detail::conv_workers(n, chunks_);
+  this->prepare(workspaces, workers);
   const auto w = this->weight();
   const Matrix sb = this->scaling() * this->lora_b();
   const Matrix& a = this->lora_a();

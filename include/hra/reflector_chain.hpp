@@ -58,7 +58,8 @@ enum class Variant {
 /// How reflector columns are drawn.
 enum class Init {
   symmetric,  ///< PEFT init_weights=True: r/2 columns, each repeated twice, so H = I exactly
-  random      ///< every column drawn independently (PEFT's fallback for odd r): H != I
+  random,     ///< every column drawn independently (PEFT's fallback for odd r): H != I
+  given       ///< U is the caller's (HraOptions::given): any r and variant, nothing drawn
 };
 
 /// Which of H and H^T (= H^{-1}) a kernel applies.
@@ -388,6 +389,10 @@ template <typename Scalar_>
 auto ReflectorChain<Scalar_>::initialized(Index dim, Index rank, Init init, std::uint64_t seed,
                                           Variant variant, Index block_size) -> ReflectorChain {
   check_rank(dim, rank);
+  if (init == Init::given)
+    detail::throw_invalid(
+        "ReflectorChain::initialized: Init::given draws nothing; construct the chain from U "
+        "(ReflectorChain(u, variant)) or give a layer its U with HraOptions::given(u)");
   detail::Random rng(seed);
   Matrix u(dim, rank);
   if (init == Init::symmetric) {

@@ -475,7 +475,7 @@ TEST_CASE("DataParallel: errors are thrown on every rank and leave the object us
     other.loss_and_gradients(x, t);
     const std::string periodic =
         message_of<hra::mpi::divergence_error>([&] { checked.average_gradients(); });
-    if (size > 1) CHECK_THAT(periodic, Contains("differs in 'layers[0].lora_B' (12x4)"));
+    if (size > 1) CHECK_THAT(periodic, Contains("differs in 'layers[0].lora_B.default' (12x4)"));
     bool all_nan = true;  // as after every failed step: no optimiser may use these gradients
     for (const S g : other.grads()) all_nan = all_nan && std::isnan(g);
     if (size > 1) CHECK(all_nan);
@@ -518,7 +518,7 @@ TEST_CASE("DataParallel: ranks that build different layers all get the same mism
          auto a = make_layer<float>(l ? Kind::lora : Kind::hra_chain, kHidden, kIn, false, 1, 2);
          return message_of<mismatch_error>([&] { hra::mpi::DataParallelf dp({a.get()}); });
        },
-       {"tensor 0 is 'layers[0].lora_A' 4x16 on rank " + k +
+       {"tensor 0 is 'layers[0].lora_A.default' 4x16 on rank " + k +
         " but 'layers[0].hra_u.default' 16x4 on rank 0"}},
       {"another name",
        [](bool l) {

@@ -65,8 +65,8 @@ struct ConvFixture {
     return hra::Conv2dGeometry(f.integer("C_in"), f.integer("H"), f.integer("W"),
                                f.integer("C_out"), f.integer("kernel_h"), f.integer("kernel_w"))
         .stride(f.integer("stride_h"), f.integer("stride_w"))
-        .padding(f.integer("pad_top"), f.integer("pad_bottom"), f.integer("pad_left"),
-                 f.integer("pad_right"))
+        .pad(f.integer("pad_left"), f.integer("pad_right"), f.integer("pad_top"),
+             f.integer("pad_bottom"))
         .dilation(f.integer("dilation_h"), f.integer("dilation_w"))
         .groups(f.integer("groups"));
   }

@@ -7,6 +7,7 @@
 #include <algorithm>
 #include <limits>
 #include <string>
+#include <type_traits>
 #include <vector>
 
 #include "../conv_geometry.hpp"
@@ -166,13 +167,19 @@ void conv_forward(const Conv2dGeometry& g, const Eigen::Ref<const ConvMatrix<Sca
   });
 }
 
-/// out = the sum of member `part` over the first `workers` workspaces (the per-worker partial
-/// sums of a per-image loop), added in worker order so the result does not depend on timing.
+/// out = the sum of `part` (a member pointer, or a callable taking a workspace) over the first
+/// `workers` workspaces (the per-worker partial sums of a per-image loop), added in worker
+/// order so the result does not depend on timing.
 template <typename Workspace, typename Part, typename Out>
-void sum_over_workers(const std::vector<Workspace>& ws, int workers, Part Workspace::*part,
-                      Out& out) {
-  out = ws[0].*part;
-  for (std::size_t k = 1; k < static_cast<std::size_t>(workers); ++k) out += ws[k].*part;
+void sum_over_workers(const std::vector<Workspace>& ws, int workers, const Part& part, Out& out) {
+  const auto get = [&](std::size_t k) -> decltype(auto) {
+    if constexpr (std::is_member_object_pointer_v<Part>)
+      return (ws[k].*part);
+    else
+      return part(ws[k]);
+  };
+  out = get(0);
+  for (std::size_t k = 1; k < static_cast<std::size_t>(workers); ++k) out += get(k);
 }
 
 /// The check every convolution's forward() and predict() make: x is C_in H W x n (n >= 1) and
