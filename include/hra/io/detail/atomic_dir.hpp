@@ -30,15 +30,14 @@
 #include <vector>
 
 #include "../../detail/checks.hpp"
+#include "../../detail/platform.hpp"
 
-#if defined(__unix__) || defined(__APPLE__)
+#if HRA_POSIX
 #include <fcntl.h>
 #include <sys/file.h>
 #include <unistd.h>
-#define HRA_ATOMIC_DIR_POSIX 1
 #else
 #include <fstream>
-#define HRA_ATOMIC_DIR_POSIX 0
 #endif
 
 namespace hra {
@@ -236,7 +235,7 @@ inline void atomic_dir_step(AtomicDirStep step) {
   if (atomic_dir_test_hook != nullptr) atomic_dir_test_hook(step);
 }
 
-#if HRA_ATOMIC_DIR_POSIX
+#if HRA_POSIX
 /// fsync of the file or directory at `path`; 0 or the errno.
 inline int fsync_path(const std::filesystem::path& path) {
   const int fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC);
@@ -254,7 +253,7 @@ inline int fsync_path(const std::filesystem::path&) {
 /// Writes `bytes` to the new file `path` and flushes it to disk; 0 or the errno.
 inline int write_new_file(const std::filesystem::path& path, std::string_view bytes,
                           const AtomicDirStep* opened = nullptr) {
-#if HRA_ATOMIC_DIR_POSIX
+#if HRA_POSIX
   const int fd = ::open(path.c_str(), O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, 0666);
   if (fd < 0) return errno;
   if (opened) atomic_dir_step(*opened);
@@ -290,7 +289,7 @@ std::filesystem::path make_version_dir(const std::filesystem::path& dir, Fail fa
   static std::atomic<unsigned> counter{0};
   const std::time_t now = std::chrono::system_clock::to_time_t(std::chrono::system_clock::now());
   std::tm utc{};  // the date only makes the names readable; pid, count and random make them unique
-#if HRA_ATOMIC_DIR_POSIX
+#if HRA_POSIX
   ::gmtime_r(&now, &utc);
   const long pid = static_cast<long>(::getpid());
 #else
@@ -368,7 +367,7 @@ inline int swap_symlink(const std::filesystem::path& dir, const std::string& lin
 /// Copies the content of `from` (links followed) to the new file `to`, flushed to disk: a hard
 /// link when the file system allows it (no data copied), otherwise a copy. 0 or the errno.
 inline int copy_durably(const std::filesystem::path& from, const std::filesystem::path& to) {
-#if HRA_ATOMIC_DIR_POSIX
+#if HRA_POSIX
   if (::linkat(AT_FDCWD, from.c_str(), AT_FDCWD, to.c_str(), AT_SYMLINK_FOLLOW) == 0)
     return fsync_path(to);
 #endif
@@ -476,7 +475,7 @@ void replace_directory_files(const std::filesystem::path& dir, const std::vector
 
   (void)check_understood<Error>(dir, files, prefix);
 
-#if HRA_ATOMIC_DIR_POSIX
+#if HRA_POSIX
   const fs::path lock_path = dir / dir_lock_name;
   const int lock_fd = ::open(lock_path.c_str(), O_RDWR | O_CREAT | O_CLOEXEC | O_NOFOLLOW, 0666);
   if (lock_fd < 0)
@@ -586,5 +585,3 @@ void replace_directory_files(const std::filesystem::path& dir, const std::vector
 
 }  // namespace detail
 }  // namespace hra
-
-#undef HRA_ATOMIC_DIR_POSIX
