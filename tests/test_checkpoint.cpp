@@ -404,7 +404,7 @@ TEST_CASE("checkpoint: a save killed at each of its steps leaves the old or the 
     REQUIRE(pid >= 0);
     if (pid == 0) {
       checkpoint_kill_step = step;
-      hra::detail::atomic_dir_test_hook = checkpoint_kill;
+      hra::detail::testing::atomic_dir_fault_hook = checkpoint_kill;
       try {
         b.writer().save(dir);
       } catch (...) {

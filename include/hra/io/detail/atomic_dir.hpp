@@ -207,8 +207,8 @@ struct NamedBytes {
   std::string_view bytes;  ///< its new content
 };
 
-/// The steps of replace_directory_files(), in order, at which a fault-injection test can stop a
-/// save (see atomic_dir_test_hook). `migrated` is reached only when plain files were migrated.
+/// The steps of replace_directory_files(), in order: where a fault-injection test stops a save
+/// (see atomic_dir_step()). `migrated` is reached only when plain files were migrated.
 enum class AtomicDirStep {
   locked,           ///< the lock is held; nothing has changed yet
   cleaned,          ///< leftovers of interrupted saves removed
@@ -224,16 +224,24 @@ enum class AtomicDirStep {
   done              ///< the previous version is removed
 };
 
-/// \brief Called, when set, after each step of every replace_directory_files() in the process:
-/// a test that kills its own process there (raise(SIGKILL)) shows what a kill at that exact
-/// step leaves, without depending on timing. Not for production use; null by default, and
-/// then costs one comparison per step.
-inline void (*atomic_dir_test_hook)(AtomicDirStep) = nullptr;
+#ifdef HRA_TESTING_FAULT_INJECTION
+namespace testing {
+/// \brief Test-only, and only compiled in when HRA_TESTING_FAULT_INJECTION is defined (hra's
+/// kill tests define it for their whole program; a program defines it in every translation unit
+/// that includes hra's io headers or in none). Called, when set, after each step of every
+/// replace_directory_files() in the process: a test that kills its own process there
+/// (raise(SIGKILL)) shows what a kill at that exact step leaves, without depending on timing.
+inline void (*atomic_dir_fault_hook)(AtomicDirStep) = nullptr;
+}  // namespace testing
 
-/// Calls atomic_dir_test_hook, if set.
+/// Reports `step` to testing::atomic_dir_fault_hook, if set.
 inline void atomic_dir_step(AtomicDirStep step) {
-  if (atomic_dir_test_hook != nullptr) atomic_dir_test_hook(step);
+  if (testing::atomic_dir_fault_hook != nullptr) testing::atomic_dir_fault_hook(step);
 }
+#else
+/// A step of a save; nothing happens there outside fault-injection builds.
+inline void atomic_dir_step(AtomicDirStep) {}
+#endif
 
 #if HRA_POSIX
 /// fsync of the file or directory at `path`; 0 or the errno.
