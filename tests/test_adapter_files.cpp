@@ -848,7 +848,7 @@ TEST_CASE(
         kill_step = point.step;
         kill_occurrence = point.occurrence;
         step_seen = 0;
-        hra::detail::atomic_dir_test_hook = kill_at_step;
+        hra::detail::testing::atomic_dir_fault_hook = kill_at_step;
         try {
           b.save(dir);
         } catch (...) {

@@ -2,6 +2,7 @@
 // state, learning rate, generators, tensors and metadata that resumes training exactly; restores
 // that do not fit refused with nothing changed; malformed files and directories refused by name;
 // saves killed at each step of the atomic writer (issue #26's checkpoint cases, #28's tier).
+#include <hra/hash.hpp>
 #include <hra/hra.hpp>
 #include <hra/io.hpp>
 #include <hra/io/checkpoint.hpp>
@@ -11,12 +12,14 @@
 #include <sys/wait.h>
 #include <unistd.h>
 
+#include <cmath>
 #include <csignal>
 #include <cstdint>
 #include <filesystem>
 #include <memory>
 #include <random>
 #include <string>
+#include <string_view>
 #include <vector>
 
 #include "support/errors.hpp"
@@ -167,6 +170,26 @@ void edit_state(const fs::path& dir, Edit edit) {
 }
 
 }  // namespace
+
+// The hash checkpoint.json records of its tensor file (hra/hash.hpp).
+TEST_CASE("fnv1a64: the published FNV-1a test vectors, chaining, both overloads", "[hash]") {
+  // From the FNV reference test suite (fnv64a_vector).
+  static_assert(hra::fnv1a64(std::string_view()) == 0xcbf29ce484222325ull, "constexpr");
+  CHECK(hra::fnv1a64("") == 0xcbf29ce484222325ull);
+  CHECK(hra::fnv1a64("a") == 0xaf63dc4c8601ec8cull);
+  CHECK(hra::fnv1a64("foobar") == 0x85944171f73967e8ull);
+  const std::string text = "foobar";
+  CHECK(hra::fnv1a64(text.data(), text.size()) == 0x85944171f73967e8ull);
+  CHECK(hra::fnv1a64(text) == 0x85944171f73967e8ull);
+  CHECK(hra::fnv1a64(nullptr, 0) == hra::fnv1a64_offset_basis);
+  // A seed continues a hash: "foo" then "bar" is "foobar".
+  CHECK(hra::fnv1a64(text.data() + 3, 3, hra::fnv1a64(text.data(), 3)) == 0x85944171f73967e8ull);
+  // Bytes as they are in memory: one changed byte changes the hash.
+  const float values[] = {1.0f, 2.0f};
+  float changed[] = {1.0f, 2.0f};
+  changed[1] = std::nextafter(changed[1], 3.0f);
+  CHECK(hra::fnv1a64(values, sizeof values) != hra::fnv1a64(changed, sizeof changed));
+}
 
 TEST_CASE("checkpoint: a save and a restore resume training bit for bit", "[checkpoint]") {
   const hra_test::TempDir tmp("hra_test_checkpoint");
@@ -381,7 +404,7 @@ TEST_CASE("checkpoint: a save killed at each of its steps leaves the old or the 
     REQUIRE(pid >= 0);
     if (pid == 0) {
       checkpoint_kill_step = step;
-      hra::detail::atomic_dir_test_hook = checkpoint_kill;
+      hra::detail::testing::atomic_dir_fault_hook = checkpoint_kill;
       try {
         b.writer().save(dir);
       } catch (...) {

@@ -559,6 +559,10 @@ TEST_CASE("getters reject missing tensors, wrong ranks and wrong shapes, naming 
   broken.shape = {-1};
   expect_error<std::invalid_argument>([&] { f.put("x", broken); },
                                       {"tensor 'x': negative dimension"});
+  broken.shape = {std::int64_t{1} << 32, std::int64_t{1} << 30};  // 2^62 elements, 2^64 bytes
+  expect_error<std::invalid_argument>(
+      [&] { f.put("x", broken); },
+      {"tensor 'x': shape [4294967296, 1073741824] of F32 is too large"});
   expect_error<std::invalid_argument>([&] { f.put("__metadata__", st::Tensor{}); }, {"reserved"});
   expect_error<std::invalid_argument>([&] { f.put_vector("y", Eigen::MatrixXf::Ones(2, 2)); },
                                       {"tensor 'y': expected a vector, got a 2x2 matrix"});
@@ -567,6 +571,30 @@ TEST_CASE("getters reject missing tensors, wrong ranks and wrong shapes, naming 
         f.put_array<float>("z", {2, 2}, {1, 2, 3});
       },
       {"tensor 'z': shape [2, 2] needs 4 values, got 3"});
+}
+
+TEST_CASE("byte_count: product(shape) x element size, negative and overflowing shapes refused") {
+  using hra::detail::byte_count;
+  using hra::detail::ShapeFault;
+  const auto bytes = [](const std::vector<std::int64_t>& shape, std::uint64_t size) {
+    const hra::detail::ByteCount c = byte_count(shape, size);
+    REQUIRE(c);
+    return c.bytes;
+  };
+  CHECK(bytes({}, 4) == 4);  // shape [] holds one element
+  CHECK(bytes({2, 3}, 4) == 24);
+  CHECK(bytes({2, 3}, 1) == 6);  // an element count
+  CHECK(bytes({0, std::int64_t{1} << 62}, 8) == 0);
+  CHECK(bytes({std::int64_t{1} << 60}, 8) == std::uint64_t{1} << 63);  // the largest that fits
+  CHECK(byte_count({std::int64_t{1} << 61}, 8).fault == ShapeFault::overflow);  // 2^64
+  CHECK(byte_count({2, -1}, 4).fault == ShapeFault::negative);
+  CHECK(byte_count({std::int64_t{1} << 62}, 4).fault == ShapeFault::overflow);
+  CHECK(byte_count({std::int64_t{1} << 32, std::int64_t{1} << 32}, 1).fault ==
+        ShapeFault::overflow);
+  // The first fault in the order of the dimensions.
+  CHECK(byte_count({std::int64_t{1} << 62, 8, -1}, 1).fault == ShapeFault::overflow);
+  CHECK(byte_count({-1, std::int64_t{1} << 62, 8}, 1).fault == ShapeFault::negative);
+  CHECK_FALSE(byte_count({-1}, 4));
 }
 
 TEST_CASE("non-finite values are rejected by default and allowed on request") {

@@ -15,11 +15,12 @@
 #include <utility>
 #include <vector>
 
-#if defined(__unix__) || defined(__APPLE__)
+#include "detail/checks.hpp"
+#include "detail/platform.hpp"
+
+#if HRA_POSIX
 #include <unistd.h>
 #endif
-
-#include "detail/checks.hpp"
 
 namespace hra {
 
@@ -93,7 +94,7 @@ class ThreadPool {
   }
 
   bool forked() const {
-#if defined(__unix__) || defined(__APPLE__)
+#if HRA_POSIX
     return !workers_.empty() && ::getpid() != owner_pid_;
 #else
     return false;
@@ -125,7 +126,7 @@ class ThreadPool {
     if (static_cast<int>(workers_.size()) == wanted) return;
     stop_workers();
     stopping_ = false;
-#if defined(__unix__) || defined(__APPLE__)
+#if HRA_POSIX
     owner_pid_ = ::getpid();
 #endif
     for (int t = 0; t < wanted; ++t) workers_.emplace_back([this] { worker_loop(); });
@@ -171,7 +172,7 @@ class ThreadPool {
   std::shared_ptr<Job> job_;  // the run in progress, if any
   std::uint64_t generation_ = 0;
   bool stopping_ = false;
-#if defined(__unix__) || defined(__APPLE__)
+#if HRA_POSIX
   pid_t owner_pid_ = 0;
 #endif
   static thread_local bool in_run_;

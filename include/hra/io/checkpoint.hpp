@@ -20,6 +20,7 @@
 
 #include <nlohmann/json.hpp>
 
+#include "../hash.hpp"
 #include "../layer.hpp"
 #include "../optim.hpp"
 #include "../reflector_chain.hpp"
@@ -49,12 +50,6 @@ inline constexpr int format_version = 1;
 inline constexpr std::uintmax_t max_state_bytes = 64u << 20;
 
 namespace detail {
-
-inline std::uint64_t fnv1a(const std::string& bytes) {
-  std::uint64_t h = 14695981039346656037ull;
-  for (const unsigned char c : bytes) h = (h ^ c) * 1099511628211ull;
-  return h;
-}
 
 template <typename Scalar>
 const char* scalar_name() {
@@ -183,8 +178,7 @@ class Writer : hra::detail::ScalarCheck<Scalar> {
     state["version"] = format_version;
     state["scalar"] = detail::scalar_name<Scalar>();
     state["metadata"] = metadata_;
-    state["tensors_file"] = {{"bytes", tensor_bytes.size()},
-                             {"fnv1a", detail::fnv1a(tensor_bytes)}};
+    state["tensors_file"] = {{"bytes", tensor_bytes.size()}, {"fnv1a", fnv1a64(tensor_bytes)}};
     std::string text;
     try {
       text = state.dump(1) + "\n";
@@ -316,7 +310,7 @@ class Reader : hra::detail::ScalarCheck<Scalar> {
                   " bytes, checkpoint.json records " + std::to_string(bytes));
     const std::string tensor_bytes =
         tensors_in->read_all(std::min<std::uintmax_t>(read.max_file_bytes, bytes));
-    if (!hash.is_number_unsigned() || hash.get<std::uint64_t>() != detail::fnv1a(tensor_bytes))
+    if (!hash.is_number_unsigned() || hash.get<std::uint64_t>() != fnv1a64(tensor_bytes))
       throw error("checkpoint: " + tensors_shown +
                   " is not the file checkpoint.json describes (its hash differs)");
     try {

@@ -21,7 +21,7 @@
 
 #include "../detail/checks.hpp"
 #include "detail/atomic_file.hpp"
-#include "detail/half.hpp"
+#include "detail/dtype.hpp"
 #include "detail/json.hpp"
 #include "detail/little_endian.hpp"
 #include "detail/read_file.hpp"
@@ -80,48 +80,6 @@ class io_error : public error {
   using error::error;
 };
 
-/// Element types hra reads and writes.
-enum class Dtype {
-  F16,   ///< IEEE 754 binary16: 1 sign, 5 exponent, 10 mantissa bits
-  BF16,  ///< bfloat16: 1 sign, 8 exponent, 7 mantissa bits (the top half of a float)
-  F32,   ///< IEEE 754 binary32
-  F64    ///< IEEE 754 binary64
-};
-
-/// The dtype's name in a safetensors header: "F16", "BF16", "F32" or "F64".
-inline const char* to_string(Dtype dtype) {
-  static constexpr const char* names[] = {"F16", "BF16", "F32", "F64"};
-  return detail::enum_name(dtype, names);
-}
-
-/// Bytes per element: 2, 2, 4 or 8.
-inline std::size_t size_of(Dtype dtype) {
-  switch (dtype) {
-    case Dtype::F16:
-    case Dtype::BF16:
-      return 2;
-    case Dtype::F32:
-      return 4;
-    case Dtype::F64:
-      return 8;
-  }
-  return 0;
-}
-
-/// The Dtype named `name` in a header, or nothing for names hra does not read (I32, BOOL, ...).
-inline std::optional<Dtype> parse_dtype(std::string_view name) {
-  for (Dtype d : {Dtype::F16, Dtype::BF16, Dtype::F32, Dtype::F64})
-    if (name == to_string(d)) return d;
-  return std::nullopt;
-}
-
-/// The dtype that stores `Scalar` without rounding: F32 for float, F64 for double (and long
-/// double, which is then rounded to double).
-template <typename Scalar>
-constexpr Dtype natural_dtype() {
-  return std::is_same<Scalar, float>::value ? Dtype::F32 : Dtype::F64;
-}
-
 /// What the getters do with NaN and infinities in the data.
 enum class NonFinite {
   reject,  ///< throw tensor_error naming the tensor and the first offending element (default)
@@ -149,7 +107,7 @@ struct Tensor {
   std::vector<std::int64_t> shape;  ///< PyTorch order: (rows, cols) for a matrix
   std::vector<unsigned char> data;  ///< numel() * size_of(dtype) bytes, little-endian, row-major
 
-  /// product(shape); 1 for shape []. Assumes a validated shape (no overflow).
+  /// product(shape); 1 for shape []. Assumes a validated shape (see detail::tensor_fault()).
   std::uint64_t numel() const {
     std::uint64_t n = 1;
     for (std::int64_t e : shape) n *= static_cast<std::uint64_t>(e);
@@ -177,11 +135,25 @@ inline std::string shape_string(const std::vector<std::int64_t>& shape) {
 
 namespace detail {
 
-/// a * b, or false when the product does not fit in 64 bits.
-inline bool checked_mul(std::uint64_t a, std::uint64_t b, std::uint64_t& out) {
-  if (a != 0 && b > std::numeric_limits<std::uint64_t>::max() / a) return false;
-  out = a * b;
-  return true;
+/// \brief Why `t`'s bytes do not match its shape and dtype, as an error message's tail
+/// ("negative dimension in shape [2, -1]", "shape [..] of F32 is too large (its byte count
+/// overflows 64 bits)", "shape [3] of F32 needs 12 bytes, data has 8"), or "" when they match
+/// (data.size() == byte_count(shape, size_of(dtype))): the one check of a Tensor built by hand.
+inline std::string tensor_fault(const safetensors::Tensor& t) {
+  using safetensors::shape_string;
+  const ByteCount count = byte_count(t.shape, safetensors::size_of(t.dtype));
+  switch (count.fault) {
+    case ShapeFault::negative:
+      return concat("negative dimension in shape ", shape_string(t.shape));
+    case ShapeFault::overflow:
+      return concat("shape ", shape_string(t.shape), " of ", safetensors::to_string(t.dtype),
+                    " is too large (its byte count overflows 64 bits)");
+    case ShapeFault::none:
+      break;
+  }
+  if (count.bytes == t.data.size()) return std::string();
+  return concat("shape ", shape_string(t.shape), " of ", safetensors::to_string(t.dtype), " needs ",
+                count.bytes, " bytes, data has ", t.data.size());
 }
 
 /// "[1, 2]": the multi-index of row-major flat position `flat` in `shape`.
@@ -194,68 +166,6 @@ inline std::string unravel(std::uint64_t flat, const std::vector<std::int64_t>& 
     flat /= extent;
   }
   return safetensors::shape_string(index);
-}
-
-// Element conversion between the stored dtypes and the Eigen scalars.
-
-/// One stored element as a double.
-inline double decode_one(safetensors::Dtype dtype, const unsigned char* p) {
-  using safetensors::Dtype;
-  switch (dtype) {
-    case Dtype::F16:
-      return half_to_float(load_le<std::uint16_t>(p));
-    case Dtype::BF16:
-      return bfloat16_to_float(load_le<std::uint16_t>(p));
-    case Dtype::F32:
-      return load_f32(p);
-    case Dtype::F64:
-      return load_f64(p);
-  }
-  return 0.0;
-}
-
-/// Converts n stored elements to Scalar (the dtype switch is outside the loops).
-template <typename Scalar>
-void decode(safetensors::Dtype dtype, const unsigned char* src, std::size_t n, Scalar* dst) {
-  using safetensors::Dtype;
-  switch (dtype) {
-    case Dtype::F16:
-      for (std::size_t i = 0; i < n; ++i)
-        dst[i] = static_cast<Scalar>(half_to_float(load_le<std::uint16_t>(src + 2 * i)));
-      return;
-    case Dtype::BF16:
-      for (std::size_t i = 0; i < n; ++i)
-        dst[i] = static_cast<Scalar>(bfloat16_to_float(load_le<std::uint16_t>(src + 2 * i)));
-      return;
-    case Dtype::F32:
-      for (std::size_t i = 0; i < n; ++i) dst[i] = static_cast<Scalar>(load_f32(src + 4 * i));
-      return;
-    case Dtype::F64:
-      for (std::size_t i = 0; i < n; ++i) dst[i] = static_cast<Scalar>(load_f64(src + 8 * i));
-      return;
-  }
-}
-
-/// Converts n values to `dtype`, rounding to nearest even; dst holds n * size_of(dtype) bytes.
-template <typename Scalar>
-void encode(const Scalar* src, std::size_t n, safetensors::Dtype dtype, unsigned char* dst) {
-  using safetensors::Dtype;
-  switch (dtype) {
-    case Dtype::F16:
-      for (std::size_t i = 0; i < n; ++i)
-        store_le(double_to_half(static_cast<double>(src[i])), dst + 2 * i);
-      return;
-    case Dtype::BF16:
-      for (std::size_t i = 0; i < n; ++i)
-        store_le(double_to_bfloat16(static_cast<double>(src[i])), dst + 2 * i);
-      return;
-    case Dtype::F32:
-      for (std::size_t i = 0; i < n; ++i) store_f32(static_cast<float>(src[i]), dst + 4 * i);
-      return;
-    case Dtype::F64:
-      for (std::size_t i = 0; i < n; ++i) store_f64(static_cast<double>(src[i]), dst + 8 * i);
-      return;
-  }
 }
 
 }  // namespace detail
@@ -321,18 +231,8 @@ class TensorFile {
   void put(const std::string& name, Tensor tensor) {
     if (name == "__metadata__")
       detail::throw_invalid(where(name), "the name __metadata__ is reserved for metadata");
-    std::uint64_t bytes = size_of(tensor.dtype);
-    for (std::int64_t e : tensor.shape) {
-      if (e < 0)
-        detail::throw_invalid(where(name), "negative dimension in shape ",
-                              shape_string(tensor.shape));
-      if (!detail::checked_mul(bytes, static_cast<std::uint64_t>(e), bytes))
-        detail::throw_invalid(where(name), "shape ", shape_string(tensor.shape), " is too large");
-    }
-    if (bytes != tensor.data.size())
-      detail::throw_invalid(where(name), "shape ", shape_string(tensor.shape), " of ",
-                            to_string(tensor.dtype), " needs ", bytes, " bytes, data has ",
-                            tensor.data.size());
+    const std::string fault = detail::tensor_fault(tensor);
+    if (!fault.empty()) detail::throw_invalid(where(name), fault);
     tensors_[name] = std::move(tensor);
   }
 
@@ -341,12 +241,10 @@ class TensorFile {
   template <typename Scalar>
   void put_array(const std::string& name, std::vector<std::int64_t> shape,
                  const std::vector<Scalar>& values, Dtype dtype = natural_dtype<Scalar>()) {
-    std::uint64_t n = 1;
-    for (std::int64_t e : shape)
-      if (e < 0 || !detail::checked_mul(n, static_cast<std::uint64_t>(e), n))
-        detail::throw_invalid(where(name), "invalid shape ", shape_string(shape));
-    if (n != values.size())
-      detail::throw_invalid(where(name), "shape ", shape_string(shape), " needs ", n,
+    const detail::ByteCount n = detail::byte_count(shape, 1);  // elements
+    if (!n) detail::throw_invalid(where(name), "invalid shape ", shape_string(shape));
+    if (n.bytes != values.size())
+      detail::throw_invalid(where(name), "shape ", shape_string(shape), " needs ", n.bytes,
                             " values, got ", values.size());
     put_contiguous(name, std::move(shape), values.data(), dtype);
   }
@@ -380,7 +278,7 @@ class TensorFile {
   template <typename Scalar>
   std::vector<Scalar> get_array(const std::string& name,
                                 NonFinite non_finite = NonFinite::reject) const {
-    const Tensor& t = at(name);
+    const Tensor& t = checked(name);
     std::vector<Scalar> out(static_cast<std::size_t>(t.numel()));
     decode_checked(name, t, out.data(), non_finite);
     return out;
@@ -445,9 +343,18 @@ class TensorFile {
     throw Error(where(name) + detail::concat(parts...));
   }
 
+  /// The tensor `name`, whose bytes must match its shape and dtype (a Tensor built by hand may
+  /// not, and is never read past its bytes): tensor_error naming the fault otherwise.
+  const Tensor& checked(const std::string& name) const {
+    const Tensor& t = at(name);
+    const std::string fault = detail::tensor_fault(t);
+    if (!fault.empty()) fail<tensor_error>(name, fault);
+    return t;
+  }
+
   /// The tensor `name`, which must have `rank` dimensions: tensor_error naming `what` otherwise.
   const Tensor& at_rank(const std::string& name, std::size_t rank, const char* what) const {
-    const Tensor& t = at(name);
+    const Tensor& t = checked(name);
     if (t.shape.size() != rank)
       fail<tensor_error>(name, "expected a ", rank, "-D tensor (", what, "), got shape ",
                          shape_string(t.shape));
@@ -471,11 +378,7 @@ class TensorFile {
   void decode_checked(const std::string& name, const Tensor& t, Scalar* out,
                       NonFinite non_finite) const {
     (void)sizeof(detail::ScalarCheck<Scalar>);
-    const std::size_t n = static_cast<std::size_t>(t.numel());
-    // A Tensor built by hand may be inconsistent; never read past its bytes.
-    if (t.data.size() != n * size_of(t.dtype))
-      fail<tensor_error>(name, "shape ", shape_string(t.shape), " of ", to_string(t.dtype),
-                         " needs ", n * size_of(t.dtype), " bytes, data has ", t.data.size());
+    const std::size_t n = static_cast<std::size_t>(t.numel());  // t is checked()
     detail::decode(t.dtype, t.data.data(), n, out);
     if (non_finite == NonFinite::allow) return;
     for (std::size_t i = 0; i < n; ++i) {
@@ -618,18 +521,22 @@ inline ParsedHeader validate_header(std::string_view text, std::uint64_t buffer_
     if (!shape_it->is_array())
       throw bad_tensor(name, "\"shape\" is ", shape_it->type_name(), ", not an array");
     HeaderEntry e{name, *dtype, {}, 0, 0};
-    std::uint64_t bytes_needed = size_of(*dtype);
+    const auto overflows = [&] {
+      return bad_tensor(name, "\"shape\" ", shape_it->dump(), " of ", dtype_name,
+                        " overflows 64-bit byte counts");
+    };
     for (const auto& dim : *shape_it) {
       const std::optional<std::uint64_t> extent = detail::as_count(dim);
       if (!extent)
         throw bad_tensor(name, "\"shape\" entry ", dim.dump(), " is ", detail::json_kind(dim),
                          ", not a non-negative integer");
-      if (*extent > static_cast<std::uint64_t>(std::numeric_limits<std::int64_t>::max()) ||
-          !detail::checked_mul(bytes_needed, *extent, bytes_needed))
-        throw bad_tensor(name, "\"shape\" ", shape_it->dump(), " of ", dtype_name,
-                         " overflows 64-bit byte counts");
+      if (*extent > static_cast<std::uint64_t>(std::numeric_limits<std::int64_t>::max()))
+        throw overflows();
       e.shape.push_back(static_cast<std::int64_t>(*extent));
     }
+    const detail::ByteCount count = detail::byte_count(e.shape, size_of(*dtype));
+    if (!count) throw overflows();
+    const std::uint64_t bytes_needed = count.bytes;
 
     const auto offsets_it = value.find("data_offsets");
     if (offsets_it == value.end()) throw bad_tensor(name, "missing \"data_offsets\"");
@@ -801,15 +708,9 @@ inline std::string serialize(const TensorFile& file) {
   std::vector<std::pair<const std::string*, const Tensor*>> order;
   for (const auto& kv : file.tensors()) {
     const Tensor& t = kv.second;
-    std::uint64_t bytes = size_of(t.dtype);
-    for (std::int64_t e : t.shape)
-      if (e < 0 || !detail::checked_mul(bytes, static_cast<std::uint64_t>(e), bytes))
-        detail::throw_invalid("safetensors: ", file.source(), ": tensor '", kv.first,
-                              "': invalid shape ", shape_string(t.shape));
-    if (bytes != t.data.size())
-      detail::throw_invalid("safetensors: ", file.source(), ": tensor '", kv.first, "': shape ",
-                            shape_string(t.shape), " of ", to_string(t.dtype), " needs ", bytes,
-                            " bytes, data has ", t.data.size());
+    const std::string fault = detail::tensor_fault(t);
+    if (!fault.empty())
+      detail::throw_invalid("safetensors: ", file.source(), ": tensor '", kv.first, "': ", fault);
     order.emplace_back(&kv.first, &t);
   }
   std::stable_sort(order.begin(), order.end(), [](const auto& a, const auto& b) {

@@ -1,6 +1,8 @@
 // Data-parallel training over MPI: every rank holds the same layers, computes the gradients of
 // its own shard of the batch, and the ranks average those gradients before the optimiser step.
-// Needs <mpi.h> (the hra::mpi CMake target); nothing else in hra does.
+// Needs <mpi.h> (the hra::mpi CMake target); nothing else in hra does. What users include: it
+// brings the errors (mpi/error.hpp), the communicator (mpi/communicator.hpp) and the agreement
+// protocol's records and messages (mpi/agreement.hpp).
 #pragma once
 
 #include <mpi.h>
@@ -23,62 +25,14 @@
 #include <vector>
 
 #include "../detail/checks.hpp"
+#include "../hash.hpp"
 #include "../layer.hpp"
+#include "agreement.hpp"
+#include "communicator.hpp"
+#include "error.hpp"
 
 namespace hra {
 namespace mpi {
-
-/// \brief An MPI call failed. what() is "<context>: <call> failed: <MPI_Error_string> (MPI error
-/// class <n>)", e.g. "hra::mpi::DataParallel::broadcast_parameters: MPI_Bcast failed:
-/// MPI_ERR_ROOT: invalid root (MPI error class 8)".
-class error : public std::runtime_error {
- public:
-  error(const std::string& context, const std::string& call, int code)
-      : std::runtime_error(describe(context, call, code)), call_(call), code_(code) {
-    if (MPI_Error_class(code, &class_) != MPI_SUCCESS) class_ = MPI_ERR_UNKNOWN;
-  }
-  /// The MPI function that failed, e.g. "MPI_Allreduce".
-  const std::string& call() const noexcept { return call_; }
-  /// Its return code, and that code's MPI error class (MPI_ERR_ROOT, MPI_ERR_COMM, ...).
-  int code() const noexcept { return code_; }
-  int error_class() const noexcept { return class_; }
-
- private:
-  static std::string describe(const std::string& context, const std::string& call, int code) {
-    char text[MPI_MAX_ERROR_STRING] = {};
-    int length = 0;
-    int error_class = MPI_ERR_UNKNOWN;
-    if (MPI_Error_string(code, text, &length) != MPI_SUCCESS) length = 0;
-    if (MPI_Error_class(code, &error_class) != MPI_SUCCESS) error_class = MPI_ERR_UNKNOWN;
-    const std::string what = length > 0 ? std::string(text, static_cast<std::size_t>(length))
-                                        : detail::concat("unknown MPI error code ", code);
-    return detail::concat(context, ": ", call, " failed: ", what, " (MPI error class ", error_class,
-                          ")");
-  }
-  std::string call_;
-  int code_;
-  int class_ = MPI_ERR_UNKNOWN;
-};
-
-/// The ranks were given different parameter lists (names, shapes, scalar type) or options.
-/// Thrown by the DataParallel constructor on every rank, with the same message.
-class mismatch_error : public std::runtime_error {
- public:
-  using std::runtime_error::runtime_error;
-};
-
-/// The ranks' parameters are no longer identical. Thrown by check_consistency() on every rank,
-/// with the same message.
-class divergence_error : public std::runtime_error {
- public:
-  using std::runtime_error::runtime_error;
-};
-
-/// Throws hra::mpi::error naming `call` unless `code` is MPI_SUCCESS. For calls on a
-/// communicator whose error handler is MPI_ERRORS_RETURN (DataParallel::communicator() is one).
-inline void check(int code, const char* call, const std::string& context = "hra::mpi") {
-  if (code != MPI_SUCCESS) throw error(context, call, code);
-}
 
 /// Options of DataParallel; every rank must pass the same (the constructor checks).
 struct DataParallelOptions {
@@ -86,133 +40,6 @@ struct DataParallelOptions {
   std::int64_t check_every = 0;  ///< > 0: average_gradients() runs check_consistency() first
                                  ///< on every k-th call after the first (calls k+1, 2k+1, ...)
 };
-
-namespace detail {
-
-using hra::detail::concat;
-
-template <typename Scalar>
-struct MpiScalar;
-template <>
-struct MpiScalar<float> {
-  static MPI_Datatype type() { return MPI_FLOAT; }
-  static constexpr const char* name = "float";
-};
-template <>
-struct MpiScalar<double> {
-  static MPI_Datatype type() { return MPI_DOUBLE; }
-  static constexpr const char* name = "double";
-};
-
-inline const char* scalar_name(std::uint64_t bytes) {
-  return bytes == sizeof(float) ? "float" : bytes == sizeof(double) ? "double" : "unknown";
-}
-
-/// splitmix64's finaliser: a bijection of 64-bit words in which every input bit reaches every
-/// output bit, so that two changes in a hashed stream cannot cancel by lining up.
-inline std::uint64_t mix64(std::uint64_t z) {
-  z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ULL;
-  z = (z ^ (z >> 27)) * 0x94d049bb133111ebULL;
-  return z ^ (z >> 31);
-}
-
-/// A 64-bit hash of `bytes` bytes. Each step h <- mix64(h ^ word) is a bijection of h, so a
-/// change in any single word always changes the result.
-inline std::uint64_t hash_bytes(const void* data, std::size_t bytes, std::uint64_t h) {
-  const auto* p = static_cast<const unsigned char*>(data);
-  std::size_t i = 0;
-  for (; i + 8 <= bytes; i += 8) {
-    std::uint64_t word;
-    std::memcpy(&word, p + i, 8);
-    h = mix64(h ^ word);
-  }
-  std::uint64_t tail = 0;
-  if (bytes > i) std::memcpy(&tail, p + i, bytes - i);
-  return mix64(h ^ tail ^ (static_cast<std::uint64_t>(bytes) << 56));
-}
-
-/// Calls f(offset, count) over [0, n) in pieces of at most INT_MAX elements (MPI counts are
-/// int); once for any buffer below 2^31 - 1 elements. Nothing for n = 0.
-template <typename F>
-void for_chunks(std::size_t n, F&& f) {
-  for (std::size_t offset = 0; offset < n;) {
-    const int count = static_cast<int>(std::min<std::size_t>(n - offset, INT_MAX));
-    f(offset, count);
-    offset += static_cast<std::size_t>(count);
-  }
-}
-
-/// Owns a duplicate of a communicator, with MPI_ERRORS_RETURN as its error handler, and frees
-/// it on destruction (unless MPI is already finalised).
-class Communicator {
- public:
-  Communicator() = default;
-  Communicator(MPI_Comm parent, const char* context) {
-    check(MPI_Comm_dup(parent, &comm_), "MPI_Comm_dup", context);
-    const int rc = MPI_Comm_set_errhandler(comm_, MPI_ERRORS_RETURN);
-    if (rc != MPI_SUCCESS) {
-      release();
-      check(rc, "MPI_Comm_set_errhandler", context);
-    }
-  }
-  Communicator(const Communicator&) = delete;
-  Communicator& operator=(const Communicator&) = delete;
-  Communicator(Communicator&& other) noexcept : comm_(other.comm_) { other.comm_ = MPI_COMM_NULL; }
-  Communicator& operator=(Communicator&& other) noexcept {
-    if (this != &other) {
-      release();
-      comm_ = other.comm_;
-      other.comm_ = MPI_COMM_NULL;
-    }
-    return *this;
-  }
-  ~Communicator() { release(); }
-  MPI_Comm get() const { return comm_; }
-
- private:
-  void release() noexcept {
-    if (comm_ == MPI_COMM_NULL) return;
-    int finalized = 0;
-    MPI_Finalized(&finalized);
-    if (!finalized) MPI_Comm_free(&comm_);
-    comm_ = MPI_COMM_NULL;
-  }
-  MPI_Comm comm_ = MPI_COMM_NULL;
-};
-
-/// What every rank sends in the constructor's single MPI_Allgather (fixed size, raw bytes).
-struct Signature {
-  std::uint64_t scalar_bytes;   ///< sizeof(Scalar)
-  std::uint64_t tensors;        ///< number of parameter tensors
-  std::uint64_t values;         ///< total scalars
-  std::uint64_t layout_hash;    ///< hash of every tensor's name and shape, in order
-  std::uint64_t root;           ///< DataParallelOptions::root
-  std::uint64_t check_every;    ///< DataParallelOptions::check_every
-  std::uint64_t local_problem;  ///< 1: this rank's own arguments are invalid (see its descriptor)
-  bool operator==(const Signature& o) const {
-    return scalar_bytes == o.scalar_bytes && tensors == o.tensors && values == o.values &&
-           layout_hash == o.layout_hash && root == o.root && check_every == o.check_every &&
-           local_problem == o.local_problem;
-  }
-  bool operator!=(const Signature& o) const { return !(*this == o); }
-};
-
-/// What every rank sends per tensor in check_consistency()'s MPI_Allgather.
-struct Checksum {
-  std::uint64_t hash;  ///< hash_bytes of the values (record 0: 1 if the layout changed)
-  double sum;          ///< sum of the values, for the message
-};
-
-/// "1, 3, 4 and 7" for the first few ranks of a list, "..." after 8.
-inline std::string list_ranks(const std::vector<int>& ranks) {
-  std::ostringstream os;
-  for (std::size_t i = 0; i < ranks.size() && i < 8; ++i)
-    os << (i == 0 ? "" : i + 1 == ranks.size() ? " and " : ", ") << ranks[i];
-  if (ranks.size() > 8) os << ", ...";
-  return os.str();
-}
-
-}  // namespace detail
 
 /// \brief Data-parallel training over MPI for any set of layers (or parameter views).
 ///
@@ -318,8 +145,8 @@ class DataParallel {
       for (std::size_t i = 0; i < layout_.size(); ++i) {
         const auto& v = views[i].value;
         mine[i + 1].hash =
-            detail::hash_bytes(v.data(), static_cast<std::size_t>(v.size()) * sizeof(Scalar),
-                               detail::mix64(static_cast<std::uint64_t>(i)));
+            detail::values_digest(v.data(), static_cast<std::size_t>(v.size()) * sizeof(Scalar),
+                                  detail::mix64(static_cast<std::uint64_t>(i)));
         mine[i + 1].sum = v.template cast<double>().sum();
       }
     } else {
@@ -500,7 +327,7 @@ class DataParallel {
     detail::Signature mine{sizeof(Scalar),
                            problem.empty() ? layout_.size() : 0,
                            problem.empty() ? static_cast<std::uint64_t>(offset) : 0,
-                           detail::hash_bytes(text.data(), text.size(), 0x9e3779b97f4a7c15ULL),
+                           hra::fnv1a64(text),
                            static_cast<std::uint64_t>(static_cast<std::int64_t>(options_.root)),
                            static_cast<std::uint64_t>(options_.check_every),
                            problem.empty() ? 0u : 1u};
@@ -552,37 +379,11 @@ class DataParallel {
          << ", rank 0 root=" << static_cast<std::int64_t>(s0.root)
          << " check_every=" << s0.check_every;
     } else {
-      os << describe_layout_difference(split(text0), split(textk), k);
+      os << detail::describe_layout_difference(detail::split_descriptor(text0),
+                                               detail::split_descriptor(textk), k);
     }
     os << ". Every rank must build the same layers, in the same order, with the same options";
     throw mismatch_error(os.str());
-  }
-
-  static std::vector<std::string> split(const std::string& text) {
-    std::vector<std::string> out;
-    std::size_t begin = 0;
-    for (std::size_t i = 0; i < text.size(); ++i)
-      if (text[i] == '\0') {
-        out.push_back(text.substr(begin, i - begin));
-        begin = i + 1;
-      }
-    return out;
-  }
-
-  static std::string describe_layout_difference(const std::vector<std::string>& t0,
-                                                const std::vector<std::string>& tk, int k) {
-    const std::size_t common = std::min(t0.size(), tk.size());
-    for (std::size_t i = 0; i < common; ++i)
-      if (t0[i] != tk[i])
-        return detail::concat("tensor ", i, " is ", tk[i], " on rank ", k, " but ", t0[i],
-                              " on rank 0");
-    if (t0.size() != tk.size()) {
-      const bool more_on_k = tk.size() > t0.size();
-      return detail::concat("rank ", k, " has ", tk.size(), " parameter tensors, rank 0 has ",
-                            t0.size(), "; the first ", common, " agree, then rank ",
-                            more_on_k ? k : 0, " has ", more_on_k ? tk[common] : t0[common]);
-    }
-    return "the layouts hash differently";  // a hash collision of different texts: unreachable
   }
 
   std::string bcast_string(const std::string& text, int root, const char* who) {

@@ -30,15 +30,14 @@
 #include <vector>
 
 #include "../../detail/checks.hpp"
+#include "../../detail/platform.hpp"
 
-#if defined(__unix__) || defined(__APPLE__)
+#if HRA_POSIX
 #include <fcntl.h>
 #include <sys/file.h>
 #include <unistd.h>
-#define HRA_ATOMIC_DIR_POSIX 1
 #else
 #include <fstream>
-#define HRA_ATOMIC_DIR_POSIX 0
 #endif
 
 namespace hra {
@@ -208,8 +207,8 @@ struct NamedBytes {
   std::string_view bytes;  ///< its new content
 };
 
-/// The steps of replace_directory_files(), in order, at which a fault-injection test can stop a
-/// save (see atomic_dir_test_hook). `migrated` is reached only when plain files were migrated.
+/// The steps of replace_directory_files(), in order: where a fault-injection test stops a save
+/// (see atomic_dir_step()). `migrated` is reached only when plain files were migrated.
 enum class AtomicDirStep {
   locked,           ///< the lock is held; nothing has changed yet
   cleaned,          ///< leftovers of interrupted saves removed
@@ -225,18 +224,26 @@ enum class AtomicDirStep {
   done              ///< the previous version is removed
 };
 
-/// \brief Called, when set, after each step of every replace_directory_files() in the process:
-/// a test that kills its own process there (raise(SIGKILL)) shows what a kill at that exact
-/// step leaves, without depending on timing. Not for production use; null by default, and
-/// then costs one comparison per step.
-inline void (*atomic_dir_test_hook)(AtomicDirStep) = nullptr;
+#ifdef HRA_TESTING_FAULT_INJECTION
+namespace testing {
+/// \brief Test-only, and only compiled in when HRA_TESTING_FAULT_INJECTION is defined (hra's
+/// kill tests define it for their whole program; a program defines it in every translation unit
+/// that includes hra's io headers or in none). Called, when set, after each step of every
+/// replace_directory_files() in the process: a test that kills its own process there
+/// (raise(SIGKILL)) shows what a kill at that exact step leaves, without depending on timing.
+inline void (*atomic_dir_fault_hook)(AtomicDirStep) = nullptr;
+}  // namespace testing
 
-/// Calls atomic_dir_test_hook, if set.
+/// Reports `step` to testing::atomic_dir_fault_hook, if set.
 inline void atomic_dir_step(AtomicDirStep step) {
-  if (atomic_dir_test_hook != nullptr) atomic_dir_test_hook(step);
+  if (testing::atomic_dir_fault_hook != nullptr) testing::atomic_dir_fault_hook(step);
 }
+#else
+/// A step of a save; nothing happens there outside fault-injection builds.
+inline void atomic_dir_step(AtomicDirStep) {}
+#endif
 
-#if HRA_ATOMIC_DIR_POSIX
+#if HRA_POSIX
 /// fsync of the file or directory at `path`; 0 or the errno.
 inline int fsync_path(const std::filesystem::path& path) {
   const int fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC);
@@ -254,7 +261,7 @@ inline int fsync_path(const std::filesystem::path&) {
 /// Writes `bytes` to the new file `path` and flushes it to disk; 0 or the errno.
 inline int write_new_file(const std::filesystem::path& path, std::string_view bytes,
                           const AtomicDirStep* opened = nullptr) {
-#if HRA_ATOMIC_DIR_POSIX
+#if HRA_POSIX
   const int fd = ::open(path.c_str(), O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, 0666);
   if (fd < 0) return errno;
   if (opened) atomic_dir_step(*opened);
@@ -290,7 +297,7 @@ std::filesystem::path make_version_dir(const std::filesystem::path& dir, Fail fa
   static std::atomic<unsigned> counter{0};
   const std::time_t now = std::chrono::system_clock::to_time_t(std::chrono::system_clock::now());
   std::tm utc{};  // the date only makes the names readable; pid, count and random make them unique
-#if HRA_ATOMIC_DIR_POSIX
+#if HRA_POSIX
   ::gmtime_r(&now, &utc);
   const long pid = static_cast<long>(::getpid());
 #else
@@ -368,7 +375,7 @@ inline int swap_symlink(const std::filesystem::path& dir, const std::string& lin
 /// Copies the content of `from` (links followed) to the new file `to`, flushed to disk: a hard
 /// link when the file system allows it (no data copied), otherwise a copy. 0 or the errno.
 inline int copy_durably(const std::filesystem::path& from, const std::filesystem::path& to) {
-#if HRA_ATOMIC_DIR_POSIX
+#if HRA_POSIX
   if (::linkat(AT_FDCWD, from.c_str(), AT_FDCWD, to.c_str(), AT_SYMLINK_FOLLOW) == 0)
     return fsync_path(to);
 #endif
@@ -476,7 +483,7 @@ void replace_directory_files(const std::filesystem::path& dir, const std::vector
 
   (void)check_understood<Error>(dir, files, prefix);
 
-#if HRA_ATOMIC_DIR_POSIX
+#if HRA_POSIX
   const fs::path lock_path = dir / dir_lock_name;
   const int lock_fd = ::open(lock_path.c_str(), O_RDWR | O_CREAT | O_CLOEXEC | O_NOFOLLOW, 0666);
   if (lock_fd < 0)
@@ -586,5 +593,3 @@ void replace_directory_files(const std::filesystem::path& dir, const std::vector
 
 }  // namespace detail
 }  // namespace hra
-
-#undef HRA_ATOMIC_DIR_POSIX

@@ -12,14 +12,13 @@
 #include <string_view>
 
 #include "../../detail/checks.hpp"
+#include "../../detail/platform.hpp"
 
-#if defined(__unix__) || defined(__APPLE__)
+#if HRA_POSIX
 #include <fcntl.h>
 #include <unistd.h>
-#define HRA_ATOMIC_FILE_POSIX 1
 #else
 #include <fstream>
-#define HRA_ATOMIC_FILE_POSIX 0
 #endif
 
 namespace hra {
@@ -46,7 +45,7 @@ void replace_file_atomically(const std::filesystem::path& target, std::string_vi
   const auto stamp =
       static_cast<unsigned long long>(std::chrono::steady_clock::now().time_since_epoch().count());
 
-#if HRA_ATOMIC_FILE_POSIX
+#if HRA_POSIX
   fs::path temp;
   int fd = -1;
   for (int attempt = 0; attempt < 100 && fd < 0; ++attempt) {
@@ -111,5 +110,3 @@ void replace_file_atomically(const std::filesystem::path& target, std::string_vi
 
 }  // namespace detail
 }  // namespace hra
-
-#undef HRA_ATOMIC_FILE_POSIX

@@ -14,15 +14,14 @@
 #include <utility>
 
 #include "../../detail/checks.hpp"
+#include "../../detail/platform.hpp"
 
-#if defined(__unix__) || defined(__APPLE__)
+#if HRA_POSIX
 #include <fcntl.h>
 #include <sys/stat.h>
 #include <unistd.h>
-#define HRA_READ_FILE_POSIX 1
 #else
 #include <fstream>
-#define HRA_READ_FILE_POSIX 0
 #endif
 
 namespace hra {
@@ -43,7 +42,7 @@ class InputFile {
   InputFile(const std::filesystem::path& path, std::string_view prefix,
             std::string shown = std::string(), bool* missing = nullptr)
       : where_(concat(prefix, shown.empty() ? path.string() : shown, ": ")) {
-#if HRA_READ_FILE_POSIX
+#if HRA_POSIX
     // O_NONBLOCK: opening a FIFO must not wait for a writer (it is then refused below).
     fd_ = ::open(path.c_str(), O_RDONLY | O_CLOEXEC | O_NONBLOCK);
     if (fd_ < 0) {
@@ -90,7 +89,7 @@ class InputFile {
   InputFile(InputFile&& other) noexcept
       : where_(std::move(other.where_)),
         size_(other.size_)
-#if HRA_READ_FILE_POSIX
+#if HRA_POSIX
         ,
         fd_(std::exchange(other.fd_, -1))
 #else
@@ -106,7 +105,7 @@ class InputFile {
 
   /// Whether a file is open (false only after a missing file with `missing` set).
   bool is_open() const {
-#if HRA_READ_FILE_POSIX
+#if HRA_POSIX
     return fd_ >= 0;
 #else
     return open_;
@@ -126,7 +125,7 @@ class InputFile {
   void read_at(std::uintmax_t offset, void* out, std::size_t n) {
     auto* p = static_cast<char*>(out);
     std::size_t done = 0;
-#if HRA_READ_FILE_POSIX
+#if HRA_POSIX
     while (done < n) {
       const ::ssize_t got = ::pread(fd_, p + done, n - done, static_cast<::off_t>(offset + done));
       if (got < 0) {
@@ -158,7 +157,7 @@ class InputFile {
 
  private:
   void close() {
-#if HRA_READ_FILE_POSIX
+#if HRA_POSIX
     if (fd_ >= 0) ::close(fd_);
     fd_ = -1;
 #else
@@ -169,7 +168,7 @@ class InputFile {
 
   std::string where_;
   std::uintmax_t size_ = 0;
-#if HRA_READ_FILE_POSIX
+#if HRA_POSIX
   int fd_ = -1;
 #else
   std::ifstream in_;
@@ -193,5 +192,3 @@ std::string read_file(const std::filesystem::path& path, std::string_view prefix
 
 }  // namespace detail
 }  // namespace hra
-
-#undef HRA_READ_FILE_POSIX
