@@ -229,7 +229,7 @@ void register_shape(ConvShape s, Index r) {
 
 // The ResNet-like shapes of issue #13, a small CNN on 28 x 28 Fashion-MNIST images (conv 1->16
 // 3x3 pad 1, 16->32 3x3 stride 2, 32->32 3x3 stride 2; batch 128; the main job's first CNN) and
-// the main job's CNN as it is now (examples/common/architecture.hpp: conv 1->8 and 8->16, 3x3
+// the main job's CNN as it is now (experiments/common/architecture.hpp: conv 1->8 and 8->16, 3x3
 // stride 2 pad 1; batch 128).
 const std::vector<ConvShape>& shapes() {
   static const std::vector<ConvShape> s = {

@@ -8,6 +8,7 @@
 // dtype's rounding allows.
 #include <hra/hra.hpp>
 #include <hra/io.hpp>
+#include <hra/io/sequential.hpp>
 
 #include <cmath>
 #include <cstdint>
@@ -56,20 +57,22 @@ int main(int argc, char** argv) {
   hra::HraOptions options;
   options.rank = rank;
   options.seed = 1;
-  hra::HraLinearf layer(w, options);
+  // The module name is the PEFT module name of every adapter file below.
+  hra::Sequentialf model;
+  model.emplace<hra::HraLinearf>("layer", w, options);
   hra::Adam<float> adam({/*lr=*/1e-2});
   for (int step = 0; step <= 200; ++step) {
-    const Matrix residual = layer.forward(x) - target;
-    layer.backward((2.0f / static_cast<float>(n)) * residual, /*compute_input_gradient=*/false);
-    adam.step(layer.parameters());
+    const Matrix residual = model.forward(x) - target;
+    model.backward((2.0f / static_cast<float>(n)) * residual, /*compute_input_gradient=*/false);
+    adam.step(model.parameters());
     if (step % 50 == 0)
       std::printf("step %3d  loss %.5f\n", step, residual.squaredNorm() / static_cast<float>(n));
   }
   Matrix y_hra;
-  layer.predict(x, y_hra);
+  model.predict(x, y_hra);
 
   // The HRA adapter as PEFT saves it: d_in r numbers.
-  peft::save_hra_adapters(out / "hra", {{"layer", &layer}});
+  peft::save_hra_adapters(out / "hra", model);  // its HRA modules, by name
   const auto hra_bytes = std::filesystem::file_size(out / "hra" / peft::weights_file_name);
   std::printf("\nHRA adapter: %ld numbers (d_in r), %s %ju bytes\n", static_cast<long>(d_in * rank),
               peft::weights_file_name, static_cast<std::uintmax_t>(hra_bytes));
@@ -83,15 +86,16 @@ int main(int argc, char** argv) {
                                                                                : "bf16");
     peft::LoraExportOptions o;
     o.dtype = dtype;
-    const peft::LoraExport e = peft::export_lora_adapters(out / name, {{"layer", &layer}}, o);
+    const peft::LoraExport e = peft::export_lora_adapters(out / name, model, o);
     const auto& report = e.report.front();
 
     // Reload with hra's LoRA loader into a LoRA layer over the same W (scale lora_alpha / r = 1).
     hra::LoraOptions lo;
     lo.rank = report.rank;
     lo.alpha = static_cast<double>(report.rank);
-    hra::LoraLinearf lora(w, lo);
-    peft::load_lora_adapters(out / name, {{"layer", &lora}});
+    hra::Sequentialf lora;
+    lora.emplace<hra::LoraLinearf>("layer", w, lo);
+    peft::load_lora_adapters(out / name, lora);
     Matrix y_lora;
     lora.predict(x, y_lora);
     const double out_rel = max_abs((y_lora - y_hra).cast<double>()) / max_abs(y_hra.cast<double>());

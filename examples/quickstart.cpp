@@ -1,10 +1,11 @@
-// Quickstart: adapt a frozen linear layer with Householder reflections, train it, merge it.
+// Quickstart: adapt a frozen linear layer with Householder reflections inside a model, train
+// it, merge it. Exits 1 if the merged model's output differs from the unmerged one.
 #include <hra/hra.hpp>
 
 #include <cstdio>
 
 int main() {
-  using Matrix = hra::HraLinearf::Matrix;
+  using Matrix = hra::Sequentialf::Matrix;
   const Eigen::Index d_in = 64, d_out = 32, n = 256;
 
   // A "pretrained" frozen weight W and a toy target: the outputs of W after a rotation of the
@@ -18,28 +19,31 @@ int main() {
   const Matrix target = w * rotated;
 
   // y = W H x with H = H_1 ... H_r. Only U (d_in x r) trains; symmetric init makes H = I.
+  // A model holds named modules (any hra::Layer) with an activation after each; here one.
   hra::HraOptions options;
   options.rank = 4;
   options.seed = 1;
-  hra::HraLinearf layer(w, options);
-  std::printf("trainable parameters: %ld (W has %ld)\n",
-              static_cast<long>(layer.num_trainable_parameters()), static_cast<long>(w.size()));
+  hra::Sequentialf model;
+  model.emplace<hra::HraLinearf>("fc", w, options);
+  std::printf("trainable parameters: %ld (W has %ld); %s\n",
+              static_cast<long>(model.num_trainable_parameters()), static_cast<long>(w.size()),
+              model.parameters().front().name.c_str());
 
   hra::Adam<float> adam({/*lr=*/2e-2});
   for (int step = 0; step <= 300; ++step) {
-    const Matrix& y = layer.forward(x);
+    const Matrix& y = model.forward(x);
     const Matrix residual = y - target;
     const float loss = residual.squaredNorm() / static_cast<float>(n);  // mean squared error
-    layer.backward((2.0f / static_cast<float>(n)) * residual, /*compute_input_gradient=*/false);
-    adam.step(layer.parameters());
+    model.backward((2.0f / static_cast<float>(n)) * residual, /*compute_input_gradient=*/false);
+    adam.step(model.parameters());
     if (step % 50 == 0) std::printf("step %3d  loss %.5f\n", step, loss);
   }
 
-  // Merge: W <- W H, after which the layer is the plain product; check nothing changed.
+  // Merge: W <- W H, after which the model is the plain product; check nothing changed.
   Matrix unmerged, merged;
-  layer.predict(x, unmerged);
-  layer.merge();
-  layer.predict(x, merged);
+  model.predict(x, unmerged);
+  model.merge();
+  model.predict(x, merged);
   const float diff = (merged - unmerged).cwiseAbs().maxCoeff();
   std::printf("max |merged - unmerged| = %.3g\n", diff);
   if (!(diff < 1e-3f * unmerged.cwiseAbs().maxCoeff())) {
@@ -47,6 +51,6 @@ int main() {
     return 1;
   }
   std::printf("merged output matches the unmerged layer\n");
-  layer.unmerge();  // back to W, with the adapter trainable again
+  model.unmerge();  // back to W, with the adapter trainable again
   return 0;
 }

@@ -4,7 +4,7 @@
     python3 scripts/plot_finetune.py [RESULTS_DIR]        (default: results)
 
 Reads finetune_summary.csv, finetune_results.csv and finetune_curves.csv from RESULTS_DIR
-(written by examples/finetune_fashion_mnist) and writes RESULTS_DIR/finetune_accuracy_vs_params.png
+(written by experiments/finetune_fashion_mnist) and writes RESULTS_DIR/finetune_accuracy_vs_params.png
 with three panels: target accuracy against trainable parameters (mean and standard deviation over
 the seeds, every run as a dot), accuracy after each epoch and training loss (means over the seeds).
 When the CNN's files finetune_cnn_*.csv are there too (the example's --arch cnn), it draws the
@@ -38,7 +38,7 @@ def main(argv):
         drawn += 1
     if drawn == 0:
         print(f"plot_finetune: no finetune_summary.csv or finetune_cnn_summary.csv in {folder} "
-              "(run examples/finetune_fashion_mnist first)", file=sys.stderr)
+              "(run experiments/finetune_fashion_mnist first)", file=sys.stderr)
         return 1
     return 0
 
@@ -48,7 +48,7 @@ def draw(folder, prefix, network):
              for name in ("summary", "results", "curves")}
     for path in paths.values():
         if not os.path.exists(path):
-            print(f"plot_finetune: {path} not found (run examples/finetune_fashion_mnist first)",
+            print(f"plot_finetune: {path} not found (run experiments/finetune_fashion_mnist first)",
                   file=sys.stderr)
             return 1
     try:

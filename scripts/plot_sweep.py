@@ -4,7 +4,7 @@
     python3 scripts/plot_sweep.py [RESULTS_DIR [CHART_DIR]]     (default: results, RESULTS_DIR)
 
 Reads sweep_summary.csv and sweep_runs.csv from RESULTS_DIR (written by
-`examples/finetune_fashion_mnist --sweep`) and writes to CHART_DIR:
+`experiments/finetune_fashion_mnist --sweep`) and writes to CHART_DIR:
   sweep_accuracy_vs_size.png  target test accuracy against target training images (log x), one
                               line per method, mean and standard deviation over the seeds;
   sweep_forgetting.png        source test accuracy kept against target test accuracy, one point
@@ -29,7 +29,7 @@ def main(argv):
     charts = argv[2] if len(argv) > 2 else folder
     summary_path = os.path.join(folder, "sweep_summary.csv")
     if not os.path.exists(summary_path):
-        print(f"plot_sweep: {summary_path} not found (run examples/finetune_fashion_mnist --sweep "
+        print(f"plot_sweep: {summary_path} not found (run experiments/finetune_fashion_mnist --sweep "
               "first)", file=sys.stderr)
         return 1
     try:

@@ -86,8 +86,8 @@ if [ "$report_only" = 0 ]; then
     if [ "$build" = 1 ]; then
       # shellcheck disable=SC2086
       cmake -S . -B "$dir" -DCMAKE_BUILD_TYPE=Release -DHRA_WARNINGS_AS_ERRORS=ON \
-        -DHRA_BUILD_TESTS=OFF -DHRA_BUILD_EXAMPLES=OFF -DHRA_BUILD_FUZZERS=OFF \
-        -DHRA_INSTALL=OFF -DHRA_BUILD_BENCHMARKS=ON $cmake_opts >/dev/null
+        -DHRA_BUILD_TESTS=OFF -DHRA_BUILD_EXAMPLES=OFF -DHRA_BUILD_EXPERIMENTS=OFF \
+        -DHRA_BUILD_FUZZERS=OFF -DHRA_INSTALL=OFF -DHRA_BUILD_BENCHMARKS=ON $cmake_opts >/dev/null
       cmake --build "$dir" --target hra_bench -j "$jobs"
     fi
     if [ "$name" = "$primary" ]; then

@@ -15,7 +15,7 @@ build=build/fuzz
 
 CXX=clang++ cmake -S . -B "$build" -DCMAKE_CXX_COMPILER=clang++ -DCMAKE_BUILD_TYPE=RelWithDebInfo \
   -DHRA_BUILD_FUZZERS=ON -DHRA_BUILD_TESTS=OFF -DHRA_BUILD_BENCHMARKS=OFF \
-  -DHRA_BUILD_EXAMPLES=OFF -DHRA_USE_OPENMP=OFF -DHRA_INSTALL=OFF
+  -DHRA_BUILD_EXAMPLES=OFF -DHRA_BUILD_EXPERIMENTS=OFF -DHRA_USE_OPENMP=OFF -DHRA_INSTALL=OFF
 # The default target is exactly the four fuzz programs; naming them with --target would make
 # the Makefile generator build them one after the other instead of in parallel.
 cmake --build "$build" -j "$jobs"

@@ -4,7 +4,7 @@
 #
 #   scripts/run_stall_check.sh [RUNS] [-- extra finetune_fashion_mnist flags]
 #
-# Runs build/release/examples/finetune_fashion_mnist --methods lora,hra --seeds 1 --arch mlp
+# Runs build/release/experiments/finetune_fashion_mnist --methods lora,hra --seeds 1 --arch mlp
 # RUNS times (default 5) after one warm-up that also caches the pretrained network, with
 # `while :; do :; done` beside it (HRA_STALL_BUSY=0: without it), and prints per method the
 # training seconds of every run (finetune_results.csv, column train_seconds), the median, the maximum
@@ -15,7 +15,7 @@ cd "$(dirname "$0")/.."
 runs=${1:-5}
 [ $# -gt 0 ] && shift
 [ "${1:-}" = "--" ] && shift
-exe=build/release/examples/finetune_fashion_mnist
+exe=build/release/experiments/finetune_fashion_mnist
 [ -x "$exe" ] || { echo "run_stall_check.sh: build $exe first (scripts/run_tests.sh)" >&2; exit 2; }
 out=$(mktemp -d /tmp/hra-stall.XXXXXX)
 busy=""

@@ -5,7 +5,7 @@
 #   3. run `finetune_fashion_mnist --sweep` into results/ (it reuses results/pretrained_mlp.safetensors
 #      when the main job made it with the same settings), its output also in results/sweep_log.txt,
 #   4. draw results/sweep_accuracy_vs_size.png and results/sweep_forgetting.png.
-# Extra arguments go to the example, e.g. `bash scripts/run_sweep.sh --sweep-steps 400`.
+# Extra arguments go to the program, e.g. `bash scripts/run_sweep.sh --sweep-steps 400`.
 # With HRA_SWEEP_PUBLISH=DIR (e.g. docs/sweep) the tables, CSVs, log and charts are copied there.
 # About 14 minutes on 2 shared cores with the defaults (13.5 min measured at load ~5, 254 runs;
 # see docs/sweep/sweep_log.txt), plus ~30 s of pretraining when results/ has no cached network.
@@ -14,12 +14,13 @@ cd "$(dirname "$0")/.."
 bash scripts/install_deps.sh python3-matplotlib
 jobs=${HRA_JOBS:-2}
 
-cmake -S . -B build/release -DCMAKE_BUILD_TYPE=Release -DHRA_BUILD_EXAMPLES=ON
+cmake -S . -B build/release -DCMAKE_BUILD_TYPE=Release -DHRA_BUILD_EXAMPLES=ON \
+  -DHRA_BUILD_EXPERIMENTS=ON
 cmake --build build/release -j "$jobs" --target finetune_fashion_mnist
 
 out=results
 mkdir -p "$out"
-./build/release/examples/finetune_fashion_mnist --sweep --out "$out" "$@" | tee "$out/sweep_log.txt"
+./build/release/experiments/finetune_fashion_mnist --sweep --out "$out" "$@" | tee "$out/sweep_log.txt"
 
 publish=${HRA_SWEEP_PUBLISH:-}
 if [ -n "$publish" ]; then

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The whole test suite from a clean checkout: install what is missing, then a warning-free
-# (-Werror) optimised build of the tests and examples, and every test (unit, PEFT fixtures,
-# learning, example runs with kills and resumes, consumer packages).
+# (-Werror) optimised build of the tests, examples and experiments, and every test (unit, PEFT
+# fixtures, learning, example and experiment runs with kills and resumes, consumer packages).
 #
 #   scripts/run_tests.sh          the above (about 9 minutes on 2 cores, most of it the
 #                                 build: the float and double layers compile once
@@ -38,7 +38,8 @@ stage "release build (-Werror) and every test"
 # too, so that they stay warning-free (scripts/run_benchmarks.sh builds and runs them).
 benchmarks=$([ "$full" = 1 ] && echo ON || echo OFF)
 cmake -S . -B build/release -DCMAKE_BUILD_TYPE=Release -DHRA_WARNINGS_AS_ERRORS=ON \
-  -DHRA_BUILD_TESTS=ON -DHRA_BUILD_BENCHMARKS="$benchmarks" -DHRA_BUILD_EXAMPLES=ON
+  -DHRA_BUILD_TESTS=ON -DHRA_BUILD_BENCHMARKS="$benchmarks" -DHRA_BUILD_EXAMPLES=ON \
+  -DHRA_BUILD_EXPERIMENTS=ON
 cmake --build build/release -j "$jobs"
 ctest --test-dir build/release -j "$jobs" --output-on-failure
 
@@ -52,7 +53,7 @@ if [ "$full" = 1 ]; then
   cmake -S . -B build/sanitize -DCMAKE_CXX_COMPILER=clang++ -DCMAKE_BUILD_TYPE=Debug \
     -DCMAKE_CXX_FLAGS_DEBUG="-O1 -g1" \
     -DHRA_WARNINGS_AS_ERRORS=ON -DHRA_SANITIZE=ON -DHRA_BUILD_TESTS=ON \
-    -DHRA_BUILD_BENCHMARKS=OFF -DHRA_BUILD_EXAMPLES=OFF
+    -DHRA_BUILD_BENCHMARKS=OFF -DHRA_BUILD_EXAMPLES=OFF -DHRA_BUILD_EXPERIMENTS=OFF
   cmake --build build/sanitize -j "$jobs"
   ctest --test-dir build/sanitize -j "$jobs" --output-on-failure -E '^consumer:'
 fi

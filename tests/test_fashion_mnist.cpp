@@ -1,4 +1,4 @@
-// The Fashion-MNIST reader used by the examples: IDX parsing and its rejections on crafted
+// The Fashion-MNIST reader used by the experiments: IDX parsing and its rejections on crafted
 // buffers, a gzip round trip through a temporary directory, the missing-data message, and the
 // real Debian files when they are installed.
 #include <catch2/catch.hpp>
@@ -14,7 +14,7 @@
 
 #include <unistd.h>
 
-#include "../examples/common/fashion_mnist.hpp"
+#include "../experiments/common/fashion_mnist.hpp"
 #include "support/temp_dir.hpp"
 
 namespace fs = std::filesystem;

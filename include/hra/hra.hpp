@@ -18,4 +18,5 @@
 #include "optim.hpp"
 #include "orthogonality.hpp"
 #include "reflector_chain.hpp"
+#include "sequential.hpp"
 #include "weight_matrix.hpp"

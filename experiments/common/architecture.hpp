@@ -1,6 +1,6 @@
 // The shapes of the examples' networks (an MLP and a small CNN) as a list of layers, with their
 // PyTorch-style initialisation and their safetensors layout. The network itself is
-// hra::examples::Mlp, which chains any hra::Layer (dense, convolutional, adapted) with ReLUs.
+// an hra::Sequential, which chains any hra::Layer (dense, convolutional, adapted) with ReLUs.
 #pragma once
 
 #include <hra/hra.hpp>

@@ -1,5 +1,6 @@
-// A small multi-layer perceptron for the examples, built from hra's layers: any hra::Layer
-// (dense, LoRA- or HRA-adapted) per linear map, a ReLU between them, softmax cross-entropy on top.
+// What the experiments' networks (hra::Sequential) need beside the library: their weights
+// (MlpWeights), softmax cross-entropy, accuracy, a hash of their outputs and a comparison of
+// predictions.
 #pragma once
 
 #include <hra/hra.hpp>
@@ -9,7 +10,6 @@
 #include <cmath>
 #include <cstddef>
 #include <cstdint>
-#include <memory>
 #include <random>
 #include <stdexcept>
 #include <string>
@@ -52,112 +52,6 @@ struct MlpWeights {
     }
     return out;
   }
-};
-
-/// \brief logits = L_K(relu(... relu(L_1(x)))) for any hra::Layer L_k, batches of columns.
-///
-/// forward() keeps what backward() needs; backward() stops at the first layer that has
-/// trainable parameters (nothing below it needs a gradient), so a frozen body costs nothing.
-template <typename Scalar>
-class Mlp {
- public:
-  using Layer = hra::Layer<Scalar>;
-  using Matrix = Eigen::Matrix<Scalar, Eigen::Dynamic, Eigen::Dynamic>;
-  using ConstRef = Eigen::Ref<const Matrix>;
-
-  explicit Mlp(std::vector<std::unique_ptr<Layer>> layers) : layers_(std::move(layers)) {
-    if (layers_.empty()) throw std::invalid_argument("Mlp: no layers");
-    for (std::size_t k = 1; k < layers_.size(); ++k)
-      if (layers_[k]->input_dim() != layers_[k - 1]->output_dim())
-        throw std::invalid_argument("Mlp: layer " + std::to_string(k) + " takes " +
-                                    std::to_string(layers_[k]->input_dim()) + " inputs but layer " +
-                                    std::to_string(k - 1) + " gives " +
-                                    std::to_string(layers_[k - 1]->output_dim()));
-    hidden_.resize(layers_.size() - 1);
-  }
-
-  std::size_t size() const { return layers_.size(); }
-  Layer& layer(std::size_t k) { return *layers_[k]; }
-
-  /// Logits (classes x n) of the batch x (inputs x n); valid until the next forward().
-  const Matrix& forward(const ConstRef& x) {
-    const Matrix* input = nullptr;
-    for (std::size_t k = 0; k < layers_.size(); ++k) {
-      const Matrix& z = k == 0 ? layers_[k]->forward(x) : layers_[k]->forward(*input);
-      if (k + 1 == layers_.size()) return z;
-      hidden_[k] = z.cwiseMax(Scalar(0));
-      input = &hidden_[k];
-    }
-    return *input;  // unreachable: the loop returns at the last layer
-  }
-
-  /// Assigns the gradients of every trainable parameter from dL/dlogits.
-  void backward(const ConstRef& dlogits) {
-    std::size_t first = 0;
-    while (first < layers_.size() && layers_[first]->num_trainable_parameters() == 0) ++first;
-    if (first == layers_.size()) return;
-    grad_ = dlogits;
-    for (std::size_t k = layers_.size(); k-- > first;) {
-      const bool need_input_grad = k > first;
-      const Matrix& dx = layers_[k]->backward(grad_, need_input_grad);
-      if (!need_input_grad) break;
-      // Through the ReLU: hidden_[k-1] > 0 exactly where its pre-activation was positive.
-      grad_ = (hidden_[k - 1].array() > Scalar(0)).select(dx, Scalar(0));
-    }
-  }
-
-  /// Logits without keeping anything (inference).
-  void predict(const ConstRef& x, Matrix& logits) const {
-    Matrix a = x, z;
-    for (std::size_t k = 0; k < layers_.size(); ++k) {
-      layers_[k]->predict(a, z);
-      if (k + 1 < layers_.size()) a = z.cwiseMax(Scalar(0));
-    }
-    logits = std::move(z);
-  }
-
-  /// Every trainable parameter of every layer, layer by layer.
-  std::vector<hra::ParameterView<Scalar>> parameters() {
-    std::vector<hra::ParameterView<Scalar>> out;
-    for (auto& l : layers_)
-      for (auto& p : l->parameters()) out.push_back(p);
-    return out;
-  }
-
-  Eigen::Index num_trainable_parameters() {
-    Eigen::Index n = 0;
-    for (auto& l : layers_) n += l->num_trainable_parameters();
-    return n;
-  }
-
-  /// Adds every layer's regulariser gradient into its parameter gradients; returns the sum.
-  Scalar add_regularizer() {
-    Scalar total = 0;
-    for (auto& l : layers_) total += l->add_regularizer();
-    return total;
-  }
-
-  /// Folds every layer's adapters into its weight (layers without adapters are unchanged).
-  void merge() {
-    merged_layers_.clear();
-    for (std::size_t k = 0; k < layers_.size(); ++k)
-      if (!layers_[k]->merged()) {
-        layers_[k]->merge();
-        merged_layers_.push_back(k);
-      }
-  }
-  /// Undoes the last merge() on the layers it changed.
-  void unmerge() {
-    for (auto it = merged_layers_.rbegin(); it != merged_layers_.rend(); ++it)
-      layers_[*it]->unmerge();
-    merged_layers_.clear();
-  }
-
- private:
-  std::vector<std::unique_ptr<Layer>> layers_;
-  std::vector<Matrix> hidden_;
-  std::vector<std::size_t> merged_layers_;
-  Matrix grad_;
 };
 
 /// \brief Mean softmax cross-entropy of logits (classes x n) against labels[j].

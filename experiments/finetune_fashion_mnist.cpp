@@ -69,7 +69,7 @@ using Matrix = Eigen::Matrix<Scalar, Eigen::Dynamic, Eigen::Dynamic>;
 using Vector = Eigen::Matrix<Scalar, Eigen::Dynamic, 1>;
 using Index = Eigen::Index;
 using Clock = std::chrono::steady_clock;
-using hra::examples::Mlp;
+using Net = hra::Sequential<Scalar>;
 using Weights = hra::examples::MlpWeights<Scalar>;
 
 // ---------------------------------------------------------------------------------------------
@@ -501,8 +501,8 @@ Index layer_rank(const hra::examples::LayerSpec& layer, const Method& m) {
 // A network over copies of the pretrained weights, set up for `m`: the head (the last layer) is
 // a trainable Linear for every method but "none"; the others are frozen, trained, or adapted
 // (linear and convolutional layers alike).
-Mlp<Scalar> build_network(const Weights& w, const std::vector<hra::examples::LayerSpec>& specs,
-                          const Method& m, std::uint64_t seed) {
+Net build_network(const Weights& w, const std::vector<hra::examples::LayerSpec>& specs,
+                  const Method& m, std::uint64_t seed) {
   std::vector<std::unique_ptr<hra::Layer<Scalar>>> layers;
   const std::size_t last = w.weights.size() - 1;
   for (std::size_t k = 0; k <= last; ++k) {
@@ -552,13 +552,18 @@ Mlp<Scalar> build_network(const Weights& w, const std::vector<hra::examples::Lay
         layers.push_back(std::make_unique<hra::HraLinear<Scalar>>(std::move(weight), bias, o));
     }
   }
-  return Mlp<Scalar>(std::move(layers));
+  // Modules "layers.<k>" (put_weights()' names), a ReLU after every one but the head.
+  Net net;
+  for (std::size_t k = 0; k <= last; ++k)
+    net.add("layers." + std::to_string(k), std::move(layers[k]),
+            k < last ? hra::Activation::relu : hra::Activation::identity);
+  return net;
 }
 
 // ---------------------------------------------------------------------------------------------
 // Training and evaluation
 
-Matrix predict_all(const Mlp<Scalar>& net, const Matrix& images) {
+Matrix predict_all(const Net& net, const Matrix& images) {
   constexpr Index chunk = 2500;
   Matrix logits(0, 0), part;
   for (Index j = 0; j < images.cols(); j += chunk) {
@@ -570,7 +575,7 @@ Matrix predict_all(const Mlp<Scalar>& net, const Matrix& images) {
   return logits;
 }
 
-double evaluate(const Mlp<Scalar>& net, const Data& d) {
+double evaluate(const Net& net, const Data& d) {
   return hra::examples::accuracy<Scalar>(predict_all(net, d.images), d.labels);
 }
 
@@ -778,7 +783,7 @@ class Checkpointer {
 
   // Restores the training `key` (arch/method/seed) into net, the optimisers and `p` when the
   // checkpoint holds it; false otherwise (a fresh start).
-  bool restore(const std::string& key, Mlp<Scalar>& net, hra::Adam<Scalar>& body_adam,
+  bool restore(const std::string& key, Net& net, hra::Adam<Scalar>& body_adam,
                const std::vector<hra::ParameterView<Scalar>>& body, hra::Adam<Scalar>& head_adam,
                const std::vector<hra::ParameterView<Scalar>>& head, Progress& p) {
     if (!in_progress(key) || !reader_) return false;
@@ -820,7 +825,7 @@ class Checkpointer {
 
   // Saves when due (at Point::end always), and stops the program when --stop-after-steps is
   // reached.
-  void after_step(const std::string& key, Mlp<Scalar>& net, const hra::Adam<Scalar>& body_adam,
+  void after_step(const std::string& key, Net& net, const hra::Adam<Scalar>& body_adam,
                   const std::vector<hra::ParameterView<Scalar>>& body,
                   const hra::Adam<Scalar>& head_adam,
                   const std::vector<hra::ParameterView<Scalar>>& head, const Progress& p,
@@ -887,8 +892,8 @@ struct Runtime {
 // the gradients are averaged (GradientAverager), so all ranks take the same steps.
 // save_at_end: a checkpoint is saved after the last epoch too (the pretraining's: see
 // pretrained_network()). A run resumed from it only restores the network (final_loss is 0).
-TrainStats train(Mlp<Scalar>& net, const std::string& name, std::uint64_t seed, double lr,
-                 double head_lr, int epochs, const Data& train, const Data& eval, const Config& c,
+TrainStats train(Net& net, const std::string& name, std::uint64_t seed, double lr, double head_lr,
+                 int epochs, const Data& train, const Data& eval, const Config& c,
                  CurveWriter& curves, Runtime& rt, bool save_at_end = false) {
   const Index n = train.size();
   const Index steps_per_epoch = (n + c.batch - 1) / c.batch;
@@ -901,12 +906,12 @@ TrainStats train(Mlp<Scalar>& net, const std::string& name, std::uint64_t seed, 
   hra::Adam<Scalar> adam({lr}), head_adam({head_lr});
   const std::size_t head = net.size() - 1;
   std::vector<hra::Layer<Scalar>*> layers;
-  for (std::size_t k = 0; k < net.size(); ++k) layers.push_back(&net.layer(k));
+  for (std::size_t k = 0; k < net.size(); ++k) layers.push_back(&net.module_at(k));
   hra::examples::GradientAverager<Scalar> averager(rt.ranks, layers);
   const auto body_params = [&] {
     std::vector<hra::ParameterView<Scalar>> body;
     for (std::size_t k = 0; k < head; ++k)
-      for (auto& p : net.layer(k).parameters()) body.push_back(p);
+      for (auto& p : net.module_at(k).parameters()) body.push_back(p);
     return body;
   };
   const std::string key = c.arch + "/" + name + "/" + std::to_string(seed);
@@ -918,10 +923,10 @@ TrainStats train(Mlp<Scalar>& net, const std::string& name, std::uint64_t seed, 
   const auto checkpoint = [&](Point at) {
     if (rt.checkpoint)
       rt.checkpoint->after_step(key, net, adam, body_params(), head_adam,
-                                net.layer(head).parameters(), p, at);
+                                net.module_at(head).parameters(), p, at);
   };
   if (!rt.checkpoint || !rt.checkpoint->restore(key, net, adam, body_params(), head_adam,
-                                                net.layer(head).parameters(), p)) {
+                                                net.module_at(head).parameters(), p)) {
     const double acc0 = evaluate(net, eval);
     curves.row(name, seed, 0, 0, std::nan(""), acc0, 0.0);
   }
@@ -959,7 +964,7 @@ TrainStats train(Mlp<Scalar>& net, const std::string& name, std::uint64_t seed, 
         }
         const Matrix& logits = net.forward(x);
         loss = hra::examples::softmax_cross_entropy<Scalar>(logits, labels, &grad);
-        net.backward(grad);
+        net.backward(grad, /*compute_input_gradient=*/false);
       } else {
         for (auto* l : layers) l->zero_gradients();
       }
@@ -968,7 +973,7 @@ TrainStats train(Mlp<Scalar>& net, const std::string& name, std::uint64_t seed, 
       adam.set_lr(schedule(p.step));
       adam.step(body_params());
       head_adam.set_lr(head_schedule(p.step));
-      head_adam.step(net.layer(head).parameters());
+      head_adam.step(net.module_at(head).parameters());
       // This rank's share of the batch's summed loss; the ranks' shares are added when logged.
       const double batch_loss =
           loss * static_cast<double>(local) + penalty * static_cast<double>(bn) / rt.ranks.size();
@@ -1090,11 +1095,11 @@ Weights pretrained_network(const Config& c, const Tasks& t, CurveWriter& curves,
       static_cast<long>(t.source_train.size()), c.pretrain_epochs);
   Weights w = hra::examples::initialized_weights<Scalar>(layers, c.seed + 7);
   Method full{"pretrain", "pretrain", Kind::full};
-  Mlp<Scalar> net = build_network(w, layers, full, c.seed);
+  Net net = build_network(w, layers, full, c.seed);
   const TrainStats s = train(net, "pretrain", c.seed, 1e-3, 1e-3, c.pretrain_epochs, t.source_train,
                              t.source_test, c, curves, rt, /*save_at_end=*/true);
   for (std::size_t k = 0; k < w.weights.size(); ++k) {
-    auto& layer = dynamic_cast<hra::AffineLayer<Scalar>&>(net.layer(k));
+    auto& layer = dynamic_cast<hra::AffineLayer<Scalar>&>(net.module_at(k));
     w.weights[k] = layer.weight();
     w.biases[k] = *layer.bias();
   }
@@ -1180,7 +1185,7 @@ Result run_method(const Method& m, std::uint64_t seed, const Weights& pretrained
                   100 * r.accuracy);
       return r;
     }
-  Mlp<Scalar> net = build_network(pretrained, network_layers(c), m, seed);
+  Net net = build_network(pretrained, network_layers(c), m, seed);
   Result r;
   r.method = m;
   r.seed = seed;
@@ -1368,7 +1373,7 @@ int run_arch(const Config& c, const Tasks& t, Runtime& rt) {
   if (rt.checkpoint) rt.checkpoint->attach(c.arch, &curves);
   const Weights pretrained = pretrained_network(c, t, curves, rt);
   {
-    Mlp<Scalar> net = build_network(pretrained, layers, make_method("none", c), c.seed);
+    Net net = build_network(pretrained, layers, make_method("none", c), c.seed);
     std::printf("Pretrained network: source test acc %.2f%%, %s acc %.2f%%\n",
                 100 * evaluate(net, t.source_test), t.target_eval.name.c_str(),
                 100 * evaluate(net, t.target_eval));
@@ -1500,13 +1505,13 @@ int run_sweep(const Config& given, const hra::examples::Ranks& ranks) {
       static_cast<long>(s.validation), static_cast<long>(t.target_train.size()), s.seeds,
       static_cast<long>(equal_rank), static_cast<long>(c.rank));
 
-  const sw::Builder<Mlp<Scalar>> build = [&](std::size_t arm, std::uint64_t seed) {
+  const sw::Builder<Net> build = [&](std::size_t arm, std::uint64_t seed) {
     return build_network(pretrained, network_layers(c), methods[arm], seed);
   };
   // The pretrained head is the last layer's "weight" and "bias" (trainable in every method
   // but "none", which keeps it anyway).
-  const sw::HeadRestorer<Mlp<Scalar>> restore_head = [&](Mlp<Scalar>& net) {
-    for (auto& p : net.layer(net.size() - 1).parameters()) {
+  const sw::HeadRestorer<Net> restore_head = [&](Net& net) {
+    for (auto& p : net.module_at(net.size() - 1).parameters()) {
       if (p.name == "weight") p.value = pretrained.weights.back();
       if (p.name == "bias") p.value = pretrained.biases.back();
     }
@@ -1514,7 +1519,7 @@ int run_sweep(const Config& given, const hra::examples::Ranks& ranks) {
   const sw::DataView<Scalar> data{t.target_train.images, t.target_train.labels,
                                   t.target_eval.images,  t.target_eval.labels,
                                   t.source_test.images,  t.source_test.labels};
-  const sw::Outcome o = sw::run<Mlp<Scalar>, Scalar>(arms, build, restore_head, data, s);
+  const sw::Outcome o = sw::run<Net, Scalar>(arms, build, restore_head, data, s);
 
   std::ostringstream md;
   md << "Fashion-MNIST data-size sweep: pretrained on the unshifted first half of the training "

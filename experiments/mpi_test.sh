@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# CTest example:finetune_mpi: a tiny MLP + CNN comparison on one process, and under mpirun on 2
+# CTest experiment:finetune_mpi: a tiny MLP + CNN comparison on one process, and under mpirun on 2
 # ranks with --mpi (each rank a slice of every batch, pretraining included). Both must succeed
 # (merged = unmerged), rank 0 alone must print, and every run's accuracy must agree to float
 # rounding: at most `tolerance` apart (the sharded batches sum their gradients in another order,

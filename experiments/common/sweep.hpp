@@ -8,9 +8,9 @@
 // after the adapters are merged into the weights it is measured on the whole target test set and
 // on the whole source test set (what the network keeps of the task it was pretrained on).
 //
-// Generic over the network: Net needs forward(x) -> logits, backward(dlogits), add_regularizer(),
-// predict(x, logits) const, merge(), unmerge(), size() and layer(k) (an hra::Layer), as
-// examples/common/mlp.hpp's Mlp has; the example supplies a builder per arm and seed.
+// Generic over the network: Net needs forward(x) -> logits, backward(dlogits, false),
+// add_regularizer(), predict(x, logits) const, merge(), unmerge(), size() and module_at(k) (an
+// hra::Layer), as hra::Sequential has; the program supplies a builder per arm and seed.
 #pragma once
 
 #include <hra/hra.hpp>
@@ -232,7 +232,7 @@ TrainOutcome train_steps(Net& net, const Matrix& images, const std::vector<int>&
     }
     const Matrix& logits = net.forward(x);
     double loss = hra::examples::softmax_cross_entropy<Scalar>(logits, y, &grad);
-    net.backward(grad);
+    net.backward(grad, /*compute_input_gradient=*/false);
     loss += net.add_regularizer();
     if (!std::isfinite(loss)) {
       out.diverged = true;
@@ -240,11 +240,11 @@ TrainOutcome train_steps(Net& net, const Matrix& images, const std::vector<int>&
     }
     std::vector<hra::ParameterView<Scalar>> body;
     for (std::size_t k = 0; k < head; ++k)
-      for (auto& p : net.layer(k).parameters()) body.push_back(p);
+      for (auto& p : net.module_at(k).parameters()) body.push_back(p);
     adam.set_lr(schedule(step));
     adam.step(body);
     head_adam.set_lr(head_schedule(step));
-    head_adam.step(net.layer(head).parameters());
+    head_adam.step(net.module_at(head).parameters());
     if (step >= total - tail) tail_sum += loss;
     out.steps = step + 1;
   }
@@ -418,7 +418,7 @@ Outcome run(const std::vector<Arm>& arms, const Builder<Net>& build,
       {
         Net probe = build(arm, s.first_seed);
         row.params = probe.num_trainable_parameters();
-        row.head_params = probe.layer(probe.size() - 1).num_trainable_parameters();
+        row.head_params = probe.module_at(probe.size() - 1).num_trainable_parameters();
       }
       std::vector<Run> finals;
       if (!a.trains) {

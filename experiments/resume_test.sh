@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# CTest example:finetune_resume: a short comparison (MLP and CNN, pretraining included) run once
+# CTest experiment:finetune_resume: a short comparison (MLP and CNN, pretraining included) run once
 # without interruption, then three times more, each time interrupted and resumed from its
 # checkpoint until it finishes:
 #   stops:    stopped three times (--stop-after-steps: mid-pretraining, at the last step of an
