@@ -141,16 +141,14 @@ struct PeftWeightShape {
   }
 };
 
-/// The PeftWeightShape of an HRA or LoRA layer (its convolution geometry found by dynamic_cast).
+/// The PeftWeightShape of an HRA or LoRA layer (its convolution geometry from
+/// Layer::conv_geometry()).
 template <typename Scalar>
 PeftWeightShape peft_weight_shape(const AffineLayer<Scalar>& layer) {
   PeftWeightShape s;
   s.rows = static_cast<std::int64_t>(layer.weight().rows());
   s.fan_in = static_cast<std::int64_t>(layer.weight().cols());
-  if (const auto* c = dynamic_cast<const HraConv2d<Scalar>*>(&layer))
-    s.conv = &c->geometry();
-  else if (const auto* c = dynamic_cast<const LoraConv2d<Scalar>*>(&layer))
-    s.conv = &c->geometry();
+  s.conv = layer.conv_geometry();
   return s;
 }
 
