@@ -186,8 +186,8 @@ TEST_CASE("parameters are named after their modules", "[sequential]") {
   auto m = mixed_model<double>();
   std::vector<std::string> names;
   for (const auto& p : m.parameters()) names.push_back(p.name);
-  CHECK(names == std::vector<std::string>{"fc1.hra_u.default", "fc1.bias", "lora.lora_A",
-                                          "lora.lora_B", "head.weight", "head.bias"});
+  CHECK(names == std::vector<std::string>{"fc1.hra_u.default", "fc1.bias", "lora.lora_A.default",
+                                          "lora.lora_B.default", "head.weight", "head.bias"});
   Index count = 0;
   for (const auto& name : m.names()) count += m.module(name).num_trainable_parameters();
   CHECK(m.num_trainable_parameters() == count);
