@@ -14,31 +14,14 @@
 #pragma once
 
 #include <atomic>
-#include <cerrno>
 #include <chrono>
-#include <cstddef>
-#include <cstdint>
 #include <cstdio>
-#include <cstring>
 #include <ctime>
-#include <filesystem>
 #include <optional>
 #include <random>
-#include <string>
-#include <string_view>
-#include <system_error>
 #include <vector>
 
-#include "../../detail/checks.hpp"
-#include "../../detail/platform.hpp"
-
-#if HRA_POSIX
-#include <fcntl.h>
-#include <sys/file.h>
-#include <unistd.h>
-#else
-#include <fstream>
-#endif
+#include "os_files.hpp"
 
 namespace hra {
 namespace detail {

@@ -3,30 +3,12 @@
 #pragma once
 
 #include <atomic>
-#include <cerrno>
 #include <chrono>
-#include <cstddef>
-#include <cstring>
-#include <filesystem>
-#include <string>
-#include <string_view>
 
-#include "../../detail/checks.hpp"
-#include "../../detail/platform.hpp"
-
-#if HRA_POSIX
-#include <fcntl.h>
-#include <unistd.h>
-#else
-#include <fstream>
-#endif
+#include "os_files.hpp"
 
 namespace hra {
 namespace detail {
-
-inline std::string errno_text(int err) {
-  return std::strerror(err);
-}
 
 /// \brief Replaces `target` by `bytes` atomically: the bytes go to a fresh temporary file in the
 /// target's directory, which is flushed to disk (fsync) and then renamed over the target.

@@ -2,27 +2,10 @@
 // before anything is read, and whole-file reads refused by size before they allocate.
 #pragma once
 
-#include <cerrno>
-#include <cstddef>
-#include <cstdint>
-#include <cstring>
-#include <filesystem>
 #include <limits>
-#include <string>
-#include <string_view>
-#include <system_error>
 #include <utility>
 
-#include "../../detail/checks.hpp"
-#include "../../detail/platform.hpp"
-
-#if HRA_POSIX
-#include <fcntl.h>
-#include <sys/stat.h>
-#include <unistd.h>
-#else
-#include <fstream>
-#endif
+#include "os_files.hpp"
 
 namespace hra {
 namespace detail {
