@@ -10,6 +10,7 @@
 #include <vector>
 
 #include "detail/checks.hpp"
+#include "detail/gemm.hpp"
 #include "layer.hpp"
 #include "weight_matrix.hpp"
 
@@ -153,6 +154,18 @@ class AffineLayer : public Layer<Scalar_> {
     Matrix out;
     compute(out);
     y = std::move(out);
+  }
+
+  /// predict() of a dense layer: checks x, then writes y = W x, plus what `add(out)` adds to it,
+  /// plus b (through write_unaliased, so predict(m, m) is allowed).
+  template <typename Add>
+  void predict_dense(const ConstRef& x, Matrix& y, Add&& add) const {
+    check_input(x, "predict");
+    write_unaliased(x, y, [&](Matrix& out) {
+      detail::product(out, weight(), detail::Op::n, x, detail::Op::n);
+      add(out);
+      add_bias(out);
+    });
   }
 
   /// Entry check of forward() and predict(): x is input_dim() x n (n >= 1) and finite.

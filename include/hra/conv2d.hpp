@@ -71,8 +71,7 @@ auto Conv2d<Scalar_>::forward(const ConstRef& x) -> const Matrix& {
   // x is read while y_ is written: a copy when x is (part of) y_, the layer's last output.
   if (this->weight_trainable()) x_ = x;
   const ConstRef in = this->weight_trainable() ? ConstRef(x_) : this->unaliased(x, y_, scratch_);
-  detail::conv_forward<Scalar>(geometry_, in, this->weight(), this->bias(), y_, chunks_,
-                               workspaces_);
+  this->frozen_forward(in, y_, workspaces_);
   this->remember_forward(x.cols());
   return y_;
 }
@@ -113,11 +112,8 @@ auto Conv2d<Scalar_>::backward(const ConstRef& dy, bool compute_input_gradient) 
 
 template <typename Scalar_>
 void Conv2d<Scalar_>::predict(const ConstRef& x, Matrix& y) const {
-  this->check_conv_input(x, "predict");
   std::vector<Workspace> ws;
-  this->write_unaliased(x, y, [&](Matrix& out) {
-    detail::conv_forward<Scalar>(geometry_, x, this->weight(), this->bias(), out, chunks_, ws);
-  });
+  this->predict_conv(x, y, [&](Matrix& out) { this->frozen_forward(x, out, ws); });
 }
 
 using Conv2df = Conv2d<float>;

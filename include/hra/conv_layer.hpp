@@ -5,6 +5,7 @@
 #include <utility>
 #include <vector>
 
+#include "affine_layer.hpp"
 #include "conv_geometry.hpp"
 #include "detail/conv_ops.hpp"
 #include "weight_matrix.hpp"
@@ -42,6 +43,8 @@ class ConvLayer : public Base {
   }
 
  protected:
+  using Op = detail::Op;
+
   /// Checks the geometry (Conv2dGeometry::validate) and that W is C_out x D, naming `layer`,
   /// then builds the base layer from W, b, its options and bias mode.
   template <typename Options>
@@ -54,6 +57,20 @@ class ConvLayer : public Base {
   /// The entry check of forward() and predict() (detail::check_conv_input).
   void check_conv_input(const ConstRef& x, const char* method) const {
     detail::check_conv_input(x, geometry_, this->layer_name(), method);
+  }
+
+  /// Y = conv(X, W) + b with the layer's weight (frozen, or holding the merged adapters).
+  template <typename Workspace>
+  void frozen_forward(const ConstRef& x, Matrix& y, std::vector<Workspace>& ws) const {
+    detail::conv_forward<Scalar>(geometry_, x, this->weight(), this->bias(), y, chunks_, ws);
+  }
+
+  /// predict()'s frame: checks x, then runs compute(out) into y (through write_unaliased, so
+  /// predict(m, m) is allowed).
+  template <typename Compute>
+  void predict_conv(const ConstRef& x, Matrix& y, Compute&& compute) const {
+    check_conv_input(x, "predict");
+    this->write_unaliased(x, y, std::forward<Compute>(compute));
   }
 
   /// At least `workers` workspaces in `ws` (the per-worker buffers of a per-image loop).

@@ -73,14 +73,13 @@ using HraLinearForm [[deprecated("use hra::HraForm")]] = HraForm;
 using HraConvForm [[deprecated("use hra::HraForm (patch is HraForm::low_rank)")]] = HraForm;
 
 namespace detail {
-/// std::invalid_argument unless `form` is automatic or one of the layer's `forms`.
-template <std::size_t N>
-void check_form(HraForm form, const HraForm (&forms)[N], const char* layer) {
+/// std::invalid_argument unless `form` is automatic or one of the layer's forms [first, last).
+inline void check_form(HraForm form, const HraForm* first, const HraForm* last, const char* layer) {
   if (form == HraForm::automatic) return;
   std::string have;
-  for (HraForm f : forms) {
-    if (f == form) return;
-    have += std::string(", ") + to_string(f);
+  for (const HraForm* f = first; f != last; ++f) {
+    if (*f == form) return;
+    have += std::string(", ") + to_string(*f);
   }
   throw_invalid(layer, "::set_form: ", layer, " has no ", to_string(form),
                 " form (its forms: automatic", have, ")");
@@ -180,6 +179,22 @@ class HraAdapterLayer : public AffineLayer<Scalar_> {
     std::vector<std::pair<std::string, Index>> ranks;    ///< adapter names and ranks, in order
   };
   using LoraFactors = BasicLoraFactors<Scalar>;
+
+  // --- Forms ---------------------------------------------------------------------------------
+
+  /// The form of the next forward()/predict(): HraForm::automatic (the default) lets the
+  /// layer's cost model choose per batch size (the derived layer's form_for_batch()); any other
+  /// must be one of the layer's forms (HraLinear: chain, low_rank; HraConv2d: low_rank, weight,
+  /// hybrid), else std::invalid_argument and the layer is unchanged.
+  void set_form(HraForm form) {
+    const auto forms = available_forms();
+    detail::check_form(form, forms.first, forms.second, this->layer_name());
+    form_ = form;
+    this->forget_forward();
+  }
+  HraForm form() const { return form_; }
+  /// The form the last forward() used (automatic before the first forward()).
+  HraForm last_form() const { return last_form_; }
 
   // --- Adapters ------------------------------------------------------------------------------
 
@@ -342,6 +357,11 @@ class HraAdapterLayer : public AffineLayer<Scalar_> {
       : Base(std::move(weight), std::move(bias), bias_mode, layer_name, /*adapter_layer=*/true) {
     add_adapter("default", options);
   }
+
+  /// The derived layer's forms [first, last): set_form() accepts these and automatic.
+  virtual std::pair<const HraForm*, const HraForm*> available_forms() const = 0;
+  HraForm form_ = HraForm::automatic;
+  HraForm last_form_ = HraForm::automatic;
 
   /// D: the weight's columns, the dimension every chain acts on.
   Index adapter_dim() const { return this->weight().cols(); }

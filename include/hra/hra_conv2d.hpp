@@ -3,6 +3,7 @@
 
 #include <Eigen/Core>
 #include <algorithm>
+#include <iterator>
 #include <limits>
 #include <optional>
 #include <utility>
@@ -57,6 +58,7 @@ namespace hra {
 template <typename Scalar_>
 class HraConv2d final : public detail::ConvLayer<HraAdapterLayer<Scalar_>> {
   using Base = detail::ConvLayer<HraAdapterLayer<Scalar_>>;
+  using typename Base::Op;
 
  public:
   using typename Base::Adapter;
@@ -77,19 +79,9 @@ class HraConv2d final : public detail::ConvLayer<HraAdapterLayer<Scalar_>> {
       : HraConv2d(geometry, WeightMatrix<Scalar>::owned(std::move(weight)), std::nullopt, options) {
   }
 
-  /// The form of the next forward()/predict() (automatic: chosen per batch size).
-  /// std::invalid_argument for HraForm::chain (on a convolution, H on the patches is the
-  /// low-rank form).
-  void set_form(HraForm form) {
-    detail::check_form(form, forms, "HraConv2d");
-    form_ = form;
-    this->forget_forward();
-  }
-  HraForm form() const { return form_; }
-  /// The form a forward() with n images uses (never automatic).
+  /// The form a forward() with n images uses (never automatic); set_form() chooses it
+  /// (HraForm::chain is refused: on a convolution, H on the patches is the low-rank form).
   HraForm form_for_batch(Index n) const;
-  /// The form the last forward() used.
-  HraForm last_form() const { return last_form_; }
 
   /// The cost model of the class comment: extra flops of one training step with n images in
   /// `form` (automatic: the form form_for_batch() picks) over the frozen convolution, summed over
@@ -114,8 +106,10 @@ class HraConv2d final : public detail::ConvLayer<HraAdapterLayer<Scalar_>> {
   std::size_t saved_bytes() const override;
 
  private:
-  using Op = detail::Op;
   static constexpr HraForm forms[] = {HraForm::low_rank, HraForm::weight, HraForm::hybrid};
+  std::pair<const HraForm*, const HraForm*> available_forms() const override {
+    return {std::begin(forms), std::end(forms)};
+  }
   using LowRank = detail::LowRankReflector<Scalar>;
 
   using Thin = detail::ThinKernels<Scalar>;
@@ -201,9 +195,8 @@ class HraConv2d final : public detail::ConvLayer<HraAdapterLayer<Scalar_>> {
                             const std::vector<LowRank>& lr,
                             const std::vector<const typename Chain::Factors*>& f, bool want_dx);
 
+  using Base::form_, Base::last_form_;
   using Base::geometry_, Base::chunks_;
-  HraForm form_ = HraForm::automatic;
-  HraForm last_form_ = HraForm::hybrid;
   Matrix x_, y_, dx_, weff_, dy_copy_;
   std::vector<Workspace> workspaces_;
 };
@@ -257,8 +250,7 @@ auto HraConv2d<Scalar_>::forward(const ConstRef& x) -> const Matrix& {
   y_.resize(geometry_.output_size(), n);
   if (applied.empty()) {
     weff_.resize(0, 0);
-    detail::conv_forward<Scalar>(geometry_, x_, this->weight(), this->bias(), y_, chunks_,
-                                 workspaces_);
+    this->frozen_forward(x_, y_, workspaces_);
   } else if (last_form_ == HraForm::low_rank) {
     weff_.resize(0, 0);
     patch_forward(x_, lr, y_, workspaces_, /*keep=*/true);
@@ -308,8 +300,7 @@ auto HraConv2d<Scalar_>::backward(const ConstRef& dy, bool compute_input_gradien
 
 template <typename Scalar_>
 void HraConv2d<Scalar_>::predict(const ConstRef& x, Matrix& y) const {
-  this->check_conv_input(x, "predict");
-  this->write_unaliased(x, y, [&](Matrix& out) { predict_into(x, out); });
+  this->predict_conv(x, y, [&](Matrix& out) { predict_into(x, out); });
 }
 
 template <typename Scalar_>
@@ -318,8 +309,7 @@ void HraConv2d<Scalar_>::predict_into(const ConstRef& x, Matrix& y) const {
   const std::vector<std::size_t> applied = this->applied();
   std::vector<Workspace> ws;
   y.resize(geometry_.output_size(), x.cols());
-  if (applied.empty())
-    return detail::conv_forward<Scalar>(geometry_, x, this->weight(), this->bias(), y, chunks_, ws);
+  if (applied.empty()) return this->frozen_forward(x, y, ws);
   HraForm f = form_;
   if (f == HraForm::automatic)
     f = estimated_flops(HraForm::low_rank, x.cols(), Pass::inference) <

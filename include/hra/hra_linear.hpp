@@ -1,6 +1,7 @@
 // A frozen linear layer adapted by Householder reflections: y = W H x + b.
 #pragma once
 
+#include <iterator>
 #include <limits>
 #include <string>
 #include <utility>
@@ -55,18 +56,8 @@ class HraLinear final : public detail::LinearAdapter<HraAdapterLayer<Scalar_>> {
   /// see detail::LinearAdapter.
   using Base::Base;
 
-  /// The form of the next forward() (automatic: chosen per batch size).
-  /// std::invalid_argument for the convolution-only forms (weight, hybrid).
-  void set_form(HraForm form) {
-    detail::check_form(form, forms, "HraLinear");
-    form_ = form;
-    this->forget_forward();
-  }
-  HraForm form() const { return form_; }
-  /// The form a forward() with a batch of n uses (never automatic).
+  /// The form a forward() with a batch of n uses (never automatic); set_form() chooses it.
   HraForm form_for_batch(Index n) const;
-  /// The form the last forward() used.
-  HraForm last_form() const { return last_form_; }
 
   /// The cost model of the class comment: extra flops of one training step with a batch of n in
   /// `form` (automatic: the form form_for_batch() picks) over the frozen layer, summed over the
@@ -104,6 +95,9 @@ class HraLinear final : public detail::LinearAdapter<HraAdapterLayer<Scalar_>> {
   using Op = detail::Op;
 
   static constexpr HraForm forms[] = {HraForm::chain, HraForm::low_rank};
+  std::pair<const HraForm*, const HraForm*> available_forms() const override {
+    return {std::begin(forms), std::end(forms)};
+  }
   // The form automatic compares the low-rank form with.
   static constexpr HraForm chain_form = HraForm::chain;
 
@@ -114,8 +108,7 @@ class HraLinear final : public detail::LinearAdapter<HraAdapterLayer<Scalar_>> {
   Matrix hx_, y_, dx_, dy_copy_, empty_;
   Matrix wv_;                                  // low-rank form: W V (d_out x r)
   detail::LowRankReflector<Scalar> low_rank_;  // low-rank form: V and C of the adapter
-  HraForm form_ = HraForm::automatic;
-  HraForm last_form_ = HraForm::chain;
+  using Base::form_, Base::last_form_;
 };
 
 template <typename Scalar_>

@@ -60,11 +60,7 @@ auto Linear<Scalar_>::backward(const ConstRef& dy, bool compute_input_gradient) 
 
 template <typename Scalar_>
 void Linear<Scalar_>::predict(const ConstRef& x, Matrix& y) const {
-  this->check_input(x, "predict");
-  this->write_unaliased(x, y, [&](Matrix& out) {
-    detail::product(out, this->weight(), Op::n, x, Op::n);
-    this->add_bias(out);
-  });
+  this->predict_dense(x, y, [](Matrix&) {});
 }
 
 using Linearf = Linear<float>;

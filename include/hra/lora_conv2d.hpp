@@ -41,6 +41,7 @@ namespace hra {
 template <typename Scalar_>
 class LoraConv2d final : public detail::ConvLayer<LoraAdapterLayer<Scalar_>> {
   using Base = detail::ConvLayer<LoraAdapterLayer<Scalar_>>;
+  using typename Base::Op;
 
  public:
   HRA_LAYER_TYPES(Base);
@@ -62,6 +63,8 @@ class LoraConv2d final : public detail::ConvLayer<LoraAdapterLayer<Scalar_>> {
   /// new one (see LoraLinear::set_reuse_dropout_mask).
   void set_reuse_dropout_mask(bool reuse) { reuse_mask_ = reuse; }
 
+  /// Y = conv(X, W) + s conv(dropout(X), B A) + b for X (C_in H W x n); conv(X, W) + b alone
+  /// while merged (W holds B A then).
   const Matrix& forward(const ConstRef& x) override;
 
   /// Assigns dA, dB (when unmerged) and db (when trainable); returns dX.
@@ -72,7 +75,6 @@ class LoraConv2d final : public detail::ConvLayer<LoraAdapterLayer<Scalar_>> {
   std::size_t saved_bytes() const override;
 
  private:
-  using Op = detail::Op;
   struct Workspace {
     Matrix patches, adapter_patches, patch_grad, zt, grad_a, grad_b, adapter_grad;
   };
@@ -123,8 +125,7 @@ auto LoraConv2d<Scalar_>::forward(const ConstRef& x) -> const Matrix& {
   if (this->merged()) {
     xd_.resize(0, 0);
     k_.resize(0, 0);
-    detail::conv_forward<Scalar>(geometry_, in, this->weight(), this->bias(), y_, chunks_,
-                                 workspaces_);
+    this->frozen_forward(in, y_, workspaces_);
     this->remember_forward(n);
     return y_;
   }
@@ -217,11 +218,10 @@ auto LoraConv2d<Scalar_>::backward(const ConstRef& dy, bool compute_input_gradie
 
 template <typename Scalar_>
 void LoraConv2d<Scalar_>::predict(const ConstRef& x, Matrix& y) const {
-  this->check_conv_input(x, "predict");
   std::vector<Workspace> ws;
-  this->write_unaliased(x, y, [&](Matrix& out) {
+  this->predict_conv(x, y, [&](Matrix& out) {
     if (this->merged())
-      detail::conv_forward<Scalar>(geometry_, x, this->weight(), this->bias(), out, chunks_, ws);
+      this->frozen_forward(x, out, ws);
     else
       run_forward(x, nullptr, out, nullptr, ws);
   });

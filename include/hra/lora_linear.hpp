@@ -103,15 +103,11 @@ auto LoraLinear<Scalar_>::backward(const ConstRef& dy, bool compute_input_gradie
 
 template <typename Scalar_>
 void LoraLinear<Scalar_>::predict(const ConstRef& x, Matrix& y) const {
-  this->check_input(x, "predict");
-  this->write_unaliased(x, y, [&](Matrix& out) {
-    detail::product(out, this->weight(), Op::n, x, Op::n);
-    if (!this->merged()) {
-      Matrix ax;
-      detail::serial_product(ax, this->lora_a(), Op::n, x, Op::n);
-      detail::serial_product(out, this->lora_b(), Op::n, ax, Op::n, this->scaling(), true);
-    }
-    this->add_bias(out);
+  this->predict_dense(x, y, [&](Matrix& out) {
+    if (this->merged()) return;
+    Matrix ax;
+    detail::serial_product(ax, this->lora_a(), Op::n, x, Op::n);
+    detail::serial_product(out, this->lora_b(), Op::n, ax, Op::n, this->scaling(), true);
   });
 }
 
