@@ -428,3 +428,28 @@ TEST_CASE("checkpoint: a save killed at each of its steps leaves the old or the 
   }
   CHECK(kills == 9);
 }
+
+TEST_CASE("checkpoint: a container's prefixed U is checked like a layer's own",
+          "[checkpoint][sequential]") {
+  hra_test::TempDir tmp;
+  const auto make = [](std::uint64_t seed) {
+    hra::Sequential<float> model;
+    model.emplace<hra::HraLinearf>("fc1", hra_test::random_as<float>(5, 6, 11),
+                                   Model::options(seed));
+    return model;
+  };
+  hra::Sequential<float> saved = make(3);
+  saved.parameters()[0].value.col(1).setZero();  // "fc1.hra_u.default": not a usable U
+  REQUIRE(saved.parameters()[0].name == "fc1.hra_u.default");
+  ck::Writer<float> w;
+  w.parameters("model", saved.parameters());
+  w.save(tmp.path / "ckpt");
+
+  hra::Sequential<float> target = make(4);
+  const Matf before = target.parameters()[0].value;
+  auto r = ck::Reader<float>::load(tmp.path / "ckpt");
+  REQUIRE(r);
+  expect_error<ck::error>([&] { r->parameters("model", target.parameters()); },
+                          {"'fc1.hra_u.default' is not a usable U", "reflector column 1 is zero"});
+  CHECK(Matf(target.parameters()[0].value) == before);
+}

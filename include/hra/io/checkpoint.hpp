@@ -325,7 +325,8 @@ class Reader : hra::detail::ScalarCheck<Scalar> {
   const nlohmann::json& metadata() const { return state_.at("metadata"); }
 
   /// Checks group `group` against `params` (the same count, names and shapes, finite values,
-  /// and for an HRA adapter's "hra_u.*" columns a reflection can use) and stages the copy.
+  /// and for an HRA adapter's U, named "hra_u.*" or "<module>.hra_u.*", columns a reflection can
+  /// use) and stages the copy.
   void parameters(const std::string& group, const std::vector<ParameterView<Scalar>>& params) {
     const std::string where = "checkpoint: " + dir_ + ": parameters '" + group + "'";
     const nlohmann::json& list = entry("parameters", group, nlohmann::json::value_t::array);
@@ -343,7 +344,8 @@ class Reader : hra::detail::ScalarCheck<Scalar> {
                          at + " '" + name + "'");
       if (!hra::detail::all_finite(value))
         throw error(at + " '" + name + "' has non-finite values");
-      if (name.rfind("hra_u.", 0) == 0) {
+      // A layer's own U is "hra_u.<adapter>"; a container's is "<module>.hra_u.<adapter>".
+      if (name.rfind("hra_u.", 0) == 0 || name.find(".hra_u.") != std::string::npos) {
         try {
           (void)ReflectorChain<Scalar>(value);  // finite, non-zero, usable columns; r <= d
         } catch (const std::invalid_argument& e) {
