@@ -70,13 +70,13 @@ using Vector = Eigen::Matrix<Scalar, Eigen::Dynamic, 1>;
 using Index = Eigen::Index;
 using Clock = std::chrono::steady_clock;
 using Net = hra::Sequential<Scalar>;
-using Weights = hra::examples::MlpWeights<Scalar>;
+using Weights = hra::experiments::MlpWeights<Scalar>;
 
 // ---------------------------------------------------------------------------------------------
 // Settings
 
 struct Config {
-  std::string data_dir = hra::examples::default_fashion_mnist_dir();
+  std::string data_dir = hra::experiments::default_fashion_mnist_dir();
   std::string out_dir = "results";
   std::string shift = "rot90";
   std::vector<std::string> methods;  // empty: all
@@ -180,11 +180,11 @@ void print_usage(std::FILE* to) {
       "  --help               this text\n",
       d.data_dir.c_str(), d.out_dir.c_str(), d.epochs, d.pretrain_epochs, static_cast<long>(d.rank),
       static_cast<long>(d.small_rank), d.lambda, static_cast<unsigned long long>(d.seed), d.seeds,
-      hra::examples::shift_help(), d.shift.c_str(), static_cast<long>(d.batch),
+      hra::experiments::shift_help(), d.shift.c_str(), static_cast<long>(d.batch),
       static_cast<long>(d.hidden), static_cast<long long>(d.sweep_steps),
       static_cast<long>(d.sweep_validation), d.sweep_grid, d.sweep_extend, d.cnn_epochs,
       d.cnn_pretrain_epochs, static_cast<long>(d.cnn_channels1), static_cast<long>(d.cnn_channels2),
-      hra::examples::built_with_mpi()
+      hra::experiments::built_with_mpi()
           ? "  --mpi                under mpirun: every rank trains on a slice of each batch, the\n"
             "                       gradients are averaged (hra::mpi); rank 0 prints and writes\n"
           : "");
@@ -241,7 +241,7 @@ std::optional<Config> parse_args(int argc, char** argv) {
       continue;
     }
     if (flag == "--mpi") {
-      if (!hra::examples::built_with_mpi())
+      if (!hra::experiments::built_with_mpi())
         throw std::invalid_argument(
             "--mpi: this program was built without MPI (use finetune_fashion_mnist_mpi)");
       c.mpi = true;
@@ -287,7 +287,7 @@ std::optional<Config> parse_args(int argc, char** argv) {
     } else if (flag == "--head-lr") {
       c.head_lr = parse_double(flag, v);
     } else if (flag == "--shift") {
-      hra::examples::shift_source_pixels(v);  // validates the name
+      hra::experiments::shift_source_pixels(v);  // validates the name
       c.shift = v;
     } else if (flag == "--batch") {
       c.batch = parse_int(flag, v, 1);
@@ -371,7 +371,7 @@ struct Data {
   Index size() const { return images.cols(); }
 };
 
-Data slice(const hra::examples::Dataset& d, Index begin, Index count) {
+Data slice(const hra::experiments::Dataset& d, Index begin, Index count) {
   Data out;
   out.images = d.images.middleCols(begin, count);
   out.labels.assign(d.labels.begin() + begin, d.labels.begin() + begin + count);
@@ -387,9 +387,9 @@ struct Tasks {
 // evaluated on the shifted test set (or on held-out target training images with --validation).
 Tasks make_tasks(const Config& c) {
   const auto train =
-      hra::examples::load_fashion_mnist<Scalar>(c.data_dir, hra::examples::Split::train);
+      hra::experiments::load_fashion_mnist<Scalar>(c.data_dir, hra::experiments::Split::train);
   const auto test =
-      hra::examples::load_fashion_mnist<Scalar>(c.data_dir, hra::examples::Split::test);
+      hra::experiments::load_fashion_mnist<Scalar>(c.data_dir, hra::experiments::Split::test);
   const Index half = train.size() / 2;
   Index n_source = half, n_target = train.size() - half;
   if (c.train_limit > 0) n_source = std::min(n_source, c.train_limit);
@@ -404,7 +404,7 @@ Tasks make_tasks(const Config& c) {
   t.source_train = slice(train, 0, n_source);
   t.source_test = slice(test, 0, test.size());
   t.target_train = slice(train, half, n_target_train);
-  t.target_train.images = hra::examples::apply_shift(t.target_train.images, c.shift);
+  t.target_train.images = hra::experiments::apply_shift(t.target_train.images, c.shift);
   if (c.validation > 0) {
     t.target_eval = slice(train, train.size() - c.validation, c.validation);
     t.eval_name = "validation";
@@ -412,7 +412,7 @@ Tasks make_tasks(const Config& c) {
     t.target_eval = slice(test, 0, test.size());
     t.eval_name = "test";
   }
-  t.target_eval.images = hra::examples::apply_shift(t.target_eval.images, c.shift);
+  t.target_eval.images = hra::experiments::apply_shift(t.target_eval.images, c.shift);
   t.source_test.name = "source test";
   t.target_eval.name = "target " + t.eval_name;
   return t;
@@ -485,14 +485,14 @@ Method make_method(const std::string& name, const Config& c) {
 }
 
 // The layers of the architecture c.arch.
-std::vector<hra::examples::LayerSpec> network_layers(const Config& c) {
-  if (c.arch == "cnn") return hra::examples::cnn_layers(c.cnn_channels1, c.cnn_channels2, 10);
-  return hra::examples::mlp_layers({28 * 28, c.hidden, c.hidden, 10});
+std::vector<hra::experiments::LayerSpec> network_layers(const Config& c) {
+  if (c.arch == "cnn") return hra::experiments::cnn_layers(c.cnn_channels1, c.cnn_channels2, 10);
+  return hra::experiments::mlp_layers({28 * 28, c.hidden, c.hidden, 10});
 }
 
 // The adapter rank of method `m` on `layer`: m.rank, capped where the layer is too small (HRA:
 // r <= D, the fan-in; LoRA: r <= min(d_out, d_in)), as for the CNN's first convolution (D = 9).
-Index layer_rank(const hra::examples::LayerSpec& layer, const Method& m) {
+Index layer_rank(const hra::experiments::LayerSpec& layer, const Method& m) {
   Index cap = layer.weight_cols();
   if (m.kind == Kind::lora) cap = std::min(cap, layer.weight_rows());
   return std::min(m.rank, cap);
@@ -501,7 +501,7 @@ Index layer_rank(const hra::examples::LayerSpec& layer, const Method& m) {
 // A network over copies of the pretrained weights, set up for `m`: the head (the last layer) is
 // a trainable Linear for every method but "none"; the others are frozen, trained, or adapted
 // (linear and convolutional layers alike).
-Net build_network(const Weights& w, const std::vector<hra::examples::LayerSpec>& specs,
+Net build_network(const Weights& w, const std::vector<hra::experiments::LayerSpec>& specs,
                   const Method& m, std::uint64_t seed) {
   std::vector<std::unique_ptr<hra::Layer<Scalar>>> layers;
   const std::size_t last = w.weights.size() - 1;
@@ -576,7 +576,7 @@ Matrix predict_all(const Net& net, const Matrix& images) {
 }
 
 double evaluate(const Net& net, const Data& d) {
-  return hra::examples::accuracy<Scalar>(predict_all(net, d.images), d.labels);
+  return hra::experiments::accuracy<Scalar>(predict_all(net, d.images), d.labels);
 }
 
 // finetune_curves.csv: written as it goes (flushed per row) and kept in memory, so that a
@@ -882,7 +882,7 @@ class Checkpointer {
 
 // What a run needs besides its settings: the ranks (MPI), the checkpoint.
 struct Runtime {
-  hra::examples::Ranks ranks;
+  hra::experiments::Ranks ranks;
   Checkpointer* checkpoint = nullptr;
 };
 
@@ -907,7 +907,7 @@ TrainStats train(Net& net, const std::string& name, std::uint64_t seed, double l
   const std::size_t head = net.size() - 1;
   std::vector<hra::Layer<Scalar>*> layers;
   for (std::size_t k = 0; k < net.size(); ++k) layers.push_back(&net.module_at(k));
-  hra::examples::GradientAverager<Scalar> averager(rt.ranks, layers);
+  hra::experiments::GradientAverager<Scalar> averager(rt.ranks, layers);
   const auto body_params = [&] {
     std::vector<hra::ParameterView<Scalar>> body;
     for (std::size_t k = 0; k < head; ++k)
@@ -963,7 +963,7 @@ TrainStats train(Net& net, const std::string& name, std::uint64_t seed, double l
           labels[static_cast<std::size_t>(j)] = train.labels[static_cast<std::size_t>(src)];
         }
         const Matrix& logits = net.forward(x);
-        loss = hra::examples::softmax_cross_entropy<Scalar>(logits, labels, &grad);
+        loss = hra::experiments::softmax_cross_entropy<Scalar>(logits, labels, &grad);
         net.backward(grad, /*compute_input_gradient=*/false);
       } else {
         for (auto* l : layers) l->zero_gradients();
@@ -1033,7 +1033,7 @@ std::string pretrain_signature(const Config& c, const Tasks& t) {
   if (c.arch == "mlp")
     s << "mlp 784-" << c.hidden << "-" << c.hidden << "-10";
   else
-    s << c.arch << " " << hra::examples::describe(network_layers(c));
+    s << c.arch << " " << hra::experiments::describe(network_layers(c));
   s << "; source=fashion-mnist train[0:" << t.source_train.size()
     << "] unshifted; epochs=" << c.pretrain_epochs << "; batch=" << c.batch
     << "; adam lr=1e-3 cosine; seed=" << c.seed;
@@ -1043,16 +1043,16 @@ std::string pretrain_signature(const Config& c, const Tasks& t) {
 // The safetensors layout is PyTorch's: "layers.<k>.weight" ((out_features, in_features), or
 // (C_out, C_in, kh, kw) for a convolution) and "layers.<k>.bias" (see architecture.hpp).
 void save_pretrained(const std::string& path, const Weights& w, const std::string& signature,
-                     const std::vector<hra::examples::LayerSpec>& layers) {
+                     const std::vector<hra::experiments::LayerSpec>& layers) {
   hra::safetensors::TensorFile file(path);
   file.metadata()["signature"] = signature;
-  hra::examples::put_weights(file, layers, w);
+  hra::experiments::put_weights(file, layers, w);
   hra::safetensors::save(path, file);
 }
 
 // The weights saved at `path` if they were made with the same settings; nothing otherwise.
 std::optional<Weights> load_pretrained(const std::string& path, const std::string& signature,
-                                       const std::vector<hra::examples::LayerSpec>& layers) {
+                                       const std::vector<hra::experiments::LayerSpec>& layers) {
   if (!std::filesystem::exists(path)) return std::nullopt;
   try {
     const auto file = hra::safetensors::load(path);
@@ -1061,7 +1061,7 @@ std::optional<Weights> load_pretrained(const std::string& path, const std::strin
       std::printf("%s was made with other settings; pretraining again\n", path.c_str());
       return std::nullopt;
     }
-    return hra::examples::get_weights<Scalar>(file, layers);
+    return hra::experiments::get_weights<Scalar>(file, layers);
   } catch (const hra::safetensors::error& e) {
     std::printf("cannot reuse %s (%s); pretraining again\n", path.c_str(), e.what());
     return std::nullopt;
@@ -1091,9 +1091,9 @@ Weights pretrained_network(const Config& c, const Tasks& t, CurveWriter& curves,
       "Pretraining %s on the source task (%ld images, %d epochs)\n",
       c.arch == "mlp"
           ? ("784-" + std::to_string(c.hidden) + "-" + std::to_string(c.hidden) + "-10").c_str()
-          : hra::examples::describe(layers).c_str(),
+          : hra::experiments::describe(layers).c_str(),
       static_cast<long>(t.source_train.size()), c.pretrain_epochs);
-  Weights w = hra::examples::initialized_weights<Scalar>(layers, c.seed + 7);
+  Weights w = hra::experiments::initialized_weights<Scalar>(layers, c.seed + 7);
   Method full{"pretrain", "pretrain", Kind::full};
   Net net = build_network(w, layers, full, c.seed);
   const TrainStats s = train(net, "pretrain", c.seed, 1e-3, 1e-3, c.pretrain_epochs, t.source_train,
@@ -1202,8 +1202,8 @@ Result run_method(const Method& m, std::uint64_t seed, const Weights& pretrained
     curves.row(m.name, seed, 0, 0, std::nan(""), evaluate(net, t.target_eval), 0.0);
   }
   const Matrix logits = predict_all(net, t.target_eval.images);
-  r.accuracy = hra::examples::accuracy<Scalar>(logits, t.target_eval.labels);
-  r.logits_hash = hra::examples::bytes_hash(logits);
+  r.accuracy = hra::experiments::accuracy<Scalar>(logits, t.target_eval.labels);
+  r.logits_hash = hra::experiments::bytes_hash(logits);
   r.merged_accuracy = r.accuracy;
   if (r.has_adapter) {
     // Fold every adapter into its W, evaluate the plain network, then take the adapters out.
@@ -1211,15 +1211,15 @@ Result run_method(const Method& m, std::uint64_t seed, const Weights& pretrained
     const Matrix merged = predict_all(net, t.target_eval.images);
     net.unmerge();
     const Matrix again = predict_all(net, t.target_eval.images);
-    r.merged_accuracy = hra::examples::accuracy<Scalar>(merged, t.target_eval.labels);
+    r.merged_accuracy = hra::experiments::accuracy<Scalar>(merged, t.target_eval.labels);
     r.merge_max_diff = (merged - logits).cwiseAbs().maxCoeff();
     r.unmerge_max_diff = (again - logits).cwiseAbs().maxCoeff();
     const double tol = 1e-3 * std::max(1.0, static_cast<double>(logits.cwiseAbs().maxCoeff()));
     // Rounding of the merged weight may flip a prediction whose top two logits are within twice
     // the largest logit change; any other difference is a failed merge.
     r.merge_ok = r.merge_max_diff < tol && r.unmerge_max_diff < tol &&
-                 hra::examples::same_predictions<Scalar>(logits, merged, 2 * r.merge_max_diff) &&
-                 hra::examples::same_predictions<Scalar>(logits, again, 2 * r.unmerge_max_diff);
+                 hra::experiments::same_predictions<Scalar>(logits, merged, 2 * r.merge_max_diff) &&
+                 hra::experiments::same_predictions<Scalar>(logits, again, 2 * r.unmerge_max_diff);
   }
   std::printf("  => seed %llu: %s acc %.2f%%", static_cast<unsigned long long>(seed),
               t.target_eval.name.c_str(), 100 * r.accuracy);
@@ -1365,7 +1365,7 @@ std::string results_prefix(const Config& c) {
 int run_arch(const Config& c, const Tasks& t, Runtime& rt) {
   const auto layers = network_layers(c);
   std::printf("\n=== %s: %s; %d fine-tuning epochs, %d pretraining epochs ===\n",
-              c.arch == "mlp" ? "MLP" : "CNN", hra::examples::describe(layers).c_str(), c.epochs,
+              c.arch == "mlp" ? "MLP" : "CNN", hra::experiments::describe(layers).c_str(), c.epochs,
               c.pretrain_epochs);
   const std::string prefix = results_prefix(c);
   CurveWriter curves(rt.ranks.root() ? prefix + "curves.csv" : "",
@@ -1443,8 +1443,8 @@ int run_arch(const Config& c, const Tasks& t, Runtime& rt) {
 // The data-size sweep (--sweep, issue #16): the methods of --methods at --rank ("equal rank"),
 // plus HRA and HRA-GS at the rank whose trainable parameters come closest to LoRA's at --rank
 // ("equal parameters"); examples/common/sweep.hpp does the rest.
-int run_sweep(const Config& given, const hra::examples::Ranks& ranks) {
-  namespace sw = hra::examples::sweep;
+int run_sweep(const Config& given, const hra::experiments::Ranks& ranks) {
+  namespace sw = hra::experiments::sweep;
   const Config c = arch_config(given, "mlp");  // the sweep adapts the MLP
   const auto start = Clock::now();
   std::filesystem::create_directories(c.out_dir);
@@ -1563,7 +1563,7 @@ int run_sweep(const Config& given, const hra::examples::Ranks& ranks) {
   return 0;
 }
 
-int run(const Config& c, const hra::examples::Ranks& ranks) {
+int run(const Config& c, const hra::experiments::Ranks& ranks) {
   const auto start = Clock::now();
   if (ranks.root()) std::filesystem::create_directories(c.out_dir);
   std::printf("threads: Eigen %d, hra %d; ranks: %d; shift: %s; data: %s\n", Eigen::nbThreads(),
@@ -1606,10 +1606,10 @@ int main(int argc, char** argv) {
   }
   // Outside the try: an error on one rank must abort every rank (the others would wait in a
   // collective for ever), after its message is printed.
-  std::unique_ptr<hra::examples::MpiSession> mpi;
+  std::unique_ptr<hra::experiments::MpiSession> mpi;
   try {
-    mpi = std::make_unique<hra::examples::MpiSession>(config->mpi, &argc, &argv);
-    const hra::examples::Ranks ranks = mpi->ranks();
+    mpi = std::make_unique<hra::experiments::MpiSession>(config->mpi, &argc, &argv);
+    const hra::experiments::Ranks ranks = mpi->ranks();
     // Rank 0 alone prints; the others keep stderr for errors.
     if (!ranks.root() && !std::freopen("/dev/null", "w", stdout))
       throw std::runtime_error("cannot redirect stdout to /dev/null");

@@ -19,11 +19,11 @@
 
 namespace fs = std::filesystem;
 using Catch::Matchers::Contains;
-using hra::examples::idx_images_magic;
-using hra::examples::idx_labels_magic;
-using hra::examples::IdxArray;
-using hra::examples::parse_idx;
-using hra::examples::Split;
+using hra::experiments::idx_images_magic;
+using hra::experiments::idx_labels_magic;
+using hra::experiments::IdxArray;
+using hra::experiments::parse_idx;
+using hra::experiments::Split;
 
 namespace {
 
@@ -160,7 +160,7 @@ TEST_CASE("parse_idx rejects malformed IDX buffers with a message naming file an
 TEST_CASE("dataset_from_idx lays one scaled image per column", "[fashion_mnist]") {
   const IdxArray images = parse_idx(images_buffer(3, 2, 5), idx_images_magic, "i");
   const IdxArray labels = parse_idx(labels_buffer(3), idx_labels_magic, "l");
-  const auto ds = hra::examples::dataset_from_idx<double>(images, labels, "i", "l");
+  const auto ds = hra::experiments::dataset_from_idx<double>(images, labels, "i", "l");
   CHECK(ds.rows == 2);
   CHECK(ds.cols == 5);
   REQUIRE(ds.images.rows() == 10);
@@ -180,28 +180,28 @@ TEST_CASE("dataset_from_idx rejects mismatched counts and labels outside 0..9", 
   const IdxArray images = parse_idx(images_buffer(4, 2, 2), idx_images_magic, "img");
   SECTION("more images than labels") {
     const IdxArray labels = parse_idx(labels_buffer(3), idx_labels_magic, "lab");
-    CHECK_THROWS_WITH(hra::examples::dataset_from_idx(images, labels, "img.gz", "lab.gz"),
+    CHECK_THROWS_WITH(hra::experiments::dataset_from_idx(images, labels, "img.gz", "lab.gz"),
                       Contains("img.gz holds 4 images but lab.gz holds 3 labels"));
   }
   SECTION("a label of 10") {
     const Bytes b =
         idx_buffer(idx_labels_magic, {4}, [](std::size_t k) { return k == 2 ? 10 : 1; });
     const IdxArray labels = parse_idx(b, idx_labels_magic, "lab");
-    CHECK_THROWS_WITH(hra::examples::dataset_from_idx(images, labels, "img.gz", "lab.gz"),
+    CHECK_THROWS_WITH(hra::experiments::dataset_from_idx(images, labels, "img.gz", "lab.gz"),
                       Contains("lab.gz: label 10 at index 2 is outside 0..9"));
   }
   SECTION("arrays swapped") {
     const IdxArray labels = parse_idx(labels_buffer(4), idx_labels_magic, "lab");
-    CHECK_THROWS_WITH(hra::examples::dataset_from_idx(labels, images, "lab.gz", "img.gz"),
+    CHECK_THROWS_WITH(hra::experiments::dataset_from_idx(labels, images, "lab.gz", "img.gz"),
                       Contains("lab.gz: not an n x rows x cols"));
   }
 }
 
 TEST_CASE("parse_split accepts train and test only", "[fashion_mnist]") {
-  CHECK(hra::examples::parse_split("train") == Split::train);
-  CHECK(hra::examples::parse_split("test") == Split::test);
-  CHECK_THROWS_AS(hra::examples::parse_split("validation"), std::invalid_argument);
-  CHECK_THROWS_WITH(hra::examples::parse_split("Train"), Contains("'Train'"));
+  CHECK(hra::experiments::parse_split("train") == Split::train);
+  CHECK(hra::experiments::parse_split("test") == Split::test);
+  CHECK_THROWS_AS(hra::experiments::parse_split("validation"), std::invalid_argument);
+  CHECK_THROWS_WITH(hra::experiments::parse_split("Train"), Contains("'Train'"));
 }
 
 TEST_CASE("load_fashion_mnist round-trips gzip'd IDX files written with zlib", "[fashion_mnist]") {
@@ -210,7 +210,7 @@ TEST_CASE("load_fashion_mnist round-trips gzip'd IDX files written with zlib", "
   write_gzip(dir.path / "t10k-images-idx3-ubyte.gz", images_buffer(n, 28, 28));
   write_gzip(dir.path / "t10k-labels-idx1-ubyte.gz", labels_buffer(n));
 
-  const auto ds = hra::examples::load_fashion_mnist(dir.path.string(), Split::test);
+  const auto ds = hra::experiments::load_fashion_mnist(dir.path.string(), Split::test);
   static_assert(std::is_same<decltype(ds.images)::Scalar, float>::value, "float by default");
   CHECK(ds.rows == 28);
   CHECK(ds.cols == 28);
@@ -222,12 +222,12 @@ TEST_CASE("load_fashion_mnist round-trips gzip'd IDX files written with zlib", "
   CHECK(ds.images.minCoeff() >= 0.0f);
   CHECK(ds.images.maxCoeff() <= 1.0f);
 
-  const auto dd = hra::examples::load_fashion_mnist<double>(dir.path.string(), Split::test);
+  const auto dd = hra::experiments::load_fashion_mnist<double>(dir.path.string(), Split::test);
   CHECK(dd.images(783, 4) == ((4 * 784 + 783) * 37 + 11) % 256 / 255.0);
   CHECK((dd.images.cast<float>() - ds.images).cwiseAbs().maxCoeff() <= 1e-7f);
 
   SECTION("the train split is looked up under its own names") {
-    CHECK_THROWS_WITH(hra::examples::load_fashion_mnist(dir.path.string(), Split::train),
+    CHECK_THROWS_WITH(hra::experiments::load_fashion_mnist(dir.path.string(), Split::train),
                       Contains("train-images-idx3-ubyte.gz does not exist"));
   }
   SECTION("uncompressed files are read when the .gz is absent") {
@@ -235,28 +235,28 @@ TEST_CASE("load_fashion_mnist round-trips gzip'd IDX files written with zlib", "
     const Bytes raw = labels_buffer(2);
     std::ofstream(dir.path / "train-labels-idx1-ubyte", std::ios::binary)
         .write(reinterpret_cast<const char*>(raw.data()), static_cast<std::streamsize>(raw.size()));
-    const auto tr = hra::examples::load_fashion_mnist(dir.path.string(), Split::train);
+    const auto tr = hra::experiments::load_fashion_mnist(dir.path.string(), Split::train);
     CHECK(tr.labels == std::vector<int>{0, 1});
   }
   SECTION("a truncated gzip stream is reported with its path") {
     const fs::path p = dir.path / "t10k-images-idx3-ubyte.gz";
     fs::resize_file(p, fs::file_size(p) / 2);
-    CHECK_THROWS_WITH(hra::examples::load_fashion_mnist(dir.path.string(), Split::test),
+    CHECK_THROWS_WITH(hra::experiments::load_fashion_mnist(dir.path.string(), Split::test),
                       Contains(p.string()) && Contains("corrupt or truncated gzip data"));
   }
   SECTION("images that are not 28 x 28 are rejected") {
     write_gzip(dir.path / "t10k-images-idx3-ubyte.gz", images_buffer(n, 28, 27));
-    CHECK_THROWS_WITH(hra::examples::load_fashion_mnist(dir.path.string(), Split::test),
+    CHECK_THROWS_WITH(hra::experiments::load_fashion_mnist(dir.path.string(), Split::test),
                       Contains("t10k-images-idx3-ubyte.gz: images are 28 x 27"));
   }
   SECTION("IDX faults inside the gzip name the file") {
     write_gzip(dir.path / "t10k-labels-idx1-ubyte.gz", labels_buffer(n, 3));
-    CHECK_THROWS_WITH(hra::examples::load_fashion_mnist(dir.path.string(), Split::test),
+    CHECK_THROWS_WITH(hra::experiments::load_fashion_mnist(dir.path.string(), Split::test),
                       Contains("t10k-labels-idx1-ubyte.gz: trailing garbage: 3 bytes"));
   }
   SECTION("count mismatch between the two files") {
     write_gzip(dir.path / "t10k-labels-idx1-ubyte.gz", labels_buffer(n + 1));
-    CHECK_THROWS_WITH(hra::examples::load_fashion_mnist(dir.path.string(), Split::test),
+    CHECK_THROWS_WITH(hra::experiments::load_fashion_mnist(dir.path.string(), Split::test),
                       Contains("holds 5 images but") && Contains("holds 6 labels"));
   }
 }
@@ -264,7 +264,7 @@ TEST_CASE("load_fashion_mnist round-trips gzip'd IDX files written with zlib", "
 TEST_CASE("a missing data directory explains how to install or redirect", "[fashion_mnist]") {
   TempDir dir;
   const std::string missing = (dir.path / "no-such-dir").string();
-  CHECK_THROWS_WITH(hra::examples::load_fashion_mnist(missing, Split::train),
+  CHECK_THROWS_WITH(hra::experiments::load_fashion_mnist(missing, Split::train),
                     Contains(missing + "/train-images-idx3-ubyte.gz does not exist") &&
                         Contains("apt-get install dataset-fashion-mnist") &&
                         Contains("HRA_FASHION_MNIST_DIR"));
@@ -281,8 +281,8 @@ TEST_CASE("the installed Debian Fashion-MNIST loads completely", "[fashion_mnist
     Eigen::Index n;
   };
   for (const Expect e : {Expect{Split::train, 60000}, Expect{Split::test, 10000}}) {
-    INFO("split " << hra::examples::to_string(e.split));
-    const auto ds = hra::examples::load_fashion_mnist(dir, e.split);
+    INFO("split " << hra::experiments::to_string(e.split));
+    const auto ds = hra::experiments::load_fashion_mnist(dir, e.split);
     CHECK(ds.rows == 28);
     CHECK(ds.cols == 28);
     CHECK(ds.images.rows() == 784);

@@ -1,4 +1,4 @@
-// The shapes of the examples' networks (an MLP and a small CNN) as a list of layers, with their
+// The shapes of the experiments' networks (an MLP and a small CNN) as a list of layers, with their
 // PyTorch-style initialisation and their safetensors layout. The network itself is
 // an hra::Sequential, which chains any hra::Layer (dense, convolutional, adapted) with ReLUs.
 #pragma once
@@ -18,7 +18,7 @@
 
 #include "mlp.hpp"
 
-namespace hra::examples {
+namespace hra::experiments {
 
 /// \brief One layer of a network: a convolution (its geometry) or a linear map.
 ///
@@ -63,7 +63,7 @@ inline std::vector<LayerSpec> mlp_layers(const std::vector<Eigen::Index>& sizes)
   return out;
 }
 
-/// \brief The examples' CNN on 1 x 28 x 28 images: conv 1->c1 3x3 stride 2 padding 1 (14 x 14),
+/// \brief The experiments' CNN on 1 x 28 x 28 images: conv 1->c1 3x3 stride 2 padding 1 (14 x 14),
 /// ReLU, conv c1->c2 3x3 stride 2 padding 1 (7 x 7), ReLU, linear c2*49 -> classes.
 ///
 /// PyTorch: nn.Sequential(nn.Conv2d(1, c1, 3, 2, 1), nn.ReLU(), nn.Conv2d(c1, c2, 3, 2, 1),
@@ -145,4 +145,4 @@ MlpWeights<Scalar> get_weights(const safetensors::TensorFile& file,
   return w;
 }
 
-}  // namespace hra::examples
+}  // namespace hra::experiments

@@ -1,4 +1,4 @@
-// Data parallelism for the examples: under mpirun with --mpi, the ranks of MPI_COMM_WORLD each
+// Data parallelism for the experiments: under mpirun with --mpi, the ranks of MPI_COMM_WORLD each
 // train on a contiguous slice of every batch and average their gradients with
 // hra::mpi::DataParallel; without it one process does everything and these classes cost
 // nothing. This header needs no MPI: what does is compiled once, in distributed_mpi.cpp (the
@@ -14,7 +14,7 @@
 #include <utility>
 #include <vector>
 
-namespace hra::examples {
+namespace hra::experiments {
 
 /// True when this program was linked with MPI support (distributed_mpi.cpp).
 bool built_with_mpi();
@@ -94,4 +94,4 @@ class MpiSession {
   bool active_ = false;
 };
 
-}  // namespace hra::examples
+}  // namespace hra::experiments

@@ -1,4 +1,4 @@
-// The examples' data parallelism over MPI (common/distributed.hpp), for the _mpi programs.
+// The experiments' data parallelism over MPI (common/distributed.hpp), for the _mpi programs.
 #include <mpi.h>
 
 #include <hra/mpi/data_parallel.hpp>
@@ -11,7 +11,7 @@
 
 #include "distributed.hpp"
 
-namespace hra::examples {
+namespace hra::experiments {
 
 bool built_with_mpi() {
   return true;
@@ -20,15 +20,15 @@ bool built_with_mpi() {
 Ranks Ranks::world() {
   Ranks r;
   r.mpi_ = true;
-  hra::mpi::check(MPI_Comm_rank(MPI_COMM_WORLD, &r.rank_), "MPI_Comm_rank", "examples");
-  hra::mpi::check(MPI_Comm_size(MPI_COMM_WORLD, &r.size_), "MPI_Comm_size", "examples");
+  hra::mpi::check(MPI_Comm_rank(MPI_COMM_WORLD, &r.rank_), "MPI_Comm_rank", "experiments");
+  hra::mpi::check(MPI_Comm_size(MPI_COMM_WORLD, &r.size_), "MPI_Comm_size", "experiments");
   return r;
 }
 
 double Ranks::sum(double value) const {
   if (mpi_)
     hra::mpi::check(MPI_Allreduce(MPI_IN_PLACE, &value, 1, MPI_DOUBLE, MPI_SUM, MPI_COMM_WORLD),
-                    "MPI_Allreduce", "examples::Ranks::sum");
+                    "MPI_Allreduce", "experiments::Ranks::sum");
   return value;
 }
 
@@ -36,7 +36,7 @@ bool Ranks::all(bool value) const {
   int v = value ? 1 : 0;
   if (mpi_)
     hra::mpi::check(MPI_Allreduce(MPI_IN_PLACE, &v, 1, MPI_INT, MPI_MIN, MPI_COMM_WORLD),
-                    "MPI_Allreduce", "examples::Ranks::all");
+                    "MPI_Allreduce", "experiments::Ranks::all");
   return v != 0;
 }
 
@@ -84,4 +84,4 @@ void MpiSession::abort(int code) {
   }
 }
 
-}  // namespace hra::examples
+}  // namespace hra::experiments

@@ -1,17 +1,17 @@
-// The examples' data parallelism without MPI (common/distributed.hpp): one process, nothing to
+// The experiments' data parallelism without MPI (common/distributed.hpp): one process, nothing to
 // average.
 #include <stdexcept>
 
 #include "distributed.hpp"
 
-namespace hra::examples {
+namespace hra::experiments {
 
 bool built_with_mpi() {
   return false;
 }
 
 Ranks Ranks::world() {
-  throw std::logic_error("examples::Ranks::world: this program was built without MPI");
+  throw std::logic_error("experiments::Ranks::world: this program was built without MPI");
 }
 
 double Ranks::sum(double value) const {
@@ -45,4 +45,4 @@ MpiSession::~MpiSession() = default;
 
 void MpiSession::abort(int) {}
 
-}  // namespace hra::examples
+}  // namespace hra::experiments

@@ -1,4 +1,4 @@
-// Fashion-MNIST for the examples: a reader for the gzip'd IDX files that Debian's
+// Fashion-MNIST for the experiments: a reader for the gzip'd IDX files that Debian's
 // dataset-fashion-mnist package installs under /usr/share/datasets/fashion-mnist.
 //
 // Needs zlib (link ZLIB::ZLIB). Header-only, like the library it serves.
@@ -18,7 +18,7 @@
 #include <type_traits>
 #include <vector>
 
-namespace hra::examples {
+namespace hra::experiments {
 
 /// Which half of Fashion-MNIST: 60000 training or 10000 test images.
 enum class Split { train, test };
@@ -266,4 +266,4 @@ BasicDataset<Scalar> load_fashion_mnist(Split split) {
   return load_fashion_mnist<Scalar>(default_fashion_mnist_dir(), split);
 }
 
-}  // namespace hra::examples
+}  // namespace hra::experiments

@@ -3,6 +3,7 @@
 // predictions.
 #pragma once
 
+#include <hra/hash.hpp>
 #include <hra/hra.hpp>
 
 #include <Eigen/Core>
@@ -16,7 +17,7 @@
 #include <utility>
 #include <vector>
 
-namespace hra::examples {
+namespace hra::experiments {
 
 /// \brief The weights of an MLP: weights[k] is d_{k+1} x d_k, biases[k] has length d_{k+1}.
 template <typename Scalar>
@@ -95,15 +96,11 @@ double accuracy(const Eigen::Matrix<Scalar, Eigen::Dynamic, Eigen::Dynamic>& log
   return static_cast<double>(correct) / static_cast<double>(logits.cols());
 }
 
-/// 64-bit FNV-1a of a matrix's bytes (e.g. logits): equal hashes for bit-for-bit equal values.
+/// hra::fnv1a64 of a matrix's bytes (e.g. logits): equal hashes for bit-for-bit equal values.
 template <typename Derived>
 std::uint64_t bytes_hash(const Eigen::DenseBase<Derived>& m) {
   const Eigen::Matrix<typename Derived::Scalar, Eigen::Dynamic, Eigen::Dynamic> plain = m;
-  const auto* p = reinterpret_cast<const unsigned char*>(plain.data());
-  std::uint64_t h = 14695981039346656037ull;
-  for (std::size_t i = 0; i < static_cast<std::size_t>(plain.size()) * sizeof(*plain.data()); ++i)
-    h = (h ^ p[i]) * 1099511628211ull;
-  return h;
+  return hra::fnv1a64(plain.data(), static_cast<std::size_t>(plain.size()) * sizeof(*plain.data()));
 }
 
 /// Whether `other` predicts the class `logits` predicts for every column, except where a
@@ -122,4 +119,4 @@ bool same_predictions(const Eigen::Matrix<Scalar, Eigen::Dynamic, Eigen::Dynamic
   return true;
 }
 
-}  // namespace hra::examples
+}  // namespace hra::experiments

@@ -9,7 +9,7 @@
 #include <string>
 #include <vector>
 
-namespace hra::examples {
+namespace hra::experiments {
 
 /// Names accepted by apply_shift(), with what each does.
 inline const char* shift_help() {
@@ -75,4 +75,4 @@ Eigen::Matrix<Scalar, Eigen::Dynamic, Eigen::Dynamic> apply_shift(
   return out;
 }
 
-}  // namespace hra::examples
+}  // namespace hra::experiments

@@ -35,7 +35,7 @@
 
 #include "mlp.hpp"
 
-namespace hra::examples::sweep {
+namespace hra::experiments::sweep {
 
 using Index = Eigen::Index;
 
@@ -183,7 +183,7 @@ Matrix predict_columns(const Net& net, const Matrix& images, Index begin, Index 
 template <class Matrix>
 double accuracy_of(const Matrix& logits, const std::vector<int>& labels, Index begin) {
   const std::vector<int> part(labels.begin() + begin, labels.begin() + begin + logits.cols());
-  return hra::examples::accuracy<typename Matrix::Scalar>(logits, part);
+  return hra::experiments::accuracy<typename Matrix::Scalar>(logits, part);
 }
 
 struct TrainOutcome {
@@ -231,7 +231,7 @@ TrainOutcome train_steps(Net& net, const Matrix& images, const std::vector<int>&
       y[static_cast<std::size_t>(j)] = labels[static_cast<std::size_t>(src)];
     }
     const Matrix& logits = net.forward(x);
-    double loss = hra::examples::softmax_cross_entropy<Scalar>(logits, y, &grad);
+    double loss = hra::experiments::softmax_cross_entropy<Scalar>(logits, y, &grad);
     net.backward(grad, /*compute_input_gradient=*/false);
     loss += net.add_regularizer();
     if (!std::isfinite(loss)) {
@@ -350,7 +350,7 @@ Run run_one(const Builder<Net>& build, const HeadRestorer<Net>& restore_head,
         r.merge_max_diff = static_cast<double>((merged - unmerged).cwiseAbs().maxCoeff());
         const double tol =
             1e-3 * std::max(1.0, static_cast<double>(unmerged.cwiseAbs().maxCoeff()));
-        // As the comparison's check: only near-ties may flip (hra::examples::same_predictions).
+        // As the comparison's check: only near-ties may flip (hra::experiments::same_predictions).
         r.merge_ok =
             r.merge_max_diff < tol && same_predictions(unmerged, merged, 2 * r.merge_max_diff);
       }
@@ -603,4 +603,4 @@ inline std::string markdown_tables(const Outcome& o, const std::vector<Arm>& arm
   return md.str();
 }
 
-}  // namespace hra::examples::sweep
+}  // namespace hra::experiments::sweep
