@@ -471,7 +471,7 @@ void replace_directory_files(const std::filesystem::path& dir, const std::vector
   const int lock_fd = ::open(lock_path.c_str(), O_RDWR | O_CREAT | O_CLOEXEC | O_NOFOLLOW, 0666);
   if (lock_fd < 0)
     throw Error(concat(prefix, lock_path.string(),
-                       ": cannot open the lock file: ", std::strerror(errno), unchanged));
+                       ": cannot open the lock file: ", errno_text(errno), unchanged));
   struct LockGuard {
     int fd;
     ~LockGuard() { ::close(fd); }  // closing releases the flock
@@ -479,7 +479,7 @@ void replace_directory_files(const std::filesystem::path& dir, const std::vector
   while (::flock(lock_fd, LOCK_EX) != 0) {
     if (errno != EINTR)
       throw Error(
-          concat(prefix, lock_path.string(), ": cannot lock: ", std::strerror(errno), unchanged));
+          concat(prefix, lock_path.string(), ": cannot lock: ", errno_text(errno), unchanged));
   }
 #endif
   atomic_dir_step(AtomicDirStep::locked);

@@ -35,13 +35,13 @@ class InputFile {
         return;
       }
       if (err == ENOENT) throw Error(where_ + "cannot open: no such file");
-      throw Error(where_ + "cannot open: " + std::strerror(err));
+      throw Error(where_ + "cannot open: " + errno_text(err));
     }
     struct stat st {};
     if (::fstat(fd_, &st) != 0) {
       const int err = errno;
       close();
-      throw Error(where_ + "cannot read its size: " + std::strerror(err));
+      throw Error(where_ + "cannot read its size: " + errno_text(err));
     }
     if (!S_ISREG(st.st_mode)) {
       close();
@@ -62,7 +62,7 @@ class InputFile {
     size_ = std::filesystem::file_size(path, ec);
     if (ec) throw Error(where_ + "cannot read its size: " + ec.message());
     in_.open(path, std::ios::binary);
-    if (!in_) throw Error(where_ + "cannot open for reading: " + std::strerror(errno));
+    if (!in_) throw Error(where_ + "cannot open for reading: " + errno_text(errno));
     open_ = true;
 #endif
   }
@@ -113,7 +113,7 @@ class InputFile {
       const ::ssize_t got = ::pread(fd_, p + done, n - done, static_cast<::off_t>(offset + done));
       if (got < 0) {
         if (errno == EINTR) continue;
-        throw Error(where_ + "read failed: " + std::strerror(errno));
+        throw Error(where_ + "read failed: " + errno_text(errno));
       }
       if (got == 0) break;
       done += static_cast<std::size_t>(got);
